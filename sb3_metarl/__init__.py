@@ -1,0 +1,21 @@
+"""sb3_metarl: gradient-based meta-reinforcement learning for Stable-Baselines3."""
+
+import os
+
+import sb3_metarl.tasks  # noqa: F401  (registers the built-in task envs)
+from sb3_metarl.gradient_modes import GRADIENT_MODES, GradientMode
+from sb3_metarl.meta_pg import MetaPolicyGradient
+from sb3_metarl.tasks import EnvTaskSampler, FixedTaskSampler, TaskSampler
+
+with open(os.path.join(os.path.dirname(__file__), "version.txt")) as file_handler:
+    __version__ = file_handler.read().strip()
+
+__all__ = [
+    "GRADIENT_MODES",
+    "EnvTaskSampler",
+    "FixedTaskSampler",
+    "GradientMode",
+    "MetaPolicyGradient",
+    "TaskSampler",
+    "__version__",
+]

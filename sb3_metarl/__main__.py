@@ -1,0 +1,5 @@
+import sys
+
+from sb3_metarl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Per-task baselines fitted on a batch of episodes."""
+
+from abc import ABC, abstractmethod
+
+import torch as th
+
+
+class Baseline(ABC):
+    """A state-value baseline fitted per task on the episodes it is then applied to."""
+
+    @abstractmethod
+    def fit_predict(self, features: th.Tensor, returns: th.Tensor, masks: th.Tensor) -> th.Tensor:
+        """
+        :param features: observation features (B, E, H, F)
+        :param returns: regression targets, the returns-to-go (B, E, H)
+        :param masks: (B, E, H), 1 on valid steps
+        :return: predictions (B, E, H), zero where masked
+        """
+
+
+class LinearFeatureBaseline(Baseline):
+    """
+    The linear feature baseline of rllab / MAML (Duan et al. 2016): ridge regression of the
+    returns-to-go on ``[o, o^2, t, t^2, t^3, 1]`` (t = step / 100), fitted separately per task.
+
+    :param reg_coeff: initial ridge coefficient; multiplied by 10 (up to 5 times) if the solve is not finite
+    """
+
+    def __init__(self, reg_coeff: float = 1e-5):
+        self.reg_coeff = reg_coeff
+
+    @staticmethod
+    def design_matrix(features: th.Tensor) -> th.Tensor:
+        """:return: (B, E, H, 2F + 4) regression features"""
+        horizon = features.shape[2]
+        time = (th.arange(horizon, dtype=features.dtype, device=features.device) / 100.0).view(1, 1, horizon, 1)
+        time = time.expand(*features.shape[:3], 1)
+        return th.cat([features, features**2, time, time**2, time**3, th.ones_like(time)], dim=-1)
+
+    def fit_predict(self, features: th.Tensor, returns: th.Tensor, masks: th.Tensor) -> th.Tensor:
+        x = self.design_matrix(features.double()) * masks.double().unsqueeze(-1)
+        n_tasks, n_features = x.shape[0], x.shape[-1]
+        x_flat = x.reshape(n_tasks, -1, n_features)
+        y_flat = (returns.double() * masks.double()).reshape(n_tasks, -1, 1)
+        gram = x_flat.transpose(1, 2) @ x_flat
+        target = x_flat.transpose(1, 2) @ y_flat
+        eye = th.eye(n_features, dtype=gram.dtype, device=gram.device)
+        reg = self.reg_coeff
+        for _ in range(5):
+            weights = th.linalg.solve(gram + reg * eye, target)
+            if th.isfinite(weights).all():
+                break
+            reg *= 10
+        return (x @ weights.unsqueeze(1)).squeeze(-1).to(returns.dtype) * masks
+
+
+BASELINES = {"linear": LinearFeatureBaseline}
+
+
+def make_baseline(baseline: str | Baseline | None) -> Baseline | None:
+    """
+    :param baseline: None, a name in ``BASELINES`` or a ``Baseline`` instance
+    :return: the baseline object (None for no baseline)
+    """
+    if baseline is None or isinstance(baseline, Baseline):
+        return baseline
+    if baseline not in BASELINES:
+        raise ValueError(
+            f"baseline: unknown baseline {baseline!r}; use None, one of {sorted(BASELINES)} or a Baseline instance."
+        )
+    return BASELINES[baseline]()

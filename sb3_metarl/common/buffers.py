@@ -1,0 +1,185 @@
+"""Episode storage for B tasks x E episodes on top of SB3's ``RolloutBuffer``."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.preprocessing import preprocess_obs
+
+from sb3_metarl.common.baselines import Baseline
+from sb3_metarl.common.returns import generalized_advantages, returns_to_go, step_discounts
+
+
+class TaskRolloutBuffer(RolloutBuffer):
+    """
+    SB3's ``RolloutBuffer`` with one column per episode: ``buffer_size`` is the horizon H and
+    ``n_envs`` is ``n_tasks * n_episodes`` (task-major), so each column holds one whole episode
+    from its first step. Steps after an episode ends are masked out (``masks``).
+
+    :param horizon: maximum episode length H
+    :param n_tasks: number of tasks B
+    :param n_episodes: episodes per task E
+    :param observation_space: observation space
+    :param action_space: action space
+    :param device: device of the tensors returned by ``to_batch``
+    """
+
+    def __init__(
+        self,
+        horizon: int,
+        n_tasks: int,
+        n_episodes: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+    ):
+        self.n_tasks, self.n_episodes = n_tasks, n_episodes
+        super().__init__(horizon, observation_space, action_space, device=device, n_envs=n_tasks * n_episodes)
+
+    def reset(self) -> None:
+        super().reset()
+        self.masks = np.zeros((self.buffer_size, self.n_envs), dtype=np.float32)
+
+    def add_step(
+        self,
+        step: int,
+        columns: np.ndarray,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        log_probs: np.ndarray,
+    ) -> None:
+        """
+        Store one lock-step transition for a subset of the episodes.
+
+        :param step: time index t within the episodes
+        :param columns: episode columns (task-major) receiving the transition
+        :param obs: observations (len(columns), *obs_shape)
+        :param actions: actions as sampled (unclipped), (len(columns), ...)
+        :param rewards: rewards (len(columns),)
+        :param log_probs: sampling-time log-likelihoods (len(columns),)
+        """
+        n = len(columns)
+        self.observations[step, columns] = np.asarray(obs).reshape((n, *self.obs_shape))
+        self.actions[step, columns] = np.asarray(actions).reshape((n, self.action_dim))
+        self.rewards[step, columns] = rewards
+        self.log_probs[step, columns] = log_probs
+        self.masks[step, columns] = 1.0
+
+    def _episode_major(self, array: np.ndarray) -> th.Tensor:
+        # (H, B*E, ...) -> (B, E, H, ...)
+        moved = np.moveaxis(array, 0, 1)
+        return self.to_torch(moved.reshape(self.n_tasks, self.n_episodes, *moved.shape[1:]))
+
+    def to_batch(self) -> "EpisodeBatch":
+        """:return: the stored episodes as tensors of shape (B, E, H, ...)"""
+        actions = self._episode_major(self.actions)
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.squeeze(-1).long()
+        return EpisodeBatch(
+            observations=self._episode_major(self.observations),
+            actions=actions,
+            rewards=self._episode_major(self.rewards),
+            masks=self._episode_major(self.masks),
+            log_probs=self._episode_major(self.log_probs),
+        )
+
+
+@dataclass
+class EpisodeBatch:
+    """
+    B tasks x E episodes x H steps. The weights (filled by ``compute_weights``) are constants that
+    the gradient modes multiply log-likelihoods by; every one includes the step discount gamma^t so
+    that the surrogates' gradients estimate the gradient of the discounted return from t = 0.
+    """
+
+    observations: th.Tensor
+    actions: th.Tensor
+    rewards: th.Tensor
+    masks: th.Tensor
+    log_probs: th.Tensor
+    #: Psi_t = gamma^t * A_t (A_t: GAE advantage, or return-to-go minus the baseline), (B, E, H)
+    advantages: th.Tensor | None = None
+    #: gamma^t r_t, (B, E, H)
+    discounted_rewards: th.Tensor | None = None
+    #: gamma^t b(s_t), the baseline's prediction, (B, E, H)
+    discounted_baseline: th.Tensor | None = None
+    #: R(tau) = sum_t gamma^t r_t, (B, E)
+    discounted_returns: th.Tensor | None = None
+    #: R(tau) minus a per-task constant (the batch mean when a baseline is used), (B, E)
+    trajectory_advantages: th.Tensor | None = None
+
+    @property
+    def n_tasks(self) -> int:
+        return self.masks.shape[0]
+
+    @property
+    def n_episodes(self) -> int:
+        return self.masks.shape[1]
+
+    @property
+    def episode_returns(self) -> th.Tensor:
+        """:return: undiscounted returns (B, E)"""
+        return self.rewards.sum(-1)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.masks.sum().item())
+
+    def flat_observations(self) -> th.Tensor:
+        """:return: observations (B, E*H, *obs_shape)"""
+        return self.observations.reshape(self.n_tasks, -1, *self.observations.shape[3:])
+
+    def flat_actions(self) -> th.Tensor:
+        """:return: actions (B, E*H, ...)"""
+        return self.actions.reshape(self.n_tasks, -1, *self.actions.shape[3:])
+
+    def compute_weights(
+        self,
+        observation_space: spaces.Space,
+        gamma: float,
+        gae_lambda: float,
+        baseline: Baseline | None,
+        normalize_advantage: bool = False,
+    ) -> "EpisodeBatch":
+        """
+        Fill the weight tensors. The baseline is fitted per task on this batch.
+
+        :param observation_space: used to turn observations into baseline features
+        :param gamma: discount factor
+        :param gae_lambda: GAE's lambda (1: return-to-go minus baseline)
+        :param baseline: the baseline, or None (then A_t is the return-to-go)
+        :param normalize_advantage: standardize A_t and the trajectory advantages per task
+        :return: self
+        """
+        go = returns_to_go(self.rewards, self.masks, gamma)
+        if baseline is None:
+            values = th.zeros_like(go)
+        else:
+            features = preprocess_obs(self.observations.reshape(-1, *self.observations.shape[3:]), observation_space)
+            features = features.float().reshape(*self.masks.shape, -1)
+            values = baseline.fit_predict(features, go, self.masks)
+        advantages = generalized_advantages(self.rewards, values, self.masks, gamma, gae_lambda)
+        returns = go[..., 0]
+        trajectory_advantages = returns - returns.mean(dim=1, keepdim=True) if baseline is not None else returns
+        if normalize_advantage:
+            advantages = _standardize(advantages, self.masks)
+            trajectory_advantages = _standardize(trajectory_advantages, th.ones_like(trajectory_advantages))
+        discounts = step_discounts(self.masks.shape[-1], gamma, self.masks.device)
+        self.advantages = discounts * advantages * self.masks
+        self.discounted_rewards = discounts * self.rewards
+        self.discounted_baseline = discounts * values * self.masks
+        self.discounted_returns = returns
+        self.trajectory_advantages = trajectory_advantages
+        return self
+
+
+def _standardize(values: th.Tensor, masks: th.Tensor) -> th.Tensor:
+    """Standardize per task (dim 0) over the valid entries."""
+    dims = tuple(range(1, values.dim()))
+    count = masks.sum(dim=dims, keepdim=True).clamp(min=1)
+    mean = (values * masks).sum(dim=dims, keepdim=True) / count
+    var = (((values - mean) * masks) ** 2).sum(dim=dims, keepdim=True) / count
+    return (values - mean) / (var.sqrt() + 1e-8) * masks

@@ -1,0 +1,142 @@
+"""Functional evaluation of an SB3 policy with per-task parameters, batched over tasks."""
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch as th
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+)
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+from torch.func import functional_call, vmap
+
+#: parameter name -> tensor; "task parameters" carry a leading task dimension.
+Params = dict[str, th.Tensor]
+
+SUPPORTED_DISTRIBUTIONS = (
+    DiagGaussianDistribution,
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    BernoulliDistribution,
+)
+
+
+@contextlib.contextmanager
+def _no_distribution_validation() -> Iterator[None]:
+    # torch.distributions validates arguments with data-dependent branches, which vmap cannot batch.
+    previous = th.distributions.Distribution._validate_args
+    th.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        th.distributions.Distribution.set_default_validate_args(previous)
+
+
+class _LogProb(nn.Module):
+    def __init__(self, policy: ActorCriticPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        return self.policy.get_distribution(obs).log_prob(actions)
+
+
+class _DistributionTensors(nn.Module):
+    """Returns the tensors that define the action distribution (vmap cannot return objects)."""
+
+    def __init__(self, policy: ActorCriticPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs: th.Tensor) -> tuple[th.Tensor, ...]:
+        dist = self.policy.get_distribution(obs).distribution
+        if isinstance(dist, list):
+            return tuple(d.logits for d in dist)
+        if isinstance(dist, th.distributions.Normal):
+            return dist.loc, dist.scale
+        return (dist.logits,)
+
+
+class FunctionalPolicy:
+    """
+    Evaluates an SB3 actor-critic policy with parameters given as tensors, one set per task, in one
+    batched (``torch.func.vmap``) pass. The tensors may carry an autograd graph (adapted
+    parameters), so log-likelihoods stay differentiable with respect to the meta-parameters.
+
+    :param policy: the SB3 policy whose architecture is evaluated
+    """
+
+    def __init__(self, policy: ActorCriticPolicy):
+        if not isinstance(policy.action_dist, SUPPORTED_DISTRIBUTIONS):
+            raise ValueError(
+                f"policy: action distribution {type(policy.action_dist).__name__} is not supported "
+                f"(use_sde must be False); supported: {[d.__name__ for d in SUPPORTED_DISTRIBUTIONS]}."
+            )
+        self.policy = policy
+        self._log_prob = _LogProb(policy)
+        self._tensors = _DistributionTensors(policy)
+
+    def parameters(self) -> Params:
+        """:return: the policy's trainable parameters by name (the meta-parameters theta)"""
+        return {name: p for name, p in self.policy.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def expand(params: Params, n_tasks: int) -> Params:
+        """:return: per-task views of shared parameters (leading dim ``n_tasks``), keeping their graph"""
+        return {name: p.unsqueeze(0).expand(n_tasks, *p.shape) for name, p in params.items()}
+
+    def _prefixed(self, task_params: Params) -> Params:
+        return {"policy." + name: value for name, value in task_params.items()}
+
+    def log_prob(self, task_params: Params, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        """
+        :param task_params: parameters with a leading task dim B
+        :param obs: observations (B, K, *obs_shape)
+        :param actions: actions (B, K, ...) in the policy's format
+        :return: log-likelihoods (B, K), differentiable with respect to ``task_params``
+        """
+
+        def single(params: Params, task_obs: th.Tensor, task_actions: th.Tensor) -> th.Tensor:
+            return functional_call(self._log_prob, params, (task_obs, task_actions))
+
+        with _no_distribution_validation():
+            return vmap(single)(self._prefixed(task_params), obs, actions)
+
+    def distribution(self, task_params: Params, obs: th.Tensor) -> Distribution:
+        """
+        :param task_params: parameters with a leading task dim B
+        :param obs: observations (B, K, *obs_shape)
+        :return: an SB3 distribution over the flattened batch of B*K observations (task-major), as
+            SB3's distributions sum log-likelihoods over dim 1 and so expect a 2-D batch
+        """
+
+        def single(params: Params, task_obs: th.Tensor) -> tuple[th.Tensor, ...]:
+            return functional_call(self._tensors, params, (task_obs,))
+
+        with _no_distribution_validation():
+            tensors = vmap(single)(self._prefixed(task_params), obs)
+            flat = [t.reshape(-1, *t.shape[2:]) for t in tensors]
+            dist = copy.copy(self.policy.action_dist)
+            if isinstance(dist, DiagGaussianDistribution):
+                dist.distribution = th.distributions.Normal(*flat)
+            elif isinstance(dist, MultiCategoricalDistribution):
+                dist.distribution = [th.distributions.Categorical(logits=logits) for logits in flat]
+            elif isinstance(dist, BernoulliDistribution):
+                dist.distribution = th.distributions.Bernoulli(logits=flat[0])
+            else:
+                dist.distribution = th.distributions.Categorical(logits=flat[0])
+        return dist
+
+
+def kl_divergence(dist_p: Distribution, dist_q: Distribution) -> th.Tensor:
+    """:return: KL(p || q) per sample (summed over action dimensions) for two distributions of the same kind"""
+    if isinstance(dist_p.distribution, list):
+        return sum(th.distributions.kl_divergence(p, q) for p, q in zip(dist_p.distribution, dist_q.distribution))
+    kl = th.distributions.kl_divergence(dist_p.distribution, dist_q.distribution)
+    return kl.sum(-1) if isinstance(dist_p, (DiagGaussianDistribution, BernoulliDistribution)) else kl

@@ -1,0 +1,19 @@
+"""The low-variance curvature estimator of ProMP (Rothfuss et al. 2019)."""
+
+import torch as th
+
+from sb3_metarl.common.buffers import EpisodeBatch
+from sb3_metarl.gradient_modes.base import GradientMode
+
+
+class LVC(GradientMode):
+    """
+    ``S = (1/N) sum sum_t [pi(a_t|s_t) / stop_grad(pi(a_t|s_t))] Psi_t``: per-step likelihood ratios,
+    the same first derivative as the policy gradient and a biased, low-variance Hessian.
+    """
+
+    name = "lvc"
+
+    def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
+        ratio = th.exp(log_prob - log_prob.detach())
+        return (ratio * batch.advantages).sum(dim=(1, 2)) / batch.n_episodes

@@ -1,0 +1,594 @@
+"""MetaPolicyGradient: gradient-based meta-RL (the MAML family) as a Stable-Baselines3 algorithm."""
+
+import copy
+import functools
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.preprocessing import get_obs_shape
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import obs_as_tensor, safe_mean
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from sb3_metarl.common.baselines import Baseline, make_baseline
+from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
+from sb3_metarl.common.functional import FunctionalPolicy, Params, kl_divergence
+from sb3_metarl.common.task_vec_env import StepCallback, TaskVecEnv
+from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
+from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
+from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
+
+SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
+
+META_OPTIMIZERS = {"adam": th.optim.Adam, "sgd": th.optim.SGD}
+
+
+def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
+    """
+    Module-level (picklable) factory: importing sb3_metarl first registers the built-in ids, also
+    inside ``SubprocVecEnv`` workers.
+    """
+    import sb3_metarl.tasks  # noqa: F401
+
+    return gym.make(env_id, **(env_kwargs or {}))
+
+
+@dataclass
+class MetaSample:
+    """One meta-iteration's samples and the graph of its meta-objective."""
+
+    #: per-task copies of theta (views with a leading task dim); the meta-objective's gradient
+    #: with respect to them is the per-task meta-gradient
+    task_theta: Params
+    #: the meta-objective per task, O + C (B,)
+    objective: th.Tensor
+    inner_batches: list[EpisodeBatch]
+    outer_batch: EpisodeBatch
+    adapted: Params
+    inner_grad_norm: float
+
+
+class MetaPolicyGradient(BaseAlgorithm):
+    """
+    Gradient-based meta-RL (MAML family) for any SB3 actor-critic policy.
+
+    Each meta-iteration samples B tasks, adapts the policy to each task with ``inner_steps``
+    policy-gradient steps on N fresh episodes, samples M episodes with the adapted policy, and
+    ascends the gradient of the post-adaptation return, differentiated through the adaptation by
+    the chosen gradient mode (see ``docs/meta-gradients.md``).
+
+    :param policy: the policy model ("MlpPolicy", "CnnPolicy" or an ``ActorCriticPolicy`` subclass)
+    :param env: a registered env id, an env factory (callable) or a VecEnv of task-aware envs
+        (``set_task`` on ``env.unwrapped``, episodes with a finite ``max_episode_steps``)
+    :param gradient_mode: "sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml" or a GradientMode
+    :param meta_batch_size: tasks per meta-iteration (B)
+    :param inner_episodes: episodes per task and inner step (N)
+    :param outer_episodes: episodes per task after adaptation (M)
+    :param inner_steps: number of inner adaptation steps (zeta)
+    :param inner_lr: inner step size (eta)
+    :param learning_rate: outer (meta) learning rate, constant or SB3 schedule
+    :param meta_optimizer: "adam" or "sgd"
+    :param gamma: discount factor
+    :param gae_lambda: GAE lambda of the advantages (1: return-to-go minus baseline)
+    :param dice_lambda: lambda of the "loaded_dice" mode
+    :param baseline: None or "linear" (a linear feature baseline fitted per task on each batch), or a Baseline
+    :param normalize_advantage: standardize advantages per task (changes the objective; off by default)
+    :param task_sampler: the task distribution; default: the env's own ``sample_tasks``
+    :param n_envs: sub-envs stepped together, a multiple of ``meta_batch_size``; default B * max(N, M)
+    :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, used when ``env`` is an id or a factory
+    :param env_kwargs: keyword arguments for ``gym.make`` when ``env`` is an id
+    :param stats_window_size: window for the rollout logging averages
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments passed to the policy on creation
+    :param verbose: 0 no output, 1 info messages (such as training returns), 2 debug
+    :param seed: seed for the pseudo random generators
+    :param device: device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": MlpPolicy, "CnnPolicy": CnnPolicy}
+    policy: ActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str | Callable[[], gym.Env] | None,
+        gradient_mode: str | GradientMode = "lsf",
+        meta_batch_size: int = 20,
+        inner_episodes: int = 20,
+        outer_episodes: int = 20,
+        inner_steps: int = 1,
+        inner_lr: float = 0.1,
+        learning_rate: float | Schedule = 1e-3,
+        meta_optimizer: str = "adam",
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        dice_lambda: float = 0.95,
+        baseline: str | Baseline | None = "linear",
+        normalize_advantage: bool = False,
+        task_sampler: TaskSampler | None = None,
+        n_envs: int | None = None,
+        vec_env_cls: type[DummyVecEnv | SubprocVecEnv] | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        for name, value in [
+            ("meta_batch_size", meta_batch_size),
+            ("inner_episodes", inner_episodes),
+            ("outer_episodes", outer_episodes),
+            ("inner_steps", inner_steps),
+        ]:
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
+        if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr >= 0):
+            raise ValueError(f"inner_lr: must be a finite number >= 0, got {inner_lr!r}.")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma: must be in (0, 1], got {gamma}.")
+        if not 0.0 <= gae_lambda <= 1.0:
+            raise ValueError(f"gae_lambda: must be in [0, 1], got {gae_lambda}.")
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(
+                f"meta_optimizer: unknown optimizer {meta_optimizer!r}; use one of {sorted(META_OPTIMIZERS)} "
+                "(trpo and ppo are planned)."
+            )
+        self.gradient_mode = make_gradient_mode(gradient_mode, dice_lambda)
+        make_baseline(baseline)  # fail early on an unknown baseline
+        if normalize_advantage and not self.gradient_mode.supports_normalized_advantage:
+            raise ValueError(
+                f"normalize_advantage: mode {self.gradient_mode.name!r} uses raw rewards and cannot standardize them; "
+                "use normalize_advantage=False, or 'loaded_dice' with dice_lambda=1 (DiCE with a baseline)."
+            )
+        if n_envs is not None and (n_envs < 1 or n_envs % meta_batch_size != 0):
+            raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
+
+        self.meta_batch_size = int(meta_batch_size)
+        self.inner_episodes = int(inner_episodes)
+        self.outer_episodes = int(outer_episodes)
+        self.inner_steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.meta_optimizer = meta_optimizer
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.dice_lambda = dice_lambda
+        self.baseline = baseline
+        self.normalize_advantage = normalize_advantage
+        self.task_sampler = task_sampler
+        self.vec_env_cls = vec_env_cls
+        self.env_kwargs = env_kwargs
+        n_envs = n_envs or self.meta_batch_size * max(self.inner_episodes, self.outer_episodes)
+
+        policy_kwargs = dict(policy_kwargs or {})
+        optimizer_class = META_OPTIMIZERS[meta_optimizer]
+        if policy_kwargs.setdefault("optimizer_class", optimizer_class) is not optimizer_class:
+            raise ValueError(
+                f"policy_kwargs: optimizer_class={policy_kwargs['optimizer_class'].__name__} conflicts with "
+                f"meta_optimizer={meta_optimizer!r}; set only one of them."
+            )
+        if meta_optimizer == "adam":
+            policy_kwargs.setdefault("optimizer_kwargs", {"eps": 1e-5})
+        if policy_kwargs.get("use_sde", False):
+            raise ValueError("policy_kwargs: use_sde=True is not supported (the inner step needs plain Gaussian actions).")
+
+        super().__init__(
+            policy=policy,
+            env=self._make_vec_env(env, n_envs) if env is not None else None,
+            learning_rate=learning_rate,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            support_multi_env=True,
+            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+        )
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _make_vec_env(self, env: GymEnv | str | Callable[[], gym.Env], n_envs: int) -> VecEnv:
+        if isinstance(env, VecEnv):
+            return env
+        if isinstance(env, gym.Env):
+            raise ValueError(
+                "env: a single env instance cannot be replicated into the B x N sub-envs that meta-training steps; "
+                "pass its registered id, a factory (a callable returning a new env) or a VecEnv."
+            )
+        if isinstance(env, str):
+            factory = functools.partial(make_task_env, env, self.env_kwargs)
+        elif callable(env):
+            factory = env
+        else:
+            raise ValueError(f"env: expected an env id, a factory or a VecEnv, got {type(env).__name__}.")
+        vec_env_cls = self.vec_env_cls or DummyVecEnv
+        return vec_env_cls([factory] * n_envs)
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs)
+        self.policy = self.policy.to(self.device)
+        self.functional_policy = FunctionalPolicy(self.policy)
+        self.baseline_model = make_baseline(self.baseline)
+        self.task_rng = np.random.default_rng(self.seed)
+        self.task_env: TaskVecEnv | None = None
+        self._task_sampler: TaskSampler | None = None
+        if self.env is not None:
+            self._attach_env(self.env)
+
+    def _attach_env(self, env: VecEnv) -> None:
+        self.task_env = TaskVecEnv(env, self.meta_batch_size)
+        if self.task_sampler is None:
+            self._task_sampler = EnvTaskSampler(env)
+        else:
+            self._task_sampler = self.task_sampler
+
+    def set_env(self, env: GymEnv | str | Callable[[], gym.Env], force_reset: bool = True) -> None:
+        """
+        :param env: an env id, a factory or a VecEnv (with ``n_envs`` sub-envs, a multiple of ``meta_batch_size``)
+        :param force_reset: reset the env before the next ``learn``
+        """
+        vec_env = self._make_vec_env(env, self.n_envs)
+        super().set_env(vec_env, force_reset=force_reset)
+        self._attach_env(vec_env)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "functional_policy", "task_env", "_task_sampler"]
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfMetaPolicyGradient],
+        path: str,
+        env: GymEnv | str | Callable[[], gym.Env] | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs,
+    ) -> SelfMetaPolicyGradient:
+        """
+        Load a model from a zip file (SB3's format).
+
+        :param path: path of the saved model
+        :param env: the env to run on: an id, a factory or a VecEnv (None for prediction only)
+        :param device: device on which the model is loaded
+        :param custom_objects: objects replacing saved ones, as in SB3
+        :param print_system_info: print the saving and loading systems' info
+        :param force_reset: reset the env before the next ``learn``
+        :param kwargs: attributes to change on the loaded model
+        :return: the loaded model
+        """
+        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
+        if env is not None:
+            model.set_env(env, force_reset=force_reset)
+        return model
+
+    # ------------------------------------------------------------------ sampling
+
+    def _require_env(self) -> TaskVecEnv:
+        if self.task_env is None:
+            raise ValueError("env: this model has no environment; pass `env=` to `load` or call `set_env(env)` first.")
+        return self.task_env
+
+    def _rollout(
+        self, tasks: list[Any], task_params: Params, n_episodes: int, step_callback: StepCallback | None = None
+    ) -> EpisodeBatch | None:
+        """
+        Sample ``n_episodes`` episodes per task with the given (detached) per-task parameters.
+
+        :return: the episodes with their policy-gradient weights, or None if a callback stopped training
+        """
+        task_env = self._require_env()
+        n_groups, per_group = task_env.n_groups, task_env.envs_per_group
+        padding = th.full((n_groups - len(tasks),), len(tasks) - 1, dtype=th.long, device=self.device)
+        order = th.cat([th.arange(len(tasks), device=self.device), padding])
+        sampling_params = {name: p.detach()[order] for name, p in task_params.items()}
+        obs_shape = get_obs_shape(self.observation_space)
+
+        def act(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(obs, self.device).reshape(n_groups, per_group, *obs_shape)
+                dist = self.functional_policy.distribution(sampling_params, obs_tensor)
+                actions = dist.get_actions()
+                return actions.cpu().numpy(), dist.log_prob(actions).cpu().numpy()
+
+        buffer = TaskRolloutBuffer(
+            task_env.horizon, len(tasks), n_episodes, self.observation_space, self.action_space, self.device
+        )
+        if not task_env.collect(tasks, act, buffer, step_callback):
+            return None
+        batch = buffer.to_batch()
+        return batch.compute_weights(
+            self.observation_space, self.gamma, self.gae_lambda, self.baseline_model, self.normalize_advantage
+        )
+
+    def _log_prob(self, task_params: Params, batch: EpisodeBatch) -> th.Tensor:
+        """:return: log-likelihoods (B, E, H) of the batch under ``task_params``, zero where masked"""
+        log_prob = self.functional_policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
+        return log_prob.reshape(batch.masks.shape) * batch.masks
+
+    def _inner_step(self, task_params: Params, batch: EpisodeBatch, create_graph: bool) -> tuple[Params, th.Tensor, float]:
+        """
+        One adaptation step ``theta_{k+1} = theta_k + inner_lr * grad S(theta_k; D_k)`` per task.
+
+        :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and the
+            mean (over tasks) norm of the inner gradient
+        """
+        log_prob = self._log_prob(task_params, batch)
+        surrogate = self.gradient_mode.inner_surrogate(log_prob, batch)
+        names = list(task_params)
+        grads = th.autograd.grad(
+            surrogate.sum(), [task_params[n] for n in names], create_graph=create_graph, allow_unused=True
+        )
+        grads = [th.zeros_like(task_params[n]) if g is None else g for n, g in zip(names, grads)]
+        norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads)).mean().item()
+        adapted = {n: task_params[n] + self.inner_lr * g for n, g in zip(names, grads)}
+        return adapted, log_prob, norm
+
+    def _meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
+        """
+        Sample the inner and outer episodes of ``tasks`` and build the meta-objective's graph.
+
+        :return: the samples and objective, or None if a callback stopped training
+        """
+        task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks))
+        params, inner_batches, inner_log_probs, inner_norms = task_theta, [], [], []
+        create_graph = self.gradient_mode.differentiate_inner_step
+        for _ in range(self.inner_steps):
+            batch = self._rollout(tasks, params, self.inner_episodes, step_callback)
+            if batch is None:
+                return None
+            params, log_prob, norm = self._inner_step(params, batch, create_graph)
+            inner_batches.append(batch)
+            inner_log_probs.append(log_prob)
+            inner_norms.append(norm)
+        outer_batch = self._rollout(tasks, params, self.outer_episodes, step_callback)
+        if outer_batch is None:
+            return None
+        objective = self.gradient_mode.outer_surrogate(self._log_prob(params, outer_batch), outer_batch)
+        correction = self.gradient_mode.correction(inner_log_probs, inner_batches, outer_batch)
+        if correction is not None:
+            objective = objective + correction
+        return MetaSample(task_theta, objective, inner_batches, outer_batch, params, float(np.mean(inner_norms)))
+
+    @staticmethod
+    def _per_task_gradient(sample: MetaSample) -> Params:
+        names = list(sample.task_theta)
+        grads = th.autograd.grad(sample.objective.sum(), [sample.task_theta[n] for n in names], allow_unused=True)
+        return {n: th.zeros_like(sample.task_theta[n]) if g is None else g for n, g in zip(names, grads)}
+
+    def estimate_meta_gradient(self, tasks: list[Any] | None = None, per_task: bool = False) -> dict[str, th.Tensor]:
+        """
+        Estimate the meta-gradient at the current parameters from fresh samples, without updating.
+
+        :param tasks: the tasks to use (at most ``meta_batch_size``); default: ``meta_batch_size`` from the sampler
+        :param per_task: return one estimate per task (leading task dim) instead of their mean
+        :return: policy parameter name -> ascent direction of the meta-objective
+        """
+        tasks = self._task_sampler.sample(self.meta_batch_size, self.task_rng) if tasks is None else list(tasks)
+        sample = self._meta_sample(tasks)
+        assert sample is not None
+        grads = self._per_task_gradient(sample)
+        return grads if per_task else {n: g.mean(0) for n, g in grads.items()}
+
+    # ------------------------------------------------------------------ training
+
+    def _step_callback(self, callback: BaseCallback) -> StepCallback:
+        def on_step(n_transitions: int, step_vars: dict[str, Any]) -> bool:
+            self.num_timesteps += n_transitions
+            callback.update_locals(step_vars)
+            return callback.on_step()
+
+        return on_step
+
+    def train(self, sample: MetaSample) -> None:
+        """
+        Apply one meta-update from the meta-objective of ``sample``.
+
+        :param sample: the meta-iteration's samples and objective graph
+        :raises FloatingPointError: if the meta-gradient is not finite (the parameters are left unchanged)
+        """
+        self._update_learning_rate(self.policy.optimizer)
+        grads = {n: g.mean(0) for n, g in self._per_task_gradient(sample).items()}
+        meta_grad_norm = th.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
+        if not math.isfinite(meta_grad_norm):
+            bad = [n for n, g in grads.items() if not th.isfinite(g).all()]
+            raise FloatingPointError(
+                f"meta-gradient: non-finite values in {bad} at iteration {self._n_updates + 1} "
+                f"(after {self.num_timesteps} timesteps); the parameters were left unchanged. "
+                "Lower inner_lr or learning_rate, or use a baseline / normalize_advantage."
+            )
+        self.policy.optimizer.zero_grad()
+        for name, param in self.functional_policy.parameters().items():
+            param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized
+        self.policy.optimizer.step()
+        self._n_updates += 1
+
+        with th.no_grad():
+            obs = sample.outer_batch.flat_observations()
+            pre = self.functional_policy.distribution(
+                FunctionalPolicy.expand(self.functional_policy.parameters(), obs.shape[0]), obs
+            )
+            post = self.functional_policy.distribution({n: p.detach() for n, p in sample.adapted.items()}, obs)
+            masks = sample.outer_batch.masks.reshape(-1)
+            kl = (kl_divergence(post, pre) * masks).sum() / masks.sum()
+        self.logger.record("train/meta_grad_norm", meta_grad_norm)
+        self.logger.record("train/inner_grad_norm", sample.inner_grad_norm)
+        self.logger.record("train/adapted_kl", kl.item())
+        self.logger.record("train/learning_rate", self.policy.optimizer.param_groups[0]["lr"])
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _record_rollout(self, sample: MetaSample) -> None:
+        pre_returns = sample.inner_batches[0].episode_returns.mean().item()
+        post_returns = sample.outer_batch.episode_returns.mean().item()
+        self.pre_adaptation_returns.append(pre_returns)
+        self.post_adaptation_returns.append(post_returns)
+        self.logger.record("rollout/pre_adaptation_return", safe_mean(self.pre_adaptation_returns))
+        self.logger.record("rollout/post_adaptation_return", safe_mean(self.post_adaptation_returns))
+        self.logger.record("rollout/ep_len_mean", sample.outer_batch.masks.sum(-1).mean().item())
+
+    def dump_logs(self, iteration: int = 0) -> None:
+        """
+        Write the ``time/`` keys and dump the logger.
+
+        :param iteration: the number of meta-iterations so far
+        """
+        time_elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
+        fps = int((self.num_timesteps - self._num_timesteps_at_start) / time_elapsed)
+        self.logger.record("time/iterations", iteration, exclude="tensorboard")
+        self.logger.record("time/fps", fps)
+        self.logger.record("time/time_elapsed", int(time_elapsed), exclude="tensorboard")
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)
+
+    def learn(
+        self: SelfMetaPolicyGradient,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "MetaPolicyGradient",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMetaPolicyGradient:
+        """
+        Meta-train until ``total_timesteps`` environment steps (inner and outer episodes) were taken.
+
+        :param total_timesteps: environment steps to take, counting every step of every collected episode
+        :param callback: SB3 callback(s) called after every lock-step of the sub-envs
+        :param log_interval: meta-iterations between log dumps
+        :param tb_log_name: the name of the run for TensorBoard logging
+        :param reset_num_timesteps: whether or not to reset the current timestep number (used in logging)
+        :param progress_bar: display a progress bar using tqdm and rich
+        :return: the trained model
+        """
+        self._require_env()
+        if total_timesteps < 1:
+            raise ValueError(f"total_timesteps: must be a positive integer, got {total_timesteps}.")
+        self.pre_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
+        self.post_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
+        total_timesteps, callback = self._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        callback.on_training_start(locals(), globals())
+        step_callback = self._step_callback(callback)
+        iteration = 0
+        while self.num_timesteps < total_timesteps:
+            callback.on_rollout_start()
+            tasks = self._task_sampler.sample(self.meta_batch_size, self.task_rng)
+            sample = self._meta_sample(tasks, step_callback)
+            if sample is None:
+                break
+            callback.update_locals(locals())
+            callback.on_rollout_end()
+            iteration += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            self._record_rollout(sample)
+            self.train(sample)
+            if log_interval is not None and iteration % log_interval == 0:
+                self.dump_logs(iteration)
+        callback.on_training_end()
+        return self
+
+    # ------------------------------------------------------------------ adaptation at meta-test time
+
+    def _adapt_and_measure(self, tasks: list[Any], inner_steps: int, final_episodes: int | None) -> tuple[Params, np.ndarray]:
+        """
+        Adapt to each task with ``inner_steps`` steps (no meta-graph).
+
+        :param final_episodes: episodes to sample with the adapted parameters (None: none)
+        :return: the adapted per-task parameters (detached) and the mean undiscounted return per task
+            of the episodes sampled before each step (and after the last one when ``final_episodes``)
+        """
+        params = {n: p.detach() for n, p in FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks)).items()}
+        returns = []
+        for _ in range(inner_steps):
+            batch = self._rollout(tasks, params, self.inner_episodes)
+            returns.append(batch.episode_returns.mean(1))
+            leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+            adapted, _, _ = self._inner_step(leaves, batch, create_graph=False)
+            params = {n: p.detach() for n, p in adapted.items()}
+        if final_episodes is not None:
+            returns.append(self._rollout(tasks, params, final_episodes).episode_returns.mean(1))
+        table = th.stack(returns, dim=1).cpu().numpy() if returns else np.zeros((len(tasks), 0))
+        return params, table
+
+    def adapt(self, task: Any, inner_steps: int = 1) -> ActorCriticPolicy:
+        """
+        Adapt the policy to one task by ``inner_steps`` inner steps on fresh episodes.
+
+        :param task: the task (passed to the env's ``set_task``)
+        :param inner_steps: number of adaptation steps
+        :return: a new policy of the same class holding the adapted parameters
+        """
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}.")
+        params, _ = self._adapt_and_measure([task], inner_steps, final_episodes=None)
+        adapted = copy.deepcopy(self.policy)
+        with th.no_grad():
+            for name, param in adapted.named_parameters():
+                if name in params:
+                    param.copy_(params[name][0])
+        return adapted
+
+    def evaluate_adaptation(
+        self, n_tasks: int = 40, inner_steps: int = 3, seed: int = 0, tasks: list[Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """
+        Mean return on held-out tasks before adaptation and after 1..``inner_steps`` inner steps.
+        The tasks come from a stream seeded by ``seed``, separate from training's, and the sampling
+        noise is seeded too, so the result depends only on the parameters and ``seed``.
+
+        :param n_tasks: number of held-out tasks (ignored when ``tasks`` is given)
+        :param inner_steps: number of adaptation steps
+        :param seed: seed of the task stream, the env and the action noise
+        :param tasks: explicit tasks to evaluate on
+        :return: ``inner_steps`` (0..K), ``mean`` and ``std`` over tasks of the per-task mean
+            undiscounted return, and ``per_task`` (n_tasks, K + 1)
+        """
+        if n_tasks < 1 or inner_steps < 0:
+            raise ValueError(f"n_tasks must be >= 1 and inner_steps >= 0, got n_tasks={n_tasks}, inner_steps={inner_steps}.")
+        task_env = self._require_env()
+        if tasks is None:
+            tasks = self._task_sampler.sample(n_tasks, np.random.default_rng([1, seed]))
+        devices = [self.device] if self.device.type == "cuda" else []
+        chunks = []
+        with th.random.fork_rng(devices=devices):
+            th.manual_seed(seed)
+            task_env.venv.seed(seed)
+            for start in range(0, len(tasks), self.meta_batch_size):
+                chunk = list(tasks[start : start + self.meta_batch_size])
+                chunks.append(self._adapt_and_measure(chunk, inner_steps, final_episodes=self.outer_episodes)[1])
+        per_task = np.concatenate(chunks, axis=0)
+        return {
+            "inner_steps": np.arange(inner_steps + 1),
+            "mean": per_task.mean(axis=0),
+            "std": per_task.std(axis=0),
+            "per_task": per_task,
+        }
+
+
+def format_adaptation_table(table: dict[str, np.ndarray]) -> str:
+    """:return: a Markdown table of ``evaluate_adaptation``'s result"""
+    lines = ["| inner steps | mean return | std over tasks |", "|---:|---:|---:|"]
+    for steps, mean, std in zip(table["inner_steps"], table["mean"], table["std"]):
+        lines.append(f"| {steps} | {mean:.2f} | {std:.2f} |")
+    return "\n".join(lines)

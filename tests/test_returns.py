@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch as th
+
+from sb3_metarl.common.baselines import LinearFeatureBaseline, make_baseline
+from sb3_metarl.common.returns import generalized_advantages, returns_to_go
+
+
+def _loop_gae(rewards, values, length, gamma, lam):
+    advantages = np.zeros(length)
+    running = 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+    return advantages
+
+
+def test_returns_to_go_and_gae_match_a_plain_loop():
+    rng = np.random.default_rng(0)
+    rewards = th.tensor(rng.normal(size=(2, 3, 6)), dtype=th.float64)
+    values = th.tensor(rng.normal(size=(2, 3, 6)), dtype=th.float64)
+    lengths = np.array([[6, 4, 1], [2, 6, 5]])
+    masks = th.tensor(np.arange(6) < lengths[..., None], dtype=th.float64)
+    rewards, values = rewards * masks, values * masks
+    go = returns_to_go(rewards, masks, 0.9)
+    gae = generalized_advantages(rewards, values, masks, 0.9, 0.7)
+    for b in range(2):
+        for e in range(3):
+            n = lengths[b, e]
+            expected_go = [sum(0.9 ** (k - t) * rewards[b, e, k].item() for k in range(t, n)) for t in range(n)]
+            np.testing.assert_allclose(go[b, e, :n].numpy(), expected_go)
+            expected_gae = _loop_gae(rewards[b, e].numpy(), values[b, e].numpy(), n, 0.9, 0.7)
+            np.testing.assert_allclose(gae[b, e, :n].numpy(), expected_gae)
+            assert th.all(gae[b, e, n:] == 0) and th.all(go[b, e, n:] == 0)
+
+
+def test_linear_baseline_fits_per_task_and_respects_masks():
+    rng = np.random.default_rng(0)
+    features = th.tensor(rng.normal(size=(2, 8, 5, 2)), dtype=th.float32)
+    time = th.arange(5, dtype=th.float32) / 100
+    # each task's target is a different linear function of the baseline's features
+    targets = th.stack([features[0, ..., 0] * 2 + time, -features[1, ..., 1] + 3.0])
+    masks = th.ones(2, 8, 5)
+    masks[:, :, 4] = 0
+    garbage = targets.clone()
+    garbage[:, :, 4] = 1e6  # masked steps must not influence the fit
+    predictions = LinearFeatureBaseline().fit_predict(features, garbage, masks)
+    np.testing.assert_allclose(predictions[..., :4].numpy(), targets[..., :4].numpy(), atol=1e-3)
+    assert th.all(predictions[..., 4] == 0)
+
+
+def test_make_baseline_rejects_unknown_names():
+    assert make_baseline(None) is None
+    assert isinstance(make_baseline("linear"), LinearFeatureBaseline)
+    with pytest.raises(ValueError, match="baseline"):
+        make_baseline("critic")

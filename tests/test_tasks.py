@@ -1,0 +1,117 @@
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import sb3_metarl  # noqa: F401
+from sb3_metarl.tasks import BUILTIN_TASK_ENVS, EnvTaskSampler, FixedTaskSampler
+
+
+@pytest.mark.parametrize("env_id", sorted(BUILTIN_TASK_ENVS))
+def test_builtin_envs_pass_checkers_for_several_tasks(env_id):
+    env = gym.make(env_id)
+    tasks = env.unwrapped.sample_tasks(3, rng=np.random.default_rng(0))
+    for task in tasks:
+        env.unwrapped.set_task(task)
+        check_env(env.unwrapped, warn=False)
+        gym_check_env(env.unwrapped, skip_render_check=True)
+        assert pickle.loads(pickle.dumps(task)) is not None
+    assert env.spec.max_episode_steps == BUILTIN_TASK_ENVS[env_id][1]
+
+
+@pytest.mark.parametrize(
+    "env_id, bad_task",
+    [
+        ("sb3_metarl/Navigation2D-v0", np.array([2.0, 0.0])),
+        ("sb3_metarl/Navigation2D-v0", np.zeros(3)),
+        ("sb3_metarl/GaussianBandit-v0", 1.5),
+        ("sb3_metarl/TabularMDP-v0", np.zeros((3, 3))),
+        ("sb3_metarl/TabularMDP-v0", np.full((20, 5), 2.0)),
+    ],
+)
+def test_set_task_outside_distribution_raises(env_id, bad_task):
+    env = gym.make(env_id)
+    with pytest.raises(ValueError, match="task must be"):
+        env.unwrapped.set_task(bad_task)
+
+
+def test_navigation_reward_is_minus_distance_to_goal():
+    env = gym.make("sb3_metarl/Navigation2D-v0")
+    env.unwrapped.set_task(np.array([0.3, -0.4]))
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_allclose(obs, [0.0, 0.0])
+    obs, reward, terminated, truncated, _ = env.step(np.array([1.0, 0.05]))  # x clipped to 0.1
+    np.testing.assert_allclose(obs, [0.1, 0.05], atol=1e-7)
+    assert reward == pytest.approx(-np.hypot(0.2, 0.45))
+    assert not terminated and not truncated
+
+
+def test_navigation_terminates_at_goal_and_truncates_at_horizon():
+    env = gym.make("sb3_metarl/Navigation2D-v0")
+    env.unwrapped.set_task(np.array([0.1, 0.1]))
+    env.reset(seed=0)
+    assert env.step(np.array([0.1, 0.1]))[2]
+    env.unwrapped.set_task(np.array([0.5, 0.5]))
+    env.reset(seed=0)
+    for _ in range(100):
+        _, _, terminated, truncated, _ = env.step(np.array([-0.1, -0.1]))
+    assert truncated and not terminated
+
+
+def test_bandit_reward_depends_on_task():
+    env = gym.make("sb3_metarl/GaussianBandit-v0")
+    for target, action, expected in [(0.5, 0.0, -0.25), (-1.0, 1.0, -4.0)]:
+        env.unwrapped.set_task(target)
+        env.reset(seed=0)
+        _, reward, terminated, _, _ = env.step(np.array([action]))
+        assert reward == pytest.approx(expected) and terminated
+
+
+def test_tabular_rewards_follow_task_and_dynamics_are_shared():
+    env_a, env_b = gym.make("sb3_metarl/TabularMDP-v0"), gym.make("sb3_metarl/TabularMDP-v0")
+    np.testing.assert_array_equal(env_a.unwrapped.transitions, env_b.unwrapped.transitions)
+    np.testing.assert_allclose(env_a.unwrapped.transitions.sum(-1), 1.0)
+    rewards = np.zeros((20, 5))
+    rewards[:, 3] = 0.7
+    env_a.unwrapped.set_task(rewards)
+    env_a.reset(seed=1)
+    assert env_a.step(3)[1] == pytest.approx(0.7)
+    assert env_a.step(0)[1] == 0.0
+
+
+def test_tabular_transitions_follow_kernel():
+    env = gym.make("sb3_metarl/TabularMDP-v0", n_states=3, n_actions=2).unwrapped
+    env.reset(seed=0)
+    counts = np.zeros(3)
+    for _ in range(4000):
+        env._state = 1
+        counts[env.step(1)[0]] += 1
+    np.testing.assert_allclose(counts / counts.sum(), env.transitions[1, 1], atol=0.03)
+
+
+def test_fixed_task_sampler():
+    sampler = FixedTaskSampler(["a", "b", "c"])
+    draws = sampler.sample(300, np.random.default_rng(0))
+    assert set(draws) == {"a", "b", "c"}
+    assert FixedTaskSampler([1, 2], cycle=True).sample(5, np.random.default_rng(0)) == [1, 2, 1, 2, 1]
+    with pytest.raises(ValueError, match="tasks"):
+        FixedTaskSampler([])
+
+
+def test_env_task_sampler_is_seeded_by_caller():
+    venv = DummyVecEnv([lambda: gym.make("sb3_metarl/Navigation2D-v0")])
+    sampler = EnvTaskSampler(venv)
+    first = sampler.sample(4, np.random.default_rng(3))
+    again = sampler.sample(4, np.random.default_rng(3))
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+    assert np.all(np.abs(np.stack(first)) <= 0.5)
+
+
+def test_env_task_sampler_requires_sample_tasks():
+    venv = DummyVecEnv([lambda: gym.make("CartPole-v1")])
+    with pytest.raises(ValueError, match="sample_tasks"):
+        EnvTaskSampler(venv)
