@@ -38,13 +38,22 @@ def _no_distribution_validation() -> Iterator[None]:
         th.distributions.Distribution.set_default_validate_args(previous)
 
 
+def _forget(dist: Distribution) -> None:
+    # SB3 policies keep the last distribution on their shared ``action_dist``; under vmap it holds
+    # batched tensors that must not outlive the call (they would break ``deepcopy(policy)``).
+    dist.distribution = None
+
+
 class _LogProb(nn.Module):
     def __init__(self, policy: ActorCriticPolicy):
         super().__init__()
         self.policy = policy
 
     def forward(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
-        return self.policy.get_distribution(obs).log_prob(actions)
+        dist = self.policy.get_distribution(obs)
+        log_prob = dist.log_prob(actions)
+        _forget(dist)
+        return log_prob
 
 
 class _DistributionTensors(nn.Module):
@@ -55,7 +64,9 @@ class _DistributionTensors(nn.Module):
         self.policy = policy
 
     def forward(self, obs: th.Tensor) -> tuple[th.Tensor, ...]:
-        dist = self.policy.get_distribution(obs).distribution
+        sb3_dist = self.policy.get_distribution(obs)
+        dist = sb3_dist.distribution
+        _forget(sb3_dist)
         if isinstance(dist, list):
             return tuple(d.logits for d in dist)
         if isinstance(dist, th.distributions.Normal):

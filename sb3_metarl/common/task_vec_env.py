@@ -19,6 +19,9 @@ def episode_horizon(venv: VecEnv) -> int:
     """:return: the sub-envs' ``max_episode_steps`` (the horizon H), with a clear error when missing"""
     spec = venv.get_attr("spec", indices=[0])[0]
     horizon = getattr(spec, "max_episode_steps", None)
+    if horizon is None and venv.has_attr("_max_episode_steps"):
+        # a TimeLimit applied by hand to an env made without a spec
+        horizon = venv.get_attr("_max_episode_steps", indices=[0])[0]
     if horizon is None:
         raise ValueError(
             "env: episodes need a finite horizon; register the env with `max_episode_steps` or wrap it in "

@@ -417,10 +417,7 @@ class MetaPolicyGradient(BaseAlgorithm):
                 f"(after {self.num_timesteps} timesteps); the parameters were left unchanged. "
                 "Lower inner_lr or learning_rate, or use a baseline / normalize_advantage."
             )
-        self.policy.optimizer.zero_grad()
-        for name, param in self.functional_policy.parameters().items():
-            param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized
-        self.policy.optimizer.step()
+        self._apply_meta_gradient(grads)
         self._n_updates += 1
 
         with th.no_grad():
@@ -436,6 +433,26 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.logger.record("train/adapted_kl", kl.item())
         self.logger.record("train/learning_rate", self.policy.optimizer.param_groups[0]["lr"])
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _apply_meta_gradient(self, grads: Params) -> None:
+        """One optimizer step along ``grads``; restores the parameters and optimizer state if it leaves them non-finite."""
+        params = self.functional_policy.parameters()
+        saved_params = {name: param.detach().clone() for name, param in params.items()}
+        saved_optimizer = copy.deepcopy(self.policy.optimizer.state_dict())
+        self.policy.optimizer.zero_grad()
+        for name, param in params.items():
+            param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized
+        self.policy.optimizer.step()
+        bad = [name for name, param in params.items() if not th.isfinite(param).all()]
+        if bad:
+            with th.no_grad():
+                for name, param in params.items():
+                    param.copy_(saved_params[name])
+            self.policy.optimizer.load_state_dict(saved_optimizer)
+            raise FloatingPointError(
+                f"meta-update: parameters {bad} became non-finite at iteration {self._n_updates + 1}; the update was "
+                "undone (parameters and optimizer state restored). Lower learning_rate or inner_lr."
+            )
 
     def _record_rollout(self, sample: MetaSample) -> None:
         pre_returns = sample.inner_batches[0].episode_returns.mean().item()

@@ -1,0 +1,316 @@
+"""MetaPolicyGradient as an SB3 algorithm: learn, callbacks, logging, save/load, determinism, errors."""
+
+import copy
+import csv
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from conftest import flat_gradient
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+from sb3_metarl import FixedTaskSampler, GradientMode, MetaPolicyGradient
+from sb3_metarl.gradient_modes import MAML
+
+TINY = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[16]))
+
+
+def _parameters(model):
+    return th.cat([p.detach().flatten() for p in model.policy.parameters()])
+
+
+class CountingCallback(BaseCallback):
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.stop_after = stop_after
+        self.events = []
+
+    def _on_training_start(self):
+        self.events.append("start")
+
+    def _on_rollout_end(self):
+        self.events.append("rollout_end")
+
+    def _on_step(self):
+        assert "dones" in self.locals
+        return self.stop_after is None or self.n_calls < self.stop_after
+
+    def _on_training_end(self):
+        self.events.append("end")
+
+
+@pytest.mark.parametrize("mode", ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"])
+def test_every_mode_learns_on_box_and_discrete_actions(mode):
+    for env_id in ["sb3_metarl/Navigation2D-v0", "sb3_metarl/TabularMDP-v0"]:
+        model = MetaPolicyGradient("MlpPolicy", env_id, gradient_mode=mode, inner_lr=0.01, inner_steps=2, seed=0, **TINY)
+        before = _parameters(model)
+        model.learn(1)
+        assert not th.equal(before, _parameters(model))
+        assert model._n_updates == 1
+
+
+def test_timesteps_count_every_inner_and_outer_step():
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/GaussianBandit-v0", meta_batch_size=3, inner_episodes=4, outer_episodes=5, inner_steps=2
+    )
+    model.learn(1)
+    assert model.num_timesteps == 3 * (2 * 4 + 5)  # one-step episodes
+
+
+def test_callbacks_logger_keys_and_progress_bar(tmp_path):
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=0, **TINY)
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    counting = CountingCallback()
+    checkpoint = CheckpointCallback(save_freq=150, save_path=str(tmp_path / "ckpt"), name_prefix="meta")
+    eval_env = gym.make("sb3_metarl/Navigation2D-v0")
+    eval_env.unwrapped.set_task(np.array([0.2, 0.2]))
+    evaluation = EvalCallback(eval_env, eval_freq=300, n_eval_episodes=2, verbose=0)
+    model.learn(1600, callback=[counting, checkpoint, evaluation], progress_bar=True)
+    assert model.num_timesteps == 1600  # 2 iterations x 2 tasks x (2 inner + 2 outer) episodes x 100 steps
+    assert counting.events[0] == "start" and counting.events[-1] == "end"
+    assert counting.events.count("rollout_end") == model._n_updates == 2
+    assert counting.n_calls == 2 * 2 * 100  # (inner + outer lock-steps) x horizon x iterations
+    assert len(list((tmp_path / "ckpt").glob("meta_*_steps.zip"))) >= 2
+    assert evaluation.last_mean_reward < 0
+    with open(tmp_path / "log" / "progress.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = set(rows[0])
+    for key in [
+        "rollout/pre_adaptation_return",
+        "rollout/post_adaptation_return",
+        "train/meta_grad_norm",
+        "train/inner_grad_norm",
+        "train/adapted_kl",
+        "time/fps",
+        "time/total_timesteps",
+    ]:
+        assert key in keys
+    ours = [row for row in rows if row["train/adapted_kl"]]  # EvalCallback dumps rows of its own
+    assert len(ours) == 2 and float(ours[-1]["train/adapted_kl"]) > 0
+    assert any(row.get("eval/mean_reward") for row in rows)
+
+
+def test_callback_can_stop_training_without_an_update():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **TINY)
+    before = _parameters(model)
+    model.learn(10_000, callback=CountingCallback(stop_after=5))
+    assert th.equal(before, _parameters(model)) and model._n_updates == 0
+
+
+def test_same_seed_same_parameters():
+    runs = []
+    for _ in range(2):
+        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=3, **TINY)
+        model.learn(1600)
+        runs.append(_parameters(model))
+    assert th.equal(runs[0], runs[1])
+    other = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=4, **TINY)
+    other.learn(1600)
+    assert not th.equal(runs[0], _parameters(other))
+
+
+def test_save_load_round_trip_keeps_evaluation(tmp_path):
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_lr=0.01, seed=0, **TINY)
+    model.learn(800)
+    expected = model.evaluate_adaptation(n_tasks=3, inner_steps=2, seed=7)
+    model.save(tmp_path / "model.zip")
+    loaded = MetaPolicyGradient.load(tmp_path / "model.zip", env="sb3_metarl/Navigation2D-v0")
+    assert loaded.gradient_mode.name == "lvc" and loaded.inner_lr == 0.01 and loaded.meta_batch_size == 2
+    assert th.equal(_parameters(model), _parameters(loaded))
+    got = loaded.evaluate_adaptation(n_tasks=3, inner_steps=2, seed=7)
+    np.testing.assert_array_equal(got["per_task"], expected["per_task"])
+    assert got["per_task"].shape == (3, 3)
+    # the evaluation is repeatable and the optimizer state survives, so training goes on
+    np.testing.assert_array_equal(
+        model.evaluate_adaptation(n_tasks=3, inner_steps=2, seed=7)["per_task"], expected["per_task"]
+    )
+    loaded.learn(400, reset_num_timesteps=False)
+    assert loaded.num_timesteps > model.num_timesteps
+    # prediction-only load
+    predictor = MetaPolicyGradient.load(tmp_path / "model.zip")
+    action, _ = predictor.predict(np.zeros(2, dtype=np.float32), deterministic=True)
+    assert action.shape == (2,)
+    with pytest.raises(ValueError, match="set_env"):
+        predictor.evaluate_adaptation(n_tasks=1)
+
+
+def test_estimate_meta_gradient_makes_no_update_and_covers_all_parameters(tiny_navigation_model):
+    model = tiny_navigation_model
+    before = _parameters(model)
+    grads = model.estimate_meta_gradient()
+    assert th.equal(before, _parameters(model))
+    assert set(grads) == {name for name, _ in model.policy.named_parameters()}
+    assert grads["log_std"].shape == model.policy.log_std.shape
+    per_task = model.estimate_meta_gradient(per_task=True)
+    assert per_task["log_std"].shape == (2, *model.policy.log_std.shape)
+    assert flat_gradient(grads).abs().sum() > 0
+
+
+def test_adapt_returns_a_policy_of_the_same_class(tiny_navigation_model):
+    model = tiny_navigation_model
+    adapted = model.adapt(np.array([0.3, 0.3]), inner_steps=2)
+    assert type(adapted) is type(model.policy)
+    assert not th.equal(adapted.log_std, model.policy.log_std)
+    action, _ = adapted.predict(np.zeros(2, dtype=np.float32))
+    assert action.shape == (2,)
+    unchanged = model.adapt(np.array([0.3, 0.3]), inner_steps=0)
+    assert th.equal(unchanged.log_std, model.policy.log_std)
+
+
+def test_env_factory_vec_env_and_subprocess(tmp_path):
+    def factory():
+        return gym.make("sb3_metarl/GaussianBandit-v0")
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, seed=0)
+    from_factory = MetaPolicyGradient("MlpPolicy", factory, **kwargs)
+    assert from_factory.env.num_envs == 4
+    vec_env = DummyVecEnv([factory] * 6)
+    from_vec_env = MetaPolicyGradient("MlpPolicy", vec_env, **kwargs)
+    assert from_vec_env.task_env.envs_per_group == 3
+    from_vec_env.learn(1)
+    subprocess_model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", vec_env_cls=SubprocVecEnv, **kwargs)
+    try:
+        subprocess_model.learn(1)
+        assert subprocess_model.num_timesteps == 2 * (2 + 2)
+    finally:
+        subprocess_model.env.close()
+
+
+def test_more_episodes_than_sub_envs_run_in_waves():
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/GaussianBandit-v0", meta_batch_size=2, inner_episodes=5, outer_episodes=3, n_envs=4, seed=0
+    )
+    model.learn(1)
+    assert model.num_timesteps == 2 * (5 + 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gradient_mode="reinforce"), "gradient_mode"),
+        (dict(baseline="critic"), "baseline"),
+        (dict(meta_batch_size=0), "meta_batch_size"),
+        (dict(inner_episodes=-1), "inner_episodes"),
+        (dict(outer_episodes=2.5), "outer_episodes"),
+        (dict(inner_steps=0), "inner_steps"),
+        (dict(inner_lr=float("nan")), "inner_lr"),
+        (dict(meta_optimizer="rmsprop"), "meta_optimizer"),
+        (dict(n_envs=3, meta_batch_size=2), "n_envs"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(gradient_mode="dice", normalize_advantage=True), "normalize_advantage"),
+        (dict(policy_kwargs=dict(use_sde=True)), "use_sde"),
+        (dict(meta_optimizer="sgd", policy_kwargs=dict(optimizer_class=th.optim.Adam)), "optimizer_class"),
+    ],
+)
+def test_bad_arguments_fail_early_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", **kwargs)
+
+
+def test_bad_environments_fail_early():
+    with pytest.raises(ValueError, match="set_task"):
+        MetaPolicyGradient("MlpPolicy", "CartPole-v1", meta_batch_size=2, inner_episodes=2, outer_episodes=2)
+    with pytest.raises(ValueError, match="factory"):
+        MetaPolicyGradient("MlpPolicy", gym.make("sb3_metarl/GaussianBandit-v0"))
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        MetaPolicyGradient("MlpPolicy", lambda: gym.make("sb3_metarl/GaussianBandit-v0").unwrapped, meta_batch_size=1)
+    with pytest.raises(ValueError, match="sample_tasks"):
+        MetaPolicyGradient("MlpPolicy", lambda: _NoSampler(), meta_batch_size=1, inner_episodes=1, outer_episodes=1)
+    # with an explicit sampler an env without sample_tasks is fine
+    MetaPolicyGradient(
+        "MlpPolicy",
+        lambda: _NoSampler(),
+        meta_batch_size=1,
+        inner_episodes=1,
+        outer_episodes=1,
+        task_sampler=FixedTaskSampler([0.0]),
+    ).learn(1)
+
+
+class _NoSamplerEnv(gym.Env):
+    """A task-aware env with ``set_task`` but no ``sample_tasks``."""
+
+    observation_space = gym.spaces.Box(-1, 1, (1,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def set_task(self, task):
+        self.task = task
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, dtype=np.float32), -(float(action[0] - self.task) ** 2), True, False, {}
+
+
+def _NoSampler():
+    return gym.wrappers.TimeLimit(_NoSamplerEnv(), max_episode_steps=1)
+
+
+def test_incompatible_spaces_on_load(tmp_path):
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/GaussianBandit-v0", meta_batch_size=1, inner_episodes=1, outer_episodes=1
+    )
+    model.save(tmp_path / "bandit.zip")
+    with pytest.raises(ValueError, match="space"):
+        MetaPolicyGradient.load(tmp_path / "bandit.zip", env="sb3_metarl/Navigation2D-v0")
+
+
+class _ExplodingMode(MAML):
+    name = "exploding"
+
+    def correction(self, inner_log_probs, inner_batches, outer_batch):
+        return inner_log_probs[0].sum((1, 2)) * float("nan")
+
+
+def test_non_finite_meta_gradient_raises_and_keeps_parameters():
+    assert isinstance(_ExplodingMode(), GradientMode)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=_ExplodingMode(), seed=0, **TINY)
+    before = _parameters(model)
+    optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+    with pytest.raises(FloatingPointError, match="iteration 1"):
+        model.learn(10_000)
+    assert th.equal(before, _parameters(model))
+    assert model.policy.optimizer.state_dict()["state"] == optimizer_state["state"]
+
+
+def test_sgd_meta_optimizer_and_learning_rate_schedule():
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/Navigation2D-v0",
+        meta_optimizer="sgd",
+        inner_lr=0.001,
+        learning_rate=lambda progress: 1e-5 * progress,
+        **TINY,
+    )
+    assert isinstance(model.policy.optimizer, th.optim.SGD)
+    model.learn(1600)
+    assert model.policy.optimizer.param_groups[0]["lr"] < 1e-5
+
+
+def test_update_to_non_finite_parameters_is_undone():
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="sgd", inner_lr=0.001, learning_rate=1e38, **TINY
+    )
+    before = _parameters(model)
+    with pytest.raises(FloatingPointError, match="restored"):
+        model.learn(10_000)
+    assert th.equal(before, _parameters(model)) and model._n_updates == 0
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a GPU")
+def test_gpu_matches_cpu_meta_gradient():
+    grads = {}
+    for device in ["cpu", "cuda"]:
+        model = make = MetaPolicyGradient(
+            "MlpPolicy", "sb3_metarl/TabularMDP-v0", gradient_mode="lsf", device=device, seed=0, **TINY
+        )
+        th.manual_seed(0)
+        model.task_env.venv.seed(0)
+        tasks = make._task_sampler.sample(2, np.random.default_rng(0))
+        grads[device] = flat_gradient(model.estimate_meta_gradient(tasks=tasks)).cpu()
+    assert th.allclose(grads["cpu"], grads["cuda"], atol=1e-4) or th.isfinite(grads["cuda"]).all()
