@@ -13,6 +13,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metarl import FixedTaskSampler, GradientMode, MetaPolicyGradient
+from sb3_metarl.exact import exact_meta_gradient
 from sb3_metarl.gradient_modes import MAML
 
 TINY = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[16]))
@@ -303,14 +304,21 @@ def test_update_to_non_finite_parameters_is_undone():
 
 
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs a GPU")
-def test_gpu_matches_cpu_meta_gradient():
+def test_gpu_exact_gradient_matches_cpu_and_every_mode_trains():
+    tasks = [np.random.default_rng(0).uniform(0, 1, size=(20, 5))]
     grads = {}
     for device in ["cpu", "cuda"]:
-        model = make = MetaPolicyGradient(
-            "MlpPolicy", "sb3_metarl/TabularMDP-v0", gradient_mode="lsf", device=device, seed=0, **TINY
+        model = MetaPolicyGradient(
+            "MlpPolicy", "sb3_metarl/TabularMDP-v0", inner_lr=5.0, inner_steps=2, device=device, seed=0, **TINY
         )
-        th.manual_seed(0)
-        model.task_env.venv.seed(0)
-        tasks = make._task_sampler.sample(2, np.random.default_rng(0))
-        grads[device] = flat_gradient(model.estimate_meta_gradient(tasks=tasks)).cpu()
-    assert th.allclose(grads["cpu"], grads["cuda"], atol=1e-4) or th.isfinite(grads["cuda"]).all()
+        grads[device] = flat_gradient(exact_meta_gradient(model, tasks)).cpu()
+    th.testing.assert_close(grads["cuda"], grads["cpu"], rtol=1e-4, atol=1e-6)
+    for mode in ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"]:
+        model = MetaPolicyGradient(
+            "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, inner_lr=1e-3, device="cuda", **TINY
+        )
+        before = _parameters(model)
+        model.learn(1)
+        after = _parameters(model)
+        assert after.device.type == "cuda" and th.isfinite(after).all() and not th.equal(before, after)
+        assert model.evaluate_adaptation(n_tasks=2, inner_steps=1)["per_task"].shape == (2, 2)
