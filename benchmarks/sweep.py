@@ -61,12 +61,14 @@ def main() -> None:
         key, _, values = item.partition("=")
         axes.append([(key, ast.literal_eval(v)) for v in values.split(",")])
     jobs = [(args.env, args.timesteps, seed, dict(combo)) for combo in itertools.product(*axes) for seed in args.seeds]
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        rows = pool.map(run_config, jobs, chunksize=1)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool, open(args.out, "w", newline="") as handle:
+        writer = None
+        for row in pool.imap_unordered(run_config, jobs):  # rows are written as they finish
+            if writer is None:
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            handle.flush()
 
 
 if __name__ == "__main__":

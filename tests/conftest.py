@@ -35,7 +35,7 @@ def bandit_estimates(model, calls: int = 2) -> np.ndarray:
     for _ in range(calls):
         grads = model.estimate_meta_gradient(per_task=True)
         estimates.append(th.stack([grads["action_net.bias"][:, 0], grads["log_std"][:, 0]], dim=1))
-    return th.cat(estimates).double().numpy()
+    return th.cat(estimates).double().cpu().numpy()
 
 
 def flat_gradient(grads: dict) -> th.Tensor:

