@@ -3,20 +3,20 @@
 import numpy as np
 import pytest
 import torch as th
-from conftest import (
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.common.functional import FunctionalPolicy
+from sb3_metarl.diagnostics import (
     BANDIT_INNER_LR,
     BANDIT_LOG_STD,
     BANDIT_MEAN,
     BANDIT_TARGET,
     bandit_estimates,
-    flat_gradient,
-    flat_per_task_gradient,
+    compare_with_exact,
     make_bandit_model,
+    make_tabular_model,
 )
-
-from sb3_metarl import FixedTaskSampler, MetaPolicyGradient
-from sb3_metarl.common.functional import FunctionalPolicy
-from sb3_metarl.exact import bandit_maml_gradient, bandit_pathwise_gradient, exact_meta_gradient
+from sb3_metarl.exact import bandit_maml_gradient, bandit_pathwise_gradient
 from sb3_metarl.gradient_modes import GRADIENT_MODES, LoadedDiCE, make_gradient_mode, policy_gradient_surrogate
 
 
@@ -116,26 +116,8 @@ def test_plain_autodiff_maml_stays_biased_at_large_n():
 
 
 def _tabular_estimates(mode, inner_episodes, inner_steps, calls):
-    task = np.random.default_rng(0).uniform(0, 1, size=(20, 5))
-    model = MetaPolicyGradient(
-        "MlpPolicy",
-        "sb3_metarl/TabularMDP-v0",
-        gradient_mode=mode,
-        meta_batch_size=10,
-        inner_episodes=inner_episodes,
-        outer_episodes=inner_episodes,
-        inner_steps=inner_steps,
-        inner_lr=10.0,
-        gamma=0.8,
-        task_sampler=FixedTaskSampler([task]),
-        policy_kwargs=dict(net_arch=[]),
-        seed=0,
-    )
-    reference = flat_gradient(exact_meta_gradient(model, [task]))
-    estimates = th.cat([flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(calls)])
-    mean = estimates.mean(0)
-    cosine = th.nn.functional.cosine_similarity(mean, reference, dim=0).item()
-    return cosine, ((mean - reference).norm() / reference.norm()).item()
+    result = compare_with_exact(*make_tabular_model(mode, inner_episodes, inner_steps), calls=calls)
+    return result["cosine"], result["relative_error"]
 
 
 @pytest.mark.parametrize("mode", ["lsf", "dice", "lvc"])

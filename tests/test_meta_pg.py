@@ -7,12 +7,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from conftest import flat_gradient
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metarl import FixedTaskSampler, GradientMode, MetaPolicyGradient
+from sb3_metarl.diagnostics import flat_gradient
 from sb3_metarl.exact import exact_meta_gradient
 from sb3_metarl.gradient_modes import MAML
 
