@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from sb3_metarl.common.functional import FunctionalPolicy, Params
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params
 
 # ---------------------------------------------------------------------------------------------- bandit
 
@@ -169,16 +169,12 @@ def tabular_maml_gradient(
         return tabular_values(log_policy, kernel, rewards, initial, horizon, gamma)
 
     task_theta = FunctionalPolicy.expand({n: p.detach().requires_grad_(True) for n, p in params.items()}, len(tasks))
-    names = list(task_theta)
     task_params = task_theta
     for _ in range(inner_steps):
-        grads = th.autograd.grad(
-            values(task_params).sum(), [task_params[n] for n in names], create_graph=True, allow_unused=True
-        )
-        task_params = {n: task_params[n] + (0.0 if g is None else inner_lr * g) for n, g in zip(names, grads)}
+        grads = grad_params(values(task_params).sum(), task_params, create_graph=True)
+        task_params = {n: task_params[n] + inner_lr * g for n, g in grads.items()}
     adapted_values = values(task_params)
-    grads = th.autograd.grad(adapted_values.sum(), [task_theta[n] for n in names], allow_unused=True)
-    meta_grad = {n: th.zeros_like(params[n]) if g is None else g.mean(0).float() for n, g in zip(names, grads)}
+    meta_grad = {n: g.mean(0).float() for n, g in grad_params(adapted_values.sum(), task_theta).items()}
     return meta_grad, adapted_values.detach()
 
 

@@ -145,6 +145,19 @@ class FunctionalPolicy:
         return dist
 
 
+def grad_params(output: th.Tensor, params: Params, create_graph: bool = False) -> Params:
+    """
+    :param output: a scalar
+    :param params: tensors (leaves or not) that ``output`` may depend on
+    :param create_graph: keep the graph of the gradient (for higher-order derivatives)
+    :return: d output / d params by name; zeros for parameters ``output`` does not depend on
+        (such as the value head, which no policy-gradient surrogate touches)
+    """
+    names = list(params)
+    grads = th.autograd.grad(output, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
+    return {n: th.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+
+
 def kl_divergence(dist_p: Distribution, dist_q: Distribution) -> th.Tensor:
     """:return: KL(p || q) per sample (summed over action dimensions) for two distributions of the same kind"""
     if isinstance(dist_p.distribution, list):

@@ -24,7 +24,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
-from sb3_metarl.common.functional import FunctionalPolicy, Params, kl_divergence
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
 from sb3_metarl.common.task_vec_env import StepCallback, TaskVecEnv
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
@@ -335,13 +335,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         log_prob = self._log_prob(task_params, batch)
         surrogate = self.gradient_mode.inner_surrogate(log_prob, batch)
-        names = list(task_params)
-        grads = th.autograd.grad(
-            surrogate.sum(), [task_params[n] for n in names], create_graph=create_graph, allow_unused=True
-        )
-        grads = [th.zeros_like(task_params[n]) if g is None else g for n, g in zip(names, grads)]
-        norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads)).mean().item()
-        adapted = {n: task_params[n] + self.inner_lr * g for n, g in zip(names, grads)}
+        grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
+        norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads.values())).mean().item()
+        adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
         return adapted, log_prob, norm
 
     def _meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
@@ -372,9 +368,8 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     @staticmethod
     def _per_task_gradient(sample: MetaSample) -> Params:
-        names = list(sample.task_theta)
-        grads = th.autograd.grad(sample.objective.sum(), [sample.task_theta[n] for n in names], allow_unused=True)
-        return {n: th.zeros_like(sample.task_theta[n]) if g is None else g for n, g in zip(names, grads)}
+        # the per-task copies of theta receive each task's own meta-gradient
+        return grad_params(sample.objective.sum(), sample.task_theta)
 
     def estimate_meta_gradient(self, tasks: list[Any] | None = None, per_task: bool = False) -> dict[str, th.Tensor]:
         """
