@@ -96,11 +96,11 @@ def bandit_policy_parameters(params: Params) -> tuple[str, str]:
 
 def tabular_log_policy(functional_policy: FunctionalPolicy, task_params: Params, n_states: int, n_actions: int) -> th.Tensor:
     """:return: ``log pi(a|s)`` for every state and action, shape (B, n_states, n_actions)"""
-    n_tasks = next(iter(task_params.values())).shape[0]
-    device = next(iter(task_params.values())).device
-    states = th.arange(n_states, device=device).repeat_interleave(n_actions)
-    actions = th.arange(n_actions, device=device).repeat(n_states)
-    obs = states.float().view(1, -1, 1).expand(n_tasks, -1, 1)
+    reference = next(iter(task_params.values()))
+    n_tasks = reference.shape[0]
+    states = th.arange(n_states, device=reference.device).repeat_interleave(n_actions)
+    actions = th.arange(n_actions, device=reference.device).repeat(n_states)
+    obs = states.to(reference.dtype).view(1, -1, 1).expand(n_tasks, -1, 1)
     log_prob = functional_policy.log_prob(task_params, obs, actions.view(1, -1).expand(n_tasks, -1))
     return log_prob.reshape(n_tasks, n_states, n_actions)
 
@@ -178,6 +178,38 @@ def tabular_maml_gradient(
     return meta_grad, adapted_values.detach()
 
 
+def _tabular_problem(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:return: the transition kernel and initial distribution of a model's TabularMDP env"""
+    venv = model._require_env().venv
+    if not venv.has_attr("transitions"):
+        raise ValueError("env: the exact tabular reference needs a TabularMDP env (with `transitions`).")
+    return venv.get_attr("transitions", indices=[0])[0], venv.get_attr("initial_distribution", indices=[0])[0]
+
+
+def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
+    """
+    The exact value ``V_g(theta) = E[sum_{t<H} gamma^t r_t]`` of a ``MetaPolicyGradient`` model's
+    current policy on ``TabularMDP-v0`` tasks, by dynamic programming.
+
+    :param model: a MetaPolicyGradient on a TabularMDP env
+    :param tasks: reward matrices
+    :return: the values (B,)
+    """
+    transitions, initial_distribution = _tabular_problem(model)
+    rewards = th.as_tensor(np.stack(tasks), dtype=th.float64, device=model.device)
+    params = FunctionalPolicy.expand(model.functional_policy.parameters(), len(tasks))
+    with th.no_grad():
+        log_policy = tabular_log_policy(model.functional_policy, params, *rewards.shape[1:]).double()
+        return tabular_values(
+            log_policy,
+            th.as_tensor(transitions, dtype=th.float64, device=model.device),
+            rewards,
+            th.as_tensor(initial_distribution, dtype=th.float64, device=model.device),
+            model.task_env.horizon,
+            model.gamma,
+        )
+
+
 def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:
     """
     The exact MAML meta-gradient of a ``MetaPolicyGradient`` model on ``TabularMDP-v0`` tasks,
@@ -187,9 +219,7 @@ def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:
     :param tasks: reward matrices
     :return: the meta-gradient by policy parameter name
     """
-    venv = model.task_env.venv
-    transitions = venv.get_attr("transitions", indices=[0])[0]
-    initial_distribution = venv.get_attr("initial_distribution", indices=[0])[0]
+    transitions, initial_distribution = _tabular_problem(model)
     grads, _ = tabular_maml_gradient(
         model.functional_policy,
         model.functional_policy.parameters(),
