@@ -9,6 +9,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metarl import FixedTaskSampler, GradientMode, MetaPolicyGradient
@@ -323,3 +324,32 @@ def test_gpu_exact_gradient_matches_cpu_and_every_mode_trains():
         after = _parameters(model)
         assert after.device.type == "cuda" and th.isfinite(after).all() and not th.equal(before, after)
         assert model.evaluate_adaptation(n_tasks=2, inner_steps=1)["per_task"].shape == (2, 2)
+
+
+class _SquareFeatures(BaseFeaturesExtractor):
+    """A custom features extractor with its own parameters."""
+
+    def __init__(self, observation_space):
+        super().__init__(observation_space, features_dim=4)
+        self.linear = th.nn.Linear(observation_space.shape[0], 4)
+
+    def forward(self, observations):
+        return self.linear(observations) ** 2
+
+
+def test_custom_features_extractor_is_meta_trained():
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/Navigation2D-v0",
+        inner_lr=0.001,
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        policy_kwargs=dict(features_extractor_class=_SquareFeatures, net_arch=[8]),
+        seed=0,
+    )
+    before = model.policy.features_extractor.linear.weight.detach().clone()
+    grads = model.estimate_meta_gradient()
+    assert grads["features_extractor.linear.weight"].abs().sum() > 0
+    model.learn(1)
+    assert not th.equal(before, model.policy.features_extractor.linear.weight)

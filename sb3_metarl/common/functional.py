@@ -44,6 +44,11 @@ def _forget(dist: Distribution) -> None:
     dist.distribution = None
 
 
+# SB3 registers a shared features extractor under three names (features_extractor,
+# pi_features_extractor, vf_features_extractor), all one module object. functional_call's
+# tie_weights=True would swap that module's attribute once per name and restore a substituted
+# tensor, leaving it on the policy; one canonical name with tie_weights=False swaps and restores
+# it once, and every alias sees the substitute because they are the same module.
 class _LogProb(nn.Module):
     def __init__(self, policy: ActorCriticPolicy):
         super().__init__()
@@ -114,7 +119,7 @@ class FunctionalPolicy:
         """
 
         def single(params: Params, task_obs: th.Tensor, task_actions: th.Tensor) -> th.Tensor:
-            return functional_call(self._log_prob, params, (task_obs, task_actions))
+            return functional_call(self._log_prob, params, (task_obs, task_actions), tie_weights=False)
 
         with _no_distribution_validation():
             return vmap(single)(self._prefixed(task_params), obs, actions)
@@ -128,7 +133,7 @@ class FunctionalPolicy:
         """
 
         def single(params: Params, task_obs: th.Tensor) -> tuple[th.Tensor, ...]:
-            return functional_call(self._tensors, params, (task_obs,))
+            return functional_call(self._tensors, params, (task_obs,), tie_weights=False)
 
         with _no_distribution_validation():
             tensors = vmap(single)(self._prefixed(task_params), obs)
