@@ -108,15 +108,22 @@ def compare_with_exact(model: MetaPolicyGradient, task: np.ndarray, calls: int =
     Average ``calls * meta_batch_size`` independent estimates and compare them with the exact MAML
     meta-gradient of the tabular MDP.
 
-    :return: ``cosine`` of the mean estimate with the reference, ``relative_error`` of the mean
-        (``|mean - ref| / |ref|``) and ``single_cosine``, the mean cosine of single estimates
+    :return: ``cosine`` of the mean estimate with the reference; ``relative_error`` of the mean,
+        ``|mean - ref| / |ref|``; ``relative_noise``, the mean's standard error in norm,
+        ``sqrt(trace(Cov) / n) / |ref|``; ``relative_bias``, the error left once the noise is taken
+        out, ``sqrt(max(0, |mean - ref|^2 - trace(Cov) / n)) / |ref|`` (unbiased for the squared
+        bias); and ``single_cosine``, the mean cosine of single estimates with the reference
     """
-    reference = flat_gradient(exact_meta_gradient(model, [task]))
-    estimates = th.cat([flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(calls)])
+    reference = flat_gradient(exact_meta_gradient(model, [task])).double()
+    estimates = th.cat([flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(calls)]).double()
     mean = estimates.mean(0)
+    noise = estimates.var(0).sum() / len(estimates)
+    squared_error = (mean - reference).pow(2).sum()
     cosine = th.nn.functional.cosine_similarity
     return {
         "cosine": cosine(mean, reference, dim=0).item(),
-        "relative_error": ((mean - reference).norm() / reference.norm()).item(),
+        "relative_error": (squared_error.sqrt() / reference.norm()).item(),
+        "relative_noise": (noise.sqrt() / reference.norm()).item(),
+        "relative_bias": ((squared_error - noise).clamp(min=0).sqrt() / reference.norm()).item(),
         "single_cosine": cosine(estimates, reference.expand_as(estimates), dim=1).mean().item(),
     }

@@ -101,12 +101,12 @@ def test_tabular_meta_gradient_matches_an_independent_float64_implementation():
             weight, bias = weight + 5.0 * grad_weight, bias + 5.0 * grad_bias
         return value(weight, bias)
 
-    weight0 = model.policy.action_net.weight.detach().double()
-    bias0 = model.policy.action_net.bias.detach().double()
+    weight0 = model.policy.action_net.weight.detach().double().cpu()
+    bias0 = model.policy.action_net.bias.detach().double().cpu()
     weight, bias = weight0.clone().requires_grad_(True), bias0.clone().requires_grad_(True)
     expected_weight, expected_bias = th.autograd.grad(maml_objective(weight, bias), (weight, bias))
-    th.testing.assert_close(grads["action_net.weight"].double(), expected_weight, rtol=1e-4, atol=1e-6)
-    th.testing.assert_close(grads["action_net.bias"].double(), expected_bias, rtol=1e-4, atol=1e-6)
+    th.testing.assert_close(grads["action_net.weight"].double().cpu(), expected_weight, rtol=1e-4, atol=1e-6)
+    th.testing.assert_close(grads["action_net.bias"].double().cpu(), expected_bias, rtol=1e-4, atol=1e-6)
     for index in [(0, 0), (2, 3), (1, 2)]:
         delta = th.zeros_like(weight0)
         delta[index] = 1e-5
