@@ -1,7 +1,7 @@
 """
 Meta-train a policy on 2-D navigation with MetaPolicyGradient, then adapt it to a new goal.
 
-    python examples/navigation_2d.py --timesteps 8000000
+    python examples/navigation_2d.py --timesteps 24000000
 
 Prints the mean return on held-out goals before and after 1..3 inner steps, and the path of the
 pre- and post-adaptation policies towards one goal.
@@ -29,7 +29,7 @@ def rollout_positions(policy, goal: np.ndarray, steps: int = 100) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timesteps", type=int, default=8_000_000)
+    parser.add_argument("--timesteps", type=int, default=24_000_000)
     parser.add_argument("--gradient-mode", default="lsf")
     parser.add_argument("--meta-batch-size", type=int, default=20)
     parser.add_argument("--episodes", type=int, default=20, help="inner and outer episodes per task")
@@ -44,7 +44,7 @@ def main() -> None:
         meta_batch_size=args.meta_batch_size,
         inner_episodes=args.episodes,
         outer_episodes=args.episodes,
-        inner_lr=3e-4,
+        inner_lr=1e-3,
         learning_rate=3e-3,
         policy_kwargs=dict(log_std_init=-1.0),
         seed=args.seed,
