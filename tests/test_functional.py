@@ -58,3 +58,17 @@ def test_rejects_state_dependent_exploration():
     policy = ActorCriticPolicy(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)), lambda _: 1e-3, use_sde=True)
     with pytest.raises(ValueError, match="use_sde"):
         FunctionalPolicy(policy)
+
+
+def test_shared_parameters_take_the_plain_path_with_the_same_result():
+    th.manual_seed(0)
+    policy = ActorCriticPolicy(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)), lambda _: 1e-3)
+    functional = FunctionalPolicy(policy)
+    shared = FunctionalPolicy.expand(functional.parameters(), 4)
+    copies = {name: p.clone() for name, p in shared.items()}  # same values, but not views
+    assert FunctionalPolicy.is_shared(shared) and not FunctionalPolicy.is_shared(copies)
+    obs = th.randn(4, 5, 3)
+    mean_shared = functional.distribution(shared, obs).distribution.loc
+    mean_copies = functional.distribution(copies, obs).distribution.loc
+    th.testing.assert_close(mean_shared, mean_copies)
+    th.testing.assert_close(mean_shared, policy.get_distribution(obs.reshape(20, 3)).distribution.loc)

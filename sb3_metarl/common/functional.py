@@ -124,6 +124,11 @@ class FunctionalPolicy:
         with _no_distribution_validation():
             return vmap(single)(self._prefixed(task_params), obs, actions)
 
+    @staticmethod
+    def is_shared(task_params: Params) -> bool:
+        """:return: whether every task holds the same parameters (views made by ``expand``, or a single task)"""
+        return all(p.shape[0] == 1 or p.stride(0) == 0 for p in task_params.values())
+
     def distribution(self, task_params: Params, obs: th.Tensor) -> Distribution:
         """
         :param task_params: parameters with a leading task dim B
@@ -136,8 +141,13 @@ class FunctionalPolicy:
             return functional_call(self._tensors, params, (task_obs,), tie_weights=False)
 
         with _no_distribution_validation():
-            tensors = vmap(single)(self._prefixed(task_params), obs)
-            flat = [t.reshape(-1, *t.shape[2:]) for t in tensors]
+            if self.is_shared(task_params):
+                # one plain batched forward: vmap's per-call overhead dominates these small networks
+                shared = self._prefixed({name: p[0] for name, p in task_params.items()})
+                flat = single(shared, obs.reshape(-1, *obs.shape[2:]))
+            else:
+                tensors = vmap(single)(self._prefixed(task_params), obs)
+                flat = [t.reshape(-1, *t.shape[2:]) for t in tensors]
             dist = copy.copy(self.policy.action_dist)
             if isinstance(dist, DiagGaussianDistribution):
                 dist.distribution = th.distributions.Normal(*flat)

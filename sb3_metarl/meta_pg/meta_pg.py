@@ -299,9 +299,13 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         task_env = self._require_env()
         n_groups, per_group = task_env.n_groups, task_env.envs_per_group
-        padding = th.full((n_groups - len(tasks),), len(tasks) - 1, dtype=th.long, device=self.device)
-        order = th.cat([th.arange(len(tasks), device=self.device), padding])
-        sampling_params = {name: p.detach()[order] for name, p in task_params.items()}
+        if FunctionalPolicy.is_shared(task_params):
+            sampling_params = {name: p.detach()[:1].expand(n_groups, *p.shape[1:]) for name, p in task_params.items()}
+        else:
+            # spare groups (fewer tasks than groups) run the last task's parameters
+            padding = th.full((n_groups - len(tasks),), len(tasks) - 1, dtype=th.long, device=self.device)
+            order = th.cat([th.arange(len(tasks), device=self.device), padding])
+            sampling_params = {name: p.detach()[order] for name, p in task_params.items()}
         obs_shape = get_obs_shape(self.observation_space)
 
         def act(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
