@@ -1,14 +1,28 @@
-"""Measuring meta-gradient estimators against the exact references of :mod:`sb3_metarl.exact`."""
+"""
+Measuring meta-gradient estimators: against the exact references of :mod:`sb3_metarl.exact`
+(:func:`measure_estimators`), and against each other during training
+(:class:`MetaGradientDiagnosticsCallback`).
+"""
 
+import csv
+import itertools
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_metarl.exact import exact_meta_gradient
-from sb3_metarl.gradient_modes import GradientMode
+from sb3_metarl.exact import bandit_pathwise_gradient, exact_meta_gradient
+from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_pg import MetaPolicyGradient
-from sb3_metarl.tasks import FixedTaskSampler
+from sb3_metarl.tasks import FixedTaskSampler, GaussianBanditEnv
+
+#: (mode, inner_episodes) -> a model whose ``meta_batch_size`` slots all run one task
+ModelFactory = Callable[[str, int], MetaPolicyGradient]
+#: inner_episodes -> (reference gradient as a flat vector, its standard error per coordinate or None)
+ReferenceFn = Callable[[int], tuple[th.Tensor, th.Tensor | None]]
 
 #: the Gaussian-bandit setting of the tests and benchmarks: target, initial mean and log-std, inner lr
 BANDIT_TARGET, BANDIT_MEAN, BANDIT_LOG_STD, BANDIT_INNER_LR = 0.5, 0.2, -0.5, 0.1
@@ -127,3 +141,206 @@ def compare_with_exact(model: MetaPolicyGradient, task: np.ndarray, calls: int =
         "relative_bias": ((squared_error - noise).clamp(min=0).sqrt() / reference.norm()).item(),
         "single_cosine": cosine(estimates, reference.expand_as(estimates), dim=1).mean().item(),
     }
+
+
+# ------------------------------------------------------------------------------- measure_estimators
+
+
+def _unwrapped(model: MetaPolicyGradient) -> Any:
+    return model._require_env().venv.get_attr("unwrapped", indices=[0])[0]
+
+
+def exact_reference(model: MetaPolicyGradient, task: Any) -> ReferenceFn | None:
+    """
+    The exact reference for ``model`` on ``task`` where :mod:`sb3_metarl.exact` has one: the exact
+    MAML meta-gradient on a tabular MDP (the N -> infinity limit), or the path-wise gradient of the
+    N-sample objective on the Gaussian bandit (needs ``baseline=None`` and ``net_arch=[]``).
+
+    :return: a function of N giving the flat reference and its standard error, or None
+    """
+    if _unwrapped(model).__class__.__name__ == "TabularMDPEnv":
+        reference = flat_gradient(exact_meta_gradient(model, [task])).double().cpu()
+        return lambda n: (reference, None)
+    if isinstance(_unwrapped(model), GaussianBanditEnv):
+        if model.baseline is not None:
+            raise ValueError("baseline: the bandit's path-wise reference needs baseline=None.")
+        params = model.functional_policy.parameters()
+        mean, log_std = params["action_net.bias"].item(), params["log_std"].item()
+        # positions of the mean and the log-std in the flat (names sorted) gradient; all else is zero
+        offsets = dict(zip(sorted(params), np.cumsum([0] + [params[k].numel() for k in sorted(params)])))
+        positions = [int(offsets["action_net.bias"]), int(offsets["log_std"])]
+        size = sum(p.numel() for p in params.values())
+
+        def bandit(n: int) -> tuple[th.Tensor, th.Tensor]:
+            grad, se = bandit_pathwise_gradient(mean, log_std, float(task), model.inner_lr, n, model.inner_steps)
+            reference, reference_se = th.zeros(size, dtype=th.float64), th.zeros(size, dtype=th.float64)
+            reference[positions], reference_se[positions] = th.as_tensor(grad), th.as_tensor(se)
+            return reference, reference_se
+
+        return bandit
+    return None
+
+
+def _sf_reference(factory: ModelFactory, repeats: int) -> ReferenceFn:
+    def reference(n: int) -> tuple[th.Tensor, th.Tensor]:
+        estimates = _estimates(factory("sf", n), repeats)[0]
+        return estimates.mean(0), estimates.std(0) / np.sqrt(len(estimates))
+
+    return reference
+
+
+def _estimates(model: MetaPolicyGradient, repeats: int) -> tuple[th.Tensor, float]:
+    """:return: (repeats * B, n_params) independent estimates and the seconds per estimate"""
+    start = time.perf_counter()
+    rows = [flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(repeats)]
+    estimates = th.cat(rows).double().cpu()
+    return estimates, (time.perf_counter() - start) / len(estimates)
+
+
+def summarize(estimates: th.Tensor, reference: th.Tensor, reference_se: th.Tensor | None = None) -> dict[str, float]:
+    """
+    :param estimates: independent estimates (n, d)
+    :param reference: the reference gradient (d,)
+    :param reference_se: the reference's standard error per coordinate, if it is itself an estimate
+    :return: ``distance_se`` (|mean - ref| over the standard error of that difference), ``max_abs_z``
+        (largest coordinate-wise z), ``variance`` (trace of the covariance of single estimates),
+        ``cosine_mean``, ``cosine_single``, ``relative_bias`` (noise-corrected |bias| / |ref|) and
+        ``relative_noise`` (the mean's standard error / |ref|)
+    """
+    n = len(estimates)
+    mean, variance = estimates.mean(0), estimates.var(0)
+    reference_var = th.zeros_like(reference) if reference_se is None else reference_se.pow(2)
+    difference_var = variance / n + reference_var
+    squared_error = (mean - reference).pow(2).sum()
+    nonzero = difference_var > 0
+    z = (mean - reference)[nonzero] / difference_var[nonzero].sqrt()
+    cosine = th.nn.functional.cosine_similarity
+    norm = reference.norm().clamp(min=1e-12)
+    return {
+        "distance_se": (squared_error.sqrt() / difference_var.sum().sqrt().clamp(min=1e-12)).item(),
+        "max_abs_z": z.abs().max().item() if len(z) else 0.0,
+        "variance": variance.sum().item(),
+        "cosine_mean": cosine(mean, reference, dim=0).item(),
+        "cosine_single": cosine(estimates, reference.expand_as(estimates), dim=1).mean().item(),
+        "relative_bias": ((squared_error - difference_var.sum()).clamp(min=0).sqrt() / norm).item(),
+        "relative_noise": (difference_var.sum().sqrt() / norm).item(),
+    }
+
+
+def measure_estimators(
+    model_or_factory: MetaPolicyGradient | ModelFactory,
+    modes: Sequence[str],
+    sample_sizes: Sequence[int],
+    repeats: int,
+    reference: ReferenceFn | str | None = None,
+    reference_repeats: int = 20,
+) -> list[dict[str, Any]]:
+    """
+    Bias, variance and alignment of meta-gradient estimators as the number of inner episodes N grows.
+
+    Every ``meta_batch_size`` slot of the model runs the same task, so each slot of each call is one
+    independent estimate: ``repeats * meta_batch_size`` estimates per (mode, N).
+
+    :param model_or_factory: a model whose task sampler gives the single task to study (a
+        ``FixedTaskSampler([task])``), or a factory ``(mode, N) -> model``
+    :param modes: gradient modes to measure
+    :param sample_sizes: values of N (``inner_episodes``)
+    :param repeats: calls of ``estimate_meta_gradient`` per (mode, N)
+    :param reference: None (exact where :func:`exact_reference` applies, else ``"sf"``), ``"sf"`` (the
+        mean of ``reference_repeats`` calls of the unbiased ``sf`` mode at the same N, whose standard
+        error enters the z-scores) or a function of N giving the reference and its standard error
+    :param reference_repeats: calls for the ``"sf"`` reference
+    :return: one row per (mode, N): ``mode``, ``inner_episodes``, ``n_estimates``, the metrics of
+        :func:`summarize`, ``reference_se`` (norm of the reference's standard error) and
+        ``seconds_per_estimate``
+    """
+    factory = model_or_factory if callable(model_or_factory) and not isinstance(model_or_factory, MetaPolicyGradient) else None
+    if factory is None:
+        model = model_or_factory
+
+        def factory(mode: str, n: int) -> MetaPolicyGradient:
+            model.gradient_mode = make_gradient_mode(mode, model.dice_lambda)
+            model.inner_episodes = n
+            return model
+
+    if reference is None or reference == "exact":
+        probe = factory(modes[0], sample_sizes[0])
+        task = probe._task_sampler.sample(1, np.random.default_rng(0))[0]
+        reference_fn = exact_reference(probe, task)
+        if reference_fn is None and reference == "exact":
+            raise ValueError("reference: no exact reference for this env; use reference='sf' or a function.")
+        reference = reference_fn or "sf"
+    if reference == "sf":
+        reference = _sf_reference(factory, reference_repeats)
+    if not callable(reference):
+        raise ValueError(f"reference: expected None, 'exact', 'sf' or a function of N, got {reference!r}.")
+
+    rows = []
+    for n in sample_sizes:
+        reference_vector, reference_se = reference(n)
+        for mode in modes:
+            estimates, seconds = _estimates(factory(mode, n), repeats)
+            row: dict[str, Any] = {"mode": mode, "inner_episodes": n, "n_estimates": len(estimates)}
+            row.update(summarize(estimates, reference_vector, reference_se))
+            row["reference_se"] = 0.0 if reference_se is None else reference_se.norm().item()
+            row["seconds_per_estimate"] = seconds
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+    """Write ``measure_estimators``' rows (or any list of flat dicts with the same keys) as CSV."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------ callback
+
+
+class MetaGradientDiagnosticsCallback(BaseCallback):
+    """
+    Every ``every`` meta-iterations of ``learn``, evaluates several gradient modes on that iteration's
+    own episodes (no extra sampling; see :meth:`MetaPolicyGradient.meta_gradient_on_samples`) and logs:
+
+    - ``diagnostics/variance_across_tasks/<mode>``: trace of the covariance of the per-task estimates;
+    - ``diagnostics/grad_norm/<mode>``: norm of the mean estimate;
+    - ``diagnostics/cosine/<mode_a>_vs_<mode_b>``: cosine between two modes' mean estimates.
+
+    :param modes: the modes to compare (the model's own mode is always included)
+    :param every: meta-iterations between measurements
+    :param verbose: verbosity level
+    """
+
+    def __init__(self, modes: Sequence[str] = ("lsf", "lvc", "maml"), every: int = 10, verbose: int = 0):
+        super().__init__(verbose)
+        if every < 1:
+            raise ValueError(f"every: must be a positive integer, got {every}.")
+        self.modes = list(modes)
+        self.every = every
+        self.iterations = 0
+        self.last: dict[str, float] = {}
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.iterations += 1
+        if self.iterations % self.every != 0:
+            return
+        model = self.model
+        sample = self.locals["sample"]
+        names = list(dict.fromkeys([model.gradient_mode.name, *self.modes]))
+        means = {}
+        for name in names:
+            mode = model.gradient_mode if name == model.gradient_mode.name else make_gradient_mode(name, model.dice_lambda)
+            per_task = flat_per_task_gradient(model.meta_gradient_on_samples(sample, mode)).detach()
+            means[name] = per_task.mean(0)
+            self.last[f"diagnostics/variance_across_tasks/{name}"] = per_task.var(0).sum().item() if len(per_task) > 1 else 0.0
+            self.last[f"diagnostics/grad_norm/{name}"] = means[name].norm().item()
+        for first, second in itertools.combinations(names, 2):
+            cosine = th.nn.functional.cosine_similarity(means[first], means[second], dim=0).item()
+            self.last[f"diagnostics/cosine/{first}_vs_{second}"] = cosine
+        for key, value in self.last.items():
+            self.logger.record(key, value)

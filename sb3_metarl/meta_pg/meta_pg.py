@@ -330,7 +330,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         log_prob = self.functional_policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
         return log_prob.reshape(batch.masks.shape) * batch.masks
 
-    def _inner_step(self, task_params: Params, batch: EpisodeBatch, create_graph: bool) -> tuple[Params, th.Tensor, float]:
+    def _inner_step(
+        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool
+    ) -> tuple[Params, th.Tensor, float]:
         """
         One adaptation step ``theta_{k+1} = theta_k + inner_lr * grad S(theta_k; D_k)`` per task.
 
@@ -338,11 +340,24 @@ class MetaPolicyGradient(BaseAlgorithm):
             mean (over tasks) norm of the inner gradient
         """
         log_prob = self._log_prob(task_params, batch)
-        surrogate = self.gradient_mode.inner_surrogate(log_prob, batch)
+        surrogate = mode.inner_surrogate(log_prob, batch)
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
         norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads.values())).mean().item()
         adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
         return adapted, log_prob, norm
+
+    def _meta_objective(
+        self,
+        adapted: Params,
+        inner_batches: list[EpisodeBatch],
+        inner_log_probs: list[th.Tensor],
+        outer_batch: EpisodeBatch,
+        mode: GradientMode,
+    ) -> th.Tensor:
+        """:return: the meta-objective O + C per task (B,) for the given adaptation and samples"""
+        objective = mode.outer_surrogate(self._log_prob(adapted, outer_batch), outer_batch)
+        correction = mode.correction(inner_log_probs, inner_batches, outer_batch)
+        return objective if correction is None else objective + correction
 
     def _meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
         """
@@ -350,25 +365,42 @@ class MetaPolicyGradient(BaseAlgorithm):
 
         :return: the samples and objective, or None if a callback stopped training
         """
+        mode = self.gradient_mode
         task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks))
         params, inner_batches, inner_log_probs, inner_norms = task_theta, [], [], []
-        create_graph = self.gradient_mode.differentiate_inner_step
         for _ in range(self.inner_steps):
             batch = self._rollout(tasks, params, self.inner_episodes, step_callback)
             if batch is None:
                 return None
-            params, log_prob, norm = self._inner_step(params, batch, create_graph)
+            params, log_prob, norm = self._inner_step(params, batch, mode, mode.differentiate_inner_step)
             inner_batches.append(batch)
             inner_log_probs.append(log_prob)
             inner_norms.append(norm)
         outer_batch = self._rollout(tasks, params, self.outer_episodes, step_callback)
         if outer_batch is None:
             return None
-        objective = self.gradient_mode.outer_surrogate(self._log_prob(params, outer_batch), outer_batch)
-        correction = self.gradient_mode.correction(inner_log_probs, inner_batches, outer_batch)
-        if correction is not None:
-            objective = objective + correction
+        objective = self._meta_objective(params, inner_batches, inner_log_probs, outer_batch, mode)
         return MetaSample(task_theta, objective, inner_batches, outer_batch, params, float(np.mean(inner_norms)))
+
+    def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
+        """
+        Per-task meta-gradient of another gradient mode on the episodes of ``sample``, without new
+        sampling. The inner batches were drawn with the parameters adapted by ``sample``'s own mode;
+        where ``mode``'s inner step has a different value (``lsf`` against the advantage-weighted
+        modes, ``loaded_dice`` with lambda < 1), the samples are slightly off-policy for it, and no
+        importance correction is made: a diagnostic, not a training signal.
+
+        :param sample: a meta-iteration's samples (``learn`` passes it to callbacks as ``locals["sample"]``)
+        :param mode: the gradient mode to evaluate
+        :return: parameter name -> (B, ...) per-task ascent directions
+        """
+        task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
+        params, log_probs = task_theta, []
+        for batch in sample.inner_batches:
+            params, log_prob, _ = self._inner_step(params, batch, mode, mode.differentiate_inner_step)
+            log_probs.append(log_prob)
+        objective = self._meta_objective(params, sample.inner_batches, log_probs, sample.outer_batch, mode)
+        return grad_params(objective.sum(), task_theta)
 
     @staticmethod
     def _per_task_gradient(sample: MetaSample) -> Params:
@@ -540,7 +572,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             batch = self._rollout(tasks, params, self.inner_episodes)
             returns.append(batch.episode_returns.mean(1))
             leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-            adapted, _, _ = self._inner_step(leaves, batch, create_graph=False)
+            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False)
             params = {n: p.detach() for n, p in adapted.items()}
         if final_episodes is not None:
             returns.append(self._rollout(tasks, params, final_episodes).episode_returns.mean(1))
