@@ -1,0 +1,37 @@
+"""The benchmark scripts run (their quick versions) and their helpers compute what they claim."""
+
+import json
+import runpy
+import sys
+
+import pytest
+
+
+def _load(path):
+    return runpy.run_path(path, run_name="benchmark")
+
+
+def test_log_log_slope():
+    slope = _load("benchmarks/estimators.py")["log_log_slope"]
+    rows = [{"mode": "sf", "inner_episodes": n, "variance": 3.0 * n} for n in (1, 4, 16)]
+    rows += [{"mode": "lsf", "inner_episodes": n, "variance": 2.0 / n} for n in (1, 4, 16)]
+    assert slope(rows, "sf") == pytest.approx(1.0) and slope(rows, "lsf") == pytest.approx(-1.0)
+    assert slope(rows, "lsf", min_n=4) == pytest.approx(-1.0)
+
+
+def test_estimators_quick_run_writes_tables_and_figure(tmp_path, capsys):
+    _load("benchmarks/estimators.py")["main"](["--quick", "--out", str(tmp_path)])
+    for name in ["estimators_bandit.csv", "estimators_tabular_samples.csv", "estimators_tabular_steps.csv", "estimators.png"]:
+        assert (tmp_path / name).stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "log-log slope" in out and "loaded_dice" in out
+
+
+def test_throughput_reports_both_rates(capsys, monkeypatch):
+    hyperparams = json.dumps({"meta_batch_size": 2, "inner_episodes": 2, "outer_episodes": 2})
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--iterations", "1", "--hyperparams", hyperparams])
+    _load("benchmarks/throughput.py")["main"]()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bare_env_steps_per_s"] > 0 and result["meta_env_steps_per_s"] > 0
+    expected = result["meta_env_steps_per_s"] / result["bare_env_steps_per_s"]
+    assert result["ratio_meta_to_bare"] == pytest.approx(expected, abs=1e-3)  # rounded to 3 decimals
