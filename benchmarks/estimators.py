@@ -18,6 +18,7 @@ and ``estimators.png`` (matplotlib, the ``plots`` extra) into ``--out``.
 """
 
 import argparse
+import csv
 import os
 from typing import Any
 
@@ -58,6 +59,21 @@ def tabular_study(sizes: list[int], steps: list[int], size_for_steps: int, slots
     return by_size, by_steps
 
 
+def read_csv(path: str) -> list[dict[str, Any]]:
+    """:return: the rows of a CSV written by ``write_csv``, numbers parsed"""
+
+    def parse(value: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    with open(path, newline="") as handle:
+        return [{key: parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
 def plot(bandit: list, by_size: list, by_steps: list, path: str) -> None:
     import matplotlib
 
@@ -68,18 +84,26 @@ def plot(bandit: list, by_size: list, by_steps: list, path: str) -> None:
     for mode in BANDIT_MODES:
         rows = [r for r in bandit if r["mode"] == mode]
         n = [r["inner_episodes"] for r in rows]
-        axes[0].loglog(n, [r["variance"] for r in rows], "o-", label=mode)
-        axes[1].semilogx(n, [r["distance_se"] for r in rows], "o-", label=mode)
+        axes[0].plot(n, [r["variance"] for r in rows], "o-", label=mode)
+        axes[1].plot(n, [r["distance_se"] for r in rows], "o-", label=mode)
+    axes[0].set_yscale("log")
     axes[0].set(title="Bandit: variance vs N (M fixed)", xlabel="N inner samples", ylabel="trace of covariance")
     axes[1].axhline(4, color="gray", ls="--", lw=0.8)
     axes[1].set(title="Bandit: |mean - grad L_N| in standard errors", xlabel="N inner samples", ylabel="distance / SE")
     for mode in ALL_MODES:
         rows = [r for r in by_size if r["mode"] == mode]
-        axes[2].semilogx([r["inner_episodes"] for r in rows], [r["cosine_single"] for r in rows], "o-", label=mode)
+        axes[2].plot([r["inner_episodes"] for r in rows], [r["cosine_single"] for r in rows], "o-", label=mode)
         rows = [r for r in by_steps if r["mode"] == mode]
         axes[3].plot([r["inner_steps"] for r in rows], [r["cosine_single"] for r in rows], "o-", label=mode)
     axes[2].set(title="Tabular: cosine with exact MAML gradient", xlabel="N samples (1 inner step)", ylabel="cosine (single)")
     axes[3].set(title="Tabular: cosine vs inner steps", xlabel="inner steps", ylabel="cosine (single)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in axes[:3]:
+        axis.set_xscale("log", base=2)
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
+    axes[3].set_xticks(sorted({r["inner_steps"] for r in by_steps}))
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -91,17 +115,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure from the CSVs in --out")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    names = ["estimators_bandit.csv", "estimators_tabular_samples.csv", "estimators_tabular_steps.csv"]
+    if args.replot:
+        plot(*(read_csv(os.path.join(args.out, name)) for name in names), os.path.join(args.out, "estimators.png"))
+        return
     if args.quick:
         bandit = bandit_study([2, 8, 32], outer=32, slots=50, repeats=1)
         by_size, by_steps = tabular_study([10, 40], [1, 2], size_for_steps=10, slots=4, repeats=1)
     else:
         bandit = bandit_study([2**k for k in range(9)], outer=256, slots=200, repeats=2)
         by_size, by_steps = tabular_study([10, 30, 100, 300, 1000], [1, 2, 3, 4, 5], size_for_steps=100, slots=10, repeats=2)
-    write_csv(bandit, os.path.join(args.out, "estimators_bandit.csv"))
-    write_csv(by_size, os.path.join(args.out, "estimators_tabular_samples.csv"))
-    write_csv(by_steps, os.path.join(args.out, "estimators_tabular_steps.csv"))
+    for rows, name in zip((bandit, by_size, by_steps), names):
+        write_csv(rows, os.path.join(args.out, name))
     large_n = 8 if args.quick else 16
     print(f"Bandit: log-log slope of the variance against N (all N; and N >= {large_n})")
     for mode in BANDIT_MODES:

@@ -25,6 +25,9 @@ def test_estimators_quick_run_writes_tables_and_figure(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
     out = capsys.readouterr().out
     assert "log-log slope" in out and "loaded_dice" in out
+    (tmp_path / "estimators.png").unlink()
+    _load("benchmarks/estimators.py")["main"](["--replot", "--out", str(tmp_path)])
+    assert (tmp_path / "estimators.png").stat().st_size > 0
 
 
 def test_throughput_reports_both_rates(capsys, monkeypatch):
