@@ -54,7 +54,7 @@ def main() -> None:
         for mode in MODES:
             result = compare_with_exact(*make_tabular_model(mode, n, steps), calls=4)
             metrics = " | ".join(f"{result[key]:.2f}" for key in ("relative_error", "relative_noise", "relative_bias"))
-            print(f"| {mode} | {steps} | {n} | {result['cosine']:.3f} | {metrics} |", flush=True)
+            print(f"| {mode} | {steps} | {n} | {result['cosine_mean']:.3f} | {metrics} |", flush=True)
 
 
 if __name__ == "__main__":

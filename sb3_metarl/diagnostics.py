@@ -17,7 +17,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from sb3_metarl.exact import bandit_pathwise_gradient, exact_meta_gradient
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_pg import MetaPolicyGradient
-from sb3_metarl.tasks import FixedTaskSampler, GaussianBanditEnv
+from sb3_metarl.tasks import FixedTaskSampler, GaussianBanditEnv, TabularMDPEnv
 
 #: (mode, inner_episodes) -> a model whose ``meta_batch_size`` slots all run one task
 ModelFactory = Callable[[str, int], MetaPolicyGradient]
@@ -122,25 +122,13 @@ def compare_with_exact(model: MetaPolicyGradient, task: np.ndarray, calls: int =
     Average ``calls * meta_batch_size`` independent estimates and compare them with the exact MAML
     meta-gradient of the tabular MDP.
 
-    :return: ``cosine`` of the mean estimate with the reference; ``relative_error`` of the mean,
-        ``|mean - ref| / |ref|``; ``relative_noise``, the mean's standard error in norm,
-        ``sqrt(trace(Cov) / n) / |ref|``; ``relative_bias``, the error left once the noise is taken
-        out, ``sqrt(max(0, |mean - ref|^2 - trace(Cov) / n)) / |ref|`` (unbiased for the squared
-        bias); and ``single_cosine``, the mean cosine of single estimates with the reference
+    :return: the metrics of :func:`summarize`, and ``relative_error``, ``|mean - ref| / |ref|``
     """
-    reference = flat_gradient(exact_meta_gradient(model, [task])).double()
-    estimates = th.cat([flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(calls)]).double()
-    mean = estimates.mean(0)
-    noise = estimates.var(0).sum() / len(estimates)
-    squared_error = (mean - reference).pow(2).sum()
-    cosine = th.nn.functional.cosine_similarity
-    return {
-        "cosine": cosine(mean, reference, dim=0).item(),
-        "relative_error": (squared_error.sqrt() / reference.norm()).item(),
-        "relative_noise": (noise.sqrt() / reference.norm()).item(),
-        "relative_bias": ((squared_error - noise).clamp(min=0).sqrt() / reference.norm()).item(),
-        "single_cosine": cosine(estimates, reference.expand_as(estimates), dim=1).mean().item(),
-    }
+    reference = flat_gradient(exact_meta_gradient(model, [task])).double().cpu()
+    estimates = _estimates(model, calls)[0]
+    summary = summarize(estimates, reference)
+    summary["relative_error"] = ((estimates.mean(0) - reference).norm() / reference.norm()).item()
+    return summary
 
 
 # ------------------------------------------------------------------------------- measure_estimators
@@ -158,7 +146,7 @@ def exact_reference(model: MetaPolicyGradient, task: Any) -> ReferenceFn | None:
 
     :return: a function of N giving the flat reference and its standard error, or None
     """
-    if _unwrapped(model).__class__.__name__ == "TabularMDPEnv":
+    if isinstance(_unwrapped(model), TabularMDPEnv):
         reference = flat_gradient(exact_meta_gradient(model, [task])).double().cpu()
         return lambda n: (reference, None)
     if isinstance(_unwrapped(model), GaussianBanditEnv):

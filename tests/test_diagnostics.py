@@ -37,7 +37,7 @@ def test_flatteners_keep_name_order():
 def test_compare_with_exact_reports_bounded_metrics():
     model, task = make_tabular_model("lvc", inner_episodes=20, meta_batch_size=2)
     result = compare_with_exact(model, task, calls=1)
-    assert -1 <= result["cosine"] <= 1 and -1 <= result["single_cosine"] <= 1 and result["relative_error"] >= 0
+    assert -1 <= result["cosine_mean"] <= 1 and -1 <= result["cosine_single"] <= 1 and result["relative_error"] >= 0
 
 
 def test_measure_estimators_on_the_bandit_reference():
