@@ -68,7 +68,7 @@ def test_measure_estimators_with_a_factory_and_the_sf_reference(tmp_path):
 def test_exact_reference_of_the_tabular_model_is_the_maml_gradient():
     model, task = make_tabular_model("lvc", 10, meta_batch_size=2)
     reference, se = exact_reference(model, task)(10)
-    assert se is None and th.allclose(reference, flat_gradient(exact_meta_gradient(model, [task])).double())
+    assert se is None and th.allclose(reference, flat_gradient(exact_meta_gradient(model, [task])).double().cpu())
 
 
 def test_diagnostics_callback_logs_mode_comparisons(tmp_path):

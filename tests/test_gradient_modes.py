@@ -55,7 +55,7 @@ def test_lsf_and_maml_hessians_match_their_formulas():
     model = make_bandit_model("lsf", inner_episodes=5, outer_episodes=1, meta_batch_size=1)
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 1)
     batch = model._rollout([BANDIT_TARGET], params, 5)
-    actions, weights = batch.actions[0, :, 0, 0].double(), batch.trajectory_advantages[0].double()
+    actions, weights = batch.actions[0, :, 0, 0].double().cpu(), batch.trajectory_advantages[0].double().cpu()
 
     def surrogate(mode, theta):
         task_params = dict(
@@ -115,16 +115,28 @@ def test_plain_autodiff_maml_stays_biased_at_large_n():
     assert np.max(np.abs(estimates.mean(0) - maml_gradient) / standard_error) > 10
 
 
+def _within_noise(result):
+    """
+    Whether the mean estimate's squared error is explained by its measured noise: within 4 times the
+    mean's variance (the squared error's expectation for an unbiased estimator is 1 times it), plus
+    (10 % of the reference's norm)^2 for the O(1/sqrt(N)) bias of the estimators that are consistent
+    for the MAML objective. Measured: lsf 0.21^2 against 4 * 0.22^2, plain autodiff 0.45^2 against
+    4 * 0.03^2 (results/exact_reference.md).
+    """
+    return result["relative_error"] ** 2 < 4 * result["relative_noise"] ** 2 + 0.1**2
+
+
 @pytest.mark.parametrize("mode", ["lsf", "dice", "lvc"])
 def test_tabular_estimates_align_with_the_exact_meta_gradient(mode):
     result = compare_with_exact(*make_tabular_model(mode, 400, inner_steps=1), calls=4)
     assert result["cosine_mean"] > 0.9
-    assert result["relative_bias"] < 0.25
+    assert _within_noise(result)
 
 
 def test_tabular_plain_autodiff_is_biased():
     # one step: the direction is close but the magnitude is not (the missing score term)
     result = compare_with_exact(*make_tabular_model("maml", 400, inner_steps=1), calls=4)
+    assert not _within_noise(result)
     assert result["relative_bias"] > 0.3
     # two steps: the multi-step Hessian bias turns the direction too, where LVC keeps it
     maml = compare_with_exact(*make_tabular_model("maml", 200, inner_steps=2), calls=4)
