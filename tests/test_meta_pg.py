@@ -12,7 +12,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from sb3_metarl import FixedTaskSampler, GradientMode, MetaPolicyGradient
+from sb3_metarl import EnvTaskSampler, FixedTaskSampler, GradientMode, MetaPolicyGradient
 from sb3_metarl.diagnostics import flat_gradient
 from sb3_metarl.exact import exact_meta_gradient
 from sb3_metarl.gradient_modes import MAML
@@ -137,6 +137,15 @@ def test_save_load_round_trip_keeps_evaluation(tmp_path):
     assert action.shape == (2,)
     with pytest.raises(ValueError, match="set_env"):
         predictor.evaluate_adaptation(n_tasks=1)
+
+
+def test_an_explicit_env_task_sampler_survives_save_and_load(tmp_path):
+    venv = DummyVecEnv([lambda: gym.make("sb3_metarl/GaussianBandit-v0")] * 2)
+    model = MetaPolicyGradient("MlpPolicy", venv, task_sampler=EnvTaskSampler(venv), meta_batch_size=2, inner_episodes=1)
+    model.save(tmp_path / "bandit.zip")
+    loaded = MetaPolicyGradient.load(tmp_path / "bandit.zip", env="sb3_metarl/GaussianBandit-v0")
+    assert isinstance(loaded.task_sampler, EnvTaskSampler) and loaded.task_sampler.env is loaded.env
+    loaded.learn(1)
 
 
 def test_estimate_meta_gradient_makes_no_update_and_covers_all_parameters(tiny_navigation_model):

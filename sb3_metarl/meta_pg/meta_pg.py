@@ -240,6 +240,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         if self.task_sampler is None:
             self._task_sampler = EnvTaskSampler(env)
         else:
+            if isinstance(self.task_sampler, EnvTaskSampler) and self.task_sampler.env is None:
+                self.task_sampler.env = env  # envs are not saved: a loaded sampler gets the new one
             self._task_sampler = self.task_sampler
 
     def set_env(self, env: GymEnv | str | Callable[[], gym.Env], force_reset: bool = True) -> None:
