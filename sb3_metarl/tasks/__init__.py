@@ -13,7 +13,19 @@ BUILTIN_TASK_ENVS = {
     "sb3_metarl/Navigation2D-v0": ("sb3_metarl.tasks.navigation:Navigation2DEnv", 100),
     "sb3_metarl/GaussianBandit-v0": ("sb3_metarl.tasks.bandit:GaussianBanditEnv", 1),
     "sb3_metarl/TabularMDP-v0": ("sb3_metarl.tasks.tabular:TabularMDPEnv", 20),
+    # MuJoCo locomotion families (Gymnasium v5 envs; imported only when made)
+    "sb3_metarl/HalfCheetahVel-v0": ("sb3_metarl.tasks.mujoco:HalfCheetahVelEnv", 200),
+    "sb3_metarl/HalfCheetahDir-v0": ("sb3_metarl.tasks.mujoco:HalfCheetahDirEnv", 200),
+    "sb3_metarl/AntVel-v0": ("sb3_metarl.tasks.mujoco:AntVelEnv", 200),
+    "sb3_metarl/AntDir-v0": ("sb3_metarl.tasks.mujoco:AntDirEnv", 200),
+    "sb3_metarl/AntDir2D-v0": ("sb3_metarl.tasks.mujoco:AntDir2DEnv", 200),
+    "sb3_metarl/AntGoal-v0": ("sb3_metarl.tasks.mujoco:AntGoalEnv", 200),
+    "sb3_metarl/Walker2dVel-v0": ("sb3_metarl.tasks.mujoco:Walker2dVelEnv", 200),
+    "sb3_metarl/SwimmerVel-v0": ("sb3_metarl.tasks.mujoco:SwimmerVelEnv", 200),
+    "sb3_metarl/HopperRandParams-v0": ("sb3_metarl.tasks.mujoco:HopperRandParamsEnv", 200),
+    "sb3_metarl/Walker2dRandParams-v0": ("sb3_metarl.tasks.mujoco:Walker2dRandParamsEnv", 200),
 }
+MUJOCO_TASK_ENVS = [env_id for env_id, (entry_point, _) in BUILTIN_TASK_ENVS.items() if ".mujoco:" in entry_point]
 
 
 def register_envs() -> None:
@@ -27,6 +39,7 @@ register_envs()
 
 __all__ = [
     "BUILTIN_TASK_ENVS",
+    "MUJOCO_TASK_ENVS",
     "EnvTaskSampler",
     "FixedTaskSampler",
     "GaussianBanditEnv",

@@ -1,0 +1,235 @@
+"""
+MuJoCo locomotion task families on Gymnasium's v5 environments.
+
+Each family subclasses the Gymnasium env, so ``set_task`` lives on ``env.unwrapped``. The reward
+is recomputed from the base env's ``info`` terms: the task term replaces the forward reward, and the
+base env's own control cost (and, where it has them, contact cost and alive bonus) is kept.
+``info["reward_task"]`` holds the task term.
+"""
+
+from typing import Any
+
+import numpy as np
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
+from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
+
+from sb3_metarl.tasks.task_env import TaskEnv
+
+#: base-env reward terms kept next to the task term
+CONTROL_TERMS = ("reward_ctrl",)
+ANT_TERMS = ("reward_ctrl", "reward_contact", "reward_survive")
+WALKER_TERMS = ("reward_ctrl", "reward_survive")
+
+
+class _TaskRewardMixin(TaskEnv):
+    """Replaces the base env's forward reward by a task term computed from ``info``."""
+
+    kept_terms: tuple[str, ...] = CONTROL_TERMS
+
+    def _task_reward(self, info: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, _, terminated, truncated, info = super().step(action)
+        info["reward_task"] = self._task_reward(info)
+        reward = info["reward_task"] + sum(float(info[term]) for term in self.kept_terms)
+        return obs, reward, terminated, truncated, info
+
+
+class _TargetVelocity(_TaskRewardMixin):
+    """Task: a target forward velocity ``v*``, uniform in ``velocity_range``; task term ``-|v_x - v*|``."""
+
+    velocity_range: tuple[float, float] = (0.0, 2.0)
+    _target = 1.0
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[float]:
+        rng = self.np_random if rng is None else rng
+        return [float(v) for v in rng.uniform(*self.velocity_range, size=n)]
+
+    def _validate_and_set(self, task: Any) -> None:
+        low, high = self.velocity_range
+        target = float(np.asarray(task).reshape(()))
+        if not low <= target <= high:
+            raise ValueError(f"{type(self).__name__}: task must be a target velocity in [{low}, {high}], got {task!r}.")
+        self._target = target
+
+    def get_task(self) -> float:
+        return self._target
+
+    def _task_reward(self, info: dict[str, Any]) -> float:
+        return -abs(float(info["x_velocity"]) - self._target)
+
+
+class _Direction(_TaskRewardMixin):
+    """Task: a direction, +1 (forward) or -1 (backward), equally likely; task term ``direction * v_x``."""
+
+    _direction = 1.0
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[float]:
+        rng = self.np_random if rng is None else rng
+        return [float(d) for d in rng.choice([-1.0, 1.0], size=n)]
+
+    def _validate_and_set(self, task: Any) -> None:
+        direction = float(np.asarray(task).reshape(()))
+        if direction not in (-1.0, 1.0):
+            raise ValueError(f"{type(self).__name__}: task must be a direction, 1.0 or -1.0, got {task!r}.")
+        self._direction = direction
+
+    def get_task(self) -> float:
+        return self._direction
+
+    def _task_reward(self, info: dict[str, Any]) -> float:
+        return self._direction * float(info["x_velocity"])
+
+
+class HalfCheetahVelEnv(_TargetVelocity, HalfCheetahEnv):
+    """HalfCheetah-v5; task: target velocity ~ U[0, 2] (Finn et al. 2017); reward ``-|v_x - v*| - ctrl cost``."""
+
+
+class HalfCheetahDirEnv(_Direction, HalfCheetahEnv):
+    """HalfCheetah-v5; task: direction +-1 (Finn et al. 2017); reward ``direction * v_x - ctrl cost``."""
+
+
+class AntVelEnv(_TargetVelocity, AntEnv):
+    """Ant-v5; task: target velocity ~ U[0, 3]; reward ``-|v_x - v*|`` plus Ant's ctrl, contact and alive terms."""
+
+    velocity_range = (0.0, 3.0)
+    _target = 1.5
+    kept_terms = ANT_TERMS
+
+
+class AntDirEnv(_Direction, AntEnv):
+    """Ant-v5; task: direction +-1 along x; reward ``direction * v_x`` plus Ant's ctrl, contact and alive terms."""
+
+    kept_terms = ANT_TERMS
+
+
+class AntDir2DEnv(_TaskRewardMixin, AntEnv):
+    """
+    Ant-v5; task: a direction in the plane, the angle phi ~ U[0, 2 pi); task term
+    ``cos(phi) v_x + sin(phi) v_y``, plus Ant's ctrl, contact and alive terms.
+    """
+
+    kept_terms = ANT_TERMS
+    _angle = 0.0
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[float]:
+        rng = self.np_random if rng is None else rng
+        return [float(a) for a in rng.uniform(0.0, 2 * np.pi, size=n)]
+
+    def _validate_and_set(self, task: Any) -> None:
+        angle = float(np.asarray(task).reshape(()))
+        if not 0.0 <= angle < 2 * np.pi:
+            raise ValueError(f"AntDir2DEnv: task must be an angle in [0, 2 pi), got {task!r}.")
+        self._angle = angle
+
+    def get_task(self) -> float:
+        return self._angle
+
+    def _task_reward(self, info: dict[str, Any]) -> float:
+        return float(np.cos(self._angle) * info["x_velocity"] + np.sin(self._angle) * info["y_velocity"])
+
+
+class AntGoalEnv(_TaskRewardMixin, AntEnv):
+    """
+    Ant-v5 with its (x, y) position in the observation; task: a goal uniform in the disc of radius
+    ``goal_radius`` (3); task term ``-|(x, y) - goal|`` (Euclidean), plus Ant's ctrl, contact and alive terms.
+
+    :param goal_radius: radius of the goal disc
+    :param kwargs: passed to Gymnasium's ``AntEnv``
+    """
+
+    kept_terms = ANT_TERMS
+
+    def __init__(self, goal_radius: float = 3.0, **kwargs: Any):
+        kwargs.setdefault("exclude_current_positions_from_observation", False)
+        super().__init__(**kwargs)
+        self.goal_radius = goal_radius
+        self._goal = np.zeros(2)
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+        rng = self.np_random if rng is None else rng
+        radius = self.goal_radius * np.sqrt(rng.uniform(size=n))  # uniform over the disc's area
+        angle = rng.uniform(0.0, 2 * np.pi, size=n)
+        return [np.array([r * np.cos(a), r * np.sin(a)]) for r, a in zip(radius, angle)]
+
+    def _validate_and_set(self, task: Any) -> None:
+        goal = np.asarray(task, dtype=np.float64)
+        if goal.shape != (2,) or np.linalg.norm(goal) > self.goal_radius + 1e-9:
+            raise ValueError(f"AntGoalEnv: task must be a goal of shape (2,) within radius {self.goal_radius}, got {task!r}.")
+        self._goal = goal
+
+    def get_task(self) -> np.ndarray:
+        return self._goal.copy()
+
+    def _task_reward(self, info: dict[str, Any]) -> float:
+        return -float(np.hypot(info["x_position"] - self._goal[0], info["y_position"] - self._goal[1]))
+
+
+class Walker2dVelEnv(_TargetVelocity, Walker2dEnv):
+    """Walker2d-v5; task: target velocity ~ U[0, 2]; reward ``-|v_x - v*|`` plus Walker's ctrl and alive terms."""
+
+    kept_terms = WALKER_TERMS
+
+
+class SwimmerVelEnv(_TargetVelocity, SwimmerEnv):
+    """Swimmer-v5; task: target velocity ~ U[0, 0.5]; reward ``-|v_x - v*| - ctrl cost``."""
+
+    velocity_range = (0.0, 0.5)
+    _target = 0.25
+
+
+class _RandomParameters(TaskEnv):
+    """
+    Task: multiplicative factors on the compiled model's body masses, body inertias, joint damping
+    and geom friction, each ``1.5 ** u`` with ``u ~ U[-log_scale_limit, log_scale_limit]`` per element
+    (the rand_param_envs distribution of ProMP, limit 3). The reward is the base env's. The originals
+    are stored once, and every ``set_task`` writes original x factor, so setting all-one factors
+    restores the model exactly.
+    """
+
+    parameter_names = ("body_mass", "body_inertia", "dof_damping", "geom_friction")
+    log_scale_limit = 3.0
+
+    def _originals(self) -> dict[str, np.ndarray]:
+        if not hasattr(self, "_original_parameters"):
+            self._original_parameters = {name: getattr(self.model, name).copy() for name in self.parameter_names}
+        return self._original_parameters
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[dict[str, np.ndarray]]:
+        rng = self.np_random if rng is None else rng
+        limit = self.log_scale_limit
+        return [
+            {name: 1.5 ** rng.uniform(-limit, limit, size=value.shape) for name, value in self._originals().items()}
+            for _ in range(n)
+        ]
+
+    def _validate_and_set(self, task: Any) -> None:
+        originals = self._originals()
+        if not isinstance(task, dict) or not set(task) <= set(originals):
+            raise ValueError(f"{type(self).__name__}: task must be a dict with keys among {sorted(originals)}, got {task!r}.")
+        bound = 1.5**self.log_scale_limit
+        for name, factor in task.items():
+            factor = np.asarray(factor, dtype=np.float64)
+            if factor.shape != originals[name].shape or np.any(factor < 1 / bound - 1e-9) or np.any(factor > bound + 1e-9):
+                raise ValueError(
+                    f"{type(self).__name__}: task[{name!r}] must have shape {originals[name].shape} "
+                    f"and factors in [1.5^-{self.log_scale_limit}, 1.5^{self.log_scale_limit}]."
+                )
+        for name, original in originals.items():
+            getattr(self.model, name)[:] = original * np.asarray(task.get(name, 1.0))
+        self._task = {name: np.asarray(task.get(name, np.ones_like(o)), dtype=np.float64) for name, o in originals.items()}
+
+    def get_task(self) -> dict[str, np.ndarray]:
+        return {name: factor.copy() for name, factor in getattr(self, "_task", {}).items()}
+
+
+class HopperRandParamsEnv(_RandomParameters, HopperEnv):
+    """Hopper-v5 with randomized physical parameters (see ``_RandomParameters``)."""
+
+
+class Walker2dRandParamsEnv(_RandomParameters, Walker2dEnv):
+    """Walker2d-v5 with randomized physical parameters (see ``_RandomParameters``)."""

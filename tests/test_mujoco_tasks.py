@@ -1,0 +1,161 @@
+"""MuJoCo locomotion task families: checkers, task-dependent rewards, parameter restore, meta-training smoke."""
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.tasks import MUJOCO_TASK_ENVS
+
+
+@pytest.mark.parametrize("env_id", MUJOCO_TASK_ENVS)
+def test_family_passes_checkers_for_several_tasks_and_tasks_pickle(env_id):
+    env = gym.make(env_id)
+    assert env.spec.max_episode_steps == 200
+    for task in env.unwrapped.sample_tasks(2, rng=np.random.default_rng(0)):
+        env.unwrapped.set_task(pickle.loads(pickle.dumps(task)))
+        check_env(env.unwrapped, warn=False)
+        gym_check_env(env.unwrapped, skip_render_check=True)
+
+
+def _rollout_rewards(env_id, task, steps=20):
+    env = gym.make(env_id)
+    env.unwrapped.set_task(task)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    rows = []
+    for _ in range(steps):
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        rows.append((reward, info))
+        if terminated or truncated:
+            break
+    return rows
+
+
+@pytest.mark.parametrize(
+    "env_id, task, task_term, kept",
+    [
+        ("sb3_metarl/HalfCheetahVel-v0", 1.5, lambda i: -abs(i["x_velocity"] - 1.5), ["reward_ctrl"]),
+        ("sb3_metarl/HalfCheetahDir-v0", -1.0, lambda i: -i["x_velocity"], ["reward_ctrl"]),
+        (
+            "sb3_metarl/AntVel-v0",
+            2.0,
+            lambda i: -abs(i["x_velocity"] - 2.0),
+            ["reward_ctrl", "reward_contact", "reward_survive"],
+        ),
+        ("sb3_metarl/AntDir-v0", 1.0, lambda i: i["x_velocity"], ["reward_ctrl", "reward_contact", "reward_survive"]),
+        (
+            "sb3_metarl/AntDir2D-v0",
+            np.pi / 2,
+            lambda i: np.cos(np.pi / 2) * i["x_velocity"] + i["y_velocity"],
+            ["reward_ctrl", "reward_contact", "reward_survive"],
+        ),
+        (
+            "sb3_metarl/AntGoal-v0",
+            np.array([1.0, -2.0]),
+            lambda i: -np.hypot(i["x_position"] - 1.0, i["y_position"] + 2.0),
+            ["reward_ctrl", "reward_contact", "reward_survive"],
+        ),
+        ("sb3_metarl/Walker2dVel-v0", 0.5, lambda i: -abs(i["x_velocity"] - 0.5), ["reward_ctrl", "reward_survive"]),
+        ("sb3_metarl/SwimmerVel-v0", 0.3, lambda i: -abs(i["x_velocity"] - 0.3), ["reward_ctrl"]),
+    ],
+)
+def test_reward_is_the_documented_task_term_plus_the_kept_costs(env_id, task, task_term, kept):
+    rows = _rollout_rewards(env_id, task)
+    for reward, info in rows:
+        assert info["reward_task"] == pytest.approx(task_term(info))
+        assert reward == pytest.approx(task_term(info) + sum(info[k] for k in kept))
+
+
+@pytest.mark.parametrize(
+    "env_id, first, second",
+    [
+        ("sb3_metarl/HalfCheetahVel-v0", 0.0, 2.0),
+        ("sb3_metarl/HalfCheetahDir-v0", 1.0, -1.0),
+        ("sb3_metarl/AntDir2D-v0", 0.0, 3.0),
+    ],
+)
+def test_same_actions_different_tasks_give_different_rewards(env_id, first, second):
+    rewards_first = [r for r, _ in _rollout_rewards(env_id, first)]
+    rewards_second = [r for r, _ in _rollout_rewards(env_id, second)]
+    assert not np.allclose(rewards_first, rewards_second)
+
+
+@pytest.mark.parametrize(
+    "env_id, bad_task",
+    [
+        ("sb3_metarl/HalfCheetahVel-v0", 2.5),
+        ("sb3_metarl/HalfCheetahDir-v0", 0.5),
+        ("sb3_metarl/AntVel-v0", -0.1),
+        ("sb3_metarl/AntDir2D-v0", 7.0),
+        ("sb3_metarl/AntGoal-v0", np.array([3.0, 3.0])),
+        ("sb3_metarl/SwimmerVel-v0", 0.6),
+        ("sb3_metarl/HopperRandParams-v0", {"body_mass": np.full(3, 2.0)}),
+        ("sb3_metarl/HopperRandParams-v0", {"gravity": 1.0}),
+    ],
+)
+def test_task_outside_the_distribution_raises(env_id, bad_task):
+    with pytest.raises(ValueError, match="task"):
+        gym.make(env_id).unwrapped.set_task(bad_task)
+
+
+@pytest.mark.parametrize("env_id", ["sb3_metarl/HopperRandParams-v0", "sb3_metarl/Walker2dRandParams-v0"])
+def test_random_parameters_are_set_on_the_model_and_restored_exactly(env_id):
+    env = gym.make(env_id).unwrapped
+    original = {name: getattr(env.model, name).copy() for name in env.parameter_names}
+    task = env.sample_tasks(1, rng=np.random.default_rng(0))[0]
+    env.set_task(task)
+    for name in env.parameter_names:
+        np.testing.assert_allclose(getattr(env.model, name), original[name] * task[name])
+    env.set_task(env.sample_tasks(1, rng=np.random.default_rng(1))[0])
+    env.set_task({name: np.ones_like(value) for name, value in original.items()})
+    for name in env.parameter_names:
+        np.testing.assert_array_equal(getattr(env.model, name), original[name])
+    assert set(env.get_task()) == set(env.parameter_names)
+
+
+@pytest.mark.parametrize("env_id", MUJOCO_TASK_ENVS)
+def test_meta_training_smoke(env_id):
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        env_id,
+        env_kwargs=dict(max_episode_steps=10),
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        inner_lr=1e-3,
+        policy_kwargs=dict(net_arch=[16]),
+        seed=0,
+    )
+    assert model.task_env.horizon == 10
+    model.learn(1)
+    assert model._n_updates == 1 and 0 < model.num_timesteps <= 2 * 4 * 10
+    table = model.evaluate_adaptation(n_tasks=2, inner_steps=1)
+    assert np.all(np.isfinite(table["mean"]))
+
+
+def test_families_run_in_subprocesses():
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/HopperRandParams-v0",
+        env_kwargs=dict(max_episode_steps=5),
+        vec_env_cls=SubprocVecEnv,
+        meta_batch_size=2,
+        inner_episodes=1,
+        outer_episodes=1,
+        seed=0,
+    )
+    try:
+        model.learn(1)
+        tasks = model.task_env.venv.env_method("get_task")
+        assert tasks[0]["body_mass"].shape == tasks[1]["body_mass"].shape and not np.allclose(
+            tasks[0]["body_mass"], tasks[1]["body_mass"]
+        )
+    finally:
+        model.env.close()
