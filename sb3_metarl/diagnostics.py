@@ -242,15 +242,35 @@ def measure_estimators(
         :func:`summarize`, ``reference_se`` (norm of the reference's standard error) and
         ``seconds_per_estimate``
     """
-    factory = model_or_factory if callable(model_or_factory) and not isinstance(model_or_factory, MetaPolicyGradient) else None
-    if factory is None:
-        model = model_or_factory
+    if not isinstance(model_or_factory, MetaPolicyGradient):
+        return _measure(model_or_factory, modes, sample_sizes, repeats, reference, reference_repeats)
+    model = model_or_factory
+    saved = model.gradient_mode, model.inner_episodes
+    try:
+        return _measure(_reconfigure(model), modes, sample_sizes, repeats, reference, reference_repeats)
+    finally:
+        model.gradient_mode, model.inner_episodes = saved  # the caller's model is left as it was
 
-        def factory(mode: str, n: int) -> MetaPolicyGradient:
-            model.gradient_mode = make_gradient_mode(mode, model.dice_lambda)
-            model.inner_episodes = n
-            return model
 
+def _reconfigure(model: MetaPolicyGradient) -> ModelFactory:
+    """:return: a factory that switches ``model`` to the requested mode and number of inner episodes"""
+
+    def factory(mode: str, n: int) -> MetaPolicyGradient:
+        model.gradient_mode = make_gradient_mode(mode, model.dice_lambda)
+        model.inner_episodes = n
+        return model
+
+    return factory
+
+
+def _measure(
+    factory: ModelFactory,
+    modes: Sequence[str],
+    sample_sizes: Sequence[int],
+    repeats: int,
+    reference: ReferenceFn | str | None,
+    reference_repeats: int,
+) -> list[dict[str, Any]]:
     if reference is None or reference == "exact":
         probe = factory(modes[0], sample_sizes[0])
         task = probe._task_sampler.sample(1, np.random.default_rng(0))[0]

@@ -43,6 +43,7 @@ def test_compare_with_exact_reports_bounded_metrics():
 def test_measure_estimators_on_the_bandit_reference():
     model = make_bandit_model("sf", inner_episodes=4, outer_episodes=16, meta_batch_size=200)
     rows = measure_estimators(model, ["sf", "maml"], sample_sizes=[4, 16], repeats=2)
+    assert model.gradient_mode.name == "sf" and model.inner_episodes == 4  # left as it was
     by_key = {(row["mode"], row["inner_episodes"]): row for row in rows}
     assert set(by_key) == {("sf", 4), ("maml", 4), ("sf", 16), ("maml", 16)}
     assert by_key[("sf", 4)]["n_estimates"] == 400
