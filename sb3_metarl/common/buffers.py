@@ -99,6 +99,10 @@ class EpisodeBatch:
     actions: th.Tensor
     rewards: th.Tensor
     masks: th.Tensor
+    #: log-likelihoods under the sampling parameters (B, E, H). The meta-sample replaces the values
+    #: stored while acting by the same quantity recomputed on the meta-objective's code path (they
+    #: differ by float rounding), so that magic boxes and LVC ratios are exactly 1 at the sampling
+    #: parameters and are the samples' importance weights elsewhere (PPO epochs, TRPO line search)
     log_probs: th.Tensor
     #: Psi_t = gamma^t * A_t (A_t: GAE advantage, or return-to-go minus the baseline), (B, E, H)
     advantages: th.Tensor | None = None
@@ -123,6 +127,11 @@ class EpisodeBatch:
     def episode_returns(self) -> th.Tensor:
         """:return: undiscounted returns (B, E)"""
         return self.rewards.sum(-1)
+
+    @property
+    def sampling_log_probs(self) -> th.Tensor:
+        """:return: the log-likelihoods stored at sampling time (B, E, H), zero where masked"""
+        return self.log_probs * self.masks
 
     @property
     def n_steps(self) -> int:

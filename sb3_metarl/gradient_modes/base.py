@@ -7,9 +7,16 @@ import torch as th
 from sb3_metarl.common.buffers import EpisodeBatch
 
 
-def magic_box(x: th.Tensor) -> th.Tensor:
-    """DiCE's magic box: evaluates to 1 and its gradient is ``magic_box(x) * grad(x)``."""
-    return th.exp(x - x.detach())
+def magic_box(x: th.Tensor, x_old: th.Tensor | None = None) -> th.Tensor:
+    """
+    DiCE's magic box written as ``exp(x - x_old)``, its gradient is ``magic_box(x) * grad(x)``.
+
+    :param x: log-likelihoods under the current (graph-carrying) parameters
+    :param x_old: the same log-likelihoods stored at sampling time. At the sampling parameters the box
+        evaluates to 1; re-evaluated elsewhere (PPO epochs, a TRPO line search) it is the importance
+        weight of the samples. None: ``x.detach()``, a box that is 1 wherever it is evaluated.
+    """
+    return th.exp(x - (x.detach() if x_old is None else x_old))
 
 
 def policy_gradient_surrogate(log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:

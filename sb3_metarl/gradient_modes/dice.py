@@ -18,6 +18,7 @@ class DiCE(GradientMode):
     supports_normalized_advantage = False
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
-        reward_term = magic_box(th.cumsum(log_prob, dim=2)) * batch.discounted_rewards
-        baseline_term = (1.0 - magic_box(log_prob)) * batch.discounted_baseline
+        sampling_log_prob = batch.sampling_log_probs
+        reward_term = magic_box(th.cumsum(log_prob, dim=2), th.cumsum(sampling_log_prob, dim=2)) * batch.discounted_rewards
+        baseline_term = (1.0 - magic_box(log_prob, sampling_log_prob)) * batch.discounted_baseline
         return (reward_term + baseline_term).sum(dim=(1, 2)) / batch.n_episodes

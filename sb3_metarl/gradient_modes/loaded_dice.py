@@ -23,13 +23,16 @@ class LoadedDiCE(GradientMode):
             raise ValueError(f"dice_lambda: must be in [0, 1], got {dice_lambda}.")
         self.dice_lambda = dice_lambda
 
-    def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
+    def _discounted_cumsum(self, log_prob: th.Tensor) -> th.Tensor:
         weights = []
         running = th.zeros_like(log_prob[..., 0])
         for t in range(log_prob.shape[-1]):
             running = self.dice_lambda * running + log_prob[..., t]
             weights.append(running)
-        boxes = magic_box(th.stack(weights, dim=-1))
+        return th.stack(weights, dim=-1)
+
+    def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
+        boxes = magic_box(self._discounted_cumsum(log_prob), self._discounted_cumsum(batch.sampling_log_probs))
         previous = th.cat([th.ones_like(boxes[..., :1]), boxes[..., :-1]], dim=-1)
         return ((boxes - previous) * batch.advantages).sum(dim=(1, 2)) / batch.n_episodes
 

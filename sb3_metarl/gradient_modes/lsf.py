@@ -16,5 +16,5 @@ class LSF(GradientMode):
     name = "lsf"
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
-        trajectory_log_likelihood = log_prob.sum(dim=2)
-        return (magic_box(trajectory_log_likelihood) * batch.trajectory_advantages).sum(dim=1) / batch.n_episodes
+        box = magic_box(log_prob.sum(dim=2), batch.sampling_log_probs.sum(dim=2))
+        return (box * batch.trajectory_advantages).sum(dim=1) / batch.n_episodes

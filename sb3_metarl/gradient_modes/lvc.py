@@ -8,12 +8,13 @@ from sb3_metarl.gradient_modes.base import GradientMode
 
 class LVC(GradientMode):
     """
-    ``S = (1/N) sum sum_t [pi(a_t|s_t) / stop_grad(pi(a_t|s_t))] Psi_t``: per-step likelihood ratios,
-    the same first derivative as the policy gradient and a biased, low-variance Hessian.
+    ``S = (1/N) sum sum_t [pi(a_t|s_t) / pi_old(a_t|s_t)] Psi_t``: per-step likelihood ratios against
+    the sampling policy (stored log-likelihoods), the same first derivative as the policy gradient at
+    the sampling parameters and a biased, low-variance Hessian.
     """
 
     name = "lvc"
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
-        ratio = th.exp(log_prob - log_prob.detach())
+        ratio = th.exp(log_prob - batch.sampling_log_probs)
         return (ratio * batch.advantages).sum(dim=(1, 2)) / batch.n_episodes

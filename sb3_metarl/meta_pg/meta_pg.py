@@ -27,12 +27,11 @@ from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
 from sb3_metarl.common.task_vec_env import StepCallback, TaskVecEnv
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
+from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
-
-META_OPTIMIZERS = {"adam": th.optim.Adam, "sgd": th.optim.SGD}
 
 
 def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
@@ -46,18 +45,48 @@ def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.
 
 
 @dataclass
+class Replay:
+    """An adaptation from the current parameters on given samples, with its graph (see ``MetaPolicyGradient._replay``)."""
+
+    #: per-task views of the current parameters theta; gradients with respect to them are per task
+    task_theta: Params
+    #: theta_k(theta) at which each inner batch was evaluated, theta_0 .. theta_{zeta-1} (graph-carrying)
+    inner_params: list[Params]
+    #: log-likelihoods (B, E, H) of each inner batch under theta_k(theta)
+    inner_log_probs: list[th.Tensor]
+    #: theta_zeta(theta), the adapted parameters
+    adapted: Params
+    #: log-likelihoods (B, E, H) of the outer batch under theta_zeta(theta)
+    outer_log_prob: th.Tensor
+
+
+@dataclass
 class MetaSample:
     """One meta-iteration's samples and the graph of its meta-objective."""
 
-    #: per-task copies of theta (views with a leading task dim); the meta-objective's gradient
-    #: with respect to them is the per-task meta-gradient
-    task_theta: Params
-    #: the meta-objective per task, O + C (B,)
+    #: the adaptation that collected the samples, with its graph
+    replay: Replay
+    #: the meta-objective per task, O + C (B,), with the gradient mode's policy-gradient outer surrogate
     objective: th.Tensor
     inner_batches: list[EpisodeBatch]
     outer_batch: EpisodeBatch
-    adapted: Params
     inner_grad_norm: float
+
+    @property
+    def task_theta(self) -> Params:
+        """Per-task copies of theta; the objective's gradient with respect to them is the per-task meta-gradient."""
+        return self.replay.task_theta
+
+    @property
+    def adapted(self) -> Params:
+        """The adapted parameters theta_zeta (graph-carrying)."""
+        return self.replay.adapted
+
+    @property
+    def inner_params(self) -> list[Params]:
+        """The (detached) parameters each inner batch was sampled with, theta_0 .. theta_{zeta-1}."""
+        # cloned: theta_0 is a view of the live parameters, which the meta-update changes in place
+        return [{n: p.detach().clone() for n, p in params.items()} for params in self.replay.inner_params]
 
 
 class MetaPolicyGradient(BaseAlgorithm):
@@ -79,7 +108,11 @@ class MetaPolicyGradient(BaseAlgorithm):
     :param inner_steps: number of inner adaptation steps (zeta)
     :param inner_lr: inner step size (eta)
     :param learning_rate: outer (meta) learning rate, constant or SB3 schedule
-    :param meta_optimizer: "adam" or "sgd"
+    :param meta_optimizer: how the meta-objective updates the policy: "adam" or "sgd" (meta-gradient
+        ascent at ``learning_rate``), "trpo" (trust region on the adapted policies' KL; no learning
+        rate), "ppo" (ProMP: clipped epochs with Adam at ``learning_rate``), or a MetaOptimizer
+    :param meta_optimizer_kwargs: arguments of the named meta-optimizer (e.g. ``max_kl`` for "trpo",
+        ``n_epochs``, ``clip_range`` for "ppo")
     :param gamma: discount factor
     :param gae_lambda: GAE lambda of the advantages (1: return-to-go minus baseline)
     :param dice_lambda: lambda of the "loaded_dice" mode
@@ -112,7 +145,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         inner_steps: int = 1,
         inner_lr: float = 0.1,
         learning_rate: float | Schedule = 1e-3,
-        meta_optimizer: str = "adam",
+        meta_optimizer: str | MetaOptimizer = "adam",
+        meta_optimizer_kwargs: dict[str, Any] | None = None,
         gamma: float = 0.99,
         gae_lambda: float = 1.0,
         dice_lambda: float = 0.95,
@@ -144,11 +178,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             raise ValueError(f"gamma: must be in (0, 1], got {gamma}.")
         if not 0.0 <= gae_lambda <= 1.0:
             raise ValueError(f"gae_lambda: must be in [0, 1], got {gae_lambda}.")
-        if meta_optimizer not in META_OPTIMIZERS:
-            raise ValueError(
-                f"meta_optimizer: unknown optimizer {meta_optimizer!r}; use one of {sorted(META_OPTIMIZERS)} "
-                "(trpo and ppo are planned)."
-            )
+        self.meta_updater = make_meta_optimizer(meta_optimizer, meta_optimizer_kwargs)
         self.gradient_mode = make_gradient_mode(gradient_mode, dice_lambda)
         make_baseline(baseline)  # fail early on an unknown baseline
         if normalize_advantage and not self.gradient_mode.supports_normalized_advantage:
@@ -165,6 +195,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.inner_steps = int(inner_steps)
         self.inner_lr = float(inner_lr)
         self.meta_optimizer = meta_optimizer
+        self.meta_optimizer_kwargs = meta_optimizer_kwargs
         self.gamma = gamma
         self.gae_lambda = gae_lambda
         self.dice_lambda = dice_lambda
@@ -176,13 +207,13 @@ class MetaPolicyGradient(BaseAlgorithm):
         n_envs = n_envs or self.meta_batch_size * max(self.inner_episodes, self.outer_episodes)
 
         policy_kwargs = dict(policy_kwargs or {})
-        optimizer_class = META_OPTIMIZERS[meta_optimizer]
+        optimizer_class = self.meta_updater.torch_optimizer_class
         if policy_kwargs.setdefault("optimizer_class", optimizer_class) is not optimizer_class:
             raise ValueError(
                 f"policy_kwargs: optimizer_class={policy_kwargs['optimizer_class'].__name__} conflicts with "
                 f"meta_optimizer={meta_optimizer!r}; set only one of them."
             )
-        if meta_optimizer == "adam":
+        if optimizer_class is th.optim.Adam:
             policy_kwargs.setdefault("optimizer_kwargs", {"eps": 1e-5})
         if policy_kwargs.get("use_sde", False):
             raise ValueError("policy_kwargs: use_sde=True is not supported (the inner step needs plain Gaussian actions).")
@@ -333,33 +364,42 @@ class MetaPolicyGradient(BaseAlgorithm):
         return log_prob.reshape(batch.masks.shape) * batch.masks
 
     def _inner_step(
-        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool
+        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool, at_sampling: bool = False
     ) -> tuple[Params, th.Tensor, float]:
         """
         One adaptation step ``theta_{k+1} = theta_k + inner_lr * grad S(theta_k; D_k)`` per task.
 
+        :param at_sampling: ``task_params`` are the parameters ``batch`` was sampled with: store the
+            recomputed log-likelihoods as the batch's sampling log-likelihoods (see ``EpisodeBatch.log_probs``)
         :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and the
             mean (over tasks) norm of the inner gradient
         """
         log_prob = self._log_prob(task_params, batch)
+        if at_sampling:
+            batch.log_probs = log_prob.detach()
         surrogate = mode.inner_surrogate(log_prob, batch)
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
         norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads.values())).mean().item()
         adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
         return adapted, log_prob, norm
 
-    def _meta_objective(
-        self,
-        adapted: Params,
-        inner_batches: list[EpisodeBatch],
-        inner_log_probs: list[th.Tensor],
-        outer_batch: EpisodeBatch,
-        mode: GradientMode,
-    ) -> th.Tensor:
-        """:return: the meta-objective O + C per task (B,) for the given adaptation and samples"""
-        objective = mode.outer_surrogate(self._log_prob(adapted, outer_batch), outer_batch)
-        correction = mode.correction(inner_log_probs, inner_batches, outer_batch)
-        return objective if correction is None else objective + correction
+    def _replay(self, sample: MetaSample, mode: GradientMode, create_graph: bool = True) -> Replay:
+        """
+        Re-run the adaptation from the current parameters on ``sample``'s stored inner episodes.
+
+        :param mode: the gradient mode whose inner steps to run
+        :param create_graph: differentiate through the inner steps (if the mode does); False to only evaluate
+        :return: the adaptation's graph and log-likelihoods
+        """
+        # the inner steps are gradients: they need autograd even when the caller evaluates under no_grad
+        with th.enable_grad():
+            task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
+            params, inner_params, inner_log_probs = task_theta, [], []
+            for batch in sample.inner_batches:
+                inner_params.append(params)
+                params, log_prob, _ = self._inner_step(params, batch, mode, create_graph and mode.differentiate_inner_step)
+                inner_log_probs.append(log_prob)
+        return Replay(task_theta, inner_params, inner_log_probs, params, self._log_prob(params, sample.outer_batch))
 
     def _meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
         """
@@ -369,20 +409,33 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         mode = self.gradient_mode
         task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks))
-        params, inner_batches, inner_log_probs, inner_norms = task_theta, [], [], []
+        params, inner_params, inner_batches, inner_log_probs, inner_norms = task_theta, [], [], [], []
         for _ in range(self.inner_steps):
             batch = self._rollout(tasks, params, self.inner_episodes, step_callback)
             if batch is None:
                 return None
-            params, log_prob, norm = self._inner_step(params, batch, mode, mode.differentiate_inner_step)
+            inner_params.append(params)
+            params, log_prob, norm = self._inner_step(params, batch, mode, mode.differentiate_inner_step, at_sampling=True)
             inner_batches.append(batch)
             inner_log_probs.append(log_prob)
             inner_norms.append(norm)
         outer_batch = self._rollout(tasks, params, self.outer_episodes, step_callback)
         if outer_batch is None:
             return None
-        objective = self._meta_objective(params, inner_batches, inner_log_probs, outer_batch, mode)
-        return MetaSample(task_theta, objective, inner_batches, outer_batch, params, float(np.mean(inner_norms)))
+        outer_log_prob = self._log_prob(params, outer_batch)
+        outer_batch.log_probs = outer_log_prob.detach()
+        replay = Replay(task_theta, inner_params, inner_log_probs, params, outer_log_prob)
+        objective = self._meta_objective(replay, inner_batches, outer_batch, mode)
+        return MetaSample(replay, objective, inner_batches, outer_batch, float(np.mean(inner_norms)))
+
+    @staticmethod
+    def _meta_objective(
+        replay: Replay, inner_batches: list[EpisodeBatch], outer_batch: EpisodeBatch, mode: GradientMode
+    ) -> th.Tensor:
+        """:return: the meta-objective O + C per task (B,) with the mode's own (policy-gradient) outer surrogate"""
+        objective = mode.outer_surrogate(replay.outer_log_prob, outer_batch)
+        correction = mode.correction(replay.inner_log_probs, inner_batches, outer_batch)
+        return objective if correction is None else objective + correction
 
     def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
         """
@@ -396,13 +449,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param mode: the gradient mode to evaluate
         :return: parameter name -> (B, ...) per-task ascent directions
         """
-        task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
-        params, log_probs = task_theta, []
-        for batch in sample.inner_batches:
-            params, log_prob, _ = self._inner_step(params, batch, mode, mode.differentiate_inner_step)
-            log_probs.append(log_prob)
-        objective = self._meta_objective(params, sample.inner_batches, log_probs, sample.outer_batch, mode)
-        return grad_params(objective.sum(), task_theta)
+        replay = self._replay(sample, mode)
+        objective = self._meta_objective(replay, sample.inner_batches, sample.outer_batch, mode)
+        return grad_params(objective.sum(), replay.task_theta)
 
     @staticmethod
     def _per_task_gradient(sample: MetaSample) -> Params:
@@ -435,57 +484,38 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     def train(self, sample: MetaSample) -> None:
         """
-        Apply one meta-update from the meta-objective of ``sample``.
+        Apply one meta-update from ``sample`` with the meta-optimizer.
 
         :param sample: the meta-iteration's samples and objective graph
-        :raises FloatingPointError: if the meta-gradient is not finite (the parameters are left unchanged)
+        :raises FloatingPointError: if the meta-gradient or the update is not finite (the parameters
+            and optimizer state are left as they were)
         """
-        self._update_learning_rate(self.policy.optimizer)
-        grads = {n: g.mean(0) for n, g in self._per_task_gradient(sample).items()}
-        meta_grad_norm = th.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
-        if not math.isfinite(meta_grad_norm):
-            bad = [n for n, g in grads.items() if not th.isfinite(g).all()]
-            raise FloatingPointError(
-                f"meta-gradient: non-finite values in {bad} at iteration {self._n_updates + 1} "
-                f"(after {self.num_timesteps} timesteps); the parameters were left unchanged. "
-                "Lower inner_lr or learning_rate, or use a baseline / normalize_advantage."
-            )
-        self._apply_meta_gradient(grads)
+        if self.meta_updater.uses_learning_rate:
+            self._update_learning_rate(self.policy.optimizer)  # also logs train/learning_rate
+        stats = self.meta_updater.step(self, sample)
         self._n_updates += 1
 
         with th.no_grad():
-            obs = sample.outer_batch.flat_observations()
-            pre = self.functional_policy.distribution(
-                FunctionalPolicy.expand(self.functional_policy.parameters(), obs.shape[0]), obs
-            )
-            post = self.functional_policy.distribution({n: p.detach() for n, p in sample.adapted.items()}, obs)
-            masks = sample.outer_batch.masks.reshape(-1)
-            kl = (kl_divergence(post, pre) * masks).sum() / masks.sum()
-        self.logger.record("train/meta_grad_norm", meta_grad_norm)
+            theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
+            adapted_kl = self._mean_kl(sample.adapted, theta, sample.outer_batch)
+        for key, value in stats.items():
+            self.logger.record(f"train/{key}", value)
         self.logger.record("train/inner_grad_norm", sample.inner_grad_norm)
-        self.logger.record("train/adapted_kl", kl.item())
-        self.logger.record("train/learning_rate", self.policy.optimizer.param_groups[0]["lr"])
+        self.logger.record("train/adapted_kl", adapted_kl.item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
-    def _apply_meta_gradient(self, grads: Params) -> None:
-        """One optimizer step along ``grads``; restores the parameters and optimizer state if it leaves them non-finite."""
-        params = self.functional_policy.parameters()
-        saved_params = {name: param.detach().clone() for name, param in params.items()}
-        saved_optimizer = copy.deepcopy(self.policy.optimizer.state_dict())
-        self.policy.optimizer.zero_grad()
-        for name, param in params.items():
-            param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized
-        self.policy.optimizer.step()
-        bad = [name for name, param in params.items() if not th.isfinite(param).all()]
-        if bad:
-            with th.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved_params[name])
-            self.policy.optimizer.load_state_dict(saved_optimizer)
-            raise FloatingPointError(
-                f"meta-update: parameters {bad} became non-finite at iteration {self._n_updates + 1}; the update was "
-                "undone (parameters and optimizer state restored). Lower learning_rate or inner_lr."
-            )
+    def _mean_kl(self, old_params: Params, new_params: Params, batch: EpisodeBatch) -> th.Tensor:
+        """
+        :param old_params: per-task parameters of the reference policy (detached here)
+        :param new_params: per-task parameters (graph-carrying or not)
+        :param batch: episodes whose observations the KL is averaged over
+        :return: KL(pi_old || pi_new) averaged over the batch's steps and tasks (a scalar)
+        """
+        obs = batch.flat_observations()
+        old = self.functional_policy.distribution({n: p.detach() for n, p in old_params.items()}, obs)
+        new = self.functional_policy.distribution(new_params, obs)
+        masks = batch.masks.reshape(-1)
+        return (kl_divergence(old, new) * masks).sum() / masks.sum()
 
     def _record_rollout(self, sample: MetaSample) -> None:
         pre_returns = sample.inner_batches[0].episode_returns.mean().item()
@@ -574,7 +604,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             batch = self._rollout(tasks, params, self.inner_episodes)
             returns.append(batch.episode_returns.mean(1))
             leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False)
+            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False, at_sampling=True)
             params = {n: p.detach() for n, p in adapted.items()}
         if final_episodes is not None:
             returns.append(self._rollout(tasks, params, final_episodes).episode_returns.mean(1))

@@ -1,0 +1,34 @@
+"""Meta-optimizers: how a meta-iteration's samples become a parameter update, registered by name."""
+
+from typing import Any
+
+from sb3_metarl.meta_optimizers.base import MetaOptimizer
+from sb3_metarl.meta_optimizers.gradient_ascent import SGD, Adam, GradientAscent
+from sb3_metarl.meta_optimizers.ppo import PPO
+from sb3_metarl.meta_optimizers.trpo import TRPO
+
+META_OPTIMIZERS: dict[str, type[MetaOptimizer]] = {opt.name: opt for opt in (Adam, SGD, TRPO, PPO)}
+
+
+def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, Any] | None = None) -> MetaOptimizer:
+    """
+    :param meta_optimizer: a name in ``META_OPTIMIZERS`` or a ``MetaOptimizer`` instance (returned as is)
+    :param kwargs: constructor arguments for a named meta-optimizer (``max_kl``, ``n_epochs``, ...)
+    :return: the meta-optimizer object
+    """
+    if isinstance(meta_optimizer, MetaOptimizer):
+        if kwargs:
+            raise ValueError("meta_optimizer_kwargs: only for a named meta_optimizer; configure the instance instead.")
+        return meta_optimizer
+    if meta_optimizer not in META_OPTIMIZERS:
+        raise ValueError(
+            f"meta_optimizer: unknown optimizer {meta_optimizer!r}; use one of {sorted(META_OPTIMIZERS)} "
+            "or a MetaOptimizer instance."
+        )
+    try:
+        return META_OPTIMIZERS[meta_optimizer](**(kwargs or {}))
+    except TypeError as error:
+        raise ValueError(f"meta_optimizer_kwargs: {error} (for meta_optimizer={meta_optimizer!r}).") from None
+
+
+__all__ = ["META_OPTIMIZERS", "PPO", "SGD", "TRPO", "Adam", "GradientAscent", "MetaOptimizer", "make_meta_optimizer"]

@@ -1,0 +1,165 @@
+"""TRPO meta-updates (MAML, pytorch-maml-rl): a trust region on the KL of the adapted policies."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch as th
+from sb3_contrib.common.utils import conjugate_gradient_solver
+
+from sb3_metarl.meta_optimizers.base import MetaOptimizer, check_finite_gradient, restore_on_failure
+from sb3_metarl.meta_optimizers.surrogates import ratio_surrogate
+
+if TYPE_CHECKING:
+    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient, MetaSample, Replay
+
+
+def _flat(tensors: list[th.Tensor | None], like: list[th.Tensor]) -> th.Tensor:
+    return th.cat([(th.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)])
+
+
+@dataclass
+class NaturalStep:
+    """TRPO's search direction at the sampling parameters."""
+
+    #: the policy parameters the step applies to (in the flat vectors' order)
+    params: list[th.Tensor]
+    #: the meta-objective's gradient (flat)
+    policy_gradient: th.Tensor
+    #: the step to the trust region's boundary, ``sqrt(2 max_kl / s^T H s) s`` with ``s = H^-1 g`` (flat)
+    full_step: th.Tensor
+    #: the surrogate's value at the sampling parameters
+    objective: float
+    #: v -> (H + damping I) v, H the Hessian of the adapted policies' mean KL
+    hessian_vector_product: Callable[[th.Tensor], th.Tensor]
+
+
+class TRPO(MetaOptimizer):
+    """
+    Maximize the meta-objective with the outer surrogate ``r_t Psi_t`` (r: the adapted policy's
+    likelihood ratio against the outer samples' sampling policy) subject to
+    ``mean KL(pi_{theta'_old} || pi_{theta'(theta)}) <= max_kl`` on the outer observations, where
+    theta' is the adaptation re-run on the stored inner samples. The natural-gradient direction
+    comes from conjugate gradient with Hessian-vector products of that KL (through the inner steps);
+    a backtracking line search accepts the first step that improves the surrogate and keeps the KL
+    within bound, and otherwise leaves the parameters unchanged.
+
+    :param max_kl: the trust region's radius (0.01 in MAML and pytorch-maml-rl)
+    :param cg_max_steps: conjugate gradient iterations
+    :param cg_damping: damping added to the KL Hessian (``H + damping * I``)
+    :param line_search_shrinking_factor: step shrinking factor of the line search
+    :param line_search_max_iter: step sizes tried by the line search
+    """
+
+    name = "trpo"
+    uses_learning_rate = False
+
+    def __init__(
+        self,
+        max_kl: float = 0.01,
+        cg_max_steps: int = 10,
+        cg_damping: float = 0.01,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 15,
+    ):
+        if not max_kl > 0:
+            raise ValueError(f"max_kl: must be > 0, got {max_kl}.")
+        if cg_max_steps < 1 or line_search_max_iter < 1:
+            raise ValueError(
+                f"cg_max_steps and line_search_max_iter: must be >= 1, got {cg_max_steps} and {line_search_max_iter}."
+            )
+        if cg_damping < 0 or not 0 < line_search_shrinking_factor < 1:
+            raise ValueError(
+                "cg_damping must be >= 0 and line_search_shrinking_factor in (0, 1), "
+                f"got {cg_damping} and {line_search_shrinking_factor}."
+            )
+        self.max_kl = max_kl
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.line_search_max_iter = line_search_max_iter
+
+    @staticmethod
+    def surrogate(model: "MetaPolicyGradient", replay: "Replay", sample: "MetaSample") -> th.Tensor:
+        """:return: the meta-objective with TRPO's outer surrogate, averaged over tasks"""
+        mode = model.gradient_mode
+        objective = ratio_surrogate(replay.outer_log_prob, sample.outer_batch)
+        correction = mode.correction(replay.inner_log_probs, sample.inner_batches, sample.outer_batch)
+        return (objective if correction is None else objective + correction).mean()
+
+    def search_direction(self, model: "MetaPolicyGradient", sample: "MetaSample") -> NaturalStep:
+        """
+        The natural-gradient step at the sampling parameters, scaled to the trust region's boundary
+        under the KL's quadratic model.
+
+        :raises FloatingPointError: on a non-finite meta-gradient or a non-positive curvature
+        """
+        all_params = model.functional_policy.parameters()
+        old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
+        # the sample's own graph is the adaptation at the current parameters: reuse it
+        objective = self.surrogate(model, sample.replay, sample)
+        kl = model._mean_kl(old_adapted, sample.adapted, sample.outer_batch)
+        grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=True, allow_unused=True)
+        check_finite_gradient({n: g for n, g in zip(all_params, grads) if g is not None}, model)
+        # the policy's parameters: the value head receives no gradient and stays out of the solve
+        params = [all_params[n] for n, g in zip(all_params, grads) if g is not None]
+        policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
+        # the KL's gradient is 0 at the old parameters; its Hessian (through the inner steps) is the
+        # Fisher information of the adapted policies pulled back to theta
+        kl_gradient = _flat(list(th.autograd.grad(kl, params, create_graph=True, allow_unused=True)), params)
+
+        def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
+            product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
+            return _flat(list(product), params) + self.cg_damping * vector
+
+        direction = conjugate_gradient_solver(hessian_vector_product, policy_gradient, max_iter=self.cg_max_steps)
+        curvature = (direction @ hessian_vector_product(direction)).item()
+        if not (math.isfinite(curvature) and curvature > 0):
+            raise FloatingPointError(
+                f"meta-update: the KL curvature along the TRPO direction is {curvature} at iteration "
+                f"{model._n_updates + 1}; the parameters were left unchanged. Raise cg_damping or lower inner_lr."
+            )
+        full_step = math.sqrt(2.0 * self.max_kl / curvature) * direction.detach()
+        return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
+
+    def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
+        natural = self.search_direction(model, sample)
+        params = natural.params
+        old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
+        old_values = [p.detach().clone() for p in params]
+        accepted, coefficient, new_objective, new_kl = False, 1.0, natural.objective, 0.0
+        with restore_on_failure(model):
+            for _ in range(self.line_search_max_iter):
+                self.set_parameters(params, old_values, coefficient * natural.full_step)
+                replay = model._replay(sample, model.gradient_mode, create_graph=False)
+                with th.no_grad():
+                    new_objective = self.surrogate(model, replay, sample).item()
+                    new_kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+                if math.isfinite(new_objective) and new_objective > natural.objective and new_kl <= self.max_kl:
+                    accepted = True
+                    break
+                coefficient *= self.line_search_shrinking_factor
+            if not accepted:
+                self.set_parameters(params, old_values, th.zeros_like(natural.full_step))
+        return {
+            "meta_grad_norm": natural.policy_gradient.norm().item(),
+            "surrogate_improvement": new_objective - natural.objective if accepted else 0.0,
+            "expected_improvement": (natural.policy_gradient @ natural.full_step).item(),
+            "kl": new_kl if accepted else 0.0,
+            "line_search_coefficient": coefficient if accepted else 0.0,
+            "step_accepted": float(accepted),
+        }
+
+    @staticmethod
+    def set_parameters(params: list[th.Tensor], old_values: list[th.Tensor], flat_step: th.Tensor) -> None:
+        """Set ``params`` to ``old_values`` plus the flat vector ``flat_step``, in place."""
+        offset = 0
+        with th.no_grad():
+            for param, old in zip(params, old_values):
+                size = param.numel()
+                param.copy_(old + flat_step[offset : offset + size].view_as(param))
+                offset += size
+
+    def __repr__(self) -> str:
+        return f"TRPO(max_kl={self.max_kl}, cg_max_steps={self.cg_max_steps}, cg_damping={self.cg_damping})"
