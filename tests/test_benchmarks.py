@@ -38,3 +38,22 @@ def test_throughput_reports_both_rates(capsys, monkeypatch):
     assert result["bare_env_steps_per_s"] > 0 and result["meta_env_steps_per_s"] > 0
     expected = result["meta_env_steps_per_s"] / result["bare_env_steps_per_s"]
     assert result["ratio_meta_to_bare"] == pytest.approx(expected, abs=1e-3)  # rounded to 3 decimals
+
+
+@pytest.mark.parametrize("suite", ["navigation", "halfcheetah"])
+def test_reproduce_quick_run_writes_table_csv_and_curves(suite, tmp_path, capsys):
+    main = _load("benchmarks/reproduce.py")["main"]
+    main(["--suite", suite, "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
+    table = (tmp_path / f"reproduce_{suite}_table.md").read_text()
+    modes = ["sf", "lsf", "lvc", "maml"] if suite == "navigation" else ["lsf", "lvc", "maml"]
+    assert all(f"| {mode} |" in table for mode in modes)
+    assert (tmp_path / f"reproduce_{suite}.png").stat().st_size > 0
+    runs = [json.loads(line) for line in (tmp_path / f"reproduce_{suite}_runs.jsonl").read_text().splitlines()]
+    assert len(runs) == len(modes) * 2 * (1 if suite == "navigation" else 4)
+    assert all(len(run["returns"]) == 4 and run["iterations"] >= 2 for run in runs)
+    # a second invocation finds every run done and only rewrites the summaries
+    capsys.readouterr()
+    main(["--suite", suite, "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
+    assert '"key"' not in capsys.readouterr().out
+    summary = _load("benchmarks/reproduce.py")["summarize"](runs)
+    assert all(row["seeds"] == 2 for row in summary)

@@ -41,6 +41,8 @@ class TaskRolloutBuffer(RolloutBuffer):
     def reset(self) -> None:
         super().reset()
         self.masks = np.zeros((self.buffer_size, self.n_envs), dtype=np.float32)
+        #: per episode, whether ``info["success"]`` was true at some step (None: the env reports no success)
+        self.successes: np.ndarray | None = None
 
     def add_step(
         self,
@@ -68,6 +70,17 @@ class TaskRolloutBuffer(RolloutBuffer):
         self.log_probs[step, columns] = log_probs
         self.masks[step, columns] = 1.0
 
+    def add_successes(self, columns: np.ndarray, successes: np.ndarray) -> None:
+        """
+        Record the ``info["success"]`` flags of one lock-step (Meta-World's success signal).
+
+        :param columns: episode columns receiving the transition
+        :param successes: their success flags (len(columns),)
+        """
+        if self.successes is None:
+            self.successes = np.zeros(self.n_envs, dtype=np.float32)
+        self.successes[columns] = np.maximum(self.successes[columns], np.asarray(successes, dtype=np.float32))
+
     def _episode_major(self, array: np.ndarray) -> th.Tensor:
         # (H, B*E, ...) -> (B, E, H, ...)
         moved = np.moveaxis(array, 0, 1)
@@ -84,6 +97,9 @@ class TaskRolloutBuffer(RolloutBuffer):
             rewards=self._episode_major(self.rewards),
             masks=self._episode_major(self.masks),
             log_probs=self._episode_major(self.log_probs),
+            successes=None
+            if self.successes is None
+            else th.as_tensor(self.successes.reshape(self.n_tasks, self.n_episodes), device=self.device),
         )
 
 
@@ -104,6 +120,8 @@ class EpisodeBatch:
     #: differ by float rounding), so that magic boxes and LVC ratios are exactly 1 at the sampling
     #: parameters and are the samples' importance weights elsewhere (PPO epochs, TRPO line search)
     log_probs: th.Tensor
+    #: per episode, 1 if the env reported ``info["success"]`` at some step (B, E); None if it reports none
+    successes: th.Tensor | None = None
     #: Psi_t = gamma^t * A_t (A_t: GAE advantage, or return-to-go minus the baseline), (B, E, H)
     advantages: th.Tensor | None = None
     #: gamma^t r_t, (B, E, H)

@@ -101,6 +101,8 @@ class TaskVecEnv:
                 new_obs, rewards, dones, infos = self.venv.step(env_actions)
                 rows = np.flatnonzero(active)
                 buffer.add_step(step, columns[rows], obs[rows], actions[rows], rewards[rows], log_probs[rows])
+                if rows.size and "success" in infos[rows[0]]:
+                    buffer.add_successes(columns[rows], np.array([infos[i]["success"] for i in rows]))
                 active &= ~dones
                 step_vars = {"new_obs": new_obs, "rewards": rewards, "dones": dones, "infos": infos}
                 if step_callback is not None and not step_callback(len(rows), step_vars):

@@ -353,7 +353,10 @@ class MetaPolicyGradient(BaseAlgorithm):
         )
         if not task_env.collect(tasks, act, buffer, step_callback):
             return None
-        batch = buffer.to_batch()
+        return self._compute_weights(buffer.to_batch())
+
+    def _compute_weights(self, batch: EpisodeBatch) -> EpisodeBatch:
+        """:return: ``batch`` with its policy-gradient weights (this model's discount, GAE lambda and baseline)"""
         return batch.compute_weights(
             self.observation_space, self.gamma, self.gae_lambda, self.baseline_model, self.normalize_advantage
         )
@@ -525,6 +528,11 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.logger.record("rollout/pre_adaptation_return", safe_mean(self.pre_adaptation_returns))
         self.logger.record("rollout/post_adaptation_return", safe_mean(self.post_adaptation_returns))
         self.logger.record("rollout/ep_len_mean", sample.outer_batch.masks.sum(-1).mean().item())
+        if sample.outer_batch.successes is not None:
+            self.pre_adaptation_successes.append(sample.inner_batches[0].successes.mean().item())
+            self.post_adaptation_successes.append(sample.outer_batch.successes.mean().item())
+            self.logger.record("rollout/pre_adaptation_success_rate", safe_mean(self.pre_adaptation_successes))
+            self.logger.record("rollout/post_adaptation_success_rate", safe_mean(self.post_adaptation_successes))
 
     def dump_logs(self, iteration: int = 0) -> None:
         """
@@ -565,6 +573,8 @@ class MetaPolicyGradient(BaseAlgorithm):
             raise ValueError(f"total_timesteps: must be a positive integer, got {total_timesteps}.")
         self.pre_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
         self.post_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
+        self.pre_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
+        self.post_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
         total_timesteps, callback = self._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
@@ -590,26 +600,43 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     # ------------------------------------------------------------------ adaptation at meta-test time
 
-    def _adapt_and_measure(self, tasks: list[Any], inner_steps: int, final_episodes: int | None) -> tuple[Params, np.ndarray]:
+    def _adapt_and_measure(
+        self, tasks: list[Any], inner_steps: int, final_episodes: int | None
+    ) -> tuple[Params, np.ndarray, np.ndarray | None]:
         """
         Adapt to each task with ``inner_steps`` steps (no meta-graph).
 
         :param final_episodes: episodes to sample with the adapted parameters (None: none)
-        :return: the adapted per-task parameters (detached) and the mean undiscounted return per task
-            of the episodes sampled before each step (and after the last one when ``final_episodes``)
+        :return: the adapted per-task parameters (detached), the mean undiscounted return per task
+            of the episodes sampled before each step (and after the last one when ``final_episodes``),
+            and the same for the success rate (None if the env reports no ``info["success"]``)
         """
         params = {n: p.detach() for n, p in FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks)).items()}
-        returns = []
+        batches = []
         for _ in range(inner_steps):
-            batch = self._rollout(tasks, params, self.inner_episodes)
-            returns.append(batch.episode_returns.mean(1))
-            leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False, at_sampling=True)
-            params = {n: p.detach() for n, p in adapted.items()}
+            batches.append(self._rollout(tasks, params, self.inner_episodes))
+            params = self._adapt_step(params, batches[-1])
         if final_episodes is not None:
-            returns.append(self._rollout(tasks, params, final_episodes).episode_returns.mean(1))
-        table = th.stack(returns, dim=1).cpu().numpy() if returns else np.zeros((len(tasks), 0))
-        return params, table
+            batches.append(self._rollout(tasks, params, final_episodes))
+        if not batches:
+            return params, np.zeros((len(tasks), 0)), None
+        returns = th.stack([batch.episode_returns.mean(1) for batch in batches], dim=1).cpu().numpy()
+        if batches[0].successes is None:
+            return params, returns, None
+        return params, returns, th.stack([batch.successes.mean(1) for batch in batches], dim=1).cpu().numpy()
+
+    def _adapt_step(self, params: Params, batch: EpisodeBatch) -> Params:
+        """
+        One inner step at meta-test time (no meta-graph).
+
+        :param params: per-task parameters the batch was sampled with
+        :param batch: the episodes, with weights
+        :return: the adapted per-task parameters (detached)
+        """
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        with th.enable_grad():
+            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False, at_sampling=True)
+        return {n: p.detach() for n, p in adapted.items()}
 
     def adapt(self, task: Any, inner_steps: int = 1) -> ActorCriticPolicy:
         """
@@ -621,7 +648,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         if inner_steps < 0:
             raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}.")
-        params, _ = self._adapt_and_measure([task], inner_steps, final_episodes=None)
+        params, _, _ = self._adapt_and_measure([task], inner_steps, final_episodes=None)
         adapted = copy.deepcopy(self.policy)
         with th.no_grad():
             for name, param in adapted.named_parameters():
@@ -642,7 +669,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param seed: seed of the task stream, the env and the action noise
         :param tasks: explicit tasks to evaluate on
         :return: ``inner_steps`` (0..K), ``mean`` and ``std`` over tasks of the per-task mean
-            undiscounted return, and ``per_task`` (n_tasks, K + 1)
+            undiscounted return, ``per_task`` (n_tasks, K + 1), and ``success_rate`` (K + 1) when the
+            env reports ``info["success"]`` (Meta-World)
         """
         if n_tasks < 1 or inner_steps < 0:
             raise ValueError(f"n_tasks must be >= 1 and inner_steps >= 0, got n_tasks={n_tasks}, inner_steps={inner_steps}.")
@@ -650,20 +678,25 @@ class MetaPolicyGradient(BaseAlgorithm):
         if tasks is None:
             tasks = self._task_sampler.sample(n_tasks, np.random.default_rng([1, seed]))
         devices = [self.device] if self.device.type == "cuda" else []
-        chunks = []
+        returns, successes = [], []
         with th.random.fork_rng(devices=devices):
             th.manual_seed(seed)
             task_env.venv.seed(seed)
             for start in range(0, len(tasks), self.meta_batch_size):
                 chunk = list(tasks[start : start + self.meta_batch_size])
-                chunks.append(self._adapt_and_measure(chunk, inner_steps, final_episodes=self.outer_episodes)[1])
-        per_task = np.concatenate(chunks, axis=0)
-        return {
+                _, chunk_returns, chunk_successes = self._adapt_and_measure(chunk, inner_steps, self.outer_episodes)
+                returns.append(chunk_returns)
+                successes.append(chunk_successes)
+        per_task = np.concatenate(returns, axis=0)
+        table = {
             "inner_steps": np.arange(inner_steps + 1),
             "mean": per_task.mean(axis=0),
             "std": per_task.std(axis=0),
             "per_task": per_task,
         }
+        if successes[0] is not None:
+            table["success_rate"] = np.concatenate(successes, axis=0).mean(axis=0)
+        return table
 
 
 def format_adaptation_table(table: dict[str, np.ndarray]) -> str:

@@ -26,6 +26,13 @@ BUILTIN_TASK_ENVS = {
     "sb3_metarl/Walker2dRandParams-v0": ("sb3_metarl.tasks.mujoco:Walker2dRandParamsEnv", 200),
 }
 MUJOCO_TASK_ENVS = [env_id for env_id, (entry_point, _) in BUILTIN_TASK_ENVS.items() if ".mujoco:" in entry_point]
+#: Meta-World benchmarks (the optional extra ``sb3_metarl[metaworld]``): id -> benchmark name;
+#: make with ``env_name=`` (ML1) and ``seed=`` (task generation); episodes of Meta-World's 500 steps
+METAWORLD_TASK_ENVS = {
+    "sb3_metarl/MetaWorldML1-v0": "ML1",
+    "sb3_metarl/MetaWorldML10-v0": "ML10",
+    "sb3_metarl/MetaWorldML45-v0": "ML45",
+}
 
 
 def register_envs() -> None:
@@ -33,12 +40,21 @@ def register_envs() -> None:
     for env_id, (entry_point, horizon) in BUILTIN_TASK_ENVS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, max_episode_steps=horizon)
+    for env_id, benchmark in METAWORLD_TASK_ENVS.items():
+        if env_id not in gym.registry:
+            gym.register(
+                id=env_id,
+                entry_point="sb3_metarl.tasks.meta_world:MetaWorldTaskEnv",
+                max_episode_steps=500,
+                kwargs={"benchmark": benchmark},
+            )
 
 
 register_envs()
 
 __all__ = [
     "BUILTIN_TASK_ENVS",
+    "METAWORLD_TASK_ENVS",
     "MUJOCO_TASK_ENVS",
     "EnvTaskSampler",
     "FixedTaskSampler",

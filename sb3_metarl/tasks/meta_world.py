@@ -1,0 +1,308 @@
+"""
+Meta-World's meta-learning benchmarks (ML1, ML10, ML45) as task families, and an adapter for
+Meta-World's own meta-learning evaluation protocol.
+
+Needs the optional extra: ``pip install "sb3_metarl[metaworld]"`` (metaworld 3.1.1, which pins
+mujoco 3.3.0; the MuJoCo families run on it too).
+"""
+
+import functools
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium import spaces
+
+from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
+from sb3_metarl.common.functional import FunctionalPolicy, Params
+from sb3_metarl.tasks.samplers import TaskSampler
+
+if TYPE_CHECKING:
+    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient
+
+BENCHMARKS = ("ML1", "ML10", "ML45")
+#: Meta-World's episode length (``max_path_length`` of its envs)
+METAWORLD_HORIZON = 500
+
+
+def _import_metaworld() -> Any:
+    try:
+        import metaworld
+    except ImportError as error:
+        raise ImportError(
+            'Meta-World is not installed: pip install "sb3_metarl[metaworld]" (metaworld==3.1.1, with mujoco==3.3.0).'
+        ) from error
+    return metaworld
+
+
+def make_benchmark(benchmark: str = "ML1", env_name: str | None = "reach-v3", seed: int = 0) -> Any:
+    """
+    Meta-World's benchmark object, made once per process and arguments: making one instantiates
+    every env class of the benchmark to draw its goals (seconds for ML10, most of a minute for ML45).
+
+    :param benchmark: "ML1", "ML10" or "ML45"
+    :param env_name: the Meta-World env of ML1 (e.g. "reach-v3", "push-v3", "pick-place-v3"); None for ML10 / ML45
+    :param seed: the seed of Meta-World's task (goal) generation
+    :return: the ``metaworld.Benchmark`` (shared: do not modify it)
+    """
+    return _make_benchmark(benchmark, env_name, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_benchmark(benchmark: str, env_name: str | None, seed: int) -> Any:
+    """
+    :param benchmark: "ML1", "ML10" or "ML45"
+    :param env_name: the Meta-World env of ML1 (e.g. "reach-v3", "push-v3", "pick-place-v3"); None for ML10 / ML45
+    :param seed: the seed of Meta-World's task (goal) generation
+    :return: the ``metaworld.Benchmark``
+    """
+    metaworld = _import_metaworld()
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark: unknown Meta-World benchmark {benchmark!r}; use one of {list(BENCHMARKS)}.")
+    if benchmark == "ML1":
+        if env_name not in metaworld.ML1.ENV_NAMES:
+            raise ValueError(f"env_name: {env_name!r} is not a Meta-World v3 env; ML1 takes one of {metaworld.ML1.ENV_NAMES}.")
+        return metaworld.ML1(env_name, seed=seed)
+    if env_name is not None:
+        raise ValueError(f"env_name: {benchmark} has fixed train and test envs; pass env_name=None.")
+    return getattr(metaworld, benchmark)(seed=seed)
+
+
+def split_tasks(benchmark: Any, split: str) -> list[Any]:
+    """:return: the benchmark's ``train_tasks`` or ``test_tasks``"""
+    if split not in ("train", "test"):
+        raise ValueError(f"split: must be 'train' or 'test', got {split!r}.")
+    return list(benchmark.train_tasks if split == "train" else benchmark.test_tasks)
+
+
+class MetaWorldTaskEnv(gym.Env):
+    """
+    One env that runs any task of a Meta-World ML benchmark, train or test split: ``set_task``
+    switches to the task's Meta-World env class (one instance per class, made when first needed)
+    and calls Meta-World's own ``set_task``. ``sample_tasks`` draws from the training tasks.
+    Observations are Meta-World's 39-dim vectors (goal hidden), actions are 4-dim in [-1, 1].
+    Episodes last ``max_episode_steps`` (500, Meta-World's ``max_path_length``, by default).
+
+    :param benchmark: "ML1", "ML10" or "ML45"
+    :param env_name: the env of ML1; None for ML10 / ML45
+    :param seed: seed of Meta-World's task generation (the same seed gives the same tasks everywhere)
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+
+    def __init__(self, benchmark: str = "ML1", env_name: str | None = "reach-v3", seed: int = 0):
+        if benchmark != "ML1" and env_name == "reach-v3":
+            env_name = None  # the ML1 default does not apply to the multi-env benchmarks
+        self.benchmark_name, self.env_name, self.seed = benchmark, env_name, seed
+        self.benchmark = make_benchmark(benchmark, env_name, seed)
+        self.classes = {**self.benchmark.train_classes, **self.benchmark.test_classes}
+        self.train_tasks = split_tasks(self.benchmark, "train")
+        self._envs: dict[str, gym.Env] = {}
+        self.set_task(self.train_tasks[0])
+        self.observation_space = spaces.Box(-np.inf, np.inf, self._active.observation_space.shape, np.float64)
+        self.action_space = self._active.action_space
+
+    def _env(self, env_name: str) -> gym.Env:
+        if env_name not in self._envs:
+            env = self.classes[env_name]()
+            env.seed(self.seed)
+            self._envs[env_name] = env
+        return self._envs[env_name]
+
+    def set_task(self, task: Any) -> None:
+        """
+        :param task: a ``metaworld.Task`` of this benchmark (train or test split)
+        """
+        env_name = getattr(task, "env_name", None)
+        if env_name not in self.classes or not hasattr(task, "data"):
+            raise ValueError(
+                f"task: expected a metaworld.Task of {self.benchmark_name} (envs {sorted(self.classes)}), got {task!r:.80}; "
+                "draw tasks with sample_tasks() or MetaWorldTaskSampler."
+            )
+        env = self._env(env_name)
+        env.set_task(task)
+        self._active, self._task = env, task
+
+    def get_task(self) -> Any:
+        return self._task
+
+    def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[Any]:
+        """:return: ``n`` tasks drawn uniformly (with replacement) from the training tasks"""
+        rng = self.np_random if rng is None else rng
+        return [self.train_tasks[i] for i in rng.integers(len(self.train_tasks), size=n)]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            for env in self._envs.values():
+                env.seed(seed)
+        return self._active.reset()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self._active.step(action)
+        return obs, float(reward), terminated, truncated, info
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+
+
+class MetaWorldTaskSampler(TaskSampler):
+    """
+    Meta-World's own task lists: ``train_tasks`` (meta-training) or ``test_tasks`` (held-out goals
+    for ML1, held-out envs for ML10 / ML45), drawn uniformly with replacement.
+
+    :param benchmark: "ML1", "ML10" or "ML45"
+    :param env_name: the env of ML1; None for ML10 / ML45
+    :param split: "train" or "test"
+    :param seed: seed of Meta-World's task generation (use the env's)
+    """
+
+    def __init__(self, benchmark: str = "ML1", env_name: str | None = "reach-v3", split: str = "train", seed: int = 0):
+        if benchmark != "ML1" and env_name == "reach-v3":
+            env_name = None
+        self.benchmark, self.env_name, self.split, self.seed = benchmark, env_name, split, seed
+        self.tasks = split_tasks(make_benchmark(benchmark, env_name, seed), split)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Any]:
+        return [self.tasks[i] for i in rng.integers(len(self.tasks), size=n)]
+
+
+class MetaWorldAgent:
+    """
+    The ``metaworld.evaluation.MetaLearningAgent`` protocol over a trained ``MetaPolicyGradient``:
+    ``init`` starts every sub-env from the meta-learned parameters, ``adapt_action`` samples from the
+    current per-env parameters, ``step`` stores the transitions, ``adapt`` takes one inner step per
+    sub-env on its first ``adaptation_episodes`` complete episodes (the model's gradient mode,
+    inner learning rate, baseline and discount), and ``eval_action`` returns the adapted policy's
+    mean action (``deterministic=True``) or a sample.
+
+    :param model: the meta-trained model
+    :param num_envs: number of sub-envs of the evaluation vector env
+    :param adaptation_episodes: episodes per sub-env that each inner step uses
+    :param deterministic: act with the mean action at evaluation
+    """
+
+    def __init__(self, model: "MetaPolicyGradient", num_envs: int, adaptation_episodes: int, deterministic: bool = True):
+        self.model, self.num_envs, self.adaptation_episodes = model, num_envs, adaptation_episodes
+        self.deterministic = deterministic
+        self.init()
+
+    def init(self) -> None:
+        theta = FunctionalPolicy.expand(self.model.functional_policy.parameters(), self.num_envs)
+        self.params: Params = {n: p.detach() for n, p in theta.items()}
+        self._clear()
+
+    def _clear(self) -> None:
+        self._current: list[list[tuple]] = [[] for _ in range(self.num_envs)]
+        self._episodes: list[list[list[tuple]]] = [[] for _ in range(self.num_envs)]
+
+    def _distribution(self, observations: np.ndarray) -> Any:
+        obs = th.as_tensor(np.asarray(observations), dtype=th.float32, device=self.model.device)
+        with th.no_grad():
+            return self.model.functional_policy.distribution(self.params, obs.reshape(self.num_envs, 1, -1))
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        dist = self._distribution(observations)
+        with th.no_grad():
+            actions = dist.get_actions()
+            log_probs = dist.log_prob(actions)
+        raw = actions.cpu().numpy()
+        aux = {"raw_actions": raw, "log_probs": log_probs.cpu().numpy()}
+        return np.clip(raw, self.model.action_space.low, self.model.action_space.high), aux
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        dist = self._distribution(observations)
+        with th.no_grad():
+            actions = dist.get_actions(deterministic=self.deterministic).cpu().numpy()
+        return np.clip(actions, self.model.action_space.low, self.model.action_space.high)
+
+    def step(self, timestep: Any) -> None:
+        done = np.logical_or(timestep.terminated, timestep.truncated)
+        aux = timestep.aux_policy_outputs
+        for i in range(self.num_envs):
+            self._current[i].append(
+                (timestep.observation[i], aux["raw_actions"][i], float(timestep.reward[i]), aux["log_probs"][i])
+            )
+            if done[i]:
+                self._episodes[i].append(self._current[i])
+                self._current[i] = []
+
+    def _batch(self) -> EpisodeBatch:
+        episodes = [env_episodes[: self.adaptation_episodes] for env_episodes in self._episodes]
+        if min(len(e) for e in episodes) < self.adaptation_episodes:
+            raise ValueError(f"adapt: every sub-env needs {self.adaptation_episodes} complete episodes before adapting.")
+        horizon = max(len(episode) for env_episodes in episodes for episode in env_episodes)
+        model = self.model
+        buffer = TaskRolloutBuffer(
+            horizon, self.num_envs, self.adaptation_episodes, model.observation_space, model.action_space, model.device
+        )
+        for task, env_episodes in enumerate(episodes):
+            for e, episode in enumerate(env_episodes):
+                column = np.array([task * self.adaptation_episodes + e])
+                for t, (obs, action, reward, log_prob) in enumerate(episode):
+                    buffer.add_step(t, column, obs[None], action[None], np.array([reward]), np.array([log_prob]))
+        return self.model._compute_weights(buffer.to_batch())
+
+    def adapt(self) -> None:
+        self.params = self.model._adapt_step(self.params, self._batch())
+        self._clear()
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        """The policy is memoryless: nothing to reset."""
+
+
+def metaworld_evaluation(
+    model: "MetaPolicyGradient",
+    benchmark: str = "ML1",
+    env_name: str | None = "reach-v3",
+    seed: int = 0,
+    meta_batch_size: int = 20,
+    num_evals: int = 10,
+    adaptation_steps: int = 1,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+    max_episode_steps: int | None = None,
+    deterministic: bool = True,
+) -> dict[str, Any]:
+    """
+    Meta-World's own meta-learning evaluation (``metaworld.evaluation.metalearning_evaluation``)
+    on the benchmark's test split, with ``MetaWorldAgent`` adapting the model.
+
+    :param model: the meta-trained model
+    :param benchmark: "ML1", "ML10" or "ML45"
+    :param env_name: the env of ML1; None for ML10 / ML45
+    :param seed: seed of Meta-World's task generation and of its evaluation envs
+    :param meta_batch_size: sub-envs of the evaluation vector env (a multiple of the number of test envs)
+    :param num_evals: evaluation rounds, each on freshly drawn test tasks
+    :param adaptation_steps: inner steps before the evaluation episodes
+    :param adaptation_episodes: episodes per sub-env and inner step
+    :param evaluation_episodes: evaluation episodes per sub-env (ending on success, as Meta-World does)
+    :param max_episode_steps: episode length (default: Meta-World's 500)
+    :param deterministic: evaluate the adapted policies' mean actions
+    :return: ``success_rate``, ``mean_return`` and ``success_rate_per_task`` as Meta-World computes them
+    """
+    metaworld = _import_metaworld()
+    from metaworld.evaluation import metalearning_evaluation
+
+    if benchmark != "ML1" and env_name == "reach-v3":
+        env_name = None
+    make_benchmark(benchmark, env_name, seed)  # validate the arguments with our errors
+    name = env_name if benchmark == "ML1" else benchmark
+    extra = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+    envs = metaworld.make_ml_envs_test(name, seed=seed, meta_batch_size=meta_batch_size, **extra)
+    try:
+        agent = MetaWorldAgent(model, envs.num_envs, adaptation_episodes, deterministic)
+        with th.random.fork_rng():
+            th.manual_seed(seed)
+            success_rate, mean_return, per_task = metalearning_evaluation(
+                agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes
+            )
+    finally:
+        envs.close()
+    return {
+        "success_rate": float(success_rate),
+        "mean_return": float(mean_return),
+        "success_rate_per_task": {k: float(v) for k, v in per_task.items()},
+    }

@@ -1,0 +1,157 @@
+"""Meta-World benchmarks (optional extra): env checkers, task switching, sampler splits, training, evaluation."""
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.tasks import METAWORLD_TASK_ENVS
+
+metaworld = pytest.importorskip("metaworld", reason='Meta-World is an optional extra: pip install "sb3_metarl[metaworld]"')
+
+from metaworld.evaluation import Timestep  # noqa: E402
+
+from sb3_metarl.tasks.meta_world import (  # noqa: E402
+    MetaWorldAgent,
+    MetaWorldTaskEnv,
+    MetaWorldTaskSampler,
+    make_benchmark,
+    metaworld_evaluation,
+)
+
+SHORT = dict(max_episode_steps=20)
+
+
+@pytest.mark.parametrize("env_id", list(METAWORLD_TASK_ENVS))
+def test_benchmark_envs_pass_checkers_for_several_tasks(env_id):
+    env = gym.make(env_id)
+    assert env.spec.max_episode_steps == 500
+    tasks = env.unwrapped.sample_tasks(2, rng=np.random.default_rng(0))
+    for task in tasks:
+        env.unwrapped.set_task(pickle.loads(pickle.dumps(task)))
+        assert env.unwrapped.get_task().env_name == task.env_name
+        check_env(env.unwrapped, warn=False)
+        gym_check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_set_task_switches_env_class_and_goal():
+    env = MetaWorldTaskEnv("ML10", None, seed=0)
+    reach = next(t for t in env.train_tasks if t.env_name == "reach-v3")
+    push = next(t for t in env.train_tasks if t.env_name == "push-v3")
+    env.set_task(reach)
+    assert type(env._active).__name__ == "SawyerReachEnvV3"
+    env.set_task(push)
+    assert type(env._active).__name__ == "SawyerPushEnvV3"
+    # test tasks (held-out envs) are accepted too, for meta-testing
+    test_task = make_benchmark("ML10", None, 0).test_tasks[0]
+    env.set_task(test_task)
+    assert env.get_task() is test_task
+    # two goals of reach give different rewards for the same actions
+    rewards = []
+    for task in [t for t in env.train_tasks if t.env_name == "reach-v3"][:2]:
+        env.set_task(task)
+        env.reset(seed=0)
+        rewards.append([env.step(np.full(4, 0.5, dtype=np.float32))[1] for _ in range(5)])
+    assert not np.allclose(rewards[0], rewards[1])
+
+
+def test_bad_arguments_and_foreign_tasks_raise():
+    with pytest.raises(ValueError, match="env_name"):
+        make_benchmark("ML1", "not-an-env-v3")
+    with pytest.raises(ValueError, match="benchmark"):
+        make_benchmark("ML7", None)
+    with pytest.raises(ValueError, match="split"):
+        MetaWorldTaskSampler("ML1", "reach-v3", split="validation")
+    env = MetaWorldTaskEnv("ML1", "reach-v3")
+    push = make_benchmark("ML1", "push-v3").train_tasks[0]
+    with pytest.raises(ValueError, match="task"):
+        env.set_task(push)
+    with pytest.raises(ValueError, match="task"):
+        env.set_task(0.5)
+
+
+def test_sampler_draws_from_metaworld_train_and_test_tasks():
+    benchmark = make_benchmark("ML10", None, seed=0)
+    train = MetaWorldTaskSampler("ML10", None, split="train", seed=0)
+    test = MetaWorldTaskSampler("ML10", None, split="test", seed=0)
+    rng = np.random.default_rng(0)
+    drawn_train, drawn_test = train.sample(50, rng), test.sample(50, rng)
+    assert {t.env_name for t in drawn_train} <= set(benchmark.train_classes)
+    assert {t.env_name for t in drawn_test} <= set(benchmark.test_classes)
+    assert all(t in benchmark.train_tasks for t in drawn_train[:5])
+    assert len({t.env_name for t in drawn_train}) > 5
+
+
+def test_meta_training_logs_success_rates_and_runs_in_subprocesses():
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/MetaWorldML1-v0",
+        env_kwargs=dict(env_name="reach-v3", **SHORT),
+        vec_env_cls=SubprocVecEnv,
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        inner_lr=1e-4,
+        seed=0,
+    )
+    model.learn(1, log_interval=None)  # never dumped: the recorded values stay readable
+    recorded = model.logger.name_to_value
+    assert 0.0 <= recorded["rollout/post_adaptation_success_rate"] <= 1.0
+    assert "rollout/pre_adaptation_success_rate" in recorded
+    table = model.evaluate_adaptation(
+        tasks=MetaWorldTaskSampler("ML1", "reach-v3", split="test").sample(2, np.random.default_rng(0)), inner_steps=1
+    )
+    assert table["success_rate"].shape == (2,) and np.isfinite(table["mean"]).all()
+    model.env.close()
+
+
+def test_buffer_success_is_any_step_success():
+    buffer = TaskRolloutBuffer(3, 1, 2, gym.spaces.Box(-1, 1, (1,)), gym.spaces.Box(-1, 1, (1,)), "cpu")
+    buffer.add_successes(np.array([0, 1]), np.array([0.0, 1.0]))
+    buffer.add_successes(np.array([0, 1]), np.array([0.0, 0.0]))
+    buffer.add_successes(np.array([0]), np.array([1.0]))
+    assert buffer.to_batch().successes.tolist() == [[1.0, 1.0]]
+
+
+def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/MetaWorldML1-v0",
+        env_kwargs=dict(env_name="reach-v3", **SHORT),
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        inner_lr=1e-3,
+        baseline=None,  # a linear baseline would fit one 3-step episode exactly: no advantage left
+        seed=0,
+    )
+    agent = MetaWorldAgent(model, num_envs=2, adaptation_episodes=1)
+    before = {n: p.clone() for n, p in agent.params.items()}
+    rng = np.random.default_rng(0)
+    for t in range(3):
+        observations = rng.normal(size=(2, 39))
+        actions, aux = agent.adapt_action(observations)
+        assert actions.shape == (2, 4) and np.all(np.abs(actions) <= 1)
+        done = np.array([t == 2, t == 2])
+        agent.step(Timestep(observations, actions, rng.normal(size=2), done, done, aux))
+    batch = agent._batch()
+    assert batch.masks.shape == (2, 1, 3)
+    expected = model._adapt_step(before, batch)
+    agent.adapt()
+    for name in expected:
+        th.testing.assert_close(agent.params[name], expected[name])
+    assert any(not th.equal(before[n], agent.params[n]) for n in before)
+    assert agent._episodes == [[], []]
+
+    result = metaworld_evaluation(
+        model, "ML1", "reach-v3", meta_batch_size=2, num_evals=1, adaptation_episodes=1, evaluation_episodes=1, **SHORT
+    )
+    assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["mean_return"])
+    assert set(result["success_rate_per_task"]) == {"reach-v3"}
