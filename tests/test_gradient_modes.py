@@ -154,3 +154,32 @@ def test_registry_and_errors():
         make_gradient_mode("reinforce")
     with pytest.raises(ValueError, match="dice_lambda"):
         LoadedDiCE(1.5)
+
+
+def test_sf_score_term_follows_the_standardized_advantages_scale():
+    """With normalize_advantage the outer term is divided by the per-task std; the score term must be too."""
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/Navigation2D-v0",
+        gradient_mode="sf",
+        normalize_advantage=True,
+        meta_batch_size=2,
+        inner_episodes=3,
+        outer_episodes=3,
+        seed=0,
+    )
+    params = FunctionalPolicy.expand(model.functional_policy.parameters(), 2)
+    tasks = model._task_sampler.sample(2, np.random.default_rng(0))
+    inner, outer = model._rollout(tasks, params, 3), model._rollout(tasks, params, 3)
+    go = outer.rewards * (0.99 ** th.arange(outer.rewards.shape[-1]))
+    scale = outer.advantage_scale
+    assert scale.shape == (2,) and th.all(scale > 0) and not th.allclose(scale, th.ones(2))
+    log_prob = model._log_prob(params, inner)
+    inner.log_probs = log_prob.detach()
+    correction = make_gradient_mode("sf").correction([log_prob], [inner], outer)
+    grads = th.autograd.grad(correction.sum(), list(params.values()), allow_unused=True, retain_graph=True)
+    value = go.sum(-1).mean(1) * scale
+    expected = th.autograd.grad((value.detach() * log_prob.sum((1, 2))).sum(), list(params.values()), allow_unused=True)
+    for got, want in zip(grads, expected):
+        if want is not None:
+            th.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

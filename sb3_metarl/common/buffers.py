@@ -130,6 +130,8 @@ class EpisodeBatch:
     discounted_baseline: th.Tensor | None = None
     #: R(tau) = sum_t gamma^t r_t, (B, E)
     discounted_returns: th.Tensor | None = None
+    #: the per-task factor the advantages were multiplied by (1 / std with ``normalize_advantage``, else 1), (B,)
+    advantage_scale: th.Tensor | None = None
     #: R(tau) minus a per-task constant (the batch mean when a baseline is used), (B, E)
     trajectory_advantages: th.Tensor | None = None
 
@@ -191,9 +193,10 @@ class EpisodeBatch:
         advantages = generalized_advantages(self.rewards, values, self.masks, gamma, gae_lambda)
         returns = go[..., 0]
         trajectory_advantages = returns - returns.mean(dim=1, keepdim=True) if baseline is not None else returns
+        self.advantage_scale = th.ones(self.n_tasks, device=self.masks.device)
         if normalize_advantage:
-            advantages = _standardize(advantages, self.masks)
-            trajectory_advantages = _standardize(trajectory_advantages, th.ones_like(trajectory_advantages))
+            advantages, self.advantage_scale = _standardize(advantages, self.masks)
+            trajectory_advantages, _ = _standardize(trajectory_advantages, th.ones_like(trajectory_advantages))
         discounts = step_discounts(self.masks.shape[-1], gamma, self.masks.device)
         self.advantages = discounts * advantages * self.masks
         self.discounted_rewards = discounts * self.rewards
@@ -203,10 +206,11 @@ class EpisodeBatch:
         return self
 
 
-def _standardize(values: th.Tensor, masks: th.Tensor) -> th.Tensor:
-    """Standardize per task (dim 0) over the valid entries."""
+def _standardize(values: th.Tensor, masks: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """:return: ``values`` standardized per task (dim 0) over the valid entries, and the per-task factor 1 / std (B,)"""
     dims = tuple(range(1, values.dim()))
     count = masks.sum(dim=dims, keepdim=True).clamp(min=1)
     mean = (values * masks).sum(dim=dims, keepdim=True) / count
     var = (((values - mean) * masks) ** 2).sum(dim=dims, keepdim=True) / count
-    return (values - mean) / (var.sqrt() + 1e-8) * masks
+    scale = 1.0 / (var.sqrt() + 1e-8)
+    return (values - mean) * scale * masks, scale.reshape(-1)
