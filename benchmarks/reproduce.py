@@ -70,45 +70,39 @@ def suite_configs(
     return configs
 
 
+def _literature_kwargs(tasks: int, episodes: int, horizon: int, quick: bool) -> dict[str, Any]:
+    """
+    B tasks x N = M episodes, and pytorch-maml-rl's inner lr 0.1 on the per-step mean of the
+    surrogate with standardized advantages, which is 0.1 / horizon on our per-episode sum.
+    """
+    kwargs: dict[str, Any] = dict(
+        meta_batch_size=tasks,
+        inner_episodes=episodes,
+        outer_episodes=episodes,
+        inner_lr=0.1 / horizon,
+        normalize_advantage=True,
+    )
+    if quick:
+        kwargs.update(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[8]))
+    return kwargs
+
+
 def _suite_configs(suite: str, seeds: list[int], iterations: int, quick: bool) -> list[RunConfig]:
     if suite == "navigation":
-        kwargs = dict(
-            meta_batch_size=20,
-            inner_episodes=20,
-            outer_episodes=20,
-            inner_lr=0.1 / 100,
-            normalize_advantage=True,
-        )
+        grid = [(NAVIGATION, mode, "trpo") for mode in ["sf", "lsf", "lvc", "maml"]]
+        kwargs = _literature_kwargs(20, 20, 100, quick)
+    elif suite == "halfcheetah":
+        grid = [(env_id, mode, opt) for env_id in CHEETAH_ENVS for opt in ["trpo", "ppo"] for mode in ["lsf", "lvc", "maml"]]
+        kwargs = _literature_kwargs(40, 20, 200, quick)
         if quick:
-            kwargs.update(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[8]))
-        return [
-            RunConfig(
-                NAVIGATION, mode, "trpo", seed, iterations, {**kwargs, "meta_optimizer_kwargs": OPTIMIZER_KWARGS["trpo"]}
-            )
-            for mode in ["sf", "lsf", "lvc", "maml"]
-            for seed in seeds
-        ]
-    if suite == "halfcheetah":
-        kwargs = dict(
-            meta_batch_size=40,
-            inner_episodes=20,
-            outer_episodes=20,
-            inner_lr=0.1 / 200,
-            normalize_advantage=True,
-        )
-        if quick:
-            kwargs.update(meta_batch_size=2, inner_episodes=1, outer_episodes=1, policy_kwargs=dict(net_arch=[8]))
             kwargs["env_kwargs"] = dict(max_episode_steps=10)
-        return [
-            RunConfig(
-                env_id, mode, optimizer, seed, iterations, {**kwargs, "meta_optimizer_kwargs": OPTIMIZER_KWARGS[optimizer]}
-            )
-            for env_id in CHEETAH_ENVS
-            for optimizer in ["trpo", "ppo"]
-            for mode in ["lsf", "lvc", "maml"]
-            for seed in seeds
-        ]
-    raise ValueError(f"--suite: unknown suite {suite!r}; use navigation or halfcheetah.")
+    else:
+        raise ValueError(f"--suite: unknown suite {suite!r}; use navigation or halfcheetah.")
+    return [
+        RunConfig(env_id, mode, opt, seed, iterations, {**kwargs, "meta_optimizer_kwargs": OPTIMIZER_KWARGS[opt]})
+        for env_id, mode, opt in grid
+        for seed in seeds
+    ]
 
 
 def run(config: RunConfig, eval_tasks: int, eval_seed: int) -> dict[str, Any]:
