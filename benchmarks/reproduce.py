@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 NAVIGATION = "sb3_metarl/Navigation2D-v0"
+#: the meta_optimizer label of the reference runs without meta-training
+UNTRAINED = "untrained"
 CHEETAH_ENVS = ["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/HalfCheetahDir-v0"]
 #: pytorch-maml-rl's TRPO (max KL 0.01, damping 1e-5, 10 CG iterations, line search 0.8 x 15) and
 #: ProMP's PPO (5 epochs, clip 0.3, inner KL target 0.01, initial penalty 5e-4, Adam at 1e-3)
@@ -98,11 +100,17 @@ def _suite_configs(suite: str, seeds: list[int], iterations: int, quick: bool) -
             kwargs["env_kwargs"] = dict(max_episode_steps=10)
     else:
         raise ValueError(f"--suite: unknown suite {suite!r}; use navigation or halfcheetah.")
-    return [
+    trained = [
         RunConfig(env_id, mode, opt, seed, iterations, {**kwargs, "meta_optimizer_kwargs": OPTIMIZER_KWARGS[opt]})
         for env_id, mode, opt in grid
         for seed in seeds
     ]
+    # the reference rows: the initial policy adapted with each mode's inner step (no meta-training)
+    untrained = [
+        RunConfig(env_id, mode, UNTRAINED, seeds[0], 0, dict(kwargs))
+        for env_id, mode in dict.fromkeys((e, m) for e, m, _ in grid)
+    ]
+    return untrained + trained
 
 
 def run(config: RunConfig, eval_tasks: int, eval_seed: int) -> dict[str, Any]:
@@ -131,7 +139,7 @@ def run(config: RunConfig, eval_tasks: int, eval_seed: int) -> dict[str, Any]:
         "MlpPolicy",
         config.env_id,
         gradient_mode=config.gradient_mode,
-        meta_optimizer=config.meta_optimizer,
+        meta_optimizer="adam" if config.meta_optimizer == UNTRAINED else config.meta_optimizer,
         seed=config.seed,
         **config.kwargs,
     )
@@ -140,7 +148,8 @@ def run(config: RunConfig, eval_tasks: int, eval_seed: int) -> dict[str, Any]:
     start = time.time()
     status = "ok"
     try:
-        model.learn(timesteps, callback=RecordCurve())
+        if timesteps > 0:
+            model.learn(timesteps, callback=RecordCurve())
     except FloatingPointError as error:
         status = f"diverged: {error}"
     train_seconds = time.time() - start

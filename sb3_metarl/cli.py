@@ -9,6 +9,7 @@ from typing import Any
 
 from sb3_metarl.gradient_modes import GRADIENT_MODES
 from sb3_metarl.hyperparams import default_hyperparams
+from sb3_metarl.meta_optimizers import META_OPTIMIZERS
 from sb3_metarl.meta_pg import MetaPolicyGradient, format_adaptation_table
 
 DEFAULT_ENV = "sb3_metarl/Navigation2D-v0"
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="meta-train, then print returns before and after adaptation")
     train.add_argument("--env", default=DEFAULT_ENV, help="registered env id of a task family")
     train.add_argument("--gradient-mode", default="lsf", choices=sorted(GRADIENT_MODES))
+    train.add_argument("--meta-optimizer", default=None, choices=sorted(META_OPTIMIZERS), help="default: the env's (adam)")
     train.add_argument("--timesteps", type=int, default=None, help="environment steps (default: per-env)")
     train.add_argument("--save-path", default=None, help="where to save the model (.zip)")
     train.add_argument("--hyperparams", nargs="*", default=[], metavar="KEY=VALUE", help="MetaPolicyGradient arguments")
@@ -62,6 +64,8 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
     timesteps, kwargs = default_hyperparams(args.env)
     kwargs.update(parse_hyperparams(args.hyperparams))
     kwargs["gradient_mode"] = args.gradient_mode
+    if args.meta_optimizer is not None:
+        kwargs["meta_optimizer"] = args.meta_optimizer
     policy = kwargs.pop("policy", "MlpPolicy")
     model = MetaPolicyGradient(policy, args.env, seed=args.seed, verbose=args.verbose, device=args.device, **kwargs)
     before = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.seed + 1)

@@ -49,11 +49,17 @@ def test_reproduce_quick_run_writes_table_csv_and_curves(suite, tmp_path, capsys
     assert all(f"| {mode} |" in table for mode in modes)
     assert (tmp_path / f"reproduce_{suite}.png").stat().st_size > 0
     runs = [json.loads(line) for line in (tmp_path / f"reproduce_{suite}_runs.jsonl").read_text().splitlines()]
-    assert len(runs) == len(modes) * 2 * (1 if suite == "navigation" else 4)
-    assert all(len(run["returns"]) == 4 and run["iterations"] >= 2 for run in runs)
+    envs, optimizers = (1, 1) if suite == "navigation" else (2, 2)
+    trained = [run for run in runs if run["config"]["meta_optimizer"] != "untrained"]
+    assert len(trained) == len(modes) * 2 * envs * optimizers
+    assert len(runs) - len(trained) == len(modes) * envs  # one untrained reference per env and mode
+    assert all(len(run["returns"]) == 4 for run in runs)
+    assert all(run["iterations"] >= 2 for run in trained)
+    assert all(run["iterations"] == 0 and run["timesteps"] == 0 for run in runs if run not in trained)
+    assert "| untrained |" in table
     # a second invocation finds every run done and only rewrites the summaries
     capsys.readouterr()
     main(["--suite", suite, "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
     assert '"key"' not in capsys.readouterr().out
-    summary = _load("benchmarks/reproduce.py")["summarize"](runs)
+    summary = _load("benchmarks/reproduce.py")["summarize"](trained)
     assert all(row["seeds"] == 2 for row in summary)

@@ -33,6 +33,15 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "| 1 |" in out and "| 2 |" not in out
 
 
+def test_train_with_a_meta_optimizer(tmp_path, capsys):
+    path = str(tmp_path / "nav_trpo.zip")
+    args = ["train", "--meta-optimizer", "trpo", "--timesteps", "800", "--eval-tasks", "2", "--eval-inner-steps", "1"]
+    assert main([*args, "--no-progress-bar", "--save-path", path, "--hyperparams", *TINY]) == 0
+    from sb3_metarl import MetaPolicyGradient
+
+    assert MetaPolicyGradient.load(path).meta_optimizer == "trpo"
+
+
 def test_module_entry_point_help(capsys):
     sys_argv = sys.argv
     sys.argv = ["sb3_metarl", "--help"]
