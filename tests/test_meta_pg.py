@@ -100,10 +100,13 @@ def test_callback_can_stop_training_without_an_update():
     assert th.equal(before, _parameters(model)) and model._n_updates == 0
 
 
-def test_same_seed_same_parameters():
+@pytest.mark.parametrize("meta_optimizer", ["adam", "trpo", "ppo"])
+def test_same_seed_same_parameters(meta_optimizer):
     runs = []
     for _ in range(2):
-        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=3, **TINY)
+        model = MetaPolicyGradient(
+            "MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, meta_optimizer=meta_optimizer, seed=3, **TINY
+        )
         model.learn(1600)
         runs.append(_parameters(model))
     assert th.equal(runs[0], runs[1])
