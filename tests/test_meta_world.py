@@ -42,13 +42,16 @@ def test_benchmark_envs_pass_checkers_for_several_tasks(env_id):
 
 
 def test_set_task_switches_env_class_and_goal():
-    env = MetaWorldTaskEnv("ML10", None, seed=0)
+    env = MetaWorldTaskEnv("ML10", None, seed=0, max_cached_envs=2)
     reach = next(t for t in env.train_tasks if t.env_name == "reach-v3")
     push = next(t for t in env.train_tasks if t.env_name == "push-v3")
     env.set_task(reach)
     assert type(env._active).__name__ == "SawyerReachEnvV3"
     env.set_task(push)
     assert type(env._active).__name__ == "SawyerPushEnvV3"
+    assert list(env._envs) == ["reach-v3", "push-v3"]  # at most two instances, least recently used dropped
+    env.set_task(next(t for t in env.train_tasks if t.env_name == "door-open-v3"))
+    assert list(env._envs) == ["push-v3", "door-open-v3"]
     # test tasks (held-out envs) are accepted too, for meta-testing
     test_task = make_benchmark("ML10", None, 0).test_tasks[0]
     env.set_task(test_task)
@@ -75,6 +78,8 @@ def test_bad_arguments_and_foreign_tasks_raise():
         env.set_task(push)
     with pytest.raises(ValueError, match="task"):
         env.set_task(0.5)
+    with pytest.raises(ValueError, match="max_cached_envs"):
+        MetaWorldTaskEnv("ML1", "reach-v3", max_cached_envs=0)
 
 
 def test_sampler_draws_from_metaworld_train_and_test_tasks():
