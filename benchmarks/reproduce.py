@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=100, help="meta-iterations per run")
     parser.add_argument("--eval-tasks", type=int, default=40)
     parser.add_argument("--only", nargs="*", default=None, metavar="MODE/OPTIMIZER", help="restrict to these")
+    parser.add_argument("--envs", nargs="*", default=None, metavar="ENV_ID", help="restrict to these env ids")
     parser.add_argument("--meta-batch-size", type=int, default=None, help="tasks per iteration (default: the suite's)")
     parser.add_argument("--episodes", type=int, default=None, help="inner and outer episodes (default: the suite's)")
     parser.add_argument("--quick", action="store_true", help="tiny batches and 2 iterations (CI)")
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = suite_configs(args.suite, args.seeds, iterations, args.quick, overrides)
     if args.only:
         configs = [c for c in configs if f"{c.gradient_mode}/{c.meta_optimizer}" in args.only]
+    if args.envs:
+        configs = [c for c in configs if c.env_id in args.envs]
     os.makedirs(args.out, exist_ok=True)
     runs_path = os.path.join(args.out, f"reproduce_{args.suite}_runs.jsonl")
     done = load_runs(runs_path)
