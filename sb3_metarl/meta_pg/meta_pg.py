@@ -445,8 +445,11 @@ class MetaPolicyGradient(BaseAlgorithm):
         Per-task meta-gradient of another gradient mode on the episodes of ``sample``, without new
         sampling. The inner batches were drawn with the parameters adapted by ``sample``'s own mode;
         where ``mode``'s inner step has a different value (``lsf`` against the advantage-weighted
-        modes, ``loaded_dice`` with lambda < 1), the samples are slightly off-policy for it, and no
-        importance correction is made: a diagnostic, not a training signal.
+        modes, ``loaded_dice`` with lambda < 1), the samples of later inner steps and the outer
+        samples are slightly off-policy for it. Its magic boxes and LVC ratios then weigh the later
+        inner samples by their importance weights (they are taken against the stored sampling
+        log-likelihoods); the policy-gradient terms get no correction: a diagnostic, not a training
+        signal. With one inner step the inner samples are on-policy for every mode.
 
         :param sample: a meta-iteration's samples (``learn`` passes it to callbacks as ``locals["sample"]``)
         :param mode: the gradient mode to evaluate
