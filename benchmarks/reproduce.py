@@ -207,7 +207,10 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
-        cells = " | ".join(f"{row[f'mean_{k}']:.1f} ± {row[f'std_{k}']:.1f}" for k in range(4))
+        if row["seeds"] > 1:
+            cells = " | ".join(f"{row[f'mean_{k}']:.1f} ± {row[f'std_{k}']:.1f}" for k in range(4))
+        else:  # one run: no spread over seeds to show
+            cells = " | ".join(f"{row[f'mean_{k}']:.1f}" for k in range(4))
         lines.append(
             f"| {row['env']} | {row['mode']} | {row['meta_optimizer']} | {row['seeds']} | {row['iterations']} "
             f"| {row['timesteps'] / 1e6:.1f}M | {row['train_minutes']} | {cells} |"
