@@ -160,3 +160,13 @@ def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
     )
     assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["mean_return"])
     assert set(result["success_rate_per_task"]) == {"reach-v3"}
+
+
+def test_metaworld_example_runs(capsys):
+    import runpy
+
+    main = runpy.run_path("examples/metaworld_ml1.py", run_name="example")["main"]
+    args = "--iterations 1 --meta-batch-size 2 --episodes 2 --num-evals 1 --adaptation-episodes 1 --max-episode-steps 20"
+    main(args.split())
+    out = capsys.readouterr().out
+    assert "| after meta-training |" in out and "| 1 |" in out
