@@ -170,3 +170,24 @@ def test_metaworld_example_runs(capsys):
     main(args.split())
     out = capsys.readouterr().out
     assert "| after meta-training |" in out and "| 1 |" in out
+
+
+@pytest.mark.parametrize("env_id", ["sb3_metarl/MetaWorldML10-v0", "sb3_metarl/MetaWorldML45-v0"])
+def test_meta_training_smoke_on_the_multi_env_benchmarks(env_id):
+    """One sub-env per task (episodes in waves), as the README recommends for ML10 / ML45."""
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        env_id,
+        env_kwargs=dict(max_episode_steps=10),
+        n_envs=2,
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        inner_lr=1e-4,
+        seed=0,
+    )
+    before = th.cat([p.detach().flatten() for p in model.policy.parameters()])
+    model.learn(80, log_interval=None)
+    assert model._n_updates == 1 and model.num_timesteps == 80
+    assert 0.0 <= model.logger.name_to_value["rollout/post_adaptation_success_rate"] <= 1.0
+    assert not th.equal(before, th.cat([p.detach().flatten() for p in model.policy.parameters()]))
