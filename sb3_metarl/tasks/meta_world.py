@@ -37,6 +37,11 @@ def _import_metaworld() -> Any:
     return metaworld
 
 
+def resolve_env_name(benchmark: str, env_name: str | None) -> str | None:
+    """:return: ``env_name``, or None for ML10 / ML45 when it is only ML1's default ("reach-v3")"""
+    return None if benchmark != "ML1" and env_name == "reach-v3" else env_name
+
+
 def make_benchmark(benchmark: str = "ML1", env_name: str | None = "reach-v3", seed: int = 0) -> Any:
     """
     Meta-World's benchmark object, made once per process and arguments: making one instantiates
@@ -99,8 +104,7 @@ class MetaWorldTaskEnv(gym.Env):
         if max_cached_envs < 1:
             raise ValueError(f"max_cached_envs: must be >= 1, got {max_cached_envs}.")
         self.max_cached_envs = max_cached_envs
-        if benchmark != "ML1" and env_name == "reach-v3":
-            env_name = None  # the ML1 default does not apply to the multi-env benchmarks
+        env_name = resolve_env_name(benchmark, env_name)
         self.benchmark_name, self.env_name, self.seed = benchmark, env_name, seed
         self.benchmark = make_benchmark(benchmark, env_name, seed)
         self.classes = {**self.benchmark.train_classes, **self.benchmark.test_classes}
@@ -171,8 +175,7 @@ class MetaWorldTaskSampler(TaskSampler):
     """
 
     def __init__(self, benchmark: str = "ML1", env_name: str | None = "reach-v3", split: str = "train", seed: int = 0):
-        if benchmark != "ML1" and env_name == "reach-v3":
-            env_name = None
+        env_name = resolve_env_name(benchmark, env_name)
         self.benchmark, self.env_name, self.split, self.seed = benchmark, env_name, split, seed
         self.tasks = split_tasks(make_benchmark(benchmark, env_name, seed), split)
 
@@ -297,8 +300,7 @@ def metaworld_evaluation(
     metaworld = _import_metaworld()
     from metaworld.evaluation import metalearning_evaluation
 
-    if benchmark != "ML1" and env_name == "reach-v3":
-        env_name = None
+    env_name = resolve_env_name(benchmark, env_name)
     make_benchmark(benchmark, env_name, seed)  # validate the arguments with our errors
     name = env_name if benchmark == "ML1" else benchmark
     extra = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
