@@ -3,6 +3,7 @@
 import os
 
 import sb3_metarl.tasks  # noqa: F401  (registers the built-in task envs)
+from sb3_metarl.common.callbacks import MetaEvalCallback
 from sb3_metarl.gradient_modes import GRADIENT_MODES, GradientMode
 from sb3_metarl.meta_pg import MetaPolicyGradient
 from sb3_metarl.tasks import EnvTaskSampler, FixedTaskSampler, TaskSampler
@@ -15,6 +16,7 @@ __all__ = [
     "EnvTaskSampler",
     "FixedTaskSampler",
     "GradientMode",
+    "MetaEvalCallback",
     "MetaPolicyGradient",
     "TaskSampler",
     "__version__",

@@ -13,6 +13,8 @@ from sb3_metarl.meta_optimizers import META_OPTIMIZERS
 from sb3_metarl.meta_pg import MetaPolicyGradient, format_adaptation_table
 
 DEFAULT_ENV = "sb3_metarl/Navigation2D-v0"
+#: the seed of the held-out evaluation tasks: ``train``'s final table and ``evaluate`` show the same numbers
+EVAL_SEED = 0
 
 
 def parse_hyperparams(pairs: Sequence[str]) -> dict[str, Any]:
@@ -33,7 +35,10 @@ def parse_hyperparams(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sb3_metarl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_metarl",
+        description="Meta-train a policy (train) or evaluate a saved one before and after adaptation (evaluate).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="meta-train, then print returns before and after adaptation")
@@ -46,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-tasks", type=int, default=40, help="held-out tasks for the final table")
     train.add_argument("--eval-inner-steps", type=int, default=3)
+    train.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the held-out tasks (as evaluate's --seed)")
     train.add_argument("--no-progress-bar", action="store_true")
     train.add_argument("--verbose", type=int, default=0)
     train.add_argument("--device", default="auto")
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--env", default=DEFAULT_ENV)
     evaluate.add_argument("--inner-steps", type=int, default=3)
     evaluate.add_argument("--n-tasks", type=int, default=40)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out tasks")
     evaluate.add_argument("--device", default="auto")
     return parser
 
@@ -68,11 +74,11 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
         kwargs["meta_optimizer"] = args.meta_optimizer
     policy = kwargs.pop("policy", "MlpPolicy")
     model = MetaPolicyGradient(policy, args.env, seed=args.seed, verbose=args.verbose, device=args.device, **kwargs)
-    before = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.seed + 1)
+    before = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
     start = time.time()
     model.learn(args.timesteps or timesteps, progress_bar=not args.no_progress_bar)
     elapsed = time.time() - start
-    after = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.seed + 1)
+    after = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
     print(f"\n{args.env}, gradient mode {args.gradient_mode}: {model.num_timesteps} env steps in {elapsed:.0f} s")
     print(f"Mean return on {args.eval_tasks} held-out tasks (std over tasks):\n")
     print("| inner steps | before meta-training | after meta-training |")

@@ -160,7 +160,7 @@ def exact_reference(model: MetaPolicyGradient, task: Any) -> ReferenceFn | None:
         size = sum(p.numel() for p in params.values())
 
         def bandit(n: int) -> tuple[th.Tensor, th.Tensor]:
-            grad, se = bandit_pathwise_gradient(mean, log_std, float(task), model.inner_lr, n, model.inner_steps)
+            grad, se = bandit_pathwise_gradient(mean, log_std, float(task), model.resolved_inner_lr(), n, model.inner_steps)
             reference, reference_se = th.zeros(size, dtype=th.float64), th.zeros(size, dtype=th.float64)
             reference[positions], reference_se[positions] = th.as_tensor(grad), th.as_tensor(se)
             return reference, reference_se

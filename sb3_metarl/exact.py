@@ -228,7 +228,7 @@ def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:
         initial_distribution,
         model.task_env.horizon,
         model.gamma,
-        model.inner_lr,
+        model.resolved_inner_lr(),
         model.inner_steps,
     )
     return grads

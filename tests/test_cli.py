@@ -60,3 +60,36 @@ def test_navigation_example_runs(capsys, monkeypatch):
     runpy.run_path("examples/navigation_2d.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "| 3 |" in out and "after one inner step" in out
+
+
+def test_help_has_no_raw_markup_and_train_and_evaluate_share_the_evaluation_seed(tmp_path, capsys):
+    from sb3_metarl.cli import EVAL_SEED, build_parser, main
+
+    assert "``" not in build_parser().format_help()
+    small = ["--hyperparams", "meta_batch_size=2", "inner_episodes=2", "outer_episodes=2", "vec_env_cls=DummyVecEnv"]
+    path = str(tmp_path / "m.zip")
+    evaluation = ["--eval-tasks", "3", "--eval-inner-steps", "1", "--no-progress-bar"]
+    main(["train", "--timesteps", "1", *evaluation, "--save-path", path, *small])
+    trained = capsys.readouterr().out
+    assert main(["evaluate", path, "--n-tasks", "3", "--inner-steps", "1"]) == 0
+    evaluated = capsys.readouterr().out
+    # the "after meta-training" column of train's table equals evaluate's mean column (same held-out tasks, seed 0)
+    rows = ("| 0 ", "| 1 ")
+    after = [line.split("|")[3].split()[0] for line in trained.splitlines() if line.startswith(rows)]
+    means = [line.split("|")[2].strip() for line in evaluated.splitlines() if line.startswith(rows)]
+    assert len(after) == 2
+    assert after == means and EVAL_SEED == 0
+
+
+def test_package_metadata_and_py_typed():
+    import configparser
+    import os
+
+    import sb3_metarl
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sb3_metarl.__file__)))
+    assert os.path.exists(os.path.join(root, "sb3_metarl", "py.typed"))
+    config = configparser.ConfigParser()
+    config.read(os.path.join(root, "setup.cfg"))
+    assert config["metadata"]["url"] and config["metadata"]["author"]
+    assert "py.typed" in config["options.package_data"]["sb3_metarl"]

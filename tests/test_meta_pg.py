@@ -6,12 +6,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from sb3_metarl import EnvTaskSampler, FixedTaskSampler, MetaPolicyGradient
+from sb3_metarl import EnvTaskSampler, FixedTaskSampler, MetaEvalCallback, MetaPolicyGradient
 from sb3_metarl.diagnostics import flat_gradient
 from sb3_metarl.exact import exact_meta_gradient
 
@@ -65,9 +65,7 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
     model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
     counting = CountingCallback()
     checkpoint = CheckpointCallback(save_freq=150, save_path=str(tmp_path / "ckpt"), name_prefix="meta")
-    eval_env = gym.make("sb3_metarl/Navigation2D-v0")
-    eval_env.unwrapped.set_task(np.array([0.2, 0.2]))
-    evaluation = EvalCallback(eval_env, eval_freq=300, n_eval_episodes=2, verbose=0)
+    evaluation = MetaEvalCallback(n_tasks=2, inner_steps=1, eval_freq=1)
     model.learn(1600, callback=[counting, checkpoint, evaluation], progress_bar=True)
     assert model.num_timesteps == 1600  # 2 iterations x 2 tasks x (2 inner + 2 outer) episodes x 100 steps
     assert counting.events[0] == "start" and counting.events[-1] == "end"
@@ -90,7 +88,7 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
         assert key in keys
     ours = [row for row in rows if row["train/adapted_kl"]]  # EvalCallback dumps rows of its own
     assert len(ours) == 2 and float(ours[-1]["train/adapted_kl"]) > 0
-    assert any(row.get("eval/mean_reward") for row in rows)
+    assert any(row.get("eval/return_after_1_steps") for row in rows)
 
 
 def test_callback_can_stop_training_without_an_update():
@@ -212,6 +210,13 @@ def test_more_episodes_than_sub_envs_run_in_waves():
         (dict(meta_optimizer="rmsprop"), "meta_optimizer"),
         (dict(n_envs=3, meta_batch_size=2), "n_envs"),
         (dict(gamma=0.0), "gamma"),
+        (dict(gamma="0.99"), "gamma"),
+        (dict(meta_batch_size=True), "meta_batch_size"),
+        (dict(gradient_mode=["lsf"]), "gradient_mode"),
+        (dict(meta_optimizer="trpo", meta_optimizer_kwargs=dict(maxkl=0.1)), r"valid keys: \['max_kl'"),
+        (dict(inner_lr="fast"), "inner_lr"),
+        (dict(max_episode_steps=0), "max_episode_steps"),
+        (dict(vec_env_cls="ray"), "vec_env_cls"),
         (dict(gradient_mode="dice", normalize_advantage=True), "normalize_advantage"),
         (dict(policy_kwargs=dict(use_sde=True)), "use_sde"),
         (dict(meta_optimizer="sgd", policy_kwargs=dict(optimizer_class=th.optim.Adam)), "optimizer_class"),
@@ -225,8 +230,6 @@ def test_bad_arguments_fail_early_naming_the_argument(kwargs, match):
 def test_bad_environments_fail_early():
     with pytest.raises(ValueError, match="set_task"):
         MetaPolicyGradient("MlpPolicy", "CartPole-v1", meta_batch_size=2, inner_episodes=2, outer_episodes=2)
-    with pytest.raises(ValueError, match="factory"):
-        MetaPolicyGradient("MlpPolicy", gym.make("sb3_metarl/GaussianBandit-v0"))
     with pytest.raises(ValueError, match="max_episode_steps"):
         MetaPolicyGradient("MlpPolicy", lambda: gym.make("sb3_metarl/GaussianBandit-v0").unwrapped, meta_batch_size=1)
     with pytest.raises(ValueError, match="sample_tasks"):
@@ -286,14 +289,21 @@ def test_sgd_meta_optimizer_and_learning_rate_schedule():
     assert model.policy.optimizer.param_groups[0]["lr"] < 1e-5
 
 
-def test_update_to_non_finite_parameters_is_undone():
+def test_update_to_non_finite_parameters_is_undone(tmp_path):
     model = MetaPolicyGradient(
-        "MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="sgd", inner_lr=0.001, learning_rate=1e38, **TINY
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="sgd", inner_lr=0.001, learning_rate=1e38,
+        meta_optimizer_kwargs=dict(max_grad_norm=None), **TINY
     )
     before = _parameters(model)
     with pytest.raises(FloatingPointError, match="restored"):
         model.learn(10_000)
     assert th.equal(before, _parameters(model)) and model._n_updates == 0
+    # the model stays usable and saveable after the error
+    model.save(tmp_path / "after_error.zip")
+    loaded = MetaPolicyGradient.load(tmp_path / "after_error.zip", env="sb3_metarl/Navigation2D-v0", learning_rate=1e-3)
+    assert th.equal(before, _parameters(loaded))
+    loaded.learn(800, reset_num_timesteps=False)
+    assert loaded._n_updates == 1
 
 
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs a GPU")
@@ -345,3 +355,69 @@ def test_custom_features_extractor_is_meta_trained():
     assert grads["features_extractor.linear.weight"].abs().sum() > 0
     model.learn(1)
     assert not th.equal(before, model.policy.features_extractor.linear.weight)
+
+
+def test_cuda_without_a_gpu_is_an_error():
+    if th.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="device"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", device="cuda")
+
+
+def test_a_single_env_instance_is_copied_into_the_sub_envs():
+    prototype = gym.make("sb3_metarl/Navigation2D-v0")
+    model = MetaPolicyGradient("MlpPolicy", prototype, seed=0, **TINY)
+    envs = model.get_env().envs
+    assert len(envs) == 4 and all(env is not prototype for env in envs)
+    model.learn(800)
+    assert model._n_updates == 1
+
+    class Uncopyable(gym.Wrapper):
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a live connection")
+
+    with pytest.raises(ValueError, match=r"cannot be copied.*registered id or a factory"):
+        MetaPolicyGradient("MlpPolicy", Uncopyable(prototype), **TINY)
+
+
+def test_an_env_without_a_time_limit_takes_max_episode_steps():
+    bandit = lambda: gym.make("sb3_metarl/GaussianBandit-v0").unwrapped  # noqa: E731  (always terminates, no TimeLimit)
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        MetaPolicyGradient("MlpPolicy", bandit, meta_batch_size=1)
+    model = MetaPolicyGradient("MlpPolicy", bandit, max_episode_steps=1, meta_batch_size=2, inner_episodes=3, outer_episodes=3)
+    model.learn(1)
+    assert model.num_timesteps == 2 * (3 + 3)
+
+
+class _NaNReward(gym.Wrapper):
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        return obs, float("nan"), terminated, truncated, info
+
+
+def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit():
+    model = MetaPolicyGradient("MlpPolicy", lambda: _NaNReward(gym.make("sb3_metarl/Navigation2D-v0")), **TINY)
+    with pytest.raises(ValueError, match=r"env: sub-env 0 returned a non-finite reward"):
+        model.learn(1)
+
+    class Short(FixedTaskSampler):
+        def sample(self, n, rng):
+            return super().sample(n, rng)[:-1]
+
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", task_sampler=Short([np.zeros(2)]), inner_lr=1e-3, **TINY
+    )
+    with pytest.raises(ValueError, match=r"task_sampler: Short.sample\(2, rng\) returned 1 tasks"):
+        model.learn(1)
+
+
+def test_trpo_with_no_finite_line_search_point_raises():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="trpo", seed=0, **TINY)
+    original = model.meta_updater.surrogate
+    model.meta_updater.surrogate = lambda m, replay, sample: original(m, replay, sample) * (
+        float("nan") if not th.is_grad_enabled() else 1.0
+    )
+    before = _parameters(model)
+    with pytest.raises(FloatingPointError, match="line search"):
+        model.learn(1)
+    assert th.equal(before, _parameters(model))

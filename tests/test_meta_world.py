@@ -191,3 +191,30 @@ def test_meta_training_smoke_on_the_multi_env_benchmarks(env_id):
     assert model._n_updates == 1 and model.num_timesteps == 80
     assert 0.0 <= model.logger.name_to_value["rollout/post_adaptation_success_rate"] <= 1.0
     assert not th.equal(before, th.cat([p.detach().flatten() for p in model.policy.parameters()]))
+
+
+def test_metaworld_evaluation_works_at_any_meta_batch_size():
+    from types import SimpleNamespace
+
+    from sb3_metarl.tasks.meta_world import evaluation_layout
+
+    def benchmark(n_classes, tasks_per_class=50):
+        names = [f"env{i}" for i in range(n_classes)]
+        tasks = [SimpleNamespace(env_name=name) for name in names for _ in range(tasks_per_class)]
+        return SimpleNamespace(test_classes=dict.fromkeys(names), test_tasks=tasks)
+
+    # ML10 / ML45 have 5 test classes of 50 tasks: 20 sub-envs give 4 per class, so 48 tasks per class
+    assert evaluation_layout(benchmark(5), 20) == (20, 48)
+    assert evaluation_layout(benchmark(5), 7) == (10, 50)
+    assert evaluation_layout(benchmark(1), 20) == (20, 40)
+    with pytest.raises(ValueError, match="meta_batch_size"):
+        evaluation_layout(benchmark(1), 51)
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/MetaWorldML1-v0", meta_batch_size=2, inner_episodes=1, outer_episodes=1,
+        env_kwargs=dict(max_episode_steps=10),
+    )
+    result = metaworld_evaluation(
+        model, "ML1", "reach-v3", meta_batch_size=20, num_evals=1, adaptation_episodes=1, evaluation_episodes=1,
+        max_episode_steps=10,
+    )  # failed with "Invalid division of subtasks, expected 2 got 3" before
+    assert 0.0 <= result["success_rate"] <= 1.0 and len(result["success_rate_per_task"]) == 1

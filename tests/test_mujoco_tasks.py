@@ -159,3 +159,12 @@ def test_families_run_in_subprocesses():
         )
     finally:
         model.env.close()
+
+
+def test_half_cheetah_loads_without_settotalmass_and_keeps_the_base_model_exactly():
+    from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+    ours, base = gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped, HalfCheetahEnv()
+    for field in ["body_mass", "body_inertia", "body_subtreemass", "dof_invweight0", "body_invweight0", "dof_M0"]:
+        np.testing.assert_array_equal(getattr(ours.model, field), getattr(base.model, field))
+    assert abs(ours.model.body_mass.sum() - 14.0) < 1e-9

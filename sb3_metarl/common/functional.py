@@ -179,3 +179,33 @@ def kl_divergence(dist_p: Distribution, dist_q: Distribution) -> th.Tensor:
         return sum(th.distributions.kl_divergence(p, q) for p, q in zip(dist_p.distribution, dist_q.distribution))
     kl = th.distributions.kl_divergence(dist_p.distribution, dist_q.distribution)
     return kl.sum(-1) if isinstance(dist_p, (DiagGaussianDistribution, BernoulliDistribution)) else kl
+
+
+def sample_actions(dist: Distribution, generator: th.Generator) -> th.Tensor:
+    """
+    Sample actions from an SB3 distribution with noise drawn on the CPU from ``generator``, so that a
+    model's action noise is a stream of its own (saved and restored with it, the caller's global torch
+    generator untouched) and the same seed gives the same actions on every device.
+
+    :param dist: a distribution returned by ``FunctionalPolicy.distribution``
+    :param generator: a CPU ``torch.Generator``
+    :return: actions in SB3's format
+    """
+
+    def uniform(shape: th.Size, like: th.Tensor) -> th.Tensor:
+        return th.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    def categorical(probs: th.Tensor) -> th.Tensor:
+        # inverse CDF; the clamp guards against a last cumulative probability rounded below 1
+        below = probs.cumsum(-1) < uniform(probs.shape[:-1], probs).unsqueeze(-1)
+        return below.sum(-1).clamp(max=probs.shape[-1] - 1)
+
+    inner = dist.distribution
+    if isinstance(dist, DiagGaussianDistribution):
+        noise = th.randn(inner.loc.shape, generator=generator, dtype=inner.loc.dtype).to(inner.loc.device)
+        return inner.loc + inner.scale * noise
+    if isinstance(dist, MultiCategoricalDistribution):
+        return th.stack([categorical(d.probs) for d in inner], dim=1)
+    if isinstance(dist, BernoulliDistribution):
+        return (uniform(inner.probs.shape, inner.probs) < inner.probs).to(inner.probs.dtype)
+    return categorical(inner.probs)

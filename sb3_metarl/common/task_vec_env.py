@@ -15,8 +15,14 @@ ActFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 StepCallback = Callable[[int, dict[str, Any]], bool]
 
 
-def episode_horizon(venv: VecEnv) -> int:
-    """:return: the sub-envs' ``max_episode_steps`` (the horizon H), with a clear error when missing"""
+def episode_horizon(venv: VecEnv, max_episode_steps: int | None = None) -> int:
+    """
+    :param max_episode_steps: the horizon given by the user, which takes precedence
+    :return: the horizon H: ``max_episode_steps`` if given, else the sub-envs' own (a registered
+        ``max_episode_steps`` or a ``TimeLimit``), with a clear error when there is none
+    """
+    if max_episode_steps is not None:
+        return int(max_episode_steps)
     spec = venv.get_attr("spec", indices=[0])[0]
     horizon = getattr(spec, "max_episode_steps", None)
     if horizon is None and venv.has_attr("_max_episode_steps"):
@@ -24,8 +30,9 @@ def episode_horizon(venv: VecEnv) -> int:
         horizon = venv.get_attr("_max_episode_steps", indices=[0])[0]
     if horizon is None:
         raise ValueError(
-            "env: episodes need a finite horizon; register the env with `max_episode_steps` or wrap it in "
-            "`gymnasium.wrappers.TimeLimit(env, max_episode_steps=H)`."
+            "env: episodes need a finite horizon; pass `max_episode_steps=H` to MetaPolicyGradient (episodes that "
+            "end earlier, e.g. a one-step bandit, simply end), register the env with `max_episode_steps` or wrap it "
+            "in `gymnasium.wrappers.TimeLimit(env, max_episode_steps=H)`."
         )
     return int(horizon)
 
@@ -39,9 +46,10 @@ class TaskVecEnv:
 
     :param venv: the vectorized env; every sub-env must have ``set_task`` on ``env.unwrapped``
     :param n_groups: number of task groups B (must divide ``venv.num_envs``)
+    :param max_episode_steps: the horizon H (default: the sub-envs' own ``max_episode_steps``)
     """
 
-    def __init__(self, venv: VecEnv, n_groups: int):
+    def __init__(self, venv: VecEnv, n_groups: int, max_episode_steps: int | None = None):
         if venv.num_envs % n_groups != 0:
             raise ValueError(
                 f"n_envs: the env has {venv.num_envs} sub-envs, which is not a multiple of meta_batch_size={n_groups}; "
@@ -55,7 +63,7 @@ class TaskVecEnv:
         self.venv = venv
         self.n_groups = n_groups
         self.envs_per_group = venv.num_envs // n_groups
-        self.horizon = episode_horizon(venv)
+        self.horizon = episode_horizon(venv, max_episode_steps)
 
     def set_tasks(self, tasks: Sequence[Any]) -> None:
         """
@@ -95,11 +103,13 @@ class TaskVecEnv:
             columns = group * buffer.n_episodes + episode
             active = used.copy()
             obs = self.venv.reset()
+            check_finite(obs[used], np.flatnonzero(used), "observation", tasks, per_group)
             for step in range(self.horizon):
                 actions, log_probs = act(obs)
                 env_actions = np.clip(actions, self.venv.action_space.low, self.venv.action_space.high) if clip else actions
                 new_obs, rewards, dones, infos = self.venv.step(env_actions)
                 rows = np.flatnonzero(active)
+                check_finite(rewards[rows], rows, "reward", tasks, per_group)
                 buffer.add_step(step, columns[rows], obs[rows], actions[rows], rewards[rows], log_probs[rows])
                 if rows.size and "success" in infos[rows[0]]:
                     buffer.add_successes(columns[rows], np.array([infos[i]["success"] for i in rows]))
@@ -110,4 +120,18 @@ class TaskVecEnv:
                 if not active.any():
                     break
                 obs = new_obs
+                check_finite(obs[active], np.flatnonzero(active), "observation", tasks, per_group)
         return True
+
+
+def check_finite(values: np.ndarray, rows: np.ndarray, what: str, tasks: Sequence[Any], per_group: int) -> None:
+    """:raises ValueError: naming the sub-env and its task if the env returned a non-finite ``what``"""
+    if np.issubdtype(np.asarray(values).dtype, np.floating):  # integer (e.g. image) values are always finite
+        finite = np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(rows), -1)).all(axis=1)
+        if not finite.all():
+            env_index = int(rows[np.flatnonzero(~finite)[0]])
+            task = tasks[min(env_index // per_group, len(tasks) - 1)]
+            raise ValueError(
+                f"env: sub-env {env_index} returned a non-finite {what} (task {task!r:.80}); "
+                "the env must return finite rewards and observations."
+            )

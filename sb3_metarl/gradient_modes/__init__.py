@@ -20,7 +20,7 @@ def make_gradient_mode(mode: str | GradientMode, dice_lambda: float = 0.95) -> G
     """
     if isinstance(mode, GradientMode):
         return mode
-    if mode not in GRADIENT_MODES:
+    if not isinstance(mode, str) or mode not in GRADIENT_MODES:
         raise ValueError(
             f"gradient_mode: unknown mode {mode!r}; use one of {sorted(GRADIENT_MODES)} or a GradientMode instance."
         )

@@ -1,5 +1,6 @@
 """Meta-optimizers: how a meta-iteration's samples become a parameter update, registered by name."""
 
+import inspect
 from typing import Any
 
 from sb3_metarl.meta_optimizers.base import MetaOptimizer
@@ -20,15 +21,24 @@ def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, A
         if kwargs:
             raise ValueError("meta_optimizer_kwargs: only for a named meta_optimizer; configure the instance instead.")
         return meta_optimizer
-    if meta_optimizer not in META_OPTIMIZERS:
+    if not isinstance(meta_optimizer, str) or meta_optimizer not in META_OPTIMIZERS:
         raise ValueError(
             f"meta_optimizer: unknown optimizer {meta_optimizer!r}; use one of {sorted(META_OPTIMIZERS)} "
             "or a MetaOptimizer instance."
         )
-    try:
-        return META_OPTIMIZERS[meta_optimizer](**(kwargs or {}))
-    except TypeError as error:
-        raise ValueError(f"meta_optimizer_kwargs: {error} (for meta_optimizer={meta_optimizer!r}).") from None
+    optimizer_class = META_OPTIMIZERS[meta_optimizer]
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"meta_optimizer_kwargs: must be a dict or None, got {kwargs!r}.")
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(optimizer_class.__init__).parameters.values()
+    valid = [p.name for p in parameters if p.name != "self" and p.kind in keyword]
+    unknown = sorted(set(kwargs or {}) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"meta_optimizer_kwargs: unknown argument(s) {unknown} for meta_optimizer={meta_optimizer!r}; "
+            f"valid keys: {valid or 'none'}."
+        )
+    return optimizer_class(**(kwargs or {}))
 
 
 __all__ = ["META_OPTIMIZERS", "PPO", "SGD", "TRPO", "Adam", "GradientAscent", "MetaOptimizer", "make_meta_optimizer"]

@@ -15,13 +15,24 @@ class GradientAscent(MetaOptimizer):
     """
     One step of the policy's torch optimizer along the meta-gradient (the gradient of the mean over
     tasks of the gradient mode's meta-objective), at ``learning_rate``.
+
+    :param max_grad_norm: clip the meta-gradient's global norm to this value before the step (SB3's
+        ``max_grad_norm``); None: no clipping
     """
 
     name = "adam"
 
+    def __init__(self, max_grad_norm: float | None = None):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm: must be None or a number > 0, got {max_grad_norm!r}.")
+        self.max_grad_norm = max_grad_norm
+
     def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
         grads = {n: g.mean(0) for n, g in grad_params(sample.objective.sum(), sample.task_theta).items()}
         check_finite_gradient(grads, model)
+        norm = gradient_norm(grads)
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            grads = {n: g * (self.max_grad_norm / norm) for n, g in grads.items()}
         params = model.functional_policy.parameters()
         optimizer = model.policy.optimizer
         with restore_on_failure(model):
@@ -29,7 +40,10 @@ class GradientAscent(MetaOptimizer):
             for name, param in params.items():
                 param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized
             optimizer.step()
-        return {"meta_grad_norm": gradient_norm(grads)}
+        return {"meta_grad_norm": norm}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_grad_norm={self.max_grad_norm})"
 
 
 class Adam(GradientAscent):
@@ -40,7 +54,14 @@ class Adam(GradientAscent):
 
 
 class SGD(GradientAscent):
-    """Meta-gradient ascent with (momentum-free by default) SGD."""
+    """
+    Meta-gradient ascent with (momentum-free by default) SGD. Its step is proportional to the
+    meta-gradient, whose scale grows with the horizon and the rewards, so by default the gradient's
+    norm is clipped to 0.5 (SB3's A2C/PPO default): a step never exceeds ``0.5 * learning_rate``.
+    """
 
     name = "sgd"
     torch_optimizer_class: ClassVar[type[th.optim.Optimizer]] = th.optim.SGD
+
+    def __init__(self, max_grad_norm: float | None = 0.5):
+        super().__init__(max_grad_norm)

@@ -113,7 +113,12 @@ class TRPO(MetaOptimizer):
             product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
             return _flat(list(product), params) + self.cg_damping * vector
 
-        direction = conjugate_gradient_solver(hessian_vector_product, policy_gradient, max_iter=self.cg_max_steps)
+        # sb3-contrib's solver starts from a small random point drawn from torch's global generator: draw it from
+        # the model's own stream instead, so a run does not depend on (or change) the caller's global state
+        seed = int(th.randint(0, 2**62, (1,), generator=model.torch_generator).item())
+        with th.random.fork_rng(devices=[policy_gradient.device] if policy_gradient.is_cuda else []):
+            th.manual_seed(seed)
+            direction = conjugate_gradient_solver(hessian_vector_product, policy_gradient, max_iter=self.cg_max_steps)
         curvature = (direction @ hessian_vector_product(direction)).item()
         if not (math.isfinite(curvature) and curvature > 0):
             raise FloatingPointError(
@@ -128,7 +133,7 @@ class TRPO(MetaOptimizer):
         params = natural.params
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         old_values = [p.detach().clone() for p in params]
-        accepted, coefficient, new_objective, new_kl = False, 1.0, natural.objective, 0.0
+        accepted, coefficient, new_objective, new_kl, any_finite = False, 1.0, natural.objective, 0.0, False
         with restore_on_failure(model):
             for _ in range(self.line_search_max_iter):
                 self.set_parameters(params, old_values, coefficient * natural.full_step)
@@ -136,12 +141,19 @@ class TRPO(MetaOptimizer):
                 with th.no_grad():
                     new_objective = self.surrogate(model, replay, sample).item()
                     new_kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+                any_finite = any_finite or (math.isfinite(new_objective) and math.isfinite(new_kl))
                 if math.isfinite(new_objective) and new_objective > natural.objective and new_kl <= self.max_kl:
                     accepted = True
                     break
                 coefficient *= self.line_search_shrinking_factor
             if not accepted:
                 self.set_parameters(params, old_values, th.zeros_like(natural.full_step))
+            if not any_finite:
+                # not a rejected step but a broken objective: never a silent "no step" at every iteration
+                raise FloatingPointError(
+                    f"meta-update: every line search point's surrogate or KL is non-finite at iteration "
+                    f"{model._n_updates + 1}; the parameters were left unchanged. Lower inner_lr or max_kl."
+                )
         return {
             "meta_grad_norm": natural.policy_gradient.norm().item(),
             "surrogate_improvement": new_objective - natural.objective if accepted else 0.0,

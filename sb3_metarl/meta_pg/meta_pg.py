@@ -1,12 +1,15 @@
 """MetaPolicyGradient: gradient-based meta-RL (the MAML family) as a Stable-Baselines3 algorithm."""
 
+import contextlib
 import copy
 import functools
+import io
 import math
+import pathlib
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -15,33 +18,45 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback, EvalCallback, EventCallback
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import obs_as_tensor, safe_mean
+from stable_baselines3.common.utils import obs_as_tensor, safe_mean, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
-from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
+from sb3_metarl.common.callbacks import MetaProgressBarCallback
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence, sample_actions
+from sb3_metarl.common.rng import (
+    EnvRngState,
+    generator_state,
+    get_env_rng_states,
+    preserved_global_rng,
+    restore_generator,
+    seed_env_rngs,
+    set_env_rng_states,
+)
 from sb3_metarl.common.task_vec_env import StepCallback, TaskVecEnv
+from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
+from sb3_metarl.meta_pg.arguments import AUTO, check_arguments
+from sb3_metarl.meta_pg.inner_lr import per_task_norm, step_sizes_for_kl
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
 
+__all__ = ["MetaPolicyGradient", "format_adaptation_table", "make_task_env"]
 
-def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
-    """
-    Module-level (picklable) factory: importing sb3_metarl first registers the built-in ids, also
-    inside ``SubprocVecEnv`` workers.
-    """
-    import sb3_metarl.tasks  # noqa: F401
-
-    return gym.make(env_id, **(env_kwargs or {}))
+#: the mean KL(pi_theta || pi_theta') per task that ``inner_lr="auto"`` gives the first inner step (median over tasks)
+AUTO_INNER_KL = 0.002
+#: ``inner_lr="auto"`` calibrates on at least this many (task, batch) pairs
+AUTO_CALIBRATION_TASKS = 16
+#: ``inner_lr="auto"`` clips each task's inner gradient at this multiple of the calibration's median norm
+AUTO_INNER_CLIP_FACTOR = 4.0
 
 
 @dataclass
@@ -143,7 +158,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         inner_episodes: int = 20,
         outer_episodes: int = 20,
         inner_steps: int = 1,
-        inner_lr: float = 0.1,
+        inner_lr: float | str = "auto",
         learning_rate: float | Schedule = 1e-3,
         meta_optimizer: str | MetaOptimizer = "adam",
         meta_optimizer_kwargs: dict[str, Any] | None = None,
@@ -154,8 +169,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         normalize_advantage: bool = False,
         task_sampler: TaskSampler | None = None,
         n_envs: int | None = None,
-        vec_env_cls: type[DummyVecEnv | SubprocVecEnv] | None = None,
+        vec_env_cls: type[DummyVecEnv | SubprocVecEnv] | str | None = None,
         env_kwargs: dict[str, Any] | None = None,
+        max_episode_steps: int | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -164,20 +180,22 @@ class MetaPolicyGradient(BaseAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        for name, value in [
-            ("meta_batch_size", meta_batch_size),
-            ("inner_episodes", inner_episodes),
-            ("outer_episodes", outer_episodes),
-            ("inner_steps", inner_steps),
-        ]:
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}.")
-        if not (isinstance(inner_lr, (int, float)) and math.isfinite(inner_lr) and inner_lr >= 0):
-            raise ValueError(f"inner_lr: must be a finite number >= 0, got {inner_lr!r}.")
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma: must be in (0, 1], got {gamma}.")
-        if not 0.0 <= gae_lambda <= 1.0:
-            raise ValueError(f"gae_lambda: must be in [0, 1], got {gae_lambda}.")
+        check_arguments(
+            meta_batch_size=meta_batch_size,
+            inner_episodes=inner_episodes,
+            outer_episodes=outer_episodes,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            learning_rate=learning_rate,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            dice_lambda=dice_lambda,
+            normalize_advantage=normalize_advantage,
+            n_envs=n_envs,
+            max_episode_steps=max_episode_steps,
+            seed=seed,
+            device=device,
+        )
         self.meta_updater = make_meta_optimizer(meta_optimizer, meta_optimizer_kwargs)
         self.gradient_mode = make_gradient_mode(gradient_mode, dice_lambda)
         make_baseline(baseline)  # fail early on an unknown baseline
@@ -186,24 +204,33 @@ class MetaPolicyGradient(BaseAlgorithm):
                 f"normalize_advantage: mode {self.gradient_mode.name!r} uses raw rewards and cannot standardize them; "
                 "use normalize_advantage=False, or 'loaded_dice' with dice_lambda=1 (DiCE with a baseline)."
             )
-        if n_envs is not None and (n_envs < 1 or n_envs % meta_batch_size != 0):
+        if n_envs is not None and n_envs % meta_batch_size != 0:
             raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
 
         self.meta_batch_size = int(meta_batch_size)
         self.inner_episodes = int(inner_episodes)
         self.outer_episodes = int(outer_episodes)
         self.inner_steps = int(inner_steps)
-        self.inner_lr = float(inner_lr)
+        #: the inner step size eta: "auto" until calibrated (see ``resolved_inner_lr``), then a float
+        self.inner_lr: float | str = inner_lr if inner_lr == AUTO else float(inner_lr)
+        #: each task's inner gradient is clipped to this norm (set by ``inner_lr="auto"``; None: no clipping)
+        self.inner_grad_clip: float | None = None
         self.meta_optimizer = meta_optimizer
         self.meta_optimizer_kwargs = meta_optimizer_kwargs
-        self.gamma = gamma
-        self.gae_lambda = gae_lambda
+        self.gamma = float(gamma)
+        self.gae_lambda = float(gae_lambda)
         self.dice_lambda = dice_lambda
         self.baseline = baseline
         self.normalize_advantage = normalize_advantage
         self.task_sampler = task_sampler
-        self.vec_env_cls = vec_env_cls
+        self.vec_env_cls = resolve_vec_env_cls(vec_env_cls)
         self.env_kwargs = env_kwargs
+        self.max_episode_steps = max_episode_steps
+        #: the sub-envs' random states read from a saved model, applied when its env is attached
+        self._saved_env_rng_states: list[EnvRngState] | None = None
+        #: the run's random streams at the start of the meta-iteration in progress (None between iterations)
+        self._iteration_start: dict[str, Any] | None = None
+        self.pre_adaptation_returns: deque | None = None
         n_envs = n_envs or self.meta_batch_size * max(self.inner_episodes, self.outer_episodes)
 
         policy_kwargs = dict(policy_kwargs or {})
@@ -240,34 +267,61 @@ class MetaPolicyGradient(BaseAlgorithm):
         if isinstance(env, VecEnv):
             return env
         if isinstance(env, gym.Env):
-            raise ValueError(
-                "env: a single env instance cannot be replicated into the B x N sub-envs that meta-training steps; "
-                "pass its registered id, a factory (a callable returning a new env) or a VecEnv."
-            )
-        if isinstance(env, str):
+            factory = PrototypeCopies(env)
+        elif isinstance(env, str):
             factory = functools.partial(make_task_env, env, self.env_kwargs)
         elif callable(env):
             factory = env
         else:
-            raise ValueError(f"env: expected an env id, a factory or a VecEnv, got {type(env).__name__}.")
+            raise ValueError(f"env: expected an env id, an env instance, a factory or a VecEnv, got {type(env).__name__}.")
         vec_env_cls = self.vec_env_cls or DummyVecEnv
         return vec_env_cls([factory] * n_envs)
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
-        self.set_random_seed(self.seed)
-        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs)
+        # a model being loaded already holds its random streams (from the zip): keep them, and leave the
+        # caller's global generators alone
+        loading = getattr(self, "torch_generator", None) is not None
+        if not loading:
+            self.set_random_seed(self.seed)
+        with preserved_global_rng() if loading else contextlib.nullcontext():
+            self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs)
         self.policy = self.policy.to(self.device)
         self.functional_policy = FunctionalPolicy(self.policy)
         self.baseline_model = make_baseline(self.baseline)
-        self.task_rng = np.random.default_rng(self.seed)
+        if not loading:
+            self.task_rng = np.random.default_rng(self.seed)
+            #: training's torch random stream: the action noise of its sampling (on the CPU, so the same on every
+            #: device) and whatever a meta-optimizer draws (TRPO's conjugate-gradient start)
+            self.torch_generator = th.Generator()
+            self.torch_generator.manual_seed(int(np.random.SeedSequence(self.seed).generate_state(1, np.uint64)[0] >> 1))
         self.task_env: TaskVecEnv | None = None
         self._task_sampler: TaskSampler | None = None
         if self.env is not None:
             self._attach_env(self.env)
 
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """
+        SB3's seeding of Python, numpy and torch (for the policy's initialization) and of the action
+        space; every sub-env gets its own generator seeded from ``(seed, index)`` right away (SB3's
+        ``env.seed`` would reseed them at whatever reset comes next).
+
+        :param seed: the seed; None leaves the generators as they are
+        """
+        if seed is None:
+            return
+        set_random_seed(seed, using_cuda=self.device.type == th.device("cuda").type)
+        self.action_space.seed(seed)
+        if self.env is not None:
+            seed_env_rngs(self.env, seed)
+
     def _attach_env(self, env: VecEnv) -> None:
-        self.task_env = TaskVecEnv(env, self.meta_batch_size)
+        self.task_env = TaskVecEnv(env, self.meta_batch_size, self.max_episode_steps)
+        if self._saved_env_rng_states is not None and len(self._saved_env_rng_states) == env.num_envs:
+            set_env_rng_states(env, self._saved_env_rng_states)
+        elif self.seed is not None:
+            seed_env_rngs(env, self.seed)
+        self._saved_env_rng_states = None
         if self.task_sampler is None:
             self._task_sampler = EnvTaskSampler(env)
         else:
@@ -277,7 +331,8 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     def set_env(self, env: GymEnv | str | Callable[[], gym.Env], force_reset: bool = True) -> None:
         """
-        :param env: an env id, a factory or a VecEnv (with ``n_envs`` sub-envs, a multiple of ``meta_batch_size``)
+        :param env: an env id, an env instance (copied), a factory or a VecEnv (with ``n_envs`` sub-envs,
+            a multiple of ``meta_batch_size``)
         :param force_reset: reset the env before the next ``learn``
         """
         vec_env = self._make_vec_env(env, self.n_envs)
@@ -285,12 +340,72 @@ class MetaPolicyGradient(BaseAlgorithm):
         self._attach_env(vec_env)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "functional_policy", "task_env", "_task_sampler"]
+        return [*super()._excluded_save_params(), "functional_policy", "task_env", "_task_sampler", "_iteration_start"]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        # the policy's torch optimizer holds the meta-optimizer's moments (Adam), as in SB3's on-policy algorithms
+        return ["policy", "policy.optimizer"], []
+
+    # ------------------------------------------------------------------ random streams, save and load
+
+    def _stream_state(self) -> dict[str, Any]:
+        """:return: copies of every random stream the run draws from, and the timestep counter"""
+        return {
+            "num_timesteps": self.num_timesteps,
+            "task_rng": generator_state(self.task_rng),
+            "torch_generator": self.torch_generator.get_state(),
+            "env": get_env_rng_states(self.env) if self.env is not None else None,
+        }
+
+    def _set_stream_state(self, state: dict[str, Any], include_env: bool = True) -> None:
+        """:param state: as returned by ``_stream_state``"""
+        self.num_timesteps = state["num_timesteps"]
+        restore_generator(self.task_rng, state["task_rng"])
+        self.torch_generator.set_state(state["torch_generator"])
+        if include_env and state["env"] is not None and self.env is not None:
+            set_env_rng_states(self.env, state["env"])
+
+    @contextlib.contextmanager
+    def _env_streams_kept(self) -> Iterator[None]:
+        """The sub-envs' random streams are as they were before the block (e.g. across SB3's reset in ``_setup_learn``)."""
+        states = get_env_rng_states(self.env) if self.env is not None else None
+        try:
+            yield
+        finally:
+            if states is not None and self.env is not None:
+                set_env_rng_states(self.env, states)
+
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """
+        Save the model in SB3's zip format, with everything a resumed run needs to continue exactly:
+        the parameters, the policy optimizer's state, the meta-optimizer's state, the counters and every
+        random stream (task sampler, action noise, each sub-env's generator). Called during a
+        meta-iteration (a ``CheckpointCallback``), it saves the state at the iteration's start: the
+        samples in progress are not saved, so the resumed run samples that iteration again, exactly.
+
+        :param path: where to save (a path or a file-like object)
+        :param exclude: names of attributes not to save, in addition to the default ones
+        :param include: names of attributes to save that would otherwise be excluded
+        """
+        live = self._stream_state()
+        saved = self._iteration_start if self._iteration_start is not None else live
+        self._set_stream_state(saved, include_env=False)
+        self._saved_env_rng_states = saved["env"]
+        try:
+            super().save(path, exclude=exclude, include=include)
+        finally:
+            self._set_stream_state(live, include_env=False)
+            self._saved_env_rng_states = None
 
     @classmethod
     def load(  # type: ignore[override]
         cls: type[SelfMetaPolicyGradient],
-        path: str,
+        path: str | pathlib.Path | io.BufferedIOBase,
         env: GymEnv | str | Callable[[], gym.Env] | None = None,
         device: th.device | str = "auto",
         custom_objects: dict[str, Any] | None = None,
@@ -299,10 +414,13 @@ class MetaPolicyGradient(BaseAlgorithm):
         **kwargs,
     ) -> SelfMetaPolicyGradient:
         """
-        Load a model from a zip file (SB3's format).
+        Load a model from a zip file (SB3's format) with its random streams: ``learn(...,
+        reset_num_timesteps=False)`` on the loaded model continues the saved run exactly. The caller's
+        global random generators are left untouched.
 
         :param path: path of the saved model
-        :param env: the env to run on: an id, a factory or a VecEnv (None for prediction only)
+        :param env: the env to run on: an id, an env instance, a factory or a VecEnv (None for prediction only);
+            with the saved number of sub-envs, each gets its saved random state
         :param device: device on which the model is loaded
         :param custom_objects: objects replacing saved ones, as in SB3
         :param print_system_info: print the saving and loading systems' info
@@ -310,7 +428,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param kwargs: attributes to change on the loaded model
         :return: the loaded model
         """
-        model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
+        with preserved_global_rng():
+            model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
         if env is not None:
             model.set_env(env, force_reset=force_reset)
         return model
@@ -322,15 +441,53 @@ class MetaPolicyGradient(BaseAlgorithm):
             raise ValueError("env: this model has no environment; pass `env=` to `load` or call `set_env(env)` first.")
         return self.task_env
 
+    def _sample_tasks(self, n_tasks: int, rng: np.random.Generator, sampler: TaskSampler | None = None) -> list[Any]:
+        """:return: ``n_tasks`` tasks from the sampler, checked (a short or empty list is an error, not a smaller batch)"""
+        sampler = sampler or self._task_sampler
+        tasks = sampler.sample(n_tasks, rng)
+        if tasks is None or len(tasks) != n_tasks:
+            got = "None" if tasks is None else f"{len(tasks)}"
+            raise ValueError(
+                f"task_sampler: {type(sampler).__name__}.sample({n_tasks}, rng) returned {got} tasks; "
+                f"it must return a list of exactly {n_tasks} tasks."
+            )
+        return list(tasks)
+
+    @contextlib.contextmanager
+    def _isolated_streams(self, seed: int | None) -> Iterator[th.Generator]:
+        """
+        Sample outside training's random streams: yields an action-noise generator seeded by ``seed``
+        (fresh entropy when None) and puts the sub-envs' generators back afterwards, so that a later
+        ``learn`` is exactly what it would have been without this block.
+        """
+        generator = th.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        with self._env_streams_kept():
+            if seed is not None and self.env is not None:
+                seed_env_rngs(self.env, seed)
+            yield generator
+
     def _rollout(
-        self, tasks: list[Any], task_params: Params, n_episodes: int, step_callback: StepCallback | None = None
+        self,
+        tasks: list[Any],
+        task_params: Params,
+        n_episodes: int,
+        step_callback: StepCallback | None = None,
+        generator: th.Generator | None = None,
+        task_env: TaskVecEnv | None = None,
     ) -> EpisodeBatch | None:
         """
         Sample ``n_episodes`` episodes per task with the given (detached) per-task parameters.
 
+        :param generator: the action noise's stream (default: training's)
+        :param task_env: the sub-envs to sample on (default: the model's)
         :return: the episodes with their policy-gradient weights, or None if a callback stopped training
         """
-        task_env = self._require_env()
+        task_env = task_env or self._require_env()
+        generator = generator or self.torch_generator
         n_groups, per_group = task_env.n_groups, task_env.envs_per_group
         if FunctionalPolicy.is_shared(task_params):
             sampling_params = {name: p.detach()[:1].expand(n_groups, *p.shape[1:]) for name, p in task_params.items()}
@@ -345,15 +502,25 @@ class MetaPolicyGradient(BaseAlgorithm):
             with th.no_grad():
                 obs_tensor = obs_as_tensor(obs, self.device).reshape(n_groups, per_group, *obs_shape)
                 dist = self.functional_policy.distribution(sampling_params, obs_tensor)
-                actions = dist.get_actions()
+                actions = sample_actions(dist, generator)
+                if not th.isfinite(actions).all():
+                    raise FloatingPointError(
+                        "policy: non-finite actions sampled (the current or adapted parameters are not finite or too "
+                        "large); lower inner_lr or learning_rate."
+                    )
                 return actions.cpu().numpy(), dist.log_prob(actions).cpu().numpy()
 
         buffer = TaskRolloutBuffer(
             task_env.horizon, len(tasks), n_episodes, self.observation_space, self.action_space, self.device
         )
+        self.policy.set_training_mode(False)
         if not task_env.collect(tasks, act, buffer, step_callback):
             return None
         return self._compute_weights(buffer.to_batch())
+
+    def _initial_task_params(self, n_tasks: int) -> Params:
+        """:return: the current parameters, detached, as per-task views (leading dim ``n_tasks``)"""
+        return {n: p.detach() for n, p in FunctionalPolicy.expand(self.functional_policy.parameters(), n_tasks).items()}
 
     def _compute_weights(self, batch: EpisodeBatch) -> EpisodeBatch:
         """:return: ``batch`` with its policy-gradient weights (this model's discount, GAE lambda and baseline)"""
@@ -366,6 +533,54 @@ class MetaPolicyGradient(BaseAlgorithm):
         log_prob = self.functional_policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
         return log_prob.reshape(batch.masks.shape) * batch.masks
 
+    # ------------------------------------------------------------------ the inner step size
+
+    def resolved_inner_lr(self) -> float:
+        """
+        The inner step size eta. With ``inner_lr="auto"`` it is calibrated once, on the first call (the
+        first ``learn``, evaluation or estimate), and then fixed (saved with the model, logged as
+        ``train/inner_lr``). On at least ``AUTO_CALIBRATION_TASKS`` (16) tasks, ``inner_episodes``
+        episodes each of the initial policy (drawn from streams of their own, so training's samples
+        are not changed), it finds per task the eta whose first inner step moves the policy by a mean
+        KL(pi_theta || pi_theta') of ``AUTO_INNER_KL`` (0.002, about the step the Navigation2D sweep
+        picked by hand) on the batch's states, under the gradient mode's own inner surrogate, and takes
+        the median. Because sampled inner gradients are heavy-tailed (an Ant batch's norm varies 100x
+        between iterations), every inner step then clips each task's gradient at
+        ``AUTO_INNER_CLIP_FACTOR`` (4) times the calibration's median norm (``inner_grad_clip``; the clip
+        factor is a constant in the meta-gradient, i.e. a smaller eta for that task). The rule depends
+        neither on the horizon nor on the reward scale, both of which the sum-over-time gradient grows with.
+
+        :return: eta
+        """
+        if self.inner_lr != AUTO:
+            return float(self.inner_lr)
+        task_env = self._require_env()
+        seed = None if self.seed is None else int(np.random.SeedSequence([2, self.seed]).generate_state(1)[0])
+        step_sizes, norms = [], []
+        with self._isolated_streams(seed) as generator:
+            task_rng = np.random.default_rng(seed)
+            for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / self.meta_batch_size)):
+                tasks = self._sample_tasks(self.meta_batch_size, task_rng)
+                params = self._initial_task_params(len(tasks))
+                batch = self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env)
+                assert batch is not None
+                etas, task_norms = step_sizes_for_kl(self.functional_policy, self.gradient_mode, params, batch, AUTO_INNER_KL)
+                step_sizes.append(etas)
+                norms.append(task_norms)
+        step_sizes, norms = th.cat(step_sizes), th.cat(norms)
+        moving = th.isfinite(step_sizes)
+        if moving.any():
+            self.inner_lr = float(step_sizes[moving].median())
+            self.inner_grad_clip = AUTO_INNER_CLIP_FACTOR * float(norms[moving].median())
+        else:  # every calibration gradient is zero (constant rewards): any step size gives the same first step
+            self.inner_lr, self.inner_grad_clip = 0.1, None
+        if self.verbose >= 1:
+            print(
+                f"inner_lr='auto': calibrated to {self.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}), "
+                f"inner gradient norm clipped at {self.inner_grad_clip}"
+            )
+        return self.inner_lr
+
     def _inner_step(
         self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool, at_sampling: bool = False
     ) -> tuple[Params, th.Tensor, float]:
@@ -377,13 +592,19 @@ class MetaPolicyGradient(BaseAlgorithm):
         :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and the
             mean (over tasks) norm of the inner gradient
         """
+        inner_lr = self.resolved_inner_lr()
         log_prob = self._log_prob(task_params, batch)
         if at_sampling:
             batch.log_probs = log_prob.detach()
         surrogate = mode.inner_surrogate(log_prob, batch)
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
-        norm = th.sqrt(sum(g.detach().flatten(1).pow(2).sum(1) for g in grads.values())).mean().item()
-        adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
+        norms = per_task_norm({n: g.detach() for n, g in grads.items()})
+        if self.inner_grad_clip is not None:
+            # a constant factor per task (not differentiated): the step is the spec's with a smaller eta
+            scale = (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
+            grads = {n: g * scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        adapted = {n: task_params[n] + inner_lr * g for n, g in grads.items()}
+        norm = norms.mean().item()
         return adapted, log_prob, norm
 
     def _replay(self, sample: MetaSample, mode: GradientMode, create_graph: bool = True) -> Replay:
@@ -472,7 +693,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param per_task: return one estimate per task (leading task dim) instead of their mean
         :return: policy parameter name -> ascent direction of the meta-objective
         """
-        tasks = self._task_sampler.sample(self.meta_batch_size, self.task_rng) if tasks is None else list(tasks)
+        self.resolved_inner_lr()
+        tasks = self._sample_tasks(self.meta_batch_size, self.task_rng) if tasks is None else list(tasks)
         sample = self._meta_sample(tasks)
         assert sample is not None
         grads = self._per_task_gradient(sample)
@@ -483,10 +705,22 @@ class MetaPolicyGradient(BaseAlgorithm):
     def _step_callback(self, callback: BaseCallback) -> StepCallback:
         def on_step(n_transitions: int, step_vars: dict[str, Any]) -> bool:
             self.num_timesteps += n_transitions
-            callback.update_locals(step_vars)
+            callback.update_locals({**step_vars, "n_transitions": n_transitions})
             return callback.on_step()
 
         return on_step
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        """SB3's, with a progress bar that counts real transitions (not every sub-env of every lock-step)."""
+        reject_unadapted_evaluation(callback)
+        if isinstance(callback, list):
+            callback = CallbackList(callback)
+        if not isinstance(callback, BaseCallback):
+            callback = ConvertCallback(callback)
+        if progress_bar:
+            callback = CallbackList([callback, MetaProgressBarCallback()])
+        callback.init_callback(self)
+        return callback
 
     def train(self, sample: MetaSample) -> None:
         """
@@ -496,6 +730,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         :raises FloatingPointError: if the meta-gradient or the update is not finite (the parameters
             and optimizer state are left as they were)
         """
+        self.policy.set_training_mode(True)
         if self.meta_updater.uses_learning_rate:
             self._update_learning_rate(self.policy.optimizer)  # also logs train/learning_rate
         stats = self.meta_updater.step(self, sample)
@@ -507,6 +742,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         for key, value in stats.items():
             self.logger.record(f"train/{key}", value)
         self.logger.record("train/inner_grad_norm", sample.inner_grad_norm)
+        self.logger.record("train/inner_lr", self.resolved_inner_lr())
         self.logger.record("train/adapted_kl", adapted_kl.item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
@@ -572,55 +808,76 @@ class MetaPolicyGradient(BaseAlgorithm):
         :return: the trained model
         """
         self._require_env()
-        if total_timesteps < 1:
-            raise ValueError(f"total_timesteps: must be a positive integer, got {total_timesteps}.")
-        self.pre_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
-        self.post_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
-        self.pre_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
-        self.post_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
-        total_timesteps, callback = self._setup_learn(
-            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
-        )
+        if not isinstance(total_timesteps, (int, np.integer)) or isinstance(total_timesteps, bool) or total_timesteps < 1:
+            raise ValueError(f"total_timesteps: must be a positive integer, got {total_timesteps!r}.")
+        reject_unadapted_evaluation(callback)
+        self.resolved_inner_lr()
+        if self.pre_adaptation_returns is None or reset_num_timesteps:
+            # as SB3 keeps its episode-info buffers across learn calls unless the counters are reset
+            self.pre_adaptation_returns = deque(maxlen=self._stats_window_size)
+            self.post_adaptation_returns: deque = deque(maxlen=self._stats_window_size)
+            self.pre_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
+            self.post_adaptation_successes: deque = deque(maxlen=self._stats_window_size)
+        # SB3 resets the env here; the sub-envs are reset at every wave anyway, and that reset must
+        # not draw from their random streams (a resumed run would not replay it)
+        with self._env_streams_kept():
+            total_timesteps, callback = self._setup_learn(
+                total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+            )
         callback.on_training_start(locals(), globals())
         step_callback = self._step_callback(callback)
         iteration = 0
-        while self.num_timesteps < total_timesteps:
-            callback.on_rollout_start()
-            tasks = self._task_sampler.sample(self.meta_batch_size, self.task_rng)
-            sample = self._meta_sample(tasks, step_callback)
-            if sample is None:
-                break
-            callback.update_locals(locals())
-            callback.on_rollout_end()
-            iteration += 1
-            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
-            self._record_rollout(sample)
-            self.train(sample)
-            if log_interval is not None and iteration % log_interval == 0:
-                self.dump_logs(iteration)
+        try:
+            while self.num_timesteps < total_timesteps:
+                callback.on_rollout_start()
+                # what a model saved during this iteration (a checkpoint callback) holds: the resumed run
+                # samples the iteration again from the same streams
+                self._iteration_start = self._stream_state()
+                tasks = self._sample_tasks(self.meta_batch_size, self.task_rng)
+                sample = self._meta_sample(tasks, step_callback)
+                if sample is None:
+                    break
+                callback.update_locals(locals())
+                callback.on_rollout_end()
+                iteration += 1
+                self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+                self._record_rollout(sample)
+                self.train(sample)
+                self._iteration_start = None
+                if log_interval is not None and iteration % log_interval == 0:
+                    self.dump_logs(iteration)
+        finally:
+            self._iteration_start = None
         callback.on_training_end()
         return self
 
     # ------------------------------------------------------------------ adaptation at meta-test time
 
     def _adapt_and_measure(
-        self, tasks: list[Any], inner_steps: int, final_episodes: int | None
+        self,
+        tasks: list[Any],
+        inner_steps: int,
+        final_episodes: int | None,
+        generator: th.Generator | None = None,
+        task_env: TaskVecEnv | None = None,
     ) -> tuple[Params, np.ndarray, np.ndarray | None]:
         """
         Adapt to each task with ``inner_steps`` steps (no meta-graph).
 
         :param final_episodes: episodes to sample with the adapted parameters (None: none)
+        :param generator: the action noise's stream (default: training's)
+        :param task_env: the sub-envs to sample on (default: the model's)
         :return: the adapted per-task parameters (detached), the mean undiscounted return per task
             of the episodes sampled before each step (and after the last one when ``final_episodes``),
             and the same for the success rate (None if the env reports no ``info["success"]``)
         """
-        params = {n: p.detach() for n, p in FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks)).items()}
+        params = self._initial_task_params(len(tasks))
         batches = []
         for _ in range(inner_steps):
-            batches.append(self._rollout(tasks, params, self.inner_episodes))
+            batches.append(self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env))
             params = self._adapt_step(params, batches[-1])
         if final_episodes is not None:
-            batches.append(self._rollout(tasks, params, final_episodes))
+            batches.append(self._rollout(tasks, params, final_episodes, generator=generator, task_env=task_env))
         if not batches:
             return params, np.zeros((len(tasks), 0)), None
         returns = th.stack([batch.episode_returns.mean(1) for batch in batches], dim=1).cpu().numpy()
@@ -641,17 +898,21 @@ class MetaPolicyGradient(BaseAlgorithm):
             adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False, at_sampling=True)
         return {n: p.detach() for n, p in adapted.items()}
 
-    def adapt(self, task: Any, inner_steps: int = 1) -> ActorCriticPolicy:
+    def adapt(self, task: Any, inner_steps: int = 1, seed: int | None = None) -> ActorCriticPolicy:
         """
-        Adapt the policy to one task by ``inner_steps`` inner steps on fresh episodes.
+        Adapt the policy to one task by ``inner_steps`` inner steps on fresh episodes (sampled outside
+        training's random streams: a later ``learn`` is not changed by it).
 
         :param task: the task (passed to the env's ``set_task``)
         :param inner_steps: number of adaptation steps
+        :param seed: seed of the adaptation episodes' noise (None: fresh entropy)
         :return: a new policy of the same class holding the adapted parameters
         """
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}.")
-        params, _, _ = self._adapt_and_measure([task], inner_steps, final_episodes=None)
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) or inner_steps < 0:
+            raise ValueError(f"inner_steps: must be an integer >= 0, got {inner_steps!r}.")
+        self.resolved_inner_lr()
+        with self._isolated_streams(seed) as generator:
+            params, _, _ = self._adapt_and_measure([task], inner_steps, final_episodes=None, generator=generator)
         adapted = copy.deepcopy(self.policy)
         with th.no_grad():
             for name, param in adapted.named_parameters():
@@ -659,37 +920,62 @@ class MetaPolicyGradient(BaseAlgorithm):
                     param.copy_(params[name][0])
         return adapted
 
+    def _evaluation_env(self, env: GymEnv | str | Callable[[], gym.Env] | None) -> tuple[TaskVecEnv, TaskSampler]:
+        """:return: the sub-envs and task distribution to evaluate on: the model's own, or ``env``'s"""
+        if env is None:
+            return self._require_env(), self._task_sampler
+        venv = self._make_vec_env(env, self.meta_batch_size)
+        # one task per group of sub-envs: as many groups as the meta-batch, or fewer if the sub-envs do not divide
+        groups = math.gcd(venv.num_envs, self.meta_batch_size)
+        return TaskVecEnv(venv, groups, self.max_episode_steps), EnvTaskSampler(venv)
+
     def evaluate_adaptation(
-        self, n_tasks: int = 40, inner_steps: int = 3, seed: int = 0, tasks: list[Any] | None = None
+        self,
+        n_tasks: int = 40,
+        inner_steps: int = 3,
+        seed: int = 0,
+        tasks: list[Any] | None = None,
+        env: GymEnv | str | Callable[[], gym.Env] | None = None,
     ) -> dict[str, np.ndarray]:
         """
         Mean return on held-out tasks before adaptation and after 1..``inner_steps`` inner steps.
         The tasks come from a stream seeded by ``seed``, separate from training's, and the sampling
-        noise is seeded too, so the result depends only on the parameters and ``seed``.
+        noise and the sub-envs' generators are seeded too, so the result depends only on the
+        parameters and ``seed``; training's random streams are left as they were (calling it during
+        training does not change the run).
 
         :param n_tasks: number of held-out tasks (ignored when ``tasks`` is given)
         :param inner_steps: number of adaptation steps
         :param seed: seed of the task stream, the env and the action noise
         :param tasks: explicit tasks to evaluate on
+        :param env: the env to evaluate on (an id, an instance, a factory or a VecEnv; its own task
+            distribution); None: the model's env
         :return: ``inner_steps`` (0..K), ``mean`` and ``std`` over tasks of the per-task mean
             undiscounted return, ``per_task`` (n_tasks, K + 1), and ``success_rate`` (K + 1) when the
             env reports ``info["success"]`` (Meta-World)
         """
-        if n_tasks < 1 or inner_steps < 0:
-            raise ValueError(f"n_tasks must be >= 1 and inner_steps >= 0, got n_tasks={n_tasks}, inner_steps={inner_steps}.")
-        task_env = self._require_env()
+        for name, value in [("n_tasks", n_tasks), ("inner_steps", inner_steps)]:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (1 if name == "n_tasks" else 0):
+                raise ValueError(f"{name}: must be an integer >= {1 if name == 'n_tasks' else 0}, got {value!r}.")
+        task_env, sampler = self._evaluation_env(env)
+        self.resolved_inner_lr()
         if tasks is None:
-            tasks = self._task_sampler.sample(n_tasks, np.random.default_rng([1, seed]))
-        devices = [self.device] if self.device.type == "cuda" else []
+            tasks = self._sample_tasks(n_tasks, np.random.default_rng([1, seed]), sampler)
         returns, successes = [], []
-        with th.random.fork_rng(devices=devices):
-            th.manual_seed(seed)
-            task_env.venv.seed(seed)
-            for start in range(0, len(tasks), self.meta_batch_size):
-                chunk = list(tasks[start : start + self.meta_batch_size])
-                _, chunk_returns, chunk_successes = self._adapt_and_measure(chunk, inner_steps, self.outer_episodes)
-                returns.append(chunk_returns)
-                successes.append(chunk_successes)
+        try:
+            with self._isolated_streams(seed) as generator:
+                if env is not None:
+                    seed_env_rngs(task_env.venv, seed)
+                for start in range(0, len(tasks), task_env.n_groups):
+                    chunk = list(tasks[start : start + task_env.n_groups])
+                    _, chunk_returns, chunk_successes = self._adapt_and_measure(
+                        chunk, inner_steps, self.outer_episodes, generator=generator, task_env=task_env
+                    )
+                    returns.append(chunk_returns)
+                    successes.append(chunk_successes)
+        finally:
+            if env is not None and not isinstance(env, VecEnv):
+                task_env.venv.close()
         per_task = np.concatenate(returns, axis=0)
         table = {
             "inner_steps": np.arange(inner_steps + 1),
@@ -700,6 +986,26 @@ class MetaPolicyGradient(BaseAlgorithm):
         if successes[0] is not None:
             table["success_rate"] = np.concatenate(successes, axis=0).mean(axis=0)
         return table
+
+
+def reject_unadapted_evaluation(callback: MaybeCallback) -> None:
+    """
+    :raises ValueError: if ``callback`` holds SB3's ``EvalCallback``, which scores the un-adapted policy on
+        the eval env's current task (meaningless for a meta-trained policy)
+    """
+    if isinstance(callback, list):
+        for item in callback:
+            reject_unadapted_evaluation(item)
+    elif isinstance(callback, CallbackList):
+        reject_unadapted_evaluation(callback.callbacks)
+    elif isinstance(callback, EvalCallback):
+        raise ValueError(
+            "callback: EvalCallback scores the un-adapted policy on one fixed task, which says nothing about a "
+            "meta-trained policy; use sb3_metarl.MetaEvalCallback (held-out tasks, returns after 0..K inner steps, "
+            "best_model.zip by post-adaptation return)."
+        )
+    elif isinstance(callback, EventCallback) and callback.callback is not None:
+        reject_unadapted_evaluation(callback.callback)
 
 
 def format_adaptation_table(table: dict[str, np.ndarray]) -> str:

@@ -267,6 +267,25 @@ class MetaWorldAgent:
         """The policy is memoryless: nothing to reset."""
 
 
+def evaluation_layout(benchmark: Any, meta_batch_size: int) -> tuple[int, int]:
+    """
+    Meta-World's test vector env gives each test env class ``meta_batch_size / n_classes`` sub-envs and
+    deals each class's tasks to them evenly, failing otherwise ("Invalid division of subtasks").
+
+    :return: the number of sub-envs (``meta_batch_size`` rounded up to a multiple of the number of test
+        classes) and the tasks to keep per class (the largest multiple of the sub-envs per class)
+    """
+    n_classes = len(benchmark.test_classes)
+    per_class = -(-meta_batch_size // n_classes)
+    tasks_per_class = min(sum(task.env_name == name for task in benchmark.test_tasks) for name in benchmark.test_classes)
+    if per_class > tasks_per_class:
+        raise ValueError(
+            f"meta_batch_size: {meta_batch_size} gives {per_class} sub-envs per test env class, more than its "
+            f"{tasks_per_class} tasks; use meta_batch_size <= {tasks_per_class * n_classes}."
+        )
+    return per_class * n_classes, tasks_per_class // per_class * per_class
+
+
 def metaworld_evaluation(
     model: "MetaPolicyGradient",
     benchmark: str = "ML1",
@@ -288,7 +307,9 @@ def metaworld_evaluation(
     :param benchmark: "ML1", "ML10" or "ML45"
     :param env_name: the env of ML1; None for ML10 / ML45
     :param seed: seed of Meta-World's task generation and of its evaluation envs
-    :param meta_batch_size: sub-envs of the evaluation vector env (a multiple of the number of test envs)
+    :param meta_batch_size: sub-envs of the evaluation vector env; any positive number: it is rounded up to a
+        multiple of the number of test env classes, and each class's tasks are cut to a multiple of the
+        sub-envs per class, so that Meta-World can divide them evenly
     :param num_evals: evaluation rounds, each on freshly drawn test tasks
     :param adaptation_steps: inner steps before the evaluation episodes
     :param adaptation_episodes: episodes per sub-env and inner step
@@ -301,10 +322,14 @@ def metaworld_evaluation(
     from metaworld.evaluation import metalearning_evaluation
 
     env_name = resolve_env_name(benchmark, env_name)
-    make_benchmark(benchmark, env_name, seed)  # validate the arguments with our errors
+    if isinstance(meta_batch_size, bool) or not isinstance(meta_batch_size, int) or meta_batch_size < 1:
+        raise ValueError(f"meta_batch_size: must be a positive integer, got {meta_batch_size!r}.")
     name = env_name if benchmark == "ML1" else benchmark
     extra = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    envs = metaworld.make_ml_envs_test(name, seed=seed, meta_batch_size=meta_batch_size, **extra)
+    sub_envs, tasks_per_class = evaluation_layout(make_benchmark(benchmark, env_name, seed), meta_batch_size)
+    envs = metaworld.make_ml_envs_test(
+        name, seed=seed, meta_batch_size=sub_envs, total_tasks_per_cls=tasks_per_class, **extra
+    )
     try:
         agent = MetaWorldAgent(model, envs.num_envs, adaptation_episodes, deterministic)
         with th.random.fork_rng():

@@ -7,8 +7,10 @@ base env's own control cost (and, where it has them, contact cost and alive bonu
 ``info["reward_task"]`` holds the task term.
 """
 
+import re
 from typing import Any
 
+import mujoco
 import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
@@ -24,7 +26,37 @@ ANT_TERMS = ("reward_ctrl", "reward_contact", "reward_survive")
 WALKER_TERMS = ("reward_ctrl", "reward_survive")
 
 
-class _TaskRewardMixin(TaskEnv):
+_TOTAL_MASS = re.compile(r'\s+settotalmass="([^"]+)"')
+
+
+class _ModelLoading:
+    """
+    Loads the base env's XML as Gymnasium does, except that a ``settotalmass`` compiler attribute
+    (HalfCheetah's; deprecated in MuJoCo 4, which prints a warning per model load, i.e. per sub-env) is
+    applied after compilation with ``mj_setTotalmass`` and ``mj_setConst``: the same masses,
+    inertias and constants bit for bit (tested), without the warning.
+    """
+
+    fullpath: str
+    width: int
+    height: int
+
+    def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        with open(self.fullpath) as handle:
+            xml = handle.read()
+        match = _TOTAL_MASS.search(xml)
+        if match is None:
+            return super()._initialize_simulation()  # type: ignore[misc]
+        model = mujoco.MjModel.from_xml_string(xml.replace(match.group(0), ""))
+        data = mujoco.MjData(model)
+        mujoco.mj_setTotalmass(model, float(match.group(1)))
+        mujoco.mj_setConst(model, data)
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
+
+
+class _TaskRewardMixin(_ModelLoading, TaskEnv):
     """Replaces the base env's forward reward by a task term computed from ``info``."""
 
     kept_terms: tuple[str, ...] = CONTROL_TERMS

@@ -1,0 +1,115 @@
+"""Callbacks for meta-training: adaptation-aware evaluation and a progress bar that counts real transitions."""
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
+from stable_baselines3.common.type_aliases import GymEnv
+
+
+class MetaProgressBarCallback(ProgressBarCallback):
+    """SB3's progress bar, advanced by the transitions of each lock-step (finished episodes and spare sub-envs excluded)."""
+
+    def _on_step(self) -> bool:
+        self.pbar.update(self.locals.get("n_transitions", self.training_env.num_envs))
+        return True
+
+
+class MetaEvalCallback(BaseCallback):
+    """
+    Evaluation of a meta-trained policy as meta-RL measures it: on ``n_tasks`` held-out tasks (drawn
+    from a stream seeded by ``seed``, the same tasks every time), the return before adaptation and
+    after 1..``inner_steps`` inner steps (``MetaPolicyGradient.evaluate_adaptation``, which leaves
+    training's random streams untouched). Every ``eval_freq`` meta-updates it logs
+    ``eval/return_after_{k}_steps`` for k = 0..K (and ``eval/success_rate_after_{k}_steps`` when the env
+    reports success), ``eval/mean_reward`` (the return after K steps, SB3's key), and saves
+    ``best_model.zip`` whenever that post-adaptation return is the best so far.
+
+    :param eval_env: the env to evaluate on (an id, an instance, a factory or a VecEnv of task-aware envs);
+        None: the model's own env and task sampler
+    :param n_tasks: held-out tasks per evaluation
+    :param inner_steps: adaptation steps K
+    :param eval_freq: evaluate every ``eval_freq`` meta-iterations (meta-updates)
+    :param best_model_save_path: folder for ``best_model.zip`` (None: not saved)
+    :param seed: seed of the held-out tasks, the evaluation envs and the action noise
+    :param verbose: 1 prints each evaluation
+    """
+
+    def __init__(
+        self,
+        eval_env: GymEnv | str | gym.Env | None = None,
+        n_tasks: int = 10,
+        inner_steps: int = 1,
+        eval_freq: int = 1,
+        best_model_save_path: str | None = None,
+        seed: int = 0,
+        verbose: int = 0,
+    ):
+        super().__init__(verbose)
+        for name, value, low in [("n_tasks", n_tasks, 1), ("inner_steps", inner_steps, 0), ("eval_freq", eval_freq, 1)]:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}.")
+        self.eval_env = eval_env
+        self.n_tasks, self.inner_steps, self.eval_freq = int(n_tasks), int(inner_steps), int(eval_freq)
+        self.best_model_save_path = best_model_save_path
+        self.seed = seed
+        self.best_mean_reward = -np.inf
+        self.last_mean_reward = -np.inf
+        #: the model's number of meta-updates at each evaluation
+        self.evaluations_updates: list[int] = []
+        #: per evaluation, the mean return after 0..K inner steps
+        self.evaluations_results: list[np.ndarray] = []
+        self.last_table: dict[str, Any] | None = None
+        self._last_evaluated_update = -1
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        # called between meta-iterations: the previous iteration's update is done
+        self._evaluate_if_due()
+
+    def _on_training_end(self) -> None:
+        if self._evaluate_if_due():
+            self.logger.dump(self.num_timesteps)
+
+    def _evaluate_if_due(self) -> bool:
+        updates = self.model._n_updates
+        if updates == 0 or updates == self._last_evaluated_update or updates % self.eval_freq != 0:
+            return False
+        self._last_evaluated_update = updates
+        self.evaluate()
+        return True
+
+    def evaluate(self) -> dict[str, Any]:
+        """
+        Evaluate now, log, and save the best model.
+
+        :return: ``evaluate_adaptation``'s table
+        """
+        table = self.model.evaluate_adaptation(
+            n_tasks=self.n_tasks, inner_steps=self.inner_steps, seed=self.seed, env=self.eval_env
+        )
+        self.last_table = table
+        for steps, mean in zip(table["inner_steps"], table["mean"]):
+            self.logger.record(f"eval/return_after_{steps}_steps", float(mean))
+        if "success_rate" in table:
+            for steps, rate in zip(table["inner_steps"], table["success_rate"]):
+                self.logger.record(f"eval/success_rate_after_{steps}_steps", float(rate))
+        self.last_mean_reward = float(table["mean"][-1])
+        self.logger.record("eval/mean_reward", self.last_mean_reward)
+        self.evaluations_updates.append(self.model._n_updates)
+        self.evaluations_results.append(np.asarray(table["mean"]))
+        if self.verbose >= 1:
+            steps = ", ".join(f"{k}: {m:.2f}" for k, m in zip(table["inner_steps"], table["mean"]))
+            print(f"Eval after {self.model._n_updates} meta-updates, return after k inner steps: {steps}")
+        if self.last_mean_reward > self.best_mean_reward:
+            self.best_mean_reward = self.last_mean_reward
+            if self.best_model_save_path is not None:
+                os.makedirs(self.best_model_save_path, exist_ok=True)
+                self.model.save(os.path.join(self.best_model_save_path, "best_model"))
+            if self.verbose >= 1:
+                print("New best post-adaptation return")
+        return table

@@ -1,0 +1,89 @@
+"""``inner_lr="auto"``: the inner step size whose first step moves a task's policy by a given KL."""
+
+import math
+
+import torch as th
+
+from sb3_metarl.common.buffers import EpisodeBatch
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
+from sb3_metarl.gradient_modes import GradientMode
+
+
+def per_task_norm(grads: Params) -> th.Tensor:
+    """:return: the Euclidean norm of each task's gradient (B,), over all parameters"""
+    return th.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+
+
+def per_task_step_kl(
+    policy: FunctionalPolicy, task_params: Params, direction: Params, step_sizes: th.Tensor, batch: EpisodeBatch
+) -> th.Tensor:
+    """
+    :param policy: the functional policy
+    :param task_params: per-task parameters (B, ...) the batch was sampled with
+    :param direction: per-task inner gradients (B, ...)
+    :param step_sizes: eta per task (B,)
+    :param batch: the inner episodes, whose states the KL is averaged over
+    :return: per task, the mean over the batch's steps of KL(pi_theta || pi_{theta + eta g}) (B,)
+    """
+    obs = batch.flat_observations()
+    masks = batch.masks.reshape(batch.n_tasks, -1)
+    with th.no_grad():
+        old = policy.distribution(task_params, obs)
+        moved = {
+            n: task_params[n] + step_sizes.view(-1, *[1] * (p.dim() - 1)).to(p) * direction[n] for n, p in task_params.items()
+        }
+        kl = kl_divergence(old, policy.distribution(moved, obs)).reshape(batch.n_tasks, -1)
+        return (kl * masks).sum(1) / masks.sum(1).clamp(min=1)
+
+
+def inner_direction(policy: FunctionalPolicy, mode: GradientMode, task_params: Params, batch: EpisodeBatch) -> Params:
+    """:return: the per-task gradient of ``mode``'s inner surrogate on ``batch`` at ``task_params`` (detached)"""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in task_params.items()}
+    with th.enable_grad():
+        log_prob = policy.log_prob(leaves, batch.flat_observations(), batch.flat_actions()).reshape(batch.masks.shape)
+        surrogate = mode.inner_surrogate(log_prob * batch.masks, batch)
+        return {n: g.detach() for n, g in grad_params(surrogate.sum(), leaves).items()}
+
+
+def step_sizes_for_kl(
+    policy: FunctionalPolicy,
+    mode: GradientMode,
+    task_params: Params,
+    batch: EpisodeBatch,
+    target_kl: float,
+    tolerance: float = 0.05,
+    max_iter: int = 30,
+) -> tuple[th.Tensor, th.Tensor]:
+    """
+    Per task, the inner step size eta at which one inner step of ``mode`` on ``batch`` moves the
+    task's policy by a mean KL of ``target_kl`` over the batch's states. The KL of a step grows like
+    eta^2 for small steps, so each eta is refined by eta * sqrt(target / KL) until every KL is within
+    ``tolerance`` (relative) of the target.
+
+    :param policy: the functional policy
+    :param mode: the gradient mode, whose inner surrogate gives the direction
+    :param task_params: per-task parameters (B, ...) the batch was sampled with (detached)
+    :param batch: inner episodes with their weights
+    :param target_kl: the KL the first inner step should have
+    :param tolerance: relative tolerance on the KL
+    :param max_iter: refinements at most
+    :return: eta per task (B,; NaN for a task whose inner gradient is zero) and the inner gradient's norm per task (B,)
+    """
+    direction = inner_direction(policy, mode, task_params, batch)
+    params = {n: p.detach() for n, p in task_params.items()}
+    norms = per_task_norm(direction).double()
+    if not th.isfinite(norms).all():
+        raise FloatingPointError(
+            "inner_lr='auto': the inner gradient on the calibration batch is not finite; check the env's rewards."
+        )
+    moving = norms > 0
+    # start each task with a step of parameter norm 1e-2
+    step_sizes = th.where(moving, 1e-2 / norms.clamp(min=1e-30), th.zeros_like(norms))
+    for _ in range(max_iter):
+        kl = per_task_step_kl(policy, params, direction, step_sizes, batch).double()
+        ratio = th.where(kl > 0, target_kl / kl.clamp(min=1e-30), th.full_like(kl, 1e4))
+        ratio = th.where(th.isfinite(kl), ratio, th.full_like(kl, 1e-4))
+        if bool(((ratio - 1.0).abs() <= tolerance)[moving].all()):
+            break
+        step_sizes = step_sizes * ratio.sqrt().clamp(0.01, 100.0)
+    return th.where(moving, step_sizes, th.full_like(step_sizes, math.nan)), norms

@@ -1,0 +1,61 @@
+"""MetaEvalCallback (adaptation-aware evaluation), the rejection of EvalCallback, the transition-counting progress bar."""
+
+import csv
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.callbacks import EvalCallback
+from stable_baselines3.common.logger import configure
+
+from sb3_metarl import MetaEvalCallback, MetaPolicyGradient
+from sb3_metarl.common.callbacks import MetaProgressBarCallback
+
+SHAPE = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[8]))
+
+
+def test_meta_eval_callback_logs_returns_after_k_steps_and_saves_the_best_model(tmp_path):
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/TabularMDP-v0", seed=0, **SHAPE)
+    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
+    callback = MetaEvalCallback(n_tasks=3, inner_steps=2, eval_freq=2, best_model_save_path=str(tmp_path / "best"), seed=4)
+    model.learn(4 * 160, callback=callback)  # 4 meta-iterations of 160 steps
+    assert callback.evaluations_updates == [2, 4]
+    # the logged numbers are evaluate_adaptation's on the same held-out tasks (seed 4), after the last update
+    table = model.evaluate_adaptation(n_tasks=3, inner_steps=2, seed=4)
+    np.testing.assert_allclose(callback.evaluations_results[-1], table["mean"])
+    assert callback.best_mean_reward == max(r[-1] for r in callback.evaluations_results)
+    assert (tmp_path / "best" / "best_model.zip").exists()
+    best = MetaPolicyGradient.load(tmp_path / "best" / "best_model.zip", env="sb3_metarl/TabularMDP-v0")
+    assert best._n_updates in callback.evaluations_updates
+    with open(tmp_path / "log" / "progress.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row.get("eval/return_after_2_steps")]
+    assert len(logged) == 2
+    assert float(logged[-1]["eval/return_after_0_steps"]) == pytest.approx(table["mean"][0], rel=1e-5)
+    assert float(logged[-1]["eval/mean_reward"]) == pytest.approx(table["mean"][2], rel=1e-5)
+
+
+def test_meta_eval_callback_on_a_separate_eval_env_uses_its_tasks():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
+    callback = MetaEvalCallback(eval_env=gym.make("sb3_metarl/Navigation2D-v0"), n_tasks=2, inner_steps=1)
+    model.learn(800, callback=callback)
+    assert len(callback.evaluations_results) == 1 and callback.evaluations_results[0].shape == (2,)
+    # un-adapted return on two random goals, not the default goal's 0.00 of EvalCallback
+    assert callback.evaluations_results[0][0] < -1.0
+
+
+def test_plain_eval_callback_is_rejected_with_a_pointer():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
+    with pytest.raises(ValueError, match="MetaEvalCallback"):
+        model.learn(800, callback=[EvalCallback(gym.make("sb3_metarl/Navigation2D-v0"))])
+
+
+def test_progress_bar_counts_real_transitions(monkeypatch):
+    counted = []
+    monkeypatch.setattr(MetaProgressBarCallback, "_on_step", lambda self: counted.append(self.locals["n_transitions"]) or True)
+    # 3 tasks over 4 sub-env groups, 3 episodes in waves of 2: spare sub-envs step but are not transitions
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/GaussianBandit-v0", meta_batch_size=3, inner_episodes=3, outer_episodes=1, n_envs=6
+    )
+    model.learn(1, progress_bar=True)
+    assert sum(counted) == model.num_timesteps == 3 * (3 + 1)

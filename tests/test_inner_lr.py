@@ -1,0 +1,81 @@
+"""inner_lr="auto": a step size whose first inner step has a fixed KL, whatever the horizon or the reward scale."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.meta_pg.inner_lr import inner_direction, per_task_norm, per_task_step_kl
+from sb3_metarl.meta_pg.meta_pg import AUTO_INNER_KL
+from sb3_metarl.tasks import BUILTIN_TASK_ENVS, MUJOCO_TASK_ENVS
+
+SHAPE = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_steps=2)
+
+
+class _ScaledReward(gym.Wrapper):
+    def __init__(self, env, scale):
+        super().__init__(env)
+        self.scale = scale
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, self.scale * reward, terminated, truncated, info
+
+
+def _calibrated_kl(model):
+    """The median over fresh tasks of the first inner step's KL at the calibrated eta (with its gradient clip)."""
+    tasks = model._task_sampler.sample(model.meta_batch_size, np.random.default_rng(9))
+    params = model._initial_task_params(len(tasks))
+    batch = model._rollout(tasks, params, model.inner_episodes, generator=th.Generator().manual_seed(9))
+    direction = inner_direction(model.functional_policy, model.gradient_mode, params, batch)
+    step_sizes = model.inner_lr * (model.inner_grad_clip / per_task_norm(direction)).clamp(max=1.0)
+    return per_task_step_kl(model.functional_policy, params, direction, step_sizes, batch).median().item()
+
+
+@pytest.mark.parametrize("mode", ["lsf", "lvc", "sf"])
+def test_auto_step_does_not_grow_with_reward_scale_or_horizon(mode):
+    rates, kls = {}, {}
+    for scale, horizon in [(1.0, 100), (100.0, 100), (1.0, 25)]:
+        model = MetaPolicyGradient(
+            "MlpPolicy",
+            lambda s=scale: _ScaledReward(gym.make("sb3_metarl/Navigation2D-v0"), s),
+            gradient_mode=mode,
+            max_episode_steps=horizon,
+            seed=0,
+            meta_batch_size=8,
+            inner_episodes=8,
+            outer_episodes=1,
+        )
+        rates[(scale, horizon)] = model.resolved_inner_lr()
+        kls[(scale, horizon)] = _calibrated_kl(model)
+    # 100x the rewards: 100x smaller steps (the gradient is linear in the rewards)
+    assert rates[(100.0, 100)] == pytest.approx(rates[(1.0, 100)] / 100, rel=0.1)
+    # the step's KL stays near the target on fresh samples, at every reward scale and horizon
+    for kl in kls.values():
+        assert AUTO_INNER_KL / 4 < kl < AUTO_INNER_KL * 4
+
+
+def test_auto_is_calibrated_once_saved_and_logged(tmp_path):
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/TabularMDP-v0", seed=0, **SHAPE)
+    assert model.inner_lr == "auto"
+    model.learn(1)
+    value = model.inner_lr
+    assert isinstance(value, float) and value > 0
+    model.save(tmp_path / "m.zip")
+    assert MetaPolicyGradient.load(tmp_path / "m.zip").inner_lr == value
+
+
+@pytest.mark.parametrize("env_id", list(BUILTIN_TASK_ENVS))
+def test_every_family_mode_and_optimizer_trains_from_defaults(env_id):
+    # the settings of benchmarks/defaults_sweep.py (MuJoCo horizon 50)
+    env_kwargs = dict(max_episode_steps=50) if env_id in MUJOCO_TASK_ENVS else None
+    for meta_optimizer in ["adam", "sgd", "trpo", "ppo"]:
+        for mode in ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"]:
+            model = MetaPolicyGradient(
+                "MlpPolicy", env_id, gradient_mode=mode, meta_optimizer=meta_optimizer, env_kwargs=env_kwargs, seed=0, **SHAPE
+            )
+            model.learn(1)
+            model.learn(5 * model.num_timesteps, reset_num_timesteps=False)
+            assert model._n_updates >= 5, (meta_optimizer, mode)
+            assert all(th.isfinite(p).all() for p in model.policy.parameters()), (meta_optimizer, mode)

@@ -1,0 +1,79 @@
+"""Every code block of the README runs as written, with the budgets made small (training steps, task counts)."""
+
+import os
+import re
+import shlex
+
+import pytest
+
+import sb3_metarl
+import sb3_metarl.tasks.meta_world as meta_world
+from sb3_metarl import MetaPolicyGradient, cli
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def _blocks(language):
+    with open(README) as handle:
+        return re.findall(rf"```{language}\n(.*?)```", handle.read(), flags=re.S)
+
+
+class _SmallBudget(MetaPolicyGradient):
+    """The README's calls with small batches, one meta-iteration and few evaluation tasks."""
+
+    def __init__(self, policy, env, **kwargs):
+        if env is not None:
+            kwargs.update(meta_batch_size=2, inner_episodes=2, outer_episodes=2)
+            kwargs["n_envs"] = 2 if "n_envs" in kwargs else None
+            if "MetaWorld" in str(env):
+                kwargs["env_kwargs"] = dict(kwargs.get("env_kwargs") or {}, max_episode_steps=20)
+        super().__init__(policy, env, **kwargs)
+
+    def learn(self, total_timesteps, *args, **kwargs):
+        return super().learn(1, *args, **kwargs)
+
+    def evaluate_adaptation(self, n_tasks=40, inner_steps=3, seed=0, tasks=None, env=None):
+        tasks = None if tasks is None else tasks[:2]
+        return super().evaluate_adaptation(min(n_tasks, 2), min(inner_steps, 1), seed, tasks, env)
+
+
+def _small_metaworld_evaluation(model, benchmark="ML1", env_name="reach-v3", **kwargs):
+    kwargs.update(num_evals=1, adaptation_episodes=1, evaluation_episodes=1, max_episode_steps=20)
+    return _original_metaworld_evaluation(model, benchmark, env_name, **kwargs)
+
+
+_original_metaworld_evaluation = meta_world.metaworld_evaluation
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_blocks_run_as_written(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sb3_metarl, "MetaPolicyGradient", _SmallBudget)
+    monkeypatch.setattr(meta_world, "metaworld_evaluation", _small_metaworld_evaluation)
+    namespace = {}
+    if index > 0:  # later blocks continue the first one's session (its imports), as a reader's would
+        namespace["MetaPolicyGradient"] = _SmallBudget
+    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), namespace)
+
+
+def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    for block in _blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in line.split("#")[0].split("&&"):
+                if command.strip().startswith("python -m sb3_metarl"):
+                    commands.append(shlex.split(command)[3:])
+    assert [c[0] for c in commands] == ["train", "train", "evaluate"]  # the quick start's and the CLI section's
+    small = ["--hyperparams", "meta_batch_size=2", "inner_episodes=2", "outer_episodes=2", "n_envs=4"]
+    for arguments in commands:
+        if arguments[0] == "train":
+            if "--hyperparams" in arguments:  # keep the block's own hyperparameters, add the small batch
+                at = arguments.index("--hyperparams")
+                arguments = arguments[:at] + small + arguments[at + 1 :]
+            else:
+                arguments = arguments + small
+            arguments += ["--timesteps", "1", "--eval-tasks", "2", "--eval-inner-steps", "1", "--no-progress-bar"]
+        else:
+            arguments += ["--n-tasks", "2", "--inner-steps", "1"]
+        assert cli.main(arguments) == 0

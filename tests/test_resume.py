@@ -1,0 +1,132 @@
+"""Exact resume: save -> load -> learn, and a checkpoint written during learn, continue the run bit for bit."""
+
+import os
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+
+from sb3_metarl import MetaPolicyGradient
+
+SHAPE = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[8]))
+# TabularMDP: stochastic transitions and random initial states, so the env's random streams matter
+ENVS = ["sb3_metarl/Navigation2D-v0", "sb3_metarl/TabularMDP-v0"]
+
+
+def _parameters(model):
+    return th.cat([p.detach().flatten() for p in model.policy.parameters()])
+
+
+class _CallCounter(BaseCallback):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def _on_step(self):
+        return True
+
+    def _on_rollout_end(self):
+        self.calls.append(self.n_calls)
+
+
+def _model(env_id, meta_optimizer, mode, **kwargs):
+    return MetaPolicyGradient(
+        "MlpPolicy", env_id, meta_optimizer=meta_optimizer, gradient_mode=mode, seed=3, **SHAPE, **kwargs
+    )
+
+
+@pytest.mark.parametrize("env_id", ENVS)
+@pytest.mark.parametrize("meta_optimizer", ["adam", "sgd", "trpo", "ppo"])
+@pytest.mark.parametrize("mode", ["lsf", "lvc", "sf"])
+def test_save_load_continue_and_checkpoint_resume_are_bit_identical(tmp_path, env_id, meta_optimizer, mode):
+    per_iteration = 2 * 2 * 2 * (100 if "Navigation" in env_id else 20)  # tasks x (inner + outer) x episodes x H
+    uninterrupted = _model(env_id, meta_optimizer, mode)
+    calls_at_rollout_end = []
+    uninterrupted.learn(4 * per_iteration, callback=_CallCounter(calls_at_rollout_end))
+
+    first = _model(env_id, meta_optimizer, mode)
+    first.learn(2 * per_iteration)
+    first.save(tmp_path / "half.zip")
+    resumed = MetaPolicyGradient.load(tmp_path / "half.zip", env=env_id)
+    # Navigation2D's episodes can end early: continue to the uninterrupted run's total, not K more steps
+    resumed.learn(4 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
+    assert th.equal(_parameters(resumed), _parameters(uninterrupted))
+    assert resumed._n_updates == uninterrupted._n_updates and resumed.num_timesteps == uninterrupted.num_timesteps
+
+    # a checkpoint written by a callback in the middle of the third iteration's sampling
+    checkpointed = _model(env_id, meta_optimizer, mode)
+    # on_step is called once per lock-step; save a third of the way into the third iteration
+    third = calls_at_rollout_end[1] + (calls_at_rollout_end[2] - calls_at_rollout_end[1]) // 3
+    callback = CheckpointCallback(save_freq=third, save_path=str(tmp_path / "ckpt"))
+    checkpointed.learn(3 * per_iteration, callback=callback)
+    (checkpoint,) = sorted(os.listdir(tmp_path / "ckpt"))[:1]
+    from_checkpoint = MetaPolicyGradient.load(tmp_path / "ckpt" / checkpoint, env=env_id)
+    assert from_checkpoint._n_updates == 2  # the zip holds the third iteration's start, not its partial count
+    from_checkpoint.learn(4 * per_iteration - from_checkpoint.num_timesteps, reset_num_timesteps=False)
+    assert th.equal(_parameters(from_checkpoint), _parameters(uninterrupted))
+
+
+def test_save_keeps_the_optimizer_state_and_load_keeps_the_global_rng(tmp_path):
+    model = _model("sb3_metarl/Navigation2D-v0", "adam", "lvc")
+    model.learn(1600)
+    model.save(tmp_path / "m.zip")
+    th.manual_seed(123)
+    np.random.seed(123)
+    expected_torch, expected_numpy = th.rand(3), np.random.rand(3)
+    th.manual_seed(123)
+    np.random.seed(123)
+    loaded = MetaPolicyGradient.load(tmp_path / "m.zip", env="sb3_metarl/Navigation2D-v0")
+    assert th.equal(th.rand(3), expected_torch) and np.array_equal(np.random.rand(3), expected_numpy)
+    saved, restored = model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict()
+    assert len(saved["state"]) == len(restored["state"]) > 0
+    for key, state in saved["state"].items():
+        assert int(restored["state"][key]["step"]) == int(state["step"]) == model._n_updates > 0
+        assert th.equal(restored["state"][key]["exp_avg_sq"], state["exp_avg_sq"])
+    # two loads of the same zip continue identically on a stochastic env
+    runs = []
+    for _ in range(2):
+        again = MetaPolicyGradient.load(tmp_path / "m.zip", env="sb3_metarl/Navigation2D-v0")
+        again.learn(800, reset_num_timesteps=False)
+        runs.append(_parameters(again))
+    assert th.equal(runs[0], runs[1])
+
+
+def test_evaluation_during_training_does_not_change_the_run():
+    plain = _model("sb3_metarl/TabularMDP-v0", "adam", "lvc")
+    plain.learn(480)
+    plain.learn(480, reset_num_timesteps=False)
+    evaluated = _model("sb3_metarl/TabularMDP-v0", "adam", "lvc")
+    evaluated.learn(480)
+    evaluated.evaluate_adaptation(n_tasks=3, inner_steps=1, seed=5)
+    evaluated.adapt(evaluated._task_sampler.sample(1, np.random.default_rng(0))[0], seed=1)
+    evaluated.learn(480, reset_num_timesteps=False)
+    assert th.equal(_parameters(plain), _parameters(evaluated))
+
+
+def test_rollout_statistics_survive_learn_calls_and_training_mode_is_set():
+    modes = []
+
+    class Spy(MetaPolicyGradient):
+        def train(self, sample):
+            modes.append(("rollout", sample_mode[0]))
+            super().train(sample)
+            modes.append(("train", self.policy.training))
+
+    sample_mode = [None]
+    model = Spy("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
+    model.policy.set_training_mode(True)
+    original_rollout = model._rollout
+
+    def rollout(*args, **kwargs):
+        batch = original_rollout(*args, **kwargs)
+        sample_mode[0] = model.policy.training
+        return batch
+
+    model._rollout = rollout
+    model.learn(800)
+    model.learn(800, reset_num_timesteps=False)
+    assert len(model.pre_adaptation_returns) == 2  # SB3 keeps its buffers across learn calls
+    model.learn(800)
+    assert len(model.pre_adaptation_returns) == 1  # ... and resets them with the counters
+    assert ("rollout", False) in modes and ("train", True) in modes and ("rollout", True) not in modes
