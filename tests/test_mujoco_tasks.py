@@ -161,10 +161,22 @@ def test_families_run_in_subprocesses():
         model.env.close()
 
 
-def test_half_cheetah_loads_without_settotalmass_and_keeps_the_base_model_exactly():
+def test_half_cheetah_loads_without_settotalmass_and_keeps_the_base_model_exactly(monkeypatch):
+    import mujoco
     from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-    ours, base = gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped, HalfCheetahEnv()
+    base = HalfCheetahEnv()
+    compiled = []
+    from_path, from_string = mujoco.MjModel.from_xml_path, mujoco.MjModel.from_xml_string
+    def read(path):
+        with open(path) as handle:
+            return handle.read()
+
+    monkeypatch.setattr(mujoco.MjModel, "from_xml_path", lambda path, *a: compiled.append(read(path)) or from_path(path, *a))
+    monkeypatch.setattr(mujoco.MjModel, "from_xml_string", lambda xml, *a: compiled.append(xml) or from_string(xml, *a))
+    ours = gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped
+    # MuJoCo 4 warns about the deprecated attribute once per compiled model, i.e. per sub-env
+    assert compiled and not any("settotalmass" in xml for xml in compiled)
     for field in ["body_mass", "body_inertia", "body_subtreemass", "dof_invweight0", "body_invweight0", "dof_M0"]:
         np.testing.assert_array_equal(getattr(ours.model, field), getattr(base.model, field))
     assert abs(ours.model.body_mass.sum() - 14.0) < 1e-9

@@ -6,6 +6,7 @@ import torch as th
 
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
+from sb3_metarl.common.returns import returns_to_go, step_discounts
 from sb3_metarl.gradient_modes import GradientMode
 
 
@@ -45,9 +46,31 @@ def inner_direction(policy: FunctionalPolicy, mode: GradientMode, task_params: P
         return {n: g.detach() for n, g in grad_params(surrogate.sum(), leaves).items()}
 
 
+def reference_direction(policy: FunctionalPolicy, task_params: Params, batch: EpisodeBatch, gamma: float) -> Params:
+    """
+    The per-task policy gradient that calibrates ``inner_lr="auto"``, the same for every gradient mode:
+    ``(1/E) sum_e sum_t grad log pi(a_t|s_t) gamma^t (G_t - mean_e G_t)``, with the returns-to-go G_t
+    minus their mean over the task's episodes at the same t. That baseline removes constant reward
+    offsets (an alive bonus) and, unlike a fitted baseline, cannot absorb the whole return on a small
+    batch (a linear baseline with more features than steps leaves a near-zero gradient, and an eta
+    calibrated on it would be huge).
+
+    :return: parameter name -> (B, ...) gradients (detached)
+    """
+    go = returns_to_go(batch.rewards, batch.masks, gamma)
+    count = batch.masks.sum(1, keepdim=True).clamp(min=1)
+    centred = (go - (go * batch.masks).sum(1, keepdim=True) / count) * batch.masks
+    weights = step_discounts(batch.masks.shape[-1], gamma, batch.masks.device) * centred
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in task_params.items()}
+    with th.enable_grad():
+        log_prob = policy.log_prob(leaves, batch.flat_observations(), batch.flat_actions()).reshape(batch.masks.shape)
+        surrogate = (log_prob * weights).sum(dim=(1, 2)) / batch.n_episodes
+        return {n: g.detach() for n, g in grad_params(surrogate.sum(), leaves).items()}
+
+
 def step_sizes_for_kl(
     policy: FunctionalPolicy,
-    mode: GradientMode,
+    direction: Params,
     task_params: Params,
     batch: EpisodeBatch,
     target_kl: float,
@@ -55,21 +78,20 @@ def step_sizes_for_kl(
     max_iter: int = 30,
 ) -> tuple[th.Tensor, th.Tensor]:
     """
-    Per task, the inner step size eta at which one inner step of ``mode`` on ``batch`` moves the
-    task's policy by a mean KL of ``target_kl`` over the batch's states. The KL of a step grows like
-    eta^2 for small steps, so each eta is refined by eta * sqrt(target / KL) until every KL is within
-    ``tolerance`` (relative) of the target.
+    Per task, the step size eta at which a step of ``eta * direction`` moves the task's policy by a
+    mean KL of ``target_kl`` over the batch's states. The KL of a step grows like eta^2 for small
+    steps, so each eta is refined by eta * sqrt(target / KL) until every KL is within ``tolerance``
+    (relative) of the target.
 
     :param policy: the functional policy
-    :param mode: the gradient mode, whose inner surrogate gives the direction
+    :param direction: per-task directions (B, ...), e.g. ``reference_direction``
     :param task_params: per-task parameters (B, ...) the batch was sampled with (detached)
-    :param batch: inner episodes with their weights
-    :param target_kl: the KL the first inner step should have
+    :param batch: the episodes whose states the KL is averaged over
+    :param target_kl: the KL the step should have
     :param tolerance: relative tolerance on the KL
     :param max_iter: refinements at most
-    :return: eta per task (B,; NaN for a task whose inner gradient is zero) and the inner gradient's norm per task (B,)
+    :return: eta per task (B,; NaN for a task whose direction is zero) and the direction's norm per task (B,)
     """
-    direction = inner_direction(policy, mode, task_params, batch)
     params = {n: p.detach() for n, p in task_params.items()}
     norms = per_task_norm(direction).double()
     if not th.isfinite(norms).all():

@@ -43,7 +43,7 @@ from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env, resolve_ve
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
 from sb3_metarl.meta_pg.arguments import AUTO, check_arguments
-from sb3_metarl.meta_pg.inner_lr import per_task_norm, step_sizes_for_kl
+from sb3_metarl.meta_pg.inner_lr import inner_direction, per_task_norm, reference_direction, step_sizes_for_kl
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
@@ -541,14 +541,16 @@ class MetaPolicyGradient(BaseAlgorithm):
         first ``learn``, evaluation or estimate), and then fixed (saved with the model, logged as
         ``train/inner_lr``). On at least ``AUTO_CALIBRATION_TASKS`` (16) tasks, ``inner_episodes``
         episodes each of the initial policy (drawn from streams of their own, so training's samples
-        are not changed), it finds per task the eta whose first inner step moves the policy by a mean
-        KL(pi_theta || pi_theta') of ``AUTO_INNER_KL`` (0.002, about the step the Navigation2D sweep
-        picked by hand) on the batch's states, under the gradient mode's own inner surrogate, and takes
-        the median. Because sampled inner gradients are heavy-tailed (an Ant batch's norm varies 100x
-        between iterations), every inner step then clips each task's gradient at
-        ``AUTO_INNER_CLIP_FACTOR`` (4) times the calibration's median norm (``inner_grad_clip``; the clip
-        factor is a constant in the meta-gradient, i.e. a smaller eta for that task). The rule depends
-        neither on the horizon nor on the reward scale, both of which the sum-over-time gradient grows with.
+        are not changed), it finds per task the eta at which a step along the task's policy gradient
+        (returns-to-go minus their mean over the task's episodes, ``reference_direction``: the same
+        for every mode, and never degenerate as a fitted baseline on a small batch can be) moves the
+        policy by a mean KL(pi_theta || pi_theta') of ``AUTO_INNER_KL`` (0.002, about the step the
+        Navigation2D sweep picked by hand) on the batch's states, and takes the median. Because sampled
+        inner gradients are heavy-tailed (an Ant batch's norm varies 100x between iterations), every
+        inner step then clips each task's gradient (the mode's own) at ``AUTO_INNER_CLIP_FACTOR`` (4)
+        times its median norm on the calibration batches (``inner_grad_clip``; the clip factor is a
+        constant in the meta-gradient, i.e. a smaller eta for that task). The rule depends neither on
+        the horizon nor on the reward scale, both of which the sum-over-time gradient grows with.
 
         :return: eta
         """
@@ -564,14 +566,15 @@ class MetaPolicyGradient(BaseAlgorithm):
                 params = self._initial_task_params(len(tasks))
                 batch = self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env)
                 assert batch is not None
-                etas, task_norms = step_sizes_for_kl(self.functional_policy, self.gradient_mode, params, batch, AUTO_INNER_KL)
+                direction = reference_direction(self.functional_policy, params, batch, self.gamma)
+                etas, _ = step_sizes_for_kl(self.functional_policy, direction, params, batch, AUTO_INNER_KL)
                 step_sizes.append(etas)
-                norms.append(task_norms)
+                norms.append(per_task_norm(inner_direction(self.functional_policy, self.gradient_mode, params, batch)))
         step_sizes, norms = th.cat(step_sizes), th.cat(norms)
         moving = th.isfinite(step_sizes)
         if moving.any():
             self.inner_lr = float(step_sizes[moving].median())
-            self.inner_grad_clip = AUTO_INNER_CLIP_FACTOR * float(norms[moving].median())
+            self.inner_grad_clip = AUTO_INNER_CLIP_FACTOR * float(norms.median())
         else:  # every calibration gradient is zero (constant rewards): any step size gives the same first step
             self.inner_lr, self.inner_grad_clip = 0.1, None
         if self.verbose >= 1:
