@@ -76,7 +76,7 @@ class MetaEvalCallback(BaseCallback):
             self.logger.dump(self.num_timesteps)
 
     def _evaluate_if_due(self) -> bool:
-        updates = self.model._n_updates
+        updates = self.model.n_updates
         if updates == 0 or updates == self._last_evaluated_update or updates % self.eval_freq != 0:
             return False
         self._last_evaluated_update = updates
@@ -100,11 +100,11 @@ class MetaEvalCallback(BaseCallback):
                 self.logger.record(f"eval/success_rate_after_{steps}_steps", float(rate))
         self.last_mean_reward = float(table["mean"][-1])
         self.logger.record("eval/mean_reward", self.last_mean_reward)
-        self.evaluations_updates.append(self.model._n_updates)
+        self.evaluations_updates.append(self.model.n_updates)
         self.evaluations_results.append(np.asarray(table["mean"]))
         if self.verbose >= 1:
             steps = ", ".join(f"{k}: {m:.2f}" for k, m in zip(table["inner_steps"], table["mean"]))
-            print(f"Eval after {self.model._n_updates} meta-updates, return after k inner steps: {steps}")
+            print(f"Eval after {self.model.n_updates} meta-updates, return after k inner steps: {steps}")
         if self.last_mean_reward > self.best_mean_reward:
             self.best_mean_reward = self.last_mean_reward
             if self.best_model_save_path is not None:

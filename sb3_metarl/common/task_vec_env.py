@@ -103,13 +103,13 @@ class TaskVecEnv:
             columns = group * buffer.n_episodes + episode
             active = used.copy()
             obs = self.venv.reset()
-            check_finite(obs[used], np.flatnonzero(used), "observation", tasks, per_group)
+            check_finite(obs, "observation", tasks, per_group)
             for step in range(self.horizon):
                 actions, log_probs = act(obs)
                 env_actions = np.clip(actions, self.venv.action_space.low, self.venv.action_space.high) if clip else actions
                 new_obs, rewards, dones, infos = self.venv.step(env_actions)
                 rows = np.flatnonzero(active)
-                check_finite(rewards[rows], rows, "reward", tasks, per_group)
+                check_finite(rewards, "reward", tasks, per_group)
                 buffer.add_step(step, columns[rows], obs[rows], actions[rows], rewards[rows], log_probs[rows])
                 if rows.size and "success" in infos[rows[0]]:
                     buffer.add_successes(columns[rows], np.array([infos[i]["success"] for i in rows]))
@@ -120,18 +120,21 @@ class TaskVecEnv:
                 if not active.any():
                     break
                 obs = new_obs
-                check_finite(obs[active], np.flatnonzero(active), "observation", tasks, per_group)
+                check_finite(obs, "observation", tasks, per_group)
         return True
 
 
-def check_finite(values: np.ndarray, rows: np.ndarray, what: str, tasks: Sequence[Any], per_group: int) -> None:
-    """:raises ValueError: naming the sub-env and its task if the env returned a non-finite ``what``"""
-    if np.issubdtype(np.asarray(values).dtype, np.floating):  # integer (e.g. image) values are always finite
-        finite = np.isfinite(np.asarray(values, dtype=np.float64).reshape(len(rows), -1)).all(axis=1)
-        if not finite.all():
-            env_index = int(rows[np.flatnonzero(~finite)[0]])
-            task = tasks[min(env_index // per_group, len(tasks) - 1)]
-            raise ValueError(
-                f"env: sub-env {env_index} returned a non-finite {what} (task {task!r:.80}); "
-                "the env must return finite rewards and observations."
-            )
+def check_finite(values: np.ndarray, what: str, tasks: Sequence[Any], per_group: int) -> None:
+    """
+    :param values: one value (or row) per sub-env
+    :raises ValueError: naming the first sub-env, and its task, that returned a non-finite ``what``
+    """
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all():  # integer (e.g. image) values are finite
+        return
+    env_index = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+    task = tasks[min(env_index // per_group, len(tasks) - 1)]
+    raise ValueError(
+        f"env: sub-env {env_index} returned a non-finite {what} (task {task!r:.80}); "
+        "the env must return finite rewards and observations."
+    )

@@ -55,7 +55,7 @@ def check_finite_gradient(grads: Params, model: "MetaPolicyGradient") -> None:
     bad = [name for name, grad in grads.items() if not th.isfinite(grad).all()]
     if bad:
         raise FloatingPointError(
-            f"meta-gradient: non-finite values in {bad} at iteration {model._n_updates + 1} "
+            f"meta-gradient: non-finite values in {bad} at iteration {model.n_updates + 1} "
             f"(after {model.num_timesteps} timesteps); the parameters were left unchanged. "
             "Lower inner_lr or learning_rate, or use a baseline / normalize_advantage."
         )
@@ -88,6 +88,6 @@ def restore_on_failure(model: "MetaPolicyGradient") -> Iterator[None]:
     if bad:
         restore()
         raise FloatingPointError(
-            f"meta-update: parameters {bad} became non-finite at iteration {model._n_updates + 1}; the update was "
+            f"meta-update: parameters {bad} became non-finite at iteration {model.n_updates + 1}; the update was "
             "undone (parameters and optimizer state restored). Lower learning_rate or inner_lr."
         )

@@ -123,7 +123,7 @@ class TRPO(MetaOptimizer):
         if not (math.isfinite(curvature) and curvature > 0):
             raise FloatingPointError(
                 f"meta-update: the KL curvature along the TRPO direction is {curvature} at iteration "
-                f"{model._n_updates + 1}; the parameters were left unchanged. Raise cg_damping or lower inner_lr."
+                f"{model.n_updates + 1}; the parameters were left unchanged. Raise cg_damping or lower inner_lr."
             )
         full_step = math.sqrt(2.0 * self.max_kl / curvature) * direction.detach()
         return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
@@ -152,7 +152,7 @@ class TRPO(MetaOptimizer):
                 # not a rejected step but a broken objective: never a silent "no step" at every iteration
                 raise FloatingPointError(
                     f"meta-update: every line search point's surrogate or KL is non-finite at iteration "
-                    f"{model._n_updates + 1}; the parameters were left unchanged. Lower inner_lr or max_kl."
+                    f"{model.n_updates + 1}; the parameters were left unchanged. Lower inner_lr or max_kl."
                 )
         return {
             "meta_grad_norm": natural.policy_gradient.norm().item(),

@@ -76,7 +76,7 @@ def step_sizes_for_kl(
     target_kl: float,
     tolerance: float = 0.05,
     max_iter: int = 30,
-) -> tuple[th.Tensor, th.Tensor]:
+) -> th.Tensor:
     """
     Per task, the step size eta at which a step of ``eta * direction`` moves the task's policy by a
     mean KL of ``target_kl`` over the batch's states. The KL of a step grows like eta^2 for small
@@ -90,7 +90,7 @@ def step_sizes_for_kl(
     :param target_kl: the KL the step should have
     :param tolerance: relative tolerance on the KL
     :param max_iter: refinements at most
-    :return: eta per task (B,; NaN for a task whose direction is zero) and the direction's norm per task (B,)
+    :return: eta per task (B,; NaN for a task whose direction is zero)
     """
     params = {n: p.detach() for n, p in task_params.items()}
     norms = per_task_norm(direction).double()
@@ -108,4 +108,4 @@ def step_sizes_for_kl(
         if bool(((ratio - 1.0).abs() <= tolerance)[moving].all()):
             break
         step_sizes = step_sizes * ratio.sqrt().clamp(0.01, 100.0)
-    return th.where(moving, step_sizes, th.full_like(step_sizes, math.nan)), norms
+    return th.where(moving, step_sizes, th.full_like(step_sizes, math.nan))

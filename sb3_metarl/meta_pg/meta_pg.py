@@ -343,19 +343,24 @@ class MetaPolicyGradient(BaseAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "functional_policy", "task_env", "_task_sampler", "_iteration_start"]
 
+    @property
+    def n_updates(self) -> int:
+        """The number of meta-updates applied so far (SB3's ``_n_updates``, logged as ``train/n_updates``)."""
+        return self._n_updates
+
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # the policy's torch optimizer holds the meta-optimizer's moments (Adam), as in SB3's on-policy algorithms
         return ["policy", "policy.optimizer"], []
 
     # ------------------------------------------------------------------ random streams, save and load
 
-    def _stream_state(self) -> dict[str, Any]:
-        """:return: copies of every random stream the run draws from, and the timestep counter"""
+    def _stream_state(self, include_env: bool = True) -> dict[str, Any]:
+        """:return: copies of the run's random streams (the sub-envs' if ``include_env``) and the timestep counter"""
         return {
             "num_timesteps": self.num_timesteps,
             "task_rng": generator_state(self.task_rng),
             "torch_generator": self.torch_generator.get_state(),
-            "env": get_env_rng_states(self.env) if self.env is not None else None,
+            "env": get_env_rng_states(self.env) if include_env and self.env is not None else None,
         }
 
     def _set_stream_state(self, state: dict[str, Any], include_env: bool = True) -> None:
@@ -393,7 +398,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param exclude: names of attributes not to save, in addition to the default ones
         :param include: names of attributes to save that would otherwise be excluded
         """
-        live = self._stream_state()
+        live = self._stream_state(include_env=self._iteration_start is None)
         saved = self._iteration_start if self._iteration_start is not None else live
         self._set_stream_state(saved, include_env=False)
         self._saved_env_rng_states = saved["env"]
@@ -569,7 +574,7 @@ class MetaPolicyGradient(BaseAlgorithm):
                 batch = self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env)
                 assert batch is not None
                 direction = reference_direction(self.functional_policy, params, batch, self.gamma)
-                etas, _ = step_sizes_for_kl(self.functional_policy, direction, params, batch, AUTO_INNER_KL)
+                etas = step_sizes_for_kl(self.functional_policy, direction, params, batch, AUTO_INNER_KL)
                 step_sizes.append(etas)
                 norms.append(per_task_norm(inner_direction(self.functional_policy, self.gradient_mode, params, batch)))
         step_sizes, norms = th.cat(step_sizes), th.cat(norms)
@@ -717,7 +722,6 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
         """SB3's, with a progress bar that counts real transitions (not every sub-env of every lock-step)."""
-        reject_unadapted_evaluation(callback)
         if isinstance(callback, list):
             callback = CallbackList(callback)
         if not isinstance(callback, BaseCallback):
