@@ -144,7 +144,7 @@ def run(config: RunConfig, eval_tasks: int, eval_seed: int) -> dict[str, Any]:
         **config.kwargs,
     )
     per_iteration = model.meta_batch_size * (model.inner_steps * model.inner_episodes + model.outer_episodes)
-    timesteps = config.iterations * per_iteration * model.task_env.horizon
+    timesteps = config.iterations * per_iteration * model.episode_sampler.horizon
     start = time.time()
     status = "ok"
     try:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         args.meta_batch_size, np.random.default_rng(args.seed)
     )
     before = metaworld_evaluation(model, **evaluation)
-    horizon = model.task_env.horizon
+    horizon = model.episode_sampler.horizon
     steps_per_iteration = args.meta_batch_size * 2 * args.episodes * horizon
     start = time.time()
     model.learn(args.iterations * steps_per_iteration)

@@ -11,6 +11,7 @@ from sb3_metarl.gradient_modes import GRADIENT_MODES
 from sb3_metarl.hyperparams import default_hyperparams
 from sb3_metarl.meta_optimizers import META_OPTIMIZERS
 from sb3_metarl.meta_pg import MetaPolicyGradient, format_adaptation_table
+from sb3_metarl.samplers import SAMPLER_NAMES
 
 DEFAULT_ENV = "sb3_metarl/Navigation2D-v0"
 #: the seed of the held-out evaluation tasks: ``train``'s final table and ``evaluate`` show the same numbers
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress-bar", action="store_true")
     train.add_argument("--verbose", type=int, default=0)
     train.add_argument("--device", default="auto")
+    train.add_argument(
+        "--sampler",
+        default="vec_env",
+        choices=list(SAMPLER_NAMES),
+        help="vec_env (this process), subproc (worker processes), ray (Ray actors)",
+    )
+    train.add_argument("--num-workers", type=int, default=None, help="workers of --sampler subproc/ray (default: the cores)")
 
     evaluate = commands.add_parser("evaluate", help="returns of a saved model before and after adaptation")
     evaluate.add_argument("path", help="saved model (.zip)")
@@ -73,6 +81,11 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
     if args.meta_optimizer is not None:
         kwargs["meta_optimizer"] = args.meta_optimizer
     policy = kwargs.pop("policy", "MlpPolicy")
+    if args.sampler != "vec_env":
+        kwargs["sampler"] = args.sampler
+        kwargs["sampler_kwargs"] = {**kwargs.get("sampler_kwargs", {}), "num_workers": args.num_workers}
+    elif args.num_workers is not None:
+        raise SystemExit("--num-workers: only with --sampler subproc or ray")
     model = MetaPolicyGradient(policy, args.env, seed=args.seed, verbose=args.verbose, device=args.device, **kwargs)
     before = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
     start = time.time()

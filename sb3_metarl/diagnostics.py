@@ -135,7 +135,8 @@ def compare_with_exact(model: MetaPolicyGradient, task: np.ndarray, calls: int =
 
 
 def _unwrapped(model: MetaPolicyGradient) -> Any:
-    return model._require_env().venv.get_attr("unwrapped", indices=[0])[0]
+    model.episode_sampler  # noqa: B018  (a clear error when the model has no env)
+    return model.get_env().get_attr("unwrapped", indices=[0])[0]
 
 
 def exact_reference(model: MetaPolicyGradient, task: Any) -> ReferenceFn | None:
@@ -252,11 +253,17 @@ def measure_estimators(
         model.gradient_mode, model.inner_episodes = saved  # the caller's model is left as it was
 
 
+def mode_named(mode: GradientMode, name: str) -> GradientMode:
+    """:return: ``mode`` if it is called ``name`` (keeping its configuration), else the named mode with defaults"""
+    return mode if mode.name == name else make_gradient_mode(name)
+
+
 def _reconfigure(model: MetaPolicyGradient) -> ModelFactory:
     """:return: a factory that switches ``model`` to the requested mode and number of inner episodes"""
+    saved_mode = model.gradient_mode
 
     def factory(mode: str, n: int) -> MetaPolicyGradient:
-        model.gradient_mode = make_gradient_mode(mode, model.dice_lambda)
+        model.gradient_mode = mode_named(saved_mode, mode)
         model.inner_episodes = n
         return model
 
@@ -342,7 +349,7 @@ class MetaGradientDiagnosticsCallback(BaseCallback):
         names = list(dict.fromkeys([model.gradient_mode.name, *self.modes]))
         means = {}
         for name in names:
-            mode = model.gradient_mode if name == model.gradient_mode.name else make_gradient_mode(name, model.dice_lambda)
+            mode = mode_named(model.gradient_mode, name)
             per_task = flat_per_task_gradient(model.meta_gradient_on_samples(sample, mode)).detach()
             means[name] = per_task.mean(0)
             self.last[f"diagnostics/variance_across_tasks/{name}"] = per_task.var(0).sum().item() if len(per_task) > 1 else 0.0

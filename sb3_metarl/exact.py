@@ -180,7 +180,8 @@ def tabular_maml_gradient(
 
 def _tabular_problem(model: Any) -> tuple[np.ndarray, np.ndarray]:
     """:return: the transition kernel and initial distribution of a model's TabularMDP env"""
-    venv = model._require_env().venv
+    model.episode_sampler  # noqa: B018  (a clear error when the model has no env)
+    venv = model.get_env()
     if not venv.has_attr("transitions"):
         raise ValueError("env: the exact tabular reference needs a TabularMDP env (with `transitions`).")
     return venv.get_attr("transitions", indices=[0])[0], venv.get_attr("initial_distribution", indices=[0])[0]
@@ -205,7 +206,7 @@ def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
             th.as_tensor(transitions, dtype=th.float64, device=model.device),
             rewards,
             th.as_tensor(initial_distribution, dtype=th.float64, device=model.device),
-            model.task_env.horizon,
+            model.episode_sampler.horizon,
             model.gamma,
         )
 
@@ -226,7 +227,7 @@ def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:
         tasks,
         transitions,
         initial_distribution,
-        model.task_env.horizon,
+        model.episode_sampler.horizon,
         model.gamma,
         model.resolved_inner_lr(),
         model.inner_steps,

@@ -5,7 +5,6 @@ import pytest
 import torch as th
 
 from sb3_metarl import FixedTaskSampler, MetaPolicyGradient
-from sb3_metarl.common.functional import FunctionalPolicy
 from sb3_metarl.diagnostics import make_tabular_model
 from sb3_metarl.exact import (
     bandit_maml_gradient,
@@ -61,7 +60,7 @@ def test_tabular_value_matches_monte_carlo_returns():
     with th.no_grad():
         model.policy.action_net.weight.normal_(0, 1.0)  # a non-uniform policy
     value = exact_value(model, [task]).item()
-    batch = model._rollout([task], FunctionalPolicy.expand(model.functional_policy.parameters(), 1), 2000)
+    batch = model.sample_episodes([task], None, 2000)
     returns = batch.discounted_returns[0].double()
     assert abs(returns.mean().item() - value) < 4 * returns.std().item() / np.sqrt(len(returns))
 
@@ -88,8 +87,8 @@ def test_tabular_meta_gradient_matches_an_independent_float64_implementation():
     )
     task = np.random.default_rng(1).uniform(size=(4, 3))
     grads = exact_meta_gradient(model, [task])
-    kernel = th.tensor(model.task_env.venv.get_attr("transitions", indices=[0])[0])
-    initial = th.tensor(model.task_env.venv.get_attr("initial_distribution", indices=[0])[0])
+    kernel = th.tensor(model.get_env().get_attr("transitions", indices=[0])[0])
+    initial = th.tensor(model.get_env().get_attr("initial_distribution", indices=[0])[0])
     rewards = th.tensor(task)[None]
 
     def value(weight, bias):

@@ -21,7 +21,7 @@ from sb3_metarl.gradient_modes import GRADIENT_MODES, LoadedDiCE, make_gradient_
 
 
 def _inner_gradient(model, mode, params, batch):
-    log_prob = model._log_prob(params, batch)
+    log_prob = model.adaptation.log_prob(params, batch)
     surrogate = mode.inner_surrogate(log_prob, batch).sum()
     return th.autograd.grad(surrogate, list(params.values()), allow_unused=True)
 
@@ -32,8 +32,8 @@ def test_every_inner_step_equals_the_policy_gradient(env_id):
     model = MetaPolicyGradient("MlpPolicy", env_id, meta_batch_size=2, inner_episodes=3, outer_episodes=3, seed=1)
     tasks = model._task_sampler.sample(2, np.random.default_rng(0))
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 2)
-    batch = model._rollout(tasks, params, 3)
-    batch.log_probs = model._log_prob(params, batch).detach()  # as _meta_sample does: boxes exactly 1
+    batch = model.sample_episodes(tasks, params, 3)
+    batch.log_probs = model.adaptation.log_prob(params, batch).detach()  # as collect_meta_sample does: boxes exactly 1
     step_weighted = _inner_gradient(model, make_gradient_mode("maml"), params, batch)
     for name in ["sf", "lvc", "dice", "fomaml"]:
         for got, expected in zip(_inner_gradient(model, make_gradient_mode(name), params, batch), step_weighted):
@@ -41,7 +41,7 @@ def test_every_inner_step_equals_the_policy_gradient(env_id):
     for got, expected in zip(_inner_gradient(model, LoadedDiCE(1.0), params, batch), step_weighted):
         th.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # LSF weighs whole trajectories by their return minus the batch mean
-    log_prob = model._log_prob(params, batch)
+    log_prob = model.adaptation.log_prob(params, batch)
     expected = th.autograd.grad(
         (log_prob.sum(2) * batch.trajectory_advantages).sum() / 3, list(params.values()), allow_unused=True
     )
@@ -55,14 +55,14 @@ def test_lsf_and_maml_hessians_match_their_formulas():
     """LSF: (1/N) sum_i A_i (u_i u_i^T + H_i); plain autodiff: (1/N) sum_i A_i H_i (no score outer product)."""
     model = make_bandit_model("lsf", inner_episodes=5, outer_episodes=1, meta_batch_size=1)
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 1)
-    batch = model._rollout([BANDIT_TARGET], params, 5)
+    batch = model.sample_episodes([BANDIT_TARGET], params, 5)
     actions, weights = batch.actions[0, :, 0, 0].double().cpu(), batch.trajectory_advantages[0].double().cpu()
 
     def surrogate(mode, theta):
         task_params = dict(
             params, **{"action_net.bias": theta[:1].view(1, 1).float(), "log_std": theta[1:].view(1, 1).float()}
         )
-        return mode.inner_surrogate(model._log_prob(task_params, batch), batch).sum()
+        return mode.inner_surrogate(model.adaptation.log_prob(task_params, batch), batch).sum()
 
     theta = th.tensor([BANDIT_MEAN, BANDIT_LOG_STD], dtype=th.float64, device=model.device)
     sigma2 = np.exp(2 * BANDIT_LOG_STD)
@@ -147,7 +147,9 @@ def test_tabular_plain_autodiff_is_biased():
 
 def test_registry_and_errors():
     assert set(GRADIENT_MODES) == {"sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"}
-    assert make_gradient_mode("loaded_dice", dice_lambda=0.5).dice_lambda == 0.5
+    assert make_gradient_mode("loaded_dice", dict(dice_lambda=0.5)).dice_lambda == 0.5
+    with pytest.raises(ValueError, match=r"gradient_mode_kwargs: unknown argument.*'lam'"):
+        make_gradient_mode("loaded_dice", dict(lam=0.5))
     mode = make_gradient_mode("lvc")
     assert make_gradient_mode(mode) is mode
     with pytest.raises(ValueError, match="gradient_mode"):
@@ -170,11 +172,11 @@ def test_sf_score_term_follows_the_standardized_advantages_scale():
     )
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 2)
     tasks = model._task_sampler.sample(2, np.random.default_rng(0))
-    inner, outer = model._rollout(tasks, params, 3), model._rollout(tasks, params, 3)
+    inner, outer = model.sample_episodes(tasks, params, 3), model.sample_episodes(tasks, params, 3)
     go = outer.rewards * (0.99 ** th.arange(outer.rewards.shape[-1]))
     scale = outer.advantage_scale
     assert scale.shape == (2,) and th.all(scale > 0) and not th.allclose(scale, th.ones(2))
-    log_prob = model._log_prob(params, inner)
+    log_prob = model.adaptation.log_prob(params, inner)
     inner.log_probs = log_prob.detach()
     correction = make_gradient_mode("sf").correction([log_prob], [inner], outer)
     grads = th.autograd.grad(correction.sum(), list(params.values()), allow_unused=True, retain_graph=True)

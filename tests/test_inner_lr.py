@@ -26,8 +26,8 @@ class _ScaledReward(gym.Wrapper):
 def _calibrated_kl(model):
     """The median over fresh tasks of the KL of a calibrated step along the reference direction."""
     tasks = model._task_sampler.sample(model.meta_batch_size, np.random.default_rng(9))
-    params = model._initial_task_params(len(tasks))
-    batch = model._rollout(tasks, params, model.inner_episodes, generator=th.Generator().manual_seed(9))
+    params = model.initial_task_params(len(tasks))
+    batch = model.sample_episodes(tasks, params, model.inner_episodes, generator=th.Generator().manual_seed(9))
     direction = reference_direction(model.functional_policy, params, batch, model.gamma)
     step_sizes = th.full((len(tasks),), model.inner_lr)
     return per_task_step_kl(model.functional_policy, params, direction, step_sizes, batch).median().item()

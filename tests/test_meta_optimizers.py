@@ -33,7 +33,7 @@ def _model(mode="lvc", meta_optimizer="trpo", inner_steps=1, seed=0, **kwargs):
 
 def _sample(model):
     tasks = model._task_sampler.sample(model.meta_batch_size, np.random.default_rng(0))
-    return model._meta_sample(tasks)
+    return model.collect_meta_sample(tasks)
 
 
 @pytest.mark.parametrize("meta_optimizer", sorted(META_OPTIMIZERS))
@@ -54,14 +54,14 @@ def test_trpo_step_respects_the_kl_bound_and_improves_the_surrogate(mode, inner_
     sample = _sample(model)
     old_adapted = {n: p.detach().clone() for n, p in sample.adapted.items()}
     before = _parameters(model)
-    stats = model.meta_updater.step(model, sample)
+    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["step_accepted"] == 1.0
     # measured independently: the adaptation re-run from the new parameters on the same inner samples
-    replay = model._replay(sample, model.gradient_mode, create_graph=False)
+    replay = model.adaptation.replay(sample, create_graph=False)
     with th.no_grad():
-        kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
-        objective = TRPO.surrogate(model, replay, sample).item()
-        old_objective = TRPO.surrogate(model, sample.replay, sample).item()
+        kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+        objective = TRPO.surrogate(model.adaptation, replay, sample).item()
+        old_objective = TRPO.surrogate(model.adaptation, sample.replay, sample).item()
     assert 0 < kl <= 0.01
     assert objective > old_objective
     assert stats["kl"] == pytest.approx(kl, rel=1e-4)
@@ -74,7 +74,7 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     """H v matches finite differences of the KL's gradient; the full step reaches about max_kl."""
     model = _model("lvc", inner_steps=inner_steps, meta_optimizer_kwargs=dict(max_kl=1e-3, cg_damping=0.0, cg_max_steps=20))
     sample = _sample(model)
-    natural = model.meta_updater.search_direction(model, sample)
+    natural = model.meta_updater.search_direction(model.adaptation, sample)
     params, old_values = natural.params, [p.detach().clone() for p in natural.params]
     old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
     generator = th.Generator().manual_seed(0)
@@ -83,8 +83,8 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
 
     def kl_gradient_at(offset):
         TRPO.set_parameters(params, old_values, offset)
-        replay = model._replay(sample, model.gradient_mode)
-        kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch)
+        replay = model.adaptation.replay(sample)
+        kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch)
         return th.cat([g.reshape(-1) for g in th.autograd.grad(kl, params)])
 
     epsilon = 1e-2
@@ -95,8 +95,8 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     # check that model where it holds, at a fifth of the step (predicted KL: max_kl / 25)
     TRPO.set_parameters(params, old_values, 0.2 * natural.full_step)
     with th.no_grad():
-        replay = model._replay(sample, model.gradient_mode, create_graph=False)
-        kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+        replay = model.adaptation.replay(sample, create_graph=False)
+        kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
     assert 0.5 < kl / (1e-3 / 25) < 2
     # the step ascends: its inner product with the meta-gradient is positive
     assert (natural.policy_gradient @ natural.full_step).item() > 0
@@ -109,7 +109,7 @@ def test_trpo_rejects_every_step_when_the_surrogate_cannot_improve():
         batch.advantages = th.zeros_like(batch.advantages)  # a flat surrogate: no step improves it
     before = _parameters(model)
     sample.objective = sample.objective * 0 + 1e-3 * sum(p.sum() for p in sample.adapted.values())
-    stats = model.meta_updater.step(model, sample)
+    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["step_accepted"] == 0.0 and stats["surrogate_improvement"] == 0.0
     assert th.equal(before, _parameters(model))
 
@@ -124,7 +124,9 @@ def test_ppo_first_epoch_gradient_is_the_meta_gradient(mode):
         sample.objective.sum(), [sample.task_theta[n] for n in names], retain_graph=True, allow_unused=True
     )
     expected = {n: g.mean(0) for n, g in zip(names, grads) if g is not None}
-    objective, clip_fraction, inner_kls = model.meta_updater.objective(model, sample.replay, sample, sample.inner_params)
+    objective, clip_fraction, inner_kls = model.meta_updater.objective(
+        model.adaptation, sample.replay, sample, sample.inner_params
+    )
     loss = objective - sum(inner_kls)
     got = grad_params(loss, model.functional_policy.parameters())
     got, expected = th.cat([got[n].flatten() for n in expected]), th.cat([g.flatten() for g in expected.values()])
@@ -142,7 +144,7 @@ def test_boxes_are_importance_weights_after_a_parameter_change(mode):
     with th.no_grad():
         for param in model.policy.parameters():
             param.add_(0.05 * th.randn_like(param))
-    replay = model._replay(sample, model.gradient_mode, create_graph=False)
+    replay = model.adaptation.replay(sample, create_graph=False)
     batch = sample.inner_batches[0]
     log_prob = replay.inner_log_probs[0].detach()
     value = model.gradient_mode.inner_surrogate(log_prob, batch)
@@ -154,7 +156,8 @@ def test_boxes_are_importance_weights_after_a_parameter_change(mode):
     else:
         expected = None
     if expected is not None:
-        th.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4)
+        # lsf's weight is a product of 100 float32 ratios (its mode takes exp of a sum of log-ratios): ~1e-4 apart
+        th.testing.assert_close(value, expected, rtol=1e-3, atol=1e-4)
     # the correction of sf / the inner surrogate of the boxed modes now differs from its value at sampling
     at_sampling = model.gradient_mode.inner_surrogate(batch.log_probs, batch)
     assert not th.allclose(value, at_sampling, rtol=1e-3)
@@ -178,7 +181,7 @@ def test_outer_surrogates_at_the_sampling_parameters():
 def test_ppo_epochs_improve_the_surrogate_and_adapt_the_inner_kl_penalty():
     model = _model("lvc", "ppo", learning_rate=3e-3, meta_optimizer_kwargs=dict(n_epochs=4, inner_kl_coef=1.0))
     sample = _sample(model)
-    stats = model.meta_updater.step(model, sample)
+    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["surrogate_improvement"] > 0
     assert 0 < stats["inner_kl"] < 0.01 / 1.5
     assert model.meta_updater.inner_kl_coefs == [0.5]  # a small inner KL halves the penalty
@@ -187,7 +190,7 @@ def test_ppo_epochs_improve_the_surrogate_and_adapt_the_inner_kl_penalty():
 
 def test_ppo_inner_kl_penalty_doubles_when_the_pre_update_policy_moves_too_far():
     model = _model("lvc", "ppo", learning_rate=0.05, meta_optimizer_kwargs=dict(n_epochs=5, target_inner_kl=1e-6))
-    model.meta_updater.step(model, _sample(model))
+    model.meta_updater.step(model.adaptation, _sample(model), model.policy.optimizer)
     assert model.meta_updater.inner_kl_coefs == [2 * 5e-4]
 
 
@@ -223,7 +226,7 @@ def test_non_finite_meta_gradient_raises_and_keeps_the_training_state(meta_optim
     model = _model(_ExplodingMode(), meta_optimizer, meta_batch_size=2, inner_episodes=2, outer_episodes=2)
     before = _parameters(model)
     optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
-    with pytest.raises(FloatingPointError, match=r"non-finite values in .* at iteration 1"):
+    with pytest.raises(FloatingPointError, match=r"non-finite values in .*meta-update 1, after"):
         model.learn(10_000)
     assert th.equal(before, _parameters(model))
     assert model.policy.optimizer.state_dict()["state"] == optimizer_state["state"]

@@ -179,7 +179,7 @@ def test_env_factory_vec_env_and_subprocess(tmp_path):
     assert from_factory.env.num_envs == 4
     vec_env = DummyVecEnv([factory] * 6)
     from_vec_env = MetaPolicyGradient("MlpPolicy", vec_env, **kwargs)
-    assert from_vec_env.task_env.envs_per_group == 3
+    assert from_vec_env.episode_sampler.envs_per_group == 3
     from_vec_env.learn(1)
     subprocess_model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", vec_env_cls=SubprocVecEnv, **kwargs)
     try:

@@ -148,7 +148,7 @@ def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
         agent.step(Timestep(observations, actions, rng.normal(size=2), done, done, aux))
     batch = agent._batch()
     assert batch.masks.shape == (2, 1, 3)
-    expected = model._adapt_step(before, batch)
+    expected = model.adaptation.adapt(before, batch, model.gradient_mode)
     agent.adapt()
     for name in expected:
         th.testing.assert_close(agent.params[name], expected[name])

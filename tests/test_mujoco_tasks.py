@@ -131,7 +131,7 @@ def test_meta_training_smoke(env_id):
         policy_kwargs=dict(net_arch=[16]),
         seed=0,
     )
-    assert model.task_env.horizon == 10
+    assert model.episode_sampler.horizon == 10
     model.learn(1)
     assert model._n_updates == 1 and 0 < model.num_timesteps <= 2 * 4 * 10
     table = model.evaluate_adaptation(n_tasks=2, inner_steps=1)
@@ -153,7 +153,7 @@ def test_families_run_in_subprocesses():
     )
     try:
         model.learn(1)
-        tasks = model.task_env.venv.env_method("get_task")
+        tasks = model.get_env().env_method("get_task")
         assert tasks[0]["body_mass"].shape == tasks[1]["body_mass"].shape and not np.allclose(
             tasks[0]["body_mass"], tasks[1]["body_mass"]
         )

@@ -116,14 +116,14 @@ def test_rollout_statistics_survive_learn_calls_and_training_mode_is_set():
     sample_mode = [None]
     model = Spy("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
     model.policy.set_training_mode(True)
-    original_rollout = model._rollout
+    original_rollout = model.sample_episodes
 
     def rollout(*args, **kwargs):
         batch = original_rollout(*args, **kwargs)
         sample_mode[0] = model.policy.training
         return batch
 
-    model._rollout = rollout
+    model.sample_episodes = rollout
     model.learn(800)
     model.learn(800, reset_num_timesteps=False)
     assert len(model.pre_adaptation_returns) == 2  # SB3 keeps its buffers across learn calls

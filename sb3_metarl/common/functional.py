@@ -3,6 +3,7 @@
 import contextlib
 import copy
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch as th
 from stable_baselines3.common.distributions import (
@@ -97,6 +98,11 @@ class FunctionalPolicy:
         self.policy = policy
         self._log_prob = _LogProb(policy)
         self._tensors = _DistributionTensors(policy)
+        value_only = ("mlp_extractor.value_net.", "value_net.", "vf_features_extractor.")
+        #: the parameters the action distribution depends on (not the value head's)
+        self.actor_names = [
+            name for name in self.parameters() if not name.startswith(value_only) or name.startswith("features_extractor.")
+        ]
 
     def parameters(self) -> Params:
         """:return: the policy's trainable parameters by name (the meta-parameters theta)"""
@@ -129,6 +135,32 @@ class FunctionalPolicy:
         """:return: whether every task holds the same parameters (views made by ``expand``, or a single task)"""
         return all(p.shape[0] == 1 or p.stride(0) == 0 for p in task_params.values())
 
+    def single_distribution(self, params: Params, obs: th.Tensor) -> Distribution:
+        """
+        The action distribution of one parameter set, in one plain (not batched over tasks) call with
+        only the actor's parameters substituted: the cheapest evaluation, whose results do not depend
+        on any other task's (a batched matmul's last bits depend on the batch it is part of).
+
+        :param params: parameters by name (no task dim; at least the actor's)
+        :param obs: observations (K, *obs_shape)
+        :return: an SB3 distribution over the K observations
+        """
+        actor = self._prefixed({name: params[name] for name in self.actor_names})
+        with _no_distribution_validation():
+            return self._as_distribution(functional_call(self._tensors, actor, (obs,), tie_weights=False))
+
+    def _as_distribution(self, flat: tuple[th.Tensor, ...] | list[th.Tensor]) -> Distribution:
+        dist = copy.copy(self.policy.action_dist)
+        if isinstance(dist, DiagGaussianDistribution):
+            dist.distribution = th.distributions.Normal(*flat)
+        elif isinstance(dist, MultiCategoricalDistribution):
+            dist.distribution = [th.distributions.Categorical(logits=logits) for logits in flat]
+        elif isinstance(dist, BernoulliDistribution):
+            dist.distribution = th.distributions.Bernoulli(logits=flat[0])
+        else:
+            dist.distribution = th.distributions.Categorical(logits=flat[0])
+        return dist
+
     def distribution(self, task_params: Params, obs: th.Tensor) -> Distribution:
         """
         :param task_params: parameters with a leading task dim B
@@ -148,16 +180,7 @@ class FunctionalPolicy:
             else:
                 tensors = vmap(single)(self._prefixed(task_params), obs)
                 flat = [t.reshape(-1, *t.shape[2:]) for t in tensors]
-            dist = copy.copy(self.policy.action_dist)
-            if isinstance(dist, DiagGaussianDistribution):
-                dist.distribution = th.distributions.Normal(*flat)
-            elif isinstance(dist, MultiCategoricalDistribution):
-                dist.distribution = [th.distributions.Categorical(logits=logits) for logits in flat]
-            elif isinstance(dist, BernoulliDistribution):
-                dist.distribution = th.distributions.Bernoulli(logits=flat[0])
-            else:
-                dist.distribution = th.distributions.Categorical(logits=flat[0])
-        return dist
+            return self._as_distribution(flat)
 
 
 def grad_params(output: th.Tensor, params: Params, create_graph: bool = False) -> Params:
@@ -181,19 +204,48 @@ def kl_divergence(dist_p: Distribution, dist_q: Distribution) -> th.Tensor:
     return kl.sum(-1) if isinstance(dist_p, (DiagGaussianDistribution, BernoulliDistribution)) else kl
 
 
-def sample_actions(dist: Distribution, generator: th.Generator) -> th.Tensor:
+class ActionNoise(Protocol):
+    """Where sampled actions get their randomness: draws with a leading dimension of one row per action."""
+
+    def normal(self, shape: tuple[int, ...], dtype: th.dtype) -> th.Tensor:
+        """:return: standard normal draws of ``shape`` (on the CPU)"""
+
+    def uniform(self, shape: tuple[int, ...], dtype: th.dtype) -> th.Tensor:
+        """:return: uniform [0, 1) draws of ``shape`` (on the CPU)"""
+
+
+class GeneratorNoise:
     """
-    Sample actions from an SB3 distribution with noise drawn on the CPU from ``generator``, so that a
-    model's action noise is a stream of its own (saved and restored with it, the caller's global torch
-    generator untouched) and the same seed gives the same actions on every device.
+    :class:`ActionNoise` from one CPU ``torch.Generator``.
+
+    :param generator: the generator
+    """
+
+    def __init__(self, generator: th.Generator):
+        self.generator = generator
+
+    def normal(self, shape: tuple[int, ...], dtype: th.dtype) -> th.Tensor:
+        return th.randn(shape, generator=self.generator, dtype=dtype)
+
+    def uniform(self, shape: tuple[int, ...], dtype: th.dtype) -> th.Tensor:
+        return th.rand(shape, generator=self.generator, dtype=dtype)
+
+
+def sample_actions(dist: Distribution, noise: "ActionNoise | th.Generator") -> th.Tensor:
+    """
+    Sample actions from an SB3 distribution with noise drawn on the CPU from a stream of the model's own
+    (saved and restored with it, the caller's global torch generator untouched), so that the same seed
+    gives the same actions on every device.
 
     :param dist: a distribution returned by ``FunctionalPolicy.distribution``
-    :param generator: a CPU ``torch.Generator``
+    :param noise: the draws' source (e.g. one stream per task group), or a CPU ``torch.Generator``
     :return: actions in SB3's format
     """
+    if isinstance(noise, th.Generator):
+        noise = GeneratorNoise(noise)
 
     def uniform(shape: th.Size, like: th.Tensor) -> th.Tensor:
-        return th.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
+        return noise.uniform(tuple(shape), like.dtype).to(like.device)
 
     def categorical(probs: th.Tensor) -> th.Tensor:
         # inverse CDF; the clamp guards against a last cumulative probability rounded below 1
@@ -202,10 +254,14 @@ def sample_actions(dist: Distribution, generator: th.Generator) -> th.Tensor:
 
     inner = dist.distribution
     if isinstance(dist, DiagGaussianDistribution):
-        noise = th.randn(inner.loc.shape, generator=generator, dtype=inner.loc.dtype).to(inner.loc.device)
-        return inner.loc + inner.scale * noise
+        return inner.loc + inner.scale * noise.normal(tuple(inner.loc.shape), inner.loc.dtype).to(inner.loc.device)
     if isinstance(dist, MultiCategoricalDistribution):
-        return th.stack([categorical(d.probs) for d in inner], dim=1)
+        # one uniform per row and action dimension, drawn row-major so that a row's draws are contiguous
+        draws = uniform(th.Size((inner[0].probs.shape[0], len(inner))), inner[0].probs)
+        return th.stack(
+            [(d.probs.cumsum(-1) < draws[:, i : i + 1]).sum(-1).clamp(max=d.probs.shape[-1] - 1) for i, d in enumerate(inner)],
+            dim=1,
+        )
     if isinstance(dist, BernoulliDistribution):
         return (uniform(inner.probs.shape, inner.probs) < inner.probs).to(inner.probs.dtype)
     return categorical(inner.probs)

@@ -33,8 +33,16 @@ def set_env_rng_states(venv: VecEnv, states: list[EnvRngState]) -> None:
     """
     if len(states) != venv.num_envs:
         raise ValueError(f"env: {len(states)} saved sub-env random states for {venv.num_envs} sub-envs.")
-    for index, state in enumerate(states):
-        venv.set_attr("np_random", _generator(state), indices=[index])
+    _set_generators(venv, [_generator(state) for state in states])
+
+
+def _set_generators(venv: VecEnv, generators: list[np.random.Generator]) -> None:
+    # a sampler whose sub-envs live in workers sets them all in one message per worker
+    if hasattr(venv, "set_attr_each"):
+        venv.set_attr_each("np_random", generators)
+        return
+    for index, generator in enumerate(generators):
+        venv.set_attr("np_random", generator, indices=[index])
 
 
 def seed_env_rngs(venv: VecEnv, seed: int | None) -> None:
@@ -42,9 +50,11 @@ def seed_env_rngs(venv: VecEnv, seed: int | None) -> None:
     Give every sub-env its own generator, seeded from ``seed`` and the sub-env's index (fresh entropy
     when ``seed`` is None), directly rather than at the next reset, so no later reset reseeds them.
     """
+    generators = []
     for index in range(venv.num_envs):
         seed_sequence = np.random.SeedSequence(None if seed is None else [seed, index])
-        venv.set_attr("np_random", np.random.Generator(np.random.PCG64(seed_sequence)), indices=[index])
+        generators.append(np.random.Generator(np.random.PCG64(seed_sequence)))
+    _set_generators(venv, generators)
 
 
 @contextlib.contextmanager

@@ -124,15 +124,19 @@ class TaskVecEnv:
         return True
 
 
-def check_finite(values: np.ndarray, what: str, tasks: Sequence[Any], per_group: int) -> None:
+def check_finite(
+    values: np.ndarray, what: str, tasks: Sequence[Any], per_group: int, env_indices: np.ndarray | None = None
+) -> None:
     """
     :param values: one value (or row) per sub-env
+    :param env_indices: the sub-env of each row (default: row i is sub-env i)
     :raises ValueError: naming the first sub-env, and its task, that returned a non-finite ``what``
     """
     values = np.asarray(values)
     if not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all():  # integer (e.g. image) values are finite
         return
-    env_index = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+    row = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+    env_index = row if env_indices is None else int(env_indices[row])
     task = tasks[min(env_index // per_group, len(tasks) - 1)]
     raise ValueError(
         f"env: sub-env {env_index} returned a non-finite {what} (task {task!r:.80}); "

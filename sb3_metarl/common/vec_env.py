@@ -15,11 +15,18 @@ class WorkerDiedError(RuntimeError):
     """A sub-env's worker process died or stopped answering."""
 
 
-class _GuardedRemote:
-    """The parent end of a worker's pipe whose ``recv`` waits in bounded slices and checks the worker is alive."""
+class GuardedPipe:
+    """
+    The parent end of a worker's pipe whose ``recv`` waits in bounded slices and checks the worker is alive.
 
-    def __init__(self, remote: Any, process: mp.Process, index: int, timeout: float | None):
-        self.remote, self.process, self.index, self.timeout = remote, process, index, timeout
+    :param remote: the parent's end of the pipe
+    :param process: the worker process
+    :param name: how errors name the worker, e.g. "SubprocVecEnv worker 3 (sub-env 3)"
+    :param timeout: seconds to wait for a living worker's answer (None: no limit)
+    """
+
+    def __init__(self, remote: Any, process: mp.Process, name: str, timeout: float | None):
+        self.remote, self.process, self.name, self.timeout = remote, process, name, timeout
 
     def _died(self, cause: BaseException | None = None) -> WorkerDiedError:
         self.process.join(timeout=0.5)  # let the exit code settle
@@ -27,7 +34,7 @@ class _GuardedRemote:
         state = "is alive but did not answer" if exit_code is None else f"died with exit code {exit_code}"
         detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         pid = self.process.pid
-        return WorkerDiedError(f"SubprocVecEnv worker {self.index} (sub-env {self.index}, pid {pid}) {state}{detail}.")
+        return WorkerDiedError(f"{self.name} (pid {pid}) {state}{detail}.")
 
     def send(self, message: Any) -> None:
         try:
@@ -35,15 +42,33 @@ class _GuardedRemote:
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
             raise self._died(error) from None
 
-    def recv(self) -> Any:
+    def send_bytes(self, data: bytes) -> None:
+        """Send an already serialized message (the caller counts its size)."""
+        try:
+            self.remote.send_bytes(data)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
+            raise self._died(error) from None
+
+    def _wait(self) -> None:
         start = time.monotonic()
         while not self.remote.poll(0.1):
             if not self.process.is_alive():
                 raise self._died()
             if self.timeout is not None and time.monotonic() - start > self.timeout:
                 raise self._died(TimeoutError(f"no answer within {self.timeout} s"))
+
+    def recv(self) -> Any:
+        self._wait()
         try:
             return self.remote.recv()
+        except (EOFError, ConnectionResetError, OSError) as error:
+            raise self._died(error) from None
+
+    def recv_bytes(self) -> bytes:
+        """:return: the next message, still serialized"""
+        self._wait()
+        try:
+            return self.remote.recv_bytes()
         except (EOFError, ConnectionResetError, OSError) as error:
             raise self._died(error) from None
 
@@ -77,7 +102,7 @@ class GuardedSubprocVecEnv(SubprocVecEnv):
         self.close_timeout = close_timeout
         super().__init__(env_fns, start_method)
         self.remotes = [
-            _GuardedRemote(remote, process, index, timeout)
+            GuardedPipe(remote, process, f"SubprocVecEnv worker {index} (sub-env {index})", timeout)
             for index, (remote, process) in enumerate(zip(self.remotes, self.processes))
         ]
 

@@ -32,7 +32,10 @@ class GradientMode(ABC):
     """
     A meta-gradient estimator, defined by its inner surrogate S (whose gradient is the inner step)
     and an optional correction C added to the outer objective. The meta-gradient is the gradient
-    of ``O(theta_zeta(theta)) + C(theta)`` with the inner steps differentiated through.
+    of ``O(theta_zeta(theta)) + C(theta)`` with the inner steps differentiated through. The outer
+    surrogate O is not the mode's: it is the policy-gradient surrogate, or the meta-optimizer's
+    (TRPO's importance ratio, PPO's clipped ratio), all with the same gradient at the sampling
+    parameters (``sb3_metarl.adaptation.Adaptation.objective`` combines them).
 
     All methods return one value per task, shape (B,).
     """
@@ -51,14 +54,6 @@ class GradientMode(ABC):
         :param batch: the inner episodes with weights
         :return: S per task (B,)
         """
-
-    def outer_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
-        """
-        :param log_prob: log-likelihoods of the outer episodes under the adapted parameters (B, E, H)
-        :param batch: the outer episodes with weights
-        :return: O per task (B,); its gradient at the adapted parameters is the outer policy gradient
-        """
-        return policy_gradient_surrogate(log_prob, batch)
 
     def correction(
         self, inner_log_probs: list[th.Tensor], inner_batches: list[EpisodeBatch], outer_batch: EpisodeBatch

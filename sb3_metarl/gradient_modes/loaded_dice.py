@@ -19,8 +19,8 @@ class LoadedDiCE(GradientMode):
     name = "loaded_dice"
 
     def __init__(self, dice_lambda: float = 0.95):
-        if not 0.0 <= dice_lambda <= 1.0:
-            raise ValueError(f"dice_lambda: must be in [0, 1], got {dice_lambda}.")
+        if isinstance(dice_lambda, bool) or not isinstance(dice_lambda, (int, float)) or not 0.0 <= dice_lambda <= 1.0:
+            raise ValueError(f"dice_lambda: must be a number in [0, 1], got {dice_lambda!r}.")
         self.dice_lambda = dice_lambda
 
     def _discounted_cumsum(self, log_prob: th.Tensor) -> th.Tensor:

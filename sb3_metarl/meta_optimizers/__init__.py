@@ -1,8 +1,8 @@
 """Meta-optimizers: how a meta-iteration's samples become a parameter update, registered by name."""
 
-import inspect
 from typing import Any
 
+from sb3_metarl.common.arguments import construct_checked
 from sb3_metarl.meta_optimizers.base import MetaOptimizer
 from sb3_metarl.meta_optimizers.gradient_ascent import SGD, Adam, GradientAscent
 from sb3_metarl.meta_optimizers.ppo import PPO
@@ -26,19 +26,8 @@ def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, A
             f"meta_optimizer: unknown optimizer {meta_optimizer!r}; use one of {sorted(META_OPTIMIZERS)} "
             "or a MetaOptimizer instance."
         )
-    optimizer_class = META_OPTIMIZERS[meta_optimizer]
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"meta_optimizer_kwargs: must be a dict or None, got {kwargs!r}.")
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    parameters = inspect.signature(optimizer_class.__init__).parameters.values()
-    valid = [p.name for p in parameters if p.name != "self" and p.kind in keyword]
-    unknown = sorted(set(kwargs or {}) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"meta_optimizer_kwargs: unknown argument(s) {unknown} for meta_optimizer={meta_optimizer!r}; "
-            f"valid keys: {valid or 'none'}."
-        )
-    return optimizer_class(**(kwargs or {}))
-
+    return construct_checked(
+        META_OPTIMIZERS[meta_optimizer], kwargs, "meta_optimizer_kwargs", f"meta_optimizer={meta_optimizer!r}"
+    )
 
 __all__ = ["META_OPTIMIZERS", "PPO", "SGD", "TRPO", "Adam", "GradientAscent", "MetaOptimizer", "make_meta_optimizer"]

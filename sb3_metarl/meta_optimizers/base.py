@@ -4,14 +4,12 @@ import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch as th
 
+from sb3_metarl.adaptation import Adaptation, MetaSample
 from sb3_metarl.common.functional import Params
-
-if TYPE_CHECKING:
-    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient, MetaSample
 
 
 class MetaOptimizer(ABC):
@@ -30,12 +28,13 @@ class MetaOptimizer(ABC):
     uses_learning_rate: ClassVar[bool] = True
 
     @abstractmethod
-    def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
+    def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
         """
-        Apply one meta-update to ``model``'s policy.
+        Apply one meta-update to the parameters of ``adaptation``'s policy.
 
-        :param model: the algorithm (its policy, gradient mode and adaptation)
+        :param adaptation: the differentiable adaptation (replay, objective, KL) of the policy to update
         :param sample: the meta-iteration's samples and the graph of its meta-objective
+        :param optimizer: the torch optimizer over the policy's parameters (``torch_optimizer_class``)
         :return: values to log under ``train/``
         :raises FloatingPointError: on a non-finite meta-gradient or update; the parameters and the
             optimizer state are then restored to their values before the call
@@ -50,34 +49,34 @@ def gradient_norm(grads: Params) -> float:
     return th.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
 
 
-def check_finite_gradient(grads: Params, model: "MetaPolicyGradient") -> None:
+def check_finite_gradient(grads: Params) -> None:
     """:raises FloatingPointError: naming the parameters whose meta-gradient is not finite"""
     bad = [name for name, grad in grads.items() if not th.isfinite(grad).all()]
     if bad:
         raise FloatingPointError(
-            f"meta-gradient: non-finite values in {bad} at iteration {model.n_updates + 1} "
-            f"(after {model.num_timesteps} timesteps); the parameters were left unchanged. "
+            f"meta-gradient: non-finite values in {bad}; the parameters were left unchanged. "
             "Lower inner_lr or learning_rate, or use a baseline / normalize_advantage."
         )
 
 
 @contextlib.contextmanager
-def restore_on_failure(model: "MetaPolicyGradient") -> Iterator[None]:
+def restore_on_failure(params: Params, optimizer: th.optim.Optimizer) -> Iterator[None]:
     """
     Run a meta-update; if it raises or leaves a parameter non-finite, restore the parameters and the
-    policy optimizer's state, so that no training state is lost.
+    optimizer's state, so that no training state is lost.
 
+    :param params: the parameters the update changes in place
+    :param optimizer: the torch optimizer whose state the update may change
     :raises FloatingPointError: if the update left a parameter non-finite
     """
-    params = model.functional_policy.parameters()
     saved_params = {name: param.detach().clone() for name, param in params.items()}
-    saved_optimizer = copy.deepcopy(model.policy.optimizer.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
 
     def restore() -> None:
         with th.no_grad():
             for name, param in params.items():
                 param.copy_(saved_params[name])
-        model.policy.optimizer.load_state_dict(saved_optimizer)
+        optimizer.load_state_dict(saved_optimizer)
 
     try:
         yield
@@ -88,6 +87,6 @@ def restore_on_failure(model: "MetaPolicyGradient") -> Iterator[None]:
     if bad:
         restore()
         raise FloatingPointError(
-            f"meta-update: parameters {bad} became non-finite at iteration {model.n_updates + 1}; the update was "
+            f"meta-update: parameters {bad} became non-finite; the update was "
             "undone (parameters and optimizer state restored). Lower learning_rate or inner_lr."
         )

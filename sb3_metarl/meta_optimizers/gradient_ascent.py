@@ -1,14 +1,11 @@
 """Plain meta-gradient ascent with a torch optimizer (Algorithm 1 of the seeds)."""
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch as th
 
-from sb3_metarl.common.functional import grad_params
+from sb3_metarl.adaptation import Adaptation, MetaSample
 from sb3_metarl.meta_optimizers.base import MetaOptimizer, check_finite_gradient, gradient_norm, restore_on_failure
-
-if TYPE_CHECKING:
-    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient, MetaSample
 
 
 class GradientAscent(MetaOptimizer):
@@ -27,15 +24,14 @@ class GradientAscent(MetaOptimizer):
             raise ValueError(f"max_grad_norm: must be None or a number > 0, got {max_grad_norm!r}.")
         self.max_grad_norm = max_grad_norm
 
-    def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
-        grads = {n: g.mean(0) for n, g in grad_params(sample.objective.sum(), sample.task_theta).items()}
-        check_finite_gradient(grads, model)
+    def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
+        grads = {n: g.mean(0) for n, g in adaptation.per_task_meta_gradient(sample).items()}
+        check_finite_gradient(grads)
         norm = gradient_norm(grads)
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             grads = {n: g * (self.max_grad_norm / norm) for n, g in grads.items()}
-        params = model.functional_policy.parameters()
-        optimizer = model.policy.optimizer
-        with restore_on_failure(model):
+        params = adaptation.parameters()
+        with restore_on_failure(params, optimizer):
             optimizer.zero_grad()
             for name, param in params.items():
                 param.grad = -grads[name]  # the optimizers minimize; the meta-objective is maximized

@@ -1,15 +1,12 @@
 """ProMP's meta-update: several epochs of a clipped post-adaptation surrogate with an inner-KL penalty."""
 
-from typing import TYPE_CHECKING
-
 import torch as th
 
+from sb3_metarl.adaptation import Adaptation, MetaSample, Replay
+from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params
 from sb3_metarl.meta_optimizers.base import MetaOptimizer, check_finite_gradient, gradient_norm, restore_on_failure
 from sb3_metarl.meta_optimizers.surrogates import clipped_surrogate
-
-if TYPE_CHECKING:
-    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient, MetaSample, Replay
 
 
 class PPO(MetaOptimizer):
@@ -59,7 +56,7 @@ class PPO(MetaOptimizer):
         self.inner_kl_coefs: list[float] | None = None
 
     def objective(
-        self, model: "MetaPolicyGradient", replay: "Replay", sample: "MetaSample", old_inner_params: list[Params]
+        self, adaptation: Adaptation, replay: Replay, sample: MetaSample, old_inner_params: list[Params]
     ) -> tuple[th.Tensor, th.Tensor, list[th.Tensor]]:
         """
         :param replay: the adaptation from the current parameters on ``sample``'s inner episodes
@@ -67,33 +64,34 @@ class PPO(MetaOptimizer):
         :return: the clipped meta-objective (mean over tasks), the clipped fraction of outer steps and
             the mean KL(pi_{theta_k,old} || pi_{theta_k(theta)}) of each inner step
         """
-        outer, clip_fraction = clipped_surrogate(replay.outer_log_prob, sample.outer_batch, self.clip_range)
-        correction = model.gradient_mode.correction(replay.inner_log_probs, sample.inner_batches, sample.outer_batch)
-        objective = (outer if correction is None else outer + correction).mean()
+        _, clip_fraction = clipped_surrogate(replay.outer_log_prob, sample.outer_batch, self.clip_range)
+        objective = adaptation.sample_objective(sample, replay, self.outer_surrogate).mean()
         inner_kls = [
-            model._mean_kl(old, new, batch)
+            adaptation.mean_kl(old, new, batch)
             for old, new, batch in zip(old_inner_params, replay.inner_params, sample.inner_batches)
         ]
         return objective, clip_fraction, inner_kls
 
-    def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
-        mode = model.gradient_mode
-        optimizer = model.policy.optimizer
-        params = model.functional_policy.parameters()
+    def outer_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
+        """:return: the clipped outer surrogate per task (B,)"""
+        return clipped_surrogate(log_prob, batch, self.clip_range)[0]
+
+    def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
+        params = adaptation.parameters()
         old_inner_params = sample.inner_params
         if self.inner_kl_coefs is None or len(self.inner_kl_coefs) != len(old_inner_params):
             self.inner_kl_coefs = [self.inner_kl_coef] * len(old_inner_params)
         first_grad_norm, objectives = 0.0, []
-        with restore_on_failure(model):
+        with restore_on_failure(params, optimizer):
             for epoch in range(self.n_epochs):
                 # the first epoch is at the sampling parameters: the sample's own graph is that adaptation
-                replay = sample.replay if epoch == 0 else model._replay(sample, mode)
-                objective, clip_fraction, inner_kls = self.objective(model, replay, sample, old_inner_params)
+                replay = sample.replay if epoch == 0 else adaptation.replay(sample)
+                objective, clip_fraction, inner_kls = self.objective(adaptation, replay, sample, old_inner_params)
                 loss = -objective + sum(coef * kl for coef, kl in zip(self.inner_kl_coefs, inner_kls))
                 optimizer.zero_grad()
                 loss.backward()
                 grads = {n: -p.grad for n, p in params.items() if p.grad is not None}
-                check_finite_gradient(grads, model)
+                check_finite_gradient(grads)
                 if epoch == 0:
                     first_grad_norm = gradient_norm(grads)
                 optimizer.step()

@@ -3,20 +3,47 @@
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch as th
-from sb3_contrib.common.utils import conjugate_gradient_solver
 
+from sb3_metarl.adaptation import Adaptation, MetaSample, Replay
 from sb3_metarl.meta_optimizers.base import MetaOptimizer, check_finite_gradient, restore_on_failure
 from sb3_metarl.meta_optimizers.surrogates import ratio_surrogate
-
-if TYPE_CHECKING:
-    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient, MetaSample, Replay
 
 
 def _flat(tensors: list[th.Tensor | None], like: list[th.Tensor]) -> th.Tensor:
     return th.cat([(th.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)])
+
+
+def conjugate_gradient(
+    matrix_vector_product: Callable[[th.Tensor], th.Tensor], b: th.Tensor, max_iter: int, residual_tol: float = 1e-10
+) -> th.Tensor:
+    """
+    Solve ``A x = b`` for a symmetric positive-definite ``A`` given as a product, starting from x = 0
+    (as pytorch-maml-rl and garage do; sb3-contrib's solver starts from a random point drawn from
+    torch's global generator, which would make every TRPO step depend on the caller's random state).
+
+    :param matrix_vector_product: v -> A v
+    :param b: the right-hand side
+    :param max_iter: iterations at most (each one product)
+    :param residual_tol: stop when the squared residual norm falls below this
+    :return: the approximate solution x
+    """
+    x = th.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    residual_sq = residual @ residual
+    for _ in range(max_iter):
+        if residual_sq.item() < residual_tol:
+            break
+        product = matrix_vector_product(direction)
+        alpha = residual_sq / (direction @ product)
+        x = x + alpha * direction
+        residual = residual - alpha * product
+        new_residual_sq = residual @ residual
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return x
 
 
 @dataclass
@@ -81,27 +108,24 @@ class TRPO(MetaOptimizer):
         self.line_search_max_iter = line_search_max_iter
 
     @staticmethod
-    def surrogate(model: "MetaPolicyGradient", replay: "Replay", sample: "MetaSample") -> th.Tensor:
-        """:return: the meta-objective with TRPO's outer surrogate, averaged over tasks"""
-        mode = model.gradient_mode
-        objective = ratio_surrogate(replay.outer_log_prob, sample.outer_batch)
-        correction = mode.correction(replay.inner_log_probs, sample.inner_batches, sample.outer_batch)
-        return (objective if correction is None else objective + correction).mean()
+    def surrogate(adaptation: Adaptation, replay: Replay, sample: MetaSample) -> th.Tensor:
+        """:return: the meta-objective with TRPO's outer surrogate (the importance ratio), averaged over tasks"""
+        return adaptation.sample_objective(sample, replay, ratio_surrogate).mean()
 
-    def search_direction(self, model: "MetaPolicyGradient", sample: "MetaSample") -> NaturalStep:
+    def search_direction(self, adaptation: Adaptation, sample: MetaSample) -> NaturalStep:
         """
         The natural-gradient step at the sampling parameters, scaled to the trust region's boundary
         under the KL's quadratic model.
 
         :raises FloatingPointError: on a non-finite meta-gradient or a non-positive curvature
         """
-        all_params = model.functional_policy.parameters()
+        all_params = adaptation.parameters()
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         # the sample's own graph is the adaptation at the current parameters: reuse it
-        objective = self.surrogate(model, sample.replay, sample)
-        kl = model._mean_kl(old_adapted, sample.adapted, sample.outer_batch)
+        objective = self.surrogate(adaptation, sample.replay, sample)
+        kl = adaptation.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
         grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=True, allow_unused=True)
-        check_finite_gradient({n: g for n, g in zip(all_params, grads) if g is not None}, model)
+        check_finite_gradient({n: g for n, g in zip(all_params, grads) if g is not None})
         # the policy's parameters: the value head receives no gradient and stays out of the solve
         params = [all_params[n] for n, g in zip(all_params, grads) if g is not None]
         policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
@@ -113,34 +137,32 @@ class TRPO(MetaOptimizer):
             product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
             return _flat(list(product), params) + self.cg_damping * vector
 
-        # sb3-contrib's solver starts from a small random point drawn from torch's global generator: draw it from
-        # the model's own stream instead, so a run does not depend on (or change) the caller's global state
-        seed = int(th.randint(0, 2**62, (1,), generator=model.torch_generator).item())
-        with th.random.fork_rng(devices=[policy_gradient.device] if policy_gradient.is_cuda else []):
-            th.manual_seed(seed)
-            direction = conjugate_gradient_solver(hessian_vector_product, policy_gradient, max_iter=self.cg_max_steps)
+        if not bool(policy_gradient.any()):  # a flat objective: no direction to move in
+            zero = th.zeros_like(policy_gradient)
+            return NaturalStep(params, zero, zero, objective.item(), hessian_vector_product)
+        direction = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), self.cg_max_steps)
         curvature = (direction @ hessian_vector_product(direction)).item()
         if not (math.isfinite(curvature) and curvature > 0):
             raise FloatingPointError(
-                f"meta-update: the KL curvature along the TRPO direction is {curvature} at iteration "
-                f"{model.n_updates + 1}; the parameters were left unchanged. Raise cg_damping or lower inner_lr."
+                f"meta-update: the KL curvature along the TRPO direction is {curvature}; the parameters were left "
+                "unchanged. Raise cg_damping or lower inner_lr."
             )
         full_step = math.sqrt(2.0 * self.max_kl / curvature) * direction.detach()
         return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
 
-    def step(self, model: "MetaPolicyGradient", sample: "MetaSample") -> dict[str, float]:
-        natural = self.search_direction(model, sample)
+    def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
+        natural = self.search_direction(adaptation, sample)
         params = natural.params
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         old_values = [p.detach().clone() for p in params]
         accepted, coefficient, new_objective, new_kl, any_finite = False, 1.0, natural.objective, 0.0, False
-        with restore_on_failure(model):
+        with restore_on_failure(adaptation.parameters(), optimizer):
             for _ in range(self.line_search_max_iter):
                 self.set_parameters(params, old_values, coefficient * natural.full_step)
-                replay = model._replay(sample, model.gradient_mode, create_graph=False)
+                replay = adaptation.replay(sample, create_graph=False)
                 with th.no_grad():
-                    new_objective = self.surrogate(model, replay, sample).item()
-                    new_kl = model._mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+                    new_objective = self.surrogate(adaptation, replay, sample).item()
+                    new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
                 any_finite = any_finite or (math.isfinite(new_objective) and math.isfinite(new_kl))
                 if math.isfinite(new_objective) and new_objective > natural.objective and new_kl <= self.max_kl:
                     accepted = True
@@ -151,8 +173,8 @@ class TRPO(MetaOptimizer):
             if not any_finite:
                 # not a rejected step but a broken objective: never a silent "no step" at every iteration
                 raise FloatingPointError(
-                    f"meta-update: every line search point's surrogate or KL is non-finite at iteration "
-                    f"{model.n_updates + 1}; the parameters were left unchanged. Lower inner_lr or max_kl."
+                    "meta-update: every line search point's surrogate or KL is non-finite; the parameters were left "
+                    "unchanged. Lower inner_lr or max_kl."
                 )
         return {
             "meta_grad_norm": natural.policy_gradient.norm().item(),

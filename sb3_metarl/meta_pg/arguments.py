@@ -6,6 +6,11 @@ from typing import Any
 
 import torch as th
 
+from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler
+
+#: what ``sampler_kwargs`` may hold for "subproc" and "ray" (``ShardedVecEnv``'s keyword arguments)
+SHARDED_SAMPLER_ARGUMENTS = ("num_workers", "timeout", "start_method", "address", "ray_init_kwargs", "close_timeout")
+
 #: ``inner_lr="auto"``: calibrate the inner step size on the first batch (see ``MetaPolicyGradient.resolved_inner_lr``)
 AUTO = "auto"
 
@@ -28,7 +33,6 @@ def check_arguments(
     learning_rate: Any,
     gamma: Any,
     gae_lambda: Any,
-    dice_lambda: Any,
     normalize_advantage: Any,
     n_envs: Any,
     max_episode_steps: Any,
@@ -55,9 +59,8 @@ def check_arguments(
         raise ValueError(f"learning_rate: must be a finite number > 0 or a schedule (a callable), got {learning_rate!r}.")
     if not (_is_real(gamma) and 0.0 < gamma <= 1.0):
         raise ValueError(f"gamma: must be a number in (0, 1], got {gamma!r}.")
-    for name, value in [("gae_lambda", gae_lambda), ("dice_lambda", dice_lambda)]:
-        if not (_is_real(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{name}: must be a number in [0, 1], got {value!r}.")
+    if not (_is_real(gae_lambda) and 0.0 <= gae_lambda <= 1.0):
+        raise ValueError(f"gae_lambda: must be a number in [0, 1], got {gae_lambda!r}.")
     if not isinstance(normalize_advantage, bool):
         raise ValueError(f"normalize_advantage: must be True or False, got {normalize_advantage!r}.")
     if seed is not None and not _is_int(seed):
@@ -75,3 +78,33 @@ def check_device(device: Any) -> None:
         raise ValueError(f"device: {device!r} is not a torch device ({error}); use 'auto', 'cpu' or 'cuda'.") from None
     if device.type == "cuda" and not th.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but torch sees no CUDA GPU here; use device='auto' or 'cpu'.")
+
+
+def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
+    """
+    :raises ValueError: on an unknown sampler, sampler_kwargs that are not a dict (or given to "vec_env", which
+        takes none), or ``vec_env_cls`` with a sampler whose workers build their own sub-envs
+    """
+    if isinstance(sampler, EpisodeSampler):
+        if sampler_kwargs:
+            raise ValueError("sampler_kwargs: only for a named sampler; configure the EpisodeSampler instance instead.")
+        return
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; use one of {list(SAMPLER_NAMES)} or an EpisodeSampler.")
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
+        raise ValueError(f"sampler_kwargs: must be a dict or None, got {sampler_kwargs!r}.")
+    if sampler == "vec_env" and sampler_kwargs:
+        raise ValueError(
+            f"sampler_kwargs: sampler='vec_env' takes none (got {sorted(sampler_kwargs)}); use sampler='subproc' or 'ray' "
+            "for num_workers."
+        )
+    unknown = sorted(set(sampler_kwargs or {}) - set(SHARDED_SAMPLER_ARGUMENTS)) if sampler != "vec_env" else []
+    if unknown:
+        raise ValueError(
+            f"sampler_kwargs: unknown argument(s) {unknown} for sampler={sampler!r}; "
+            f"valid keys: {list(SHARDED_SAMPLER_ARGUMENTS)}."
+        )
+    if sampler != "vec_env" and vec_env_cls is not None:
+        raise ValueError(
+            f"vec_env_cls: sampler={sampler!r} builds the sub-envs in its own workers; leave vec_env_cls unset."
+        )

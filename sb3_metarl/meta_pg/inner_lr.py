@@ -4,15 +4,11 @@ import math
 
 import torch as th
 
+from sb3_metarl.adaptation import per_task_norm
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
 from sb3_metarl.common.returns import returns_to_go, step_discounts
 from sb3_metarl.gradient_modes import GradientMode
-
-
-def per_task_norm(grads: Params) -> th.Tensor:
-    """:return: the Euclidean norm of each task's gradient (B,), over all parameters"""
-    return th.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
 
 
 def per_task_step_kl(

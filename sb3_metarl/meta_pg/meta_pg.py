@@ -10,7 +10,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import gymnasium as gym
@@ -20,15 +19,15 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback, EvalCallback, EventCallback
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import obs_as_tensor, safe_mean, set_random_seed
+from stable_baselines3.common.utils import safe_mean, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
+from sb3_metarl.adaptation import Adaptation, MetaSample, Weighting, masked_log_prob
 from sb3_metarl.common.baselines import Baseline, make_baseline
-from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
+from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.callbacks import MetaProgressBarCallback
-from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence, sample_actions
+from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import (
     EnvRngState,
     generator_state,
@@ -38,18 +37,18 @@ from sb3_metarl.common.rng import (
     seed_env_rngs,
     set_env_rng_states,
 )
-from sb3_metarl.common.task_vec_env import StepCallback, TaskVecEnv
 from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
-from sb3_metarl.meta_pg.arguments import AUTO, check_arguments
+from sb3_metarl.meta_pg.arguments import AUTO, check_arguments, check_sampler
 from sb3_metarl.meta_pg.inner_lr import inner_direction, per_task_norm, reference_direction, step_sizes_for_kl
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
+from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, StepCallback, VecEnvSampler, draw_noise_seeds
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
 
-__all__ = ["MetaPolicyGradient", "format_adaptation_table", "make_task_env"]
+__all__ = ["MetaPolicyGradient", "MetaSample", "format_adaptation_table", "make_task_env"]
 
 #: the mean KL(pi_theta || pi_theta') of a step along a task's plain policy gradient that ``inner_lr="auto"`` aims at
 #: (median over tasks); the modes' own, baselined inner steps move less
@@ -58,51 +57,6 @@ AUTO_INNER_KL = 0.5
 AUTO_CALIBRATION_TASKS = 16
 #: ``inner_lr="auto"`` clips each task's inner gradient at this multiple of the calibration's median norm
 AUTO_INNER_CLIP_FACTOR = 4.0
-
-
-@dataclass
-class Replay:
-    """An adaptation from the current parameters on given samples, with its graph (see ``MetaPolicyGradient._replay``)."""
-
-    #: per-task views of the current parameters theta; gradients with respect to them are per task
-    task_theta: Params
-    #: theta_k(theta) at which each inner batch was evaluated, theta_0 .. theta_{zeta-1} (graph-carrying)
-    inner_params: list[Params]
-    #: log-likelihoods (B, E, H) of each inner batch under theta_k(theta)
-    inner_log_probs: list[th.Tensor]
-    #: theta_zeta(theta), the adapted parameters
-    adapted: Params
-    #: log-likelihoods (B, E, H) of the outer batch under theta_zeta(theta)
-    outer_log_prob: th.Tensor
-
-
-@dataclass
-class MetaSample:
-    """One meta-iteration's samples and the graph of its meta-objective."""
-
-    #: the adaptation that collected the samples, with its graph
-    replay: Replay
-    #: the meta-objective per task, O + C (B,), with the gradient mode's policy-gradient outer surrogate
-    objective: th.Tensor
-    inner_batches: list[EpisodeBatch]
-    outer_batch: EpisodeBatch
-    inner_grad_norm: float
-
-    @property
-    def task_theta(self) -> Params:
-        """Per-task copies of theta; the objective's gradient with respect to them is the per-task meta-gradient."""
-        return self.replay.task_theta
-
-    @property
-    def adapted(self) -> Params:
-        """The adapted parameters theta_zeta (graph-carrying)."""
-        return self.replay.adapted
-
-    @property
-    def inner_params(self) -> list[Params]:
-        """The (detached) parameters each inner batch was sampled with, theta_0 .. theta_{zeta-1}."""
-        # cloned: theta_0 is a view of the live parameters, which the meta-update changes in place
-        return [{n: p.detach().clone() for n, p in params.items()} for params in self.replay.inner_params]
 
 
 class MetaPolicyGradient(BaseAlgorithm):
@@ -118,6 +72,7 @@ class MetaPolicyGradient(BaseAlgorithm):
     :param env: a registered env id, an env factory (callable) or a VecEnv of task-aware envs
         (``set_task`` on ``env.unwrapped``, episodes with a finite ``max_episode_steps``)
     :param gradient_mode: "sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml" or a GradientMode
+    :param gradient_mode_kwargs: arguments of the named gradient mode (e.g. ``dice_lambda`` for "loaded_dice")
     :param meta_batch_size: tasks per meta-iteration (B)
     :param inner_episodes: episodes per task and inner step (N)
     :param outer_episodes: episodes per task after adaptation (M)
@@ -131,12 +86,19 @@ class MetaPolicyGradient(BaseAlgorithm):
         ``n_epochs``, ``clip_range`` for "ppo")
     :param gamma: discount factor
     :param gae_lambda: GAE lambda of the advantages (1: return-to-go minus baseline)
-    :param dice_lambda: lambda of the "loaded_dice" mode
     :param baseline: None or "linear" (a linear feature baseline fitted per task on each batch), or a Baseline
     :param normalize_advantage: standardize advantages per task (changes the objective; off by default)
     :param task_sampler: the task distribution; default: the env's own ``sample_tasks``
     :param n_envs: sub-envs stepped together, a multiple of ``meta_batch_size``; default B * max(N, M)
     :param vec_env_cls: ``DummyVecEnv`` (default) or ``SubprocVecEnv``, used when ``env`` is an id or a factory
+        and ``sampler="vec_env"``
+    :param sampler: how episodes are sampled: "vec_env" (default: the sub-envs in this process, callbacks after
+        every step), "subproc" (``num_workers`` processes on this machine, each owning many sub-envs), "ray" (Ray
+        actors, local or on a cluster), or an ``EpisodeSampler``; "subproc" and "ray" give the same samples as
+        "vec_env" for the same seed and call back once per sampled batch
+    :param sampler_kwargs: arguments of "subproc" / "ray": ``num_workers`` (default: the cores, or the Ray
+        cluster's CPUs), ``timeout`` (seconds a living worker may take to answer), ``address`` and
+        ``ray_init_kwargs`` (for ``ray.init`` when Ray is not yet initialized)
     :param env_kwargs: keyword arguments for ``gym.make`` when ``env`` is an id
     :param stats_window_size: window for the rollout logging averages
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
@@ -155,6 +117,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         policy: str | type[ActorCriticPolicy],
         env: GymEnv | str | Callable[[], gym.Env] | None,
         gradient_mode: str | GradientMode = "lsf",
+        gradient_mode_kwargs: dict[str, Any] | None = None,
         meta_batch_size: int = 20,
         inner_episodes: int = 20,
         outer_episodes: int = 20,
@@ -165,12 +128,13 @@ class MetaPolicyGradient(BaseAlgorithm):
         meta_optimizer_kwargs: dict[str, Any] | None = None,
         gamma: float = 0.99,
         gae_lambda: float = 1.0,
-        dice_lambda: float = 0.95,
         baseline: str | Baseline | None = "linear",
         normalize_advantage: bool = False,
         task_sampler: TaskSampler | None = None,
         n_envs: int | None = None,
         vec_env_cls: type[DummyVecEnv | SubprocVecEnv] | str | None = None,
+        sampler: str | EpisodeSampler = "vec_env",
+        sampler_kwargs: dict[str, Any] | None = None,
         env_kwargs: dict[str, Any] | None = None,
         max_episode_steps: int | None = None,
         stats_window_size: int = 100,
@@ -190,20 +154,21 @@ class MetaPolicyGradient(BaseAlgorithm):
             learning_rate=learning_rate,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            dice_lambda=dice_lambda,
             normalize_advantage=normalize_advantage,
             n_envs=n_envs,
             max_episode_steps=max_episode_steps,
             seed=seed,
             device=device,
         )
+        check_sampler(sampler, sampler_kwargs, vec_env_cls)
         self.meta_updater = make_meta_optimizer(meta_optimizer, meta_optimizer_kwargs)
-        self.gradient_mode = make_gradient_mode(gradient_mode, dice_lambda)
+        self.gradient_mode = make_gradient_mode(gradient_mode, gradient_mode_kwargs)
         make_baseline(baseline)  # fail early on an unknown baseline
         if normalize_advantage and not self.gradient_mode.supports_normalized_advantage:
             raise ValueError(
                 f"normalize_advantage: mode {self.gradient_mode.name!r} uses raw rewards and cannot standardize them; "
-                "use normalize_advantage=False, or 'loaded_dice' with dice_lambda=1 (DiCE with a baseline)."
+                "use normalize_advantage=False, or 'loaded_dice' with gradient_mode_kwargs=dict(dice_lambda=1) "
+                "(DiCE with a baseline)."
             )
         if n_envs is not None and n_envs % meta_batch_size != 0:
             raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
@@ -220,11 +185,12 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.meta_optimizer_kwargs = meta_optimizer_kwargs
         self.gamma = float(gamma)
         self.gae_lambda = float(gae_lambda)
-        self.dice_lambda = dice_lambda
         self.baseline = baseline
         self.normalize_advantage = normalize_advantage
         self.task_sampler = task_sampler
         self.vec_env_cls = resolve_vec_env_cls(vec_env_cls)
+        self.sampler = sampler
+        self.sampler_kwargs = sampler_kwargs
         self.env_kwargs = env_kwargs
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
@@ -264,8 +230,21 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     # ------------------------------------------------------------------ set-up
 
-    def _make_vec_env(self, env: GymEnv | str | Callable[[], gym.Env], n_envs: int) -> VecEnv:
+    def _make_vec_env(
+        self, env: GymEnv | str | Callable[[], gym.Env], n_envs: int, sampler: str | EpisodeSampler | None = None
+    ) -> VecEnv:
+        """
+        :param sampler: the sampler the sub-envs are for (default: the model's); "subproc" and "ray" build
+            them in their workers (a ``ShardedVecEnv``)
+        """
+        sampler = self.sampler if sampler is None else sampler
+        sharded = sampler in ("subproc", "ray")
         if isinstance(env, VecEnv):
+            if sharded:
+                raise ValueError(
+                    f"env: sampler={sampler!r} builds the sub-envs in its workers and needs an env id, an env instance "
+                    "or a factory, not a VecEnv."
+                )
             return env
         if isinstance(env, gym.Env):
             factory = PrototypeCopies(env)
@@ -275,6 +254,9 @@ class MetaPolicyGradient(BaseAlgorithm):
             factory = env
         else:
             raise ValueError(f"env: expected an env id, an env instance, a factory or a VecEnv, got {type(env).__name__}.")
+        if sharded:
+            kwargs = dict(self.sampler_kwargs or {})
+            return ShardedVecEnv([factory] * n_envs, self.meta_batch_size, self.max_episode_steps, sampler, **kwargs)
         vec_env_cls = self.vec_env_cls or DummyVecEnv
         return vec_env_cls([factory] * n_envs)
 
@@ -296,7 +278,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             #: device) and whatever a meta-optimizer draws (TRPO's conjugate-gradient start)
             self.torch_generator = th.Generator()
             self.torch_generator.manual_seed(int(np.random.SeedSequence(self.seed).generate_state(1, np.uint64)[0] >> 1))
-        self.task_env: TaskVecEnv | None = None
+        self._episode_sampler: EpisodeSampler | None = None
         self._task_sampler: TaskSampler | None = None
         if self.env is not None:
             self._attach_env(self.env)
@@ -317,7 +299,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             seed_env_rngs(self.env, seed)
 
     def _attach_env(self, env: VecEnv) -> None:
-        self.task_env = TaskVecEnv(env, self.meta_batch_size, self.max_episode_steps)
+        self._episode_sampler = self._make_episode_sampler(env)
         if self._saved_env_rng_states is not None and len(self._saved_env_rng_states) == env.num_envs:
             set_env_rng_states(env, self._saved_env_rng_states)
         elif self.seed is not None:
@@ -330,6 +312,32 @@ class MetaPolicyGradient(BaseAlgorithm):
                 self.task_sampler.env = env  # envs are not saved: a loaded sampler gets the new one
             self._task_sampler = self.task_sampler
 
+    def _make_episode_sampler(self, env: VecEnv, n_groups: int | None = None) -> EpisodeSampler:
+        """:return: the episode sampler on ``env`` (the model's ``sampler`` or ``env``'s own workers), with the policy"""
+        n_groups = n_groups or self.meta_batch_size
+        if isinstance(env.unwrapped, ShardedVecEnv):
+            if env.unwrapped is not env:
+                raise ValueError(
+                    f"env: {type(env).__name__} wraps the sampler's workers, whose episodes would bypass it (image "
+                    "observations are transposed by such a wrapper); use sampler='vec_env' for this env."
+                )
+            sampler: EpisodeSampler = env.unwrapped
+        elif isinstance(self.sampler, EpisodeSampler):
+            sampler = self.sampler
+        else:
+            sampler = VecEnvSampler(env, n_groups, self.max_episode_steps)
+        if sampler.n_groups < n_groups:
+            raise ValueError(f"sampler: has {sampler.n_groups} task groups, fewer than meta_batch_size={n_groups}.")
+        sampler.attach_policy(self.policy)
+        return sampler
+
+    @property
+    def episode_sampler(self) -> EpisodeSampler:
+        """The episode sampler on the model's env (see ``sampler``); a clear error when the model has no env."""
+        if self._episode_sampler is None:
+            raise ValueError("env: this model has no environment; pass `env=` to `load` or call `set_env(env)` first.")
+        return self._episode_sampler
+
     def set_env(self, env: GymEnv | str | Callable[[], gym.Env], force_reset: bool = True) -> None:
         """
         :param env: an env id, an env instance (copied), a factory or a VecEnv (with ``n_envs`` sub-envs,
@@ -341,7 +349,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         self._attach_env(vec_env)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "functional_policy", "task_env", "_task_sampler", "_iteration_start"]
+        return [*super()._excluded_save_params(), "functional_policy", "_episode_sampler", "_task_sampler", "_iteration_start"]
 
     @property
     def n_updates(self) -> int:
@@ -442,11 +450,6 @@ class MetaPolicyGradient(BaseAlgorithm):
 
     # ------------------------------------------------------------------ sampling
 
-    def _require_env(self) -> TaskVecEnv:
-        if self.task_env is None:
-            raise ValueError("env: this model has no environment; pass `env=` to `load` or call `set_env(env)` first.")
-        return self.task_env
-
     def _sample_tasks(self, n_tasks: int, rng: np.random.Generator, sampler: TaskSampler | None = None) -> list[Any]:
         """:return: ``n_tasks`` tasks from the sampler, checked (a short or empty list is an error, not a smaller batch)"""
         sampler = sampler or self._task_sampler
@@ -476,68 +479,58 @@ class MetaPolicyGradient(BaseAlgorithm):
                 seed_env_rngs(self.env, seed)
             yield generator
 
-    def _rollout(
+    def sample_episodes(
         self,
         tasks: list[Any],
-        task_params: Params,
+        task_params: Params | None,
         n_episodes: int,
         step_callback: StepCallback | None = None,
         generator: th.Generator | None = None,
-        task_env: TaskVecEnv | None = None,
+        sampler: EpisodeSampler | None = None,
     ) -> EpisodeBatch | None:
         """
-        Sample ``n_episodes`` episodes per task with the given (detached) per-task parameters.
+        Sample ``n_episodes`` episodes per task with the given per-task parameters, and weigh them.
 
-        :param generator: the action noise's stream (default: training's)
-        :param task_env: the sub-envs to sample on (default: the model's)
+        :param tasks: at most ``meta_batch_size`` tasks
+        :param task_params: per-task parameters (leading dim ``len(tasks)``; detached here); None: the current policy
+        :param step_callback: receives the transition counts (after every step or once, as the sampler can)
+        :param generator: the action noise's stream (default: training's); one seed per task is drawn from it
+        :param sampler: the episode sampler (default: the model's)
         :return: the episodes with their policy-gradient weights, or None if a callback stopped training
         """
-        task_env = task_env or self._require_env()
-        generator = generator or self.torch_generator
-        n_groups, per_group = task_env.n_groups, task_env.envs_per_group
-        if FunctionalPolicy.is_shared(task_params):
-            sampling_params = {name: p.detach()[:1].expand(n_groups, *p.shape[1:]) for name, p in task_params.items()}
-        else:
-            # spare groups (fewer tasks than groups) run the last task's parameters
-            padding = th.full((n_groups - len(tasks),), len(tasks) - 1, dtype=th.long, device=self.device)
-            order = th.cat([th.arange(len(tasks), device=self.device), padding])
-            sampling_params = {name: p.detach()[order] for name, p in task_params.items()}
-        obs_shape = get_obs_shape(self.observation_space)
-
-        def act(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            with th.no_grad():
-                obs_tensor = obs_as_tensor(obs, self.device).reshape(n_groups, per_group, *obs_shape)
-                dist = self.functional_policy.distribution(sampling_params, obs_tensor)
-                actions = sample_actions(dist, generator)
-                if not th.isfinite(actions).all():
-                    raise FloatingPointError(
-                        "policy: non-finite actions sampled (the current or adapted parameters are not finite or too "
-                        "large); lower inner_lr or learning_rate."
-                    )
-                return actions.cpu().numpy(), dist.log_prob(actions).cpu().numpy()
-
-        buffer = TaskRolloutBuffer(
-            task_env.horizon, len(tasks), n_episodes, self.observation_space, self.action_space, self.device
-        )
+        sampler = sampler or self.episode_sampler
+        if task_params is None:
+            task_params = self.initial_task_params(len(tasks))
+        noise_seeds = draw_noise_seeds(generator or self.torch_generator, len(tasks))
         self.policy.set_training_mode(False)
-        if not task_env.collect(tasks, act, buffer, step_callback):
+        params = {n: p.detach() for n, p in task_params.items()}
+        buffer = sampler.sample(tasks, params, n_episodes, noise_seeds, step_callback)
+        if buffer is None:
             return None
-        return self._compute_weights(buffer.to_batch())
+        batch = buffer.to_batch()
+        # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
+        with th.no_grad():
+            batch.log_probs = masked_log_prob(self.functional_policy, params, batch)
+        return self.weighting(batch)
 
-    def _initial_task_params(self, n_tasks: int) -> Params:
+    def initial_task_params(self, n_tasks: int) -> Params:
         """:return: the current parameters, detached, as per-task views (leading dim ``n_tasks``)"""
         return {n: p.detach() for n, p in FunctionalPolicy.expand(self.functional_policy.parameters(), n_tasks).items()}
 
-    def _compute_weights(self, batch: EpisodeBatch) -> EpisodeBatch:
-        """:return: ``batch`` with its policy-gradient weights (this model's discount, GAE lambda and baseline)"""
-        return batch.compute_weights(
-            self.observation_space, self.gamma, self.gae_lambda, self.baseline_model, self.normalize_advantage
-        )
+    @property
+    def weighting(self) -> Weighting:
+        """How sampled batches get their policy-gradient weights (this model's discount, GAE lambda and baseline)."""
+        return Weighting(self.observation_space, self.gamma, self.gae_lambda, self.baseline_model, self.normalize_advantage)
 
-    def _log_prob(self, task_params: Params, batch: EpisodeBatch) -> th.Tensor:
-        """:return: log-likelihoods (B, E, H) of the batch under ``task_params``, zero where masked"""
-        log_prob = self.functional_policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
-        return log_prob.reshape(batch.masks.shape) * batch.masks
+    @property
+    def adaptation(self) -> Adaptation:
+        """
+        The differentiable adaptation of this model's policy (inner step, replay, meta-objective, KL):
+        what the meta-optimizers get, and the public way to adapt parameters on a batch
+        (``model.adaptation.adapt(params, batch, model.gradient_mode)``). With ``inner_lr="auto"`` the
+        first access calibrates the step size (see ``resolved_inner_lr``).
+        """
+        return Adaptation(self.functional_policy, self.resolved_inner_lr(), self.inner_grad_clip, self.weighting)
 
     # ------------------------------------------------------------------ the inner step size
 
@@ -563,15 +556,15 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         if self.inner_lr != AUTO:
             return float(self.inner_lr)
-        task_env = self._require_env()
+        sampler = self.episode_sampler
         seed = None if self.seed is None else int(np.random.SeedSequence([2, self.seed]).generate_state(1)[0])
         step_sizes, norms = [], []
         with self._isolated_streams(seed) as generator:
             task_rng = np.random.default_rng(seed)
             for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / self.meta_batch_size)):
                 tasks = self._sample_tasks(self.meta_batch_size, task_rng)
-                params = self._initial_task_params(len(tasks))
-                batch = self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env)
+                params = self.initial_task_params(len(tasks))
+                batch = self.sample_episodes(tasks, params, self.inner_episodes, generator=generator, sampler=sampler)
                 assert batch is not None
                 direction = reference_direction(self.functional_policy, params, batch, self.gamma)
                 etas = step_sizes_for_kl(self.functional_policy, direction, params, batch, AUTO_INNER_KL)
@@ -591,85 +584,33 @@ class MetaPolicyGradient(BaseAlgorithm):
             )
         return self.inner_lr
 
-    def _inner_step(
-        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool, at_sampling: bool = False
-    ) -> tuple[Params, th.Tensor, float]:
+    def collect_meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
         """
-        One adaptation step ``theta_{k+1} = theta_k + inner_lr * grad S(theta_k; D_k)`` per task.
+        Sample the inner and outer episodes of ``tasks`` (adapting between them) and build the
+        meta-objective's graph.
 
-        :param at_sampling: ``task_params`` are the parameters ``batch`` was sampled with: store the
-            recomputed log-likelihoods as the batch's sampling log-likelihoods (see ``EpisodeBatch.log_probs``)
-        :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and the
-            mean (over tasks) norm of the inner gradient
-        """
-        inner_lr = self.resolved_inner_lr()
-        log_prob = self._log_prob(task_params, batch)
-        if at_sampling:
-            batch.log_probs = log_prob.detach()
-        surrogate = mode.inner_surrogate(log_prob, batch)
-        grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
-        norms = per_task_norm({n: g.detach() for n, g in grads.items()})
-        if self.inner_grad_clip is not None:
-            # a constant factor per task (not differentiated): the step is the spec's with a smaller eta
-            scale = (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
-            grads = {n: g * scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
-        adapted = {n: task_params[n] + inner_lr * g for n, g in grads.items()}
-        norm = norms.mean().item()
-        return adapted, log_prob, norm
-
-    def _replay(self, sample: MetaSample, mode: GradientMode, create_graph: bool = True) -> Replay:
-        """
-        Re-run the adaptation from the current parameters on ``sample``'s stored inner episodes.
-
-        :param mode: the gradient mode whose inner steps to run
-        :param create_graph: differentiate through the inner steps (if the mode does); False to only evaluate
-        :return: the adaptation's graph and log-likelihoods
-        """
-        # the inner steps are gradients: they need autograd even when the caller evaluates under no_grad
-        with th.enable_grad():
-            task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
-            params, inner_params, inner_log_probs = task_theta, [], []
-            for batch in sample.inner_batches:
-                inner_params.append(params)
-                params, log_prob, _ = self._inner_step(params, batch, mode, create_graph and mode.differentiate_inner_step)
-                inner_log_probs.append(log_prob)
-        return Replay(task_theta, inner_params, inner_log_probs, params, self._log_prob(params, sample.outer_batch))
-
-    def _meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
-        """
-        Sample the inner and outer episodes of ``tasks`` and build the meta-objective's graph.
-
+        :param tasks: at most ``meta_batch_size`` tasks
+        :param step_callback: receives the transition counts
         :return: the samples and objective, or None if a callback stopped training
         """
-        mode = self.gradient_mode
-        task_theta = FunctionalPolicy.expand(self.functional_policy.parameters(), len(tasks))
-        params, inner_params, inner_batches, inner_log_probs, inner_norms = task_theta, [], [], [], []
-        for _ in range(self.inner_steps):
-            batch = self._rollout(tasks, params, self.inner_episodes, step_callback)
-            if batch is None:
-                return None
-            inner_params.append(params)
-            params, log_prob, norm = self._inner_step(params, batch, mode, mode.differentiate_inner_step, at_sampling=True)
-            inner_batches.append(batch)
-            inner_log_probs.append(log_prob)
-            inner_norms.append(norm)
-        outer_batch = self._rollout(tasks, params, self.outer_episodes, step_callback)
+        adaptation, mode = self.adaptation, self.gradient_mode
+
+        def inner_batch(_: int, params: Params) -> EpisodeBatch | None:
+            return self.sample_episodes(tasks, params, self.inner_episodes, step_callback)
+
+        unrolled = adaptation.unroll(
+            adaptation.task_parameters(len(tasks)), self.inner_steps, inner_batch, mode, create_graph=True, at_sampling=True
+        )
+        if unrolled is None:
+            return None
+        replay, inner_batches, inner_norms = unrolled
+        outer_batch = self.sample_episodes(tasks, replay.adapted, self.outer_episodes, step_callback)
         if outer_batch is None:
             return None
-        outer_log_prob = self._log_prob(params, outer_batch)
-        outer_batch.log_probs = outer_log_prob.detach()
-        replay = Replay(task_theta, inner_params, inner_log_probs, params, outer_log_prob)
-        objective = self._meta_objective(replay, inner_batches, outer_batch, mode)
-        return MetaSample(replay, objective, inner_batches, outer_batch, float(np.mean(inner_norms)))
-
-    @staticmethod
-    def _meta_objective(
-        replay: Replay, inner_batches: list[EpisodeBatch], outer_batch: EpisodeBatch, mode: GradientMode
-    ) -> th.Tensor:
-        """:return: the meta-objective O + C per task (B,) with the mode's own (policy-gradient) outer surrogate"""
-        objective = mode.outer_surrogate(replay.outer_log_prob, outer_batch)
-        correction = mode.correction(replay.inner_log_probs, inner_batches, outer_batch)
-        return objective if correction is None else objective + correction
+        replay.outer_log_prob = adaptation.log_prob(replay.adapted, outer_batch)
+        outer_batch.log_probs = replay.outer_log_prob.detach()
+        objective = adaptation.objective(replay, inner_batches, outer_batch, mode)
+        return MetaSample(mode, replay, objective, inner_batches, outer_batch, float(np.mean(inner_norms)))
 
     def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
         """
@@ -686,14 +627,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param mode: the gradient mode to evaluate
         :return: parameter name -> (B, ...) per-task ascent directions
         """
-        replay = self._replay(sample, mode)
-        objective = self._meta_objective(replay, sample.inner_batches, sample.outer_batch, mode)
-        return grad_params(objective.sum(), replay.task_theta)
-
-    @staticmethod
-    def _per_task_gradient(sample: MetaSample) -> Params:
-        # the per-task copies of theta receive each task's own meta-gradient
-        return grad_params(sample.objective.sum(), sample.task_theta)
+        return self.adaptation.per_task_meta_gradient(sample, mode)
 
     def estimate_meta_gradient(self, tasks: list[Any] | None = None, per_task: bool = False) -> dict[str, th.Tensor]:
         """
@@ -705,9 +639,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         self.resolved_inner_lr()
         tasks = self._sample_tasks(self.meta_batch_size, self.task_rng) if tasks is None else list(tasks)
-        sample = self._meta_sample(tasks)
+        sample = self.collect_meta_sample(tasks)
         assert sample is not None
-        grads = self._per_task_gradient(sample)
+        grads = self.adaptation.per_task_meta_gradient(sample)
         return grads if per_task else {n: g.mean(0) for n, g in grads.items()}
 
     # ------------------------------------------------------------------ training
@@ -742,31 +676,23 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.policy.set_training_mode(True)
         if self.meta_updater.uses_learning_rate:
             self._update_learning_rate(self.policy.optimizer)  # also logs train/learning_rate
-        stats = self.meta_updater.step(self, sample)
+        adaptation = self.adaptation
+        try:
+            stats = self.meta_updater.step(adaptation, sample, self.policy.optimizer)
+        except FloatingPointError as error:
+            where = f"meta-update {self._n_updates + 1}, after {self.num_timesteps} timesteps"
+            raise FloatingPointError(f"{error} ({where})") from None
         self._n_updates += 1
 
         with th.no_grad():
-            theta = FunctionalPolicy.expand(self.functional_policy.parameters(), sample.outer_batch.n_tasks)
-            adapted_kl = self._mean_kl(sample.adapted, theta, sample.outer_batch)
+            theta = adaptation.task_parameters(sample.outer_batch.n_tasks, detach=True)
+            adapted_kl = adaptation.mean_kl(sample.adapted, theta, sample.outer_batch)
         for key, value in stats.items():
             self.logger.record(f"train/{key}", value)
         self.logger.record("train/inner_grad_norm", sample.inner_grad_norm)
         self.logger.record("train/inner_lr", self.resolved_inner_lr())
         self.logger.record("train/adapted_kl", adapted_kl.item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-
-    def _mean_kl(self, old_params: Params, new_params: Params, batch: EpisodeBatch) -> th.Tensor:
-        """
-        :param old_params: per-task parameters of the reference policy (detached here)
-        :param new_params: per-task parameters (graph-carrying or not)
-        :param batch: episodes whose observations the KL is averaged over
-        :return: KL(pi_old || pi_new) averaged over the batch's steps and tasks (a scalar)
-        """
-        obs = batch.flat_observations()
-        old = self.functional_policy.distribution({n: p.detach() for n, p in old_params.items()}, obs)
-        new = self.functional_policy.distribution(new_params, obs)
-        masks = batch.masks.reshape(-1)
-        return (kl_divergence(old, new) * masks).sum() / masks.sum()
 
     def _record_rollout(self, sample: MetaSample) -> None:
         pre_returns = sample.inner_batches[0].episode_returns.mean().item()
@@ -816,7 +742,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param progress_bar: display a progress bar using tqdm and rich
         :return: the trained model
         """
-        self._require_env()
+        self.episode_sampler  # noqa: B018  (a clear error when the model has no env)
         if not isinstance(total_timesteps, (int, np.integer)) or isinstance(total_timesteps, bool) or total_timesteps < 1:
             raise ValueError(f"total_timesteps: must be a positive integer, got {total_timesteps!r}.")
         reject_unadapted_evaluation(callback)
@@ -843,7 +769,7 @@ class MetaPolicyGradient(BaseAlgorithm):
                 # samples the iteration again from the same streams
                 self._iteration_start = self._stream_state()
                 tasks = self._sample_tasks(self.meta_batch_size, self.task_rng)
-                sample = self._meta_sample(tasks, step_callback)
+                sample = self.collect_meta_sample(tasks, step_callback)
                 if sample is None:
                     break
                 callback.update_locals(locals())
@@ -868,44 +794,35 @@ class MetaPolicyGradient(BaseAlgorithm):
         inner_steps: int,
         final_episodes: int | None,
         generator: th.Generator | None = None,
-        task_env: TaskVecEnv | None = None,
+        sampler: EpisodeSampler | None = None,
     ) -> tuple[Params, np.ndarray, np.ndarray | None]:
         """
         Adapt to each task with ``inner_steps`` steps (no meta-graph).
 
         :param final_episodes: episodes to sample with the adapted parameters (None: none)
         :param generator: the action noise's stream (default: training's)
-        :param task_env: the sub-envs to sample on (default: the model's)
+        :param sampler: the episode sampler (default: the model's)
         :return: the adapted per-task parameters (detached), the mean undiscounted return per task
             of the episodes sampled before each step (and after the last one when ``final_episodes``),
             and the same for the success rate (None if the env reports no ``info["success"]``)
         """
-        params = self._initial_task_params(len(tasks))
-        batches = []
-        for _ in range(inner_steps):
-            batches.append(self._rollout(tasks, params, self.inner_episodes, generator=generator, task_env=task_env))
-            params = self._adapt_step(params, batches[-1])
+
+        def inner_batch(_: int, params: Params) -> EpisodeBatch | None:
+            return self.sample_episodes(tasks, params, self.inner_episodes, generator=generator, sampler=sampler)
+
+        leaves = {n: p.clone().requires_grad_(True) for n, p in self.initial_task_params(len(tasks)).items()}
+        unrolled = self.adaptation.unroll(leaves, inner_steps, inner_batch, self.gradient_mode, False, at_sampling=True)
+        assert unrolled is not None  # no callback: never stopped
+        replay, batches, _ = unrolled
+        params = {n: p.detach() for n, p in replay.adapted.items()}
         if final_episodes is not None:
-            batches.append(self._rollout(tasks, params, final_episodes, generator=generator, task_env=task_env))
+            batches.append(self.sample_episodes(tasks, params, final_episodes, generator=generator, sampler=sampler))
         if not batches:
             return params, np.zeros((len(tasks), 0)), None
         returns = th.stack([batch.episode_returns.mean(1) for batch in batches], dim=1).cpu().numpy()
         if batches[0].successes is None:
             return params, returns, None
         return params, returns, th.stack([batch.successes.mean(1) for batch in batches], dim=1).cpu().numpy()
-
-    def _adapt_step(self, params: Params, batch: EpisodeBatch) -> Params:
-        """
-        One inner step at meta-test time (no meta-graph).
-
-        :param params: per-task parameters the batch was sampled with
-        :param batch: the episodes, with weights
-        :return: the adapted per-task parameters (detached)
-        """
-        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-        with th.enable_grad():
-            adapted, _, _ = self._inner_step(leaves, batch, self.gradient_mode, create_graph=False, at_sampling=True)
-        return {n: p.detach() for n, p in adapted.items()}
 
     def adapt(self, task: Any, inner_steps: int = 1, seed: int | None = None) -> ActorCriticPolicy:
         """
@@ -929,14 +846,16 @@ class MetaPolicyGradient(BaseAlgorithm):
                     param.copy_(params[name][0])
         return adapted
 
-    def _evaluation_env(self, env: GymEnv | str | Callable[[], gym.Env] | None) -> tuple[TaskVecEnv, TaskSampler]:
-        """:return: the sub-envs and task distribution to evaluate on: the model's own, or ``env``'s"""
+    def _evaluation_env(self, env: GymEnv | str | Callable[[], gym.Env] | None) -> tuple[EpisodeSampler, TaskSampler]:
+        """:return: the episode sampler and task distribution to evaluate on: the model's own, or ``env``'s"""
         if env is None:
-            return self._require_env(), self._task_sampler
-        venv = self._make_vec_env(env, self.meta_batch_size)
+            return self.episode_sampler, self._task_sampler
+        venv = self._make_vec_env(env, self.meta_batch_size, sampler="vec_env")
         # one task per group of sub-envs: as many groups as the meta-batch, or fewer if the sub-envs do not divide
         groups = math.gcd(venv.num_envs, self.meta_batch_size)
-        return TaskVecEnv(venv, groups, self.max_episode_steps), EnvTaskSampler(venv)
+        sampler = VecEnvSampler(venv, groups, self.max_episode_steps)
+        sampler.attach_policy(self.policy)
+        return sampler, EnvTaskSampler(venv)
 
     def evaluate_adaptation(
         self,
@@ -966,7 +885,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         for name, value in [("n_tasks", n_tasks), ("inner_steps", inner_steps)]:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (1 if name == "n_tasks" else 0):
                 raise ValueError(f"{name}: must be an integer >= {1 if name == 'n_tasks' else 0}, got {value!r}.")
-        task_env, sampler = self._evaluation_env(env)
+        episode_sampler, sampler = self._evaluation_env(env)
         self.resolved_inner_lr()
         if tasks is None:
             tasks = self._sample_tasks(n_tasks, np.random.default_rng([1, seed]), sampler)
@@ -974,17 +893,17 @@ class MetaPolicyGradient(BaseAlgorithm):
         try:
             with self._isolated_streams(seed) as generator:
                 if env is not None:
-                    seed_env_rngs(task_env.venv, seed)
-                for start in range(0, len(tasks), task_env.n_groups):
-                    chunk = list(tasks[start : start + task_env.n_groups])
+                    seed_env_rngs(episode_sampler.venv, seed)
+                for start in range(0, len(tasks), episode_sampler.n_groups):
+                    chunk = list(tasks[start : start + episode_sampler.n_groups])
                     _, chunk_returns, chunk_successes = self._adapt_and_measure(
-                        chunk, inner_steps, self.outer_episodes, generator=generator, task_env=task_env
+                        chunk, inner_steps, self.outer_episodes, generator=generator, sampler=episode_sampler
                     )
                     returns.append(chunk_returns)
                     successes.append(chunk_successes)
         finally:
             if env is not None and not isinstance(env, VecEnv):
-                task_env.venv.close()
+                episode_sampler.venv.close()
         per_task = np.concatenate(returns, axis=0)
         table = {
             "inner_steps": np.arange(inner_steps + 1),

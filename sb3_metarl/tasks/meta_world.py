@@ -8,7 +8,7 @@ mujoco 3.3.0; the MuJoCo families run on it too).
 
 import collections
 import functools
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -19,8 +19,26 @@ from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.tasks.samplers import TaskSampler
 
-if TYPE_CHECKING:
-    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient
+
+class AdaptableModel(Protocol):
+    """
+    What Meta-World's protocol needs of a trained model: its public meta-test API (``MetaPolicyGradient``
+    has it; typed loosely here because the task room sits below the adaptation and the algorithm).
+    """
+
+    functional_policy: FunctionalPolicy
+    gradient_mode: Any
+    observation_space: gym.Space
+    action_space: gym.Space
+    device: th.device
+
+    @property
+    def adaptation(self) -> Any:
+        """``adaptation.adapt(params, batch, mode)``: one inner step on a batch, detached"""
+
+    @property
+    def weighting(self) -> Any:
+        """``weighting(batch)``: the batch with its policy-gradient weights"""
 
 BENCHMARKS = ("ML1", "ML10", "ML45")
 #: Meta-World's episode length (``max_path_length`` of its envs)
@@ -198,7 +216,7 @@ class MetaWorldAgent:
     :param deterministic: act with the mean action at evaluation
     """
 
-    def __init__(self, model: "MetaPolicyGradient", num_envs: int, adaptation_episodes: int, deterministic: bool = True):
+    def __init__(self, model: AdaptableModel, num_envs: int, adaptation_episodes: int, deterministic: bool = True):
         self.model, self.num_envs, self.adaptation_episodes = model, num_envs, adaptation_episodes
         self.deterministic = deterministic
         self.init()
@@ -257,10 +275,10 @@ class MetaWorldAgent:
                 column = np.array([task * self.adaptation_episodes + e])
                 for t, (obs, action, reward, log_prob) in enumerate(episode):
                     buffer.add_step(t, column, obs[None], action[None], np.array([reward]), np.array([log_prob]))
-        return self.model._compute_weights(buffer.to_batch())
+        return self.model.weighting(buffer.to_batch())
 
     def adapt(self) -> None:
-        self.params = self.model._adapt_step(self.params, self._batch())
+        self.params = self.model.adaptation.adapt(self.params, self._batch(), self.model.gradient_mode)
         self._clear()
 
     def reset(self, env_mask: np.ndarray) -> None:
@@ -287,7 +305,7 @@ def evaluation_layout(benchmark: Any, meta_batch_size: int) -> tuple[int, int]:
 
 
 def metaworld_evaluation(
-    model: "MetaPolicyGradient",
+    model: AdaptableModel,
     benchmark: str = "ML1",
     env_name: str | None = "reach-v3",
     seed: int = 0,

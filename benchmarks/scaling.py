@@ -1,0 +1,196 @@
+"""
+Throughput of a full meta-iteration against the number of sampler workers, for each backend, next to
+bare stepping of the same sub-envs in the same run.
+
+For each family and backend (``vec_env``: this process; ``subproc`` and ``ray`` with k = 1, 2, ...
+workers) it runs ``--iterations`` meta-iterations (after one warm-up iteration, which also calibrates
+``inner_lr="auto"``) and reports env steps per second of sampling alone and of the whole iteration
+(sampling and the meta-update), and the same sub-envs stepped bare (random actions, no policy, no
+learner) in k processes. Written as CSV rows as they finish, then as a Markdown table.
+
+    python benchmarks/scaling.py                         # B = 40, N = M = 20, horizon 200, lsf, trpo
+    python benchmarks/scaling.py --workers 1 2 4 8 16    # on a machine with the cores
+    python benchmarks/scaling.py --quick                 # a smoke run (tests)
+"""
+
+import argparse
+import csv
+import functools
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.common.vec_env import make_task_env
+
+FIELDS = [
+    "env",
+    "backend",
+    "workers",
+    "sub_envs",
+    "steps_per_iteration",
+    "sampling_steps_per_s",
+    "iteration_steps_per_s",
+    "update_s",
+    "bare_steps_per_s",
+    "sampling_vs_bare",
+    "iteration_vs_bare",
+    "speedup_vs_1_worker",
+    "bytes_per_iteration",
+]
+
+
+def _bare_worker(env_id: str, n_envs: int, horizon: int, steps: int, seed: int, queue: Any) -> None:
+    th.set_num_threads(1)
+    envs = [make_task_env(env_id, None) for _ in range(n_envs)]
+    rng = np.random.default_rng(seed)
+    for i, env in enumerate(envs):
+        env.reset(seed=seed + i)
+    actions = rng.uniform(-1, 1, (horizon, n_envs, *envs[0].action_space.shape)).astype(np.float32)
+    taken, t = 0, np.zeros(n_envs, dtype=int)
+    start = time.perf_counter()
+    while taken < steps:
+        for i, env in enumerate(envs):
+            _, _, terminated, truncated, _ = env.step(actions[t[i] % horizon, i])
+            taken += 1
+            t[i] += 1
+            if terminated or truncated or t[i] >= horizon:
+                env.reset()
+                t[i] = 0
+    queue.put((taken, time.perf_counter() - start))
+
+
+def bare_steps_per_second(env_id: str, n_envs: int, horizon: int, workers: int, steps: int) -> float:
+    """:return: env steps per second of ``n_envs`` sub-envs stepped with random actions in ``workers`` processes"""
+    context = mp.get_context("forkserver")
+    queue = context.Queue()
+    blocks = np.array_split(np.arange(n_envs), workers)
+    processes = [
+        context.Process(target=_bare_worker, args=(env_id, len(b), horizon, steps // workers, i, queue))
+        for i, b in enumerate(blocks)
+    ]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    # the workers run at once: the slowest sets the pace
+    return sum(taken for taken, _ in results) / max(seconds for _, seconds in results)
+
+
+def measure(env_id: str, backend: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+    sampler_kwargs = None if backend == "vec_env" else dict(num_workers=workers)
+    if backend == "ray":
+        sampler_kwargs["ray_init_kwargs"] = dict(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        env_id,
+        gradient_mode="lsf",
+        meta_optimizer="trpo",
+        meta_batch_size=args.meta_batch_size,
+        inner_episodes=args.episodes,
+        outer_episodes=args.episodes,
+        max_episode_steps=args.horizon,
+        sampler=backend,
+        sampler_kwargs=sampler_kwargs,
+        seed=0,
+    )
+    update_seconds = []
+    train = model.train
+
+    def timed_train(sample: Any) -> None:
+        start = time.perf_counter()
+        train(sample)
+        update_seconds.append(time.perf_counter() - start)
+
+    model.train = timed_train  # type: ignore[method-assign]
+    model.learn(1)  # warm-up iteration (and the inner_lr calibration)
+    env = model.get_env()
+    traffic = env.traffic() if hasattr(env, "traffic") else None
+    steps_before, start = model.num_timesteps, time.perf_counter()
+    for _ in range(args.iterations):
+        model.learn(1, reset_num_timesteps=False)
+    elapsed = time.perf_counter() - start
+    steps = model.num_timesteps - steps_before
+    update = sum(update_seconds[1:])
+    bytes_per_iteration = None
+    if traffic is not None:
+        after = env.traffic()
+        bytes_per_iteration = (after["sent"] + after["received"] - traffic["sent"] - traffic["received"]) // args.iterations
+    env.close()
+    return {
+        "env": env_id.split("/")[-1],
+        "backend": backend,
+        "workers": workers,
+        "sub_envs": model.n_envs,
+        "steps_per_iteration": steps // args.iterations,
+        "sampling_steps_per_s": round(steps / (elapsed - update)),
+        "iteration_steps_per_s": round(steps / elapsed),
+        "update_s": round(update / args.iterations, 2),
+        "bytes_per_iteration": bytes_per_iteration,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/AntDir-v0"])
+    parser.add_argument("--backends", nargs="+", default=["vec_env", "subproc", "ray"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--meta-batch-size", type=int, default=40)
+    parser.add_argument("--episodes", type=int, default=20, help="N = M")
+    parser.add_argument("--horizon", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=2, help="timed meta-iterations per setting")
+    parser.add_argument("--out", default="docs/results/scaling")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.meta_batch_size, args.episodes, args.horizon, args.iterations = 2, 2, 10, 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(f"{out}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        writer.writeheader()
+        for env_id in args.envs:
+            n_envs = args.meta_batch_size * args.episodes
+            per_iteration = 2 * n_envs * args.horizon
+            bare = {k: bare_steps_per_second(env_id, n_envs, args.horizon, k, per_iteration) for k in sorted(set(args.workers))}
+            for backend in args.backends:
+                for workers in [1] if backend == "vec_env" else args.workers:
+                    row = measure(env_id, backend, workers, args)
+                    row["bare_steps_per_s"] = round(bare[workers])
+                    row["sampling_vs_bare"] = round(row["sampling_steps_per_s"] / bare[workers], 2)
+                    row["iteration_vs_bare"] = round(row["iteration_steps_per_s"] / bare[workers], 2)
+                    one = next((r for r in rows if r["env"] == row["env"] and r["backend"] == backend and r["workers"] == 1), row)
+                    row["speedup_vs_1_worker"] = round(row["sampling_steps_per_s"] / one["sampling_steps_per_s"], 2)
+                    rows.append(row)
+                    writer.writerow(row)
+                    handle.flush()
+                    print(row, flush=True)
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {th.__version__}, "
+        f"{th.get_num_threads()} torch threads in the learner. B = {args.meta_batch_size}, N = M = {args.episodes}, "
+        f"horizon {args.horizon}, lsf + trpo, {args.iterations} timed iterations after a warm-up.",
+        "",
+        "| env | backend | workers | sampling steps/s | iteration steps/s | update s | bare steps/s (same processes) "
+        "| sampling / bare | iteration / bare | sampling speed-up vs 1 worker | bytes / iteration |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['env']} | {r['backend']} | {r['workers']} | {r['sampling_steps_per_s']} | {r['iteration_steps_per_s']} "
+            f"| {r['update_s']} | {r['bare_steps_per_s']} | {r['sampling_vs_bare']} | {r['iteration_vs_bare']} "
+            f"| {r['speedup_vs_1_worker']} | {r['bytes_per_iteration'] if r['bytes_per_iteration'] is not None else '-'} |"
+        )
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The episode-sampler protocol and what every backend shares: acting per task group with its own noise."""
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.utils import obs_as_tensor
+
+from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.functional import Params, sample_actions
+
+#: (number of valid transitions since the last call, the step's variables) -> continue?
+StepCallback = Callable[[int, dict[str, Any]], bool]
+
+
+def group_generators(seeds: Sequence[int]) -> list[th.Generator]:
+    """:return: one CPU generator per task group, seeded with the group's noise seed for this sampling phase"""
+    return [th.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+class GroupPolicies:
+    """
+    One copy of the policy per task group, loaded with the group's parameters once per sampling
+    phase, so that acting is a plain call of the SB3 policy (no per-step parameter substitution).
+    Acting is per group, not batched over groups: a batched matmul's last bits depend on the batch it
+    is part of, so a process holding other groups would sample other actions; per group, a group's
+    actions depend only on its parameters, its observations and its noise stream, and every backend
+    samples the same episodes for the same seed.
+
+    :param policy: the policy whose architecture the copies have (they live on its device)
+    """
+
+    def __init__(self, policy: ActorCriticPolicy):
+        self.policy = policy
+        self.copies: list[ActorCriticPolicy] = []
+
+    def load(self, task_params: Params) -> None:
+        """:param task_params: per-group parameters (leading dim: the groups) of the policy's trainable parameters"""
+        n_groups = next(iter(task_params.values())).shape[0]
+        while len(self.copies) < n_groups:
+            clone = copy.deepcopy(self.policy)
+            clone.optimizer = None  # only evaluated
+            clone.set_training_mode(False)
+            self.copies.append(clone)
+        with th.no_grad():
+            for group in range(n_groups):
+                for name, param in self.copies[group].named_parameters():
+                    if name in task_params:
+                        param.copy_(task_params[name][group])
+
+    def act(
+        self,
+        obs: np.ndarray,
+        envs_per_group: int,
+        groups: np.ndarray,
+        generators: list[th.Generator],
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """
+        Sample one action per sub-env of the given groups, each group with its own parameters and noise generator.
+
+        :param obs: observations of all sub-envs, group-major
+        :param groups: the groups to act for (the other rows of ``out`` are left as they are)
+        :param generators: one noise generator per group
+        :param out: the array to write the actions into (allocated on the first call when None)
+        :return: the actions, one row per sub-env (as sampled, before clipping)
+        """
+        with th.no_grad():
+            for group in groups:
+                rows = slice(group * envs_per_group, (group + 1) * envs_per_group)
+                actions = self._sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
+                if out is None:
+                    out = np.zeros((len(obs), *actions.shape[1:]), dtype=actions.dtype)
+                out[rows] = actions
+        assert out is not None, "no group to act for"
+        return out
+
+    @staticmethod
+    def _sample(policy: ActorCriticPolicy, obs: np.ndarray, generator: th.Generator) -> th.Tensor:
+        # SB3's get_distribution, without building a Normal for Gaussian policies (the cost of a small MLP's
+        # forward): the same actions as sample_actions(policy.get_distribution(obs), generator)
+        features = policy.extract_features(obs_as_tensor(obs, policy.device), policy.pi_features_extractor)
+        mean = policy.action_net(policy.mlp_extractor.forward_actor(features))
+        if isinstance(policy.action_dist, DiagGaussianDistribution):
+            noise = th.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            return mean + th.ones_like(mean) * policy.log_std.exp() * noise
+        return sample_actions(policy.action_dist.proba_distribution(action_logits=mean), generator)
+
+
+def check_finite_actions(actions: np.ndarray) -> None:
+    """:raises FloatingPointError: if a sampled action is not finite (the policy's parameters are broken)"""
+    if not np.isfinite(actions).all():
+        raise FloatingPointError(
+            "policy: non-finite actions sampled (the current or adapted parameters are not finite or too large); "
+            "lower inner_lr or learning_rate."
+        )
+
+
+def draw_noise_seeds(generator: th.Generator, n_groups: int) -> list[int]:
+    """:return: one seed per task group for a sampling phase, drawn from ``generator`` (the run's action-noise stream)"""
+    return [int(seed) for seed in th.randint(0, 2**62, (n_groups,), generator=generator)]
+
+
+class EpisodeSampler(ABC):
+    """
+    Samples whole episodes for B tasks with given per-task parameters. A backend returns episodes
+    only: the learner recomputes every log-likelihood it differentiates, so no backend is trusted
+    for gradients.
+
+    The sub-envs are split into ``n_groups`` groups of ``envs_per_group``, one task per group; E
+    episodes per task take ``ceil(E / envs_per_group)`` waves.
+    """
+
+    #: True: ``step_callback`` is called after every lock-step; False: once per sampled batch
+    calls_back_per_step: ClassVar[bool] = True
+    n_groups: int
+    envs_per_group: int
+    horizon: int
+
+    def attach_policy(self, policy: ActorCriticPolicy) -> None:
+        """
+        Give the sampler the policy's architecture (a remote backend ships a CPU copy once; the
+        parameters come with every ``sample``). Called by the algorithm whenever its policy is (re)built.
+        """
+        return None
+
+    @abstractmethod
+    def sample(
+        self,
+        tasks: Sequence[Any],
+        task_params: Params,
+        n_episodes: int,
+        noise_seeds: Sequence[int],
+        step_callback: StepCallback | None = None,
+    ) -> TaskRolloutBuffer | None:
+        """
+        :param tasks: at most ``n_groups`` tasks (spare groups stay idle)
+        :param task_params: per-task policy parameters (detached), leading dim ``len(tasks)``
+        :param n_episodes: episodes per task
+        :param noise_seeds: one action-noise seed per task (see ``GroupPolicies``)
+        :param step_callback: receives the transition counts; False stops sampling
+        :return: the episodes (task-major columns), or None if ``step_callback`` stopped sampling
+        """
+
+    def close(self) -> None:
+        """Release the backend's workers (idempotent)."""
+        return None

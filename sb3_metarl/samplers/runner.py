@@ -1,0 +1,116 @@
+"""Whole-episode sampling of a block of task groups in one process: the core every backend runs."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import get_obs_shape
+
+from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.functional import Params
+from sb3_metarl.common.task_vec_env import check_finite
+from sb3_metarl.samplers.base import GroupPolicies, StepCallback, check_finite_actions, group_generators
+
+
+class GroupRunner:
+    """
+    Samples whole episodes on ``len(envs) / envs_per_group`` task groups: every sub-env of a group
+    runs the group's task; all are reset at the start of a wave, stepped with one batched policy call
+    per step, and a sub-env whose episode ended is not stepped again in that wave (an Ant that falls
+    costs nothing until the wave's longest episode ends). Each sub-env's random stream is consumed
+    only by its own resets and steps, and each group's action noise by its own episodes
+    (``GroupNoise``), so a group's samples do not depend on the other groups or on the process.
+
+    :param envs: the sub-envs, group-major (task-aware: ``set_task`` on ``env.unwrapped``)
+    :param envs_per_group: sub-envs per group
+    :param horizon: episode length H (episodes are cut there)
+    :param observation_space: the envs' observation space
+    :param action_space: the envs' action space
+    """
+
+    def __init__(
+        self,
+        envs: Sequence[gym.Env],
+        envs_per_group: int,
+        horizon: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+    ):
+        if len(envs) % envs_per_group != 0:
+            raise ValueError(f"envs: {len(envs)} sub-envs do not split into groups of {envs_per_group}.")
+        self.envs = list(envs)
+        self.envs_per_group = envs_per_group
+        self.n_groups = len(envs) // envs_per_group
+        self.horizon = horizon
+        self.observation_space, self.action_space = observation_space, action_space
+        self.obs_shape = get_obs_shape(observation_space)
+        self.clip = isinstance(action_space, spaces.Box)
+
+    def run(
+        self,
+        policies: GroupPolicies,
+        tasks: Sequence[Any],
+        task_params: Params,
+        n_episodes: int,
+        noise_seeds: Sequence[int],
+        step_callback: StepCallback | None = None,
+    ) -> TaskRolloutBuffer | None:
+        """
+        :param policies: per-group copies of the policy (loaded here with ``task_params``)
+        :param tasks: one task per group, at most ``n_groups`` (the first groups run them)
+        :param task_params: per-task parameters (detached), leading dim ``len(tasks)``
+        :param n_episodes: episodes per task
+        :param noise_seeds: one action-noise seed per task
+        :param step_callback: called after every step with the number of transitions taken
+        :return: the episodes, or None if ``step_callback`` stopped sampling
+        """
+        n_tasks, per_group = len(tasks), self.envs_per_group
+        if not 0 < n_tasks <= self.n_groups:
+            raise ValueError(f"tasks: expected 1 to {self.n_groups} tasks, got {n_tasks}.")
+        n_used = n_tasks * per_group
+        for index in range(n_used):
+            self.envs[index].unwrapped.set_task(tasks[index // per_group])
+        policies.load(task_params)
+        generators = group_generators(noise_seeds[:n_tasks])
+        device = policies.policy.device
+        buffer = TaskRolloutBuffer(self.horizon, n_tasks, n_episodes, self.observation_space, self.action_space, device)
+        group = np.arange(n_used) // per_group
+        slot = np.arange(n_used) % per_group
+        obs = np.zeros((n_used, *self.obs_shape), dtype=self.observation_space.dtype)
+        actions = None
+        zeros = np.zeros(n_used, dtype=np.float32)
+        for wave_start in range(0, n_episodes, per_group):
+            episode = wave_start + slot
+            active = episode < n_episodes
+            columns = group * n_episodes + episode
+            for index in np.flatnonzero(active):
+                obs[index] = self.envs[index].reset()[0]
+            check_finite(obs[active], "observation", tasks, per_group, np.flatnonzero(active))
+            for step in range(self.horizon):
+                running = np.flatnonzero(active.reshape(n_tasks, per_group).any(axis=1))
+                actions = policies.act(obs, per_group, running, generators, actions)
+                rows = np.flatnonzero(active)
+                check_finite_actions(actions[rows])
+                env_actions = np.clip(actions, self.action_space.low, self.action_space.high) if self.clip else actions
+                step_obs = obs[rows].copy()
+                rewards = np.zeros(len(rows), dtype=np.float32)
+                dones = np.zeros(len(rows), dtype=bool)
+                infos: list[dict[str, Any]] = []
+                for j, index in enumerate(rows):
+                    obs[index], rewards[j], terminated, truncated, info = self.envs[index].step(env_actions[index])
+                    dones[j] = terminated or truncated
+                    infos.append(info)
+                check_finite(rewards, "reward", tasks, per_group, rows)
+                buffer.add_step(step, columns[rows], step_obs, actions[rows], rewards, zeros[: len(rows)])
+                if infos and "success" in infos[0]:
+                    buffer.add_successes(columns[rows], np.array([info["success"] for info in infos]))
+                active[rows[dones]] = False
+                step_vars = {"new_obs": obs[rows], "rewards": rewards, "dones": dones, "infos": infos}
+                if step_callback is not None and not step_callback(len(rows), step_vars):
+                    return None
+                if not active.any():
+                    break
+                check_finite(obs[rows], "observation", tasks, per_group, rows)
+        return buffer

@@ -1,0 +1,477 @@
+"""
+``sampler="subproc"`` and ``sampler="ray"``: the sub-envs live in ``k`` workers (processes or Ray
+actors), each owning a contiguous block of task groups and a CPU copy of the policy. Per sampling
+phase a worker receives its tasks, their parameters and noise seeds once, samples whole episodes
+locally (``GroupRunner``) and returns them.
+"""
+
+import copy
+import multiprocessing as mp
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import cloudpickle
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.functional import Params
+from sb3_metarl.common.task_vec_env import episode_horizon
+from sb3_metarl.common.vec_env import GuardedPipe, WorkerDiedError
+from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback
+from sb3_metarl.samplers.runner import GroupRunner
+
+#: the arrays of a sampled batch a worker sends back (the learner recomputes every log-likelihood)
+BATCH_FIELDS = ("observations", "actions", "rewards", "masks")
+
+
+class Shard:
+    """
+    What a worker holds: a block of sub-envs (a ``DummyVecEnv``, for the VecEnv API) and a copy of the
+    policy's architecture. Runs in the worker process or Ray actor.
+
+    :param env_fns: factories of the block's sub-envs, group-major
+    :param envs_per_group: sub-envs per task group
+    """
+
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], envs_per_group: int):
+        # one thread per worker: k workers share the machine's cores
+        th.set_num_threads(1)
+        self.venv = DummyVecEnv(env_fns)
+        self.envs_per_group = envs_per_group
+        self.policies: GroupPolicies | None = None
+        self.runner: GroupRunner | None = None
+
+    def spaces(self) -> tuple[gym.Space, gym.Space]:
+        return self.venv.observation_space, self.venv.action_space
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def configure(self, horizon: int, policy_bytes: bytes | None) -> None:
+        """Set the episode length and (when given) the policy architecture (a cloudpickled CPU policy)."""
+        if policy_bytes is not None:
+            self.policies = GroupPolicies(cloudpickle.loads(policy_bytes))
+        self.runner = GroupRunner(
+            self.venv.envs, self.envs_per_group, horizon, self.venv.observation_space, self.venv.action_space
+        )
+
+    def sample(
+        self, tasks: Sequence[Any], task_params: dict[str, np.ndarray], n_episodes: int, noise_seeds: Sequence[int]
+    ) -> dict[str, Any]:
+        """:return: the block's episodes as arrays (``BATCH_FIELDS`` and ``successes``)"""
+        if self.runner is None or self.policies is None:
+            raise RuntimeError("sampler worker: configure(horizon, policy) must come before sample.")
+        params = {name: th.tensor(value) for name, value in task_params.items()}  # Ray gives read-only arrays
+        buffer = self.runner.run(self.policies, tasks, params, n_episodes, noise_seeds)
+        assert buffer is not None  # no step callback: never stopped
+        arrays = {field: getattr(buffer, field) for field in BATCH_FIELDS}
+        arrays["successes"] = buffer.successes
+        return arrays
+
+    # the VecEnv API, for SB3 and for the model's random streams
+    def step(self, actions: np.ndarray) -> VecEnvStepReturn:
+        return self.venv.step(actions)
+
+    def reset(self) -> VecEnvObs:
+        return self.venv.reset()
+
+    def seed(self, seed: int | None) -> None:
+        self.venv.seed(seed)
+
+    def set_options(self, options: list[dict]) -> None:
+        self.venv.set_options(options)
+
+    def get_attr(self, name: str, indices: list[int]) -> list[Any]:
+        return self.venv.get_attr(name, indices)
+
+    def set_attr(self, name: str, value: Any, indices: list[int]) -> None:
+        self.venv.set_attr(name, value, indices)
+
+    def set_attr_each(self, name: str, values: list[Any], indices: list[int]) -> None:
+        for index, value in zip(indices, values):
+            self.venv.set_attr(name, value, [index])
+
+    def env_method(self, name: str, args: tuple, kwargs: dict, indices: list[int]) -> list[Any]:
+        return self.venv.env_method(name, *args, indices=indices, **kwargs)
+
+    def env_is_wrapped(self, wrapper_class: type, indices: list[int]) -> list[bool]:
+        return self.venv.env_is_wrapped(wrapper_class, indices)
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+def _process_worker(remote: Any, parent_remote: Any, shard_args: bytes) -> None:
+    parent_remote.close()
+    try:
+        shard = Shard(*cloudpickle.loads(shard_args))
+    except Exception as error:  # the parent raises it, with the worker's traceback
+        remote.send_bytes(cloudpickle.dumps(("error", (error, traceback.format_exc()))))
+        return
+    remote.send_bytes(cloudpickle.dumps(("ok", None)))
+    while True:
+        try:
+            method, args = cloudpickle.loads(remote.recv_bytes())
+        except (EOFError, KeyboardInterrupt):
+            break
+        if method == "close":
+            shard.close()
+            remote.send_bytes(cloudpickle.dumps(("ok", None)))
+            break
+        try:
+            answer = ("ok", getattr(shard, method)(*args))
+        except Exception as error:
+            answer = ("error", (error, traceback.format_exc()))
+        remote.send_bytes(cloudpickle.dumps(answer))
+
+
+class _ProcessWorker:
+    """A ``Shard`` in a process of its own, with bounded waits (a dead worker raises ``WorkerDiedError`` naming it)."""
+
+    def __init__(self, context: Any, shard_args: tuple, name: str, timeout: float | None):
+        self.name = name
+        remote, work_remote = context.Pipe()
+        self.process = context.Process(
+            target=_process_worker, args=(work_remote, remote, cloudpickle.dumps(shard_args)), daemon=True, name=name
+        )
+        self.process.start()
+        work_remote.close()
+        self.pipe = GuardedPipe(remote, self.process, name, timeout)
+        #: bytes sent to and received from the worker so far (serialized messages)
+        self.bytes_sent = self.bytes_received = 0
+
+    def submit(self, method: str, *args: Any) -> None:
+        data = cloudpickle.dumps((method, args))
+        self.bytes_sent += len(data)
+        self.pipe.send_bytes(data)
+
+    def result(self) -> Any:
+        data = self.pipe.recv_bytes()
+        self.bytes_received += len(data)
+        status, value = cloudpickle.loads(data)
+        if status == "error":
+            error, remote_traceback = value
+            raise error from RuntimeError(f"in {self.name}:\n{remote_traceback}")
+        return value
+
+    def close(self, timeout: float) -> None:
+        try:
+            while self.pipe.poll(0.0):  # answers never read (after an error elsewhere)
+                self.pipe.remote.recv_bytes()
+            self.pipe.send_bytes(cloudpickle.dumps(("close", ())))
+        except (WorkerDiedError, EOFError, OSError):
+            pass
+        self.process.join(timeout=timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=1.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=1.0)
+        self.pipe.close()
+
+
+class _RayWorker:
+    """A ``Shard`` in a Ray actor (one CPU); a dead actor raises ``WorkerDiedError`` naming it."""
+
+    def __init__(self, shard_args: tuple, name: str, timeout: float | None):
+        import ray
+
+        self.ray, self.name, self.timeout = ray, name, timeout
+        self.actor = ray.remote(num_cpus=1)(Shard).remote(*shard_args)
+        self.reference: Any = None
+        #: Ray serializes the messages itself: not counted
+        self.bytes_sent = self.bytes_received = 0
+
+    def submit(self, method: str, *args: Any) -> None:
+        self.reference = getattr(self.actor, method).remote(*args)
+
+    def result(self) -> Any:
+        start = time.monotonic()
+        while not self.ray.wait([self.reference], timeout=0.5)[0]:
+            if self.timeout is not None and time.monotonic() - start > self.timeout:
+                raise WorkerDiedError(f"{self.name} did not answer within {self.timeout} s.")
+        try:
+            return self.ray.get(self.reference)
+        except self.ray.exceptions.RayActorError as error:
+            raise WorkerDiedError(f"{self.name} died ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+        except self.ray.exceptions.RayTaskError as error:
+            raise error.as_instanceof_cause() from None
+
+    def close(self, timeout: float) -> None:
+        try:
+            self.ray.kill(self.actor)
+        except Exception:  # already dead, or Ray shut down first
+            pass
+
+
+class ShardedVecEnv(VecEnv, EpisodeSampler):
+    """
+    A VecEnv whose sub-envs live in ``num_workers`` workers, each holding a contiguous block of task
+    groups (many sub-envs per worker, not one process per sub-env), and an episode sampler on them.
+    ``sample`` sends each worker its tasks, their parameters and noise seeds once and gets whole
+    episodes back; the samples are bit-identical to ``sampler="vec_env"`` for the same seed and
+    sub-env layout (the action noise is per group, see ``GroupNoise``). The VecEnv API (``step``,
+    ``get_attr``, ...) works too, routed to the workers, so SB3 and the model's random streams see
+    an ordinary VecEnv. Every wait is bounded: a worker that dies raises ``WorkerDiedError`` naming it
+    within about a second, and ``close`` never hangs.
+
+    :param env_fns: the sub-envs' factories (picklable, e.g. ``functools.partial(make_task_env, env_id)``)
+    :param n_groups: task groups B (divides ``len(env_fns)``)
+    :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    :param backend: "subproc" (processes on this machine) or "ray" (Ray actors: local or on a cluster)
+    :param num_workers: workers k (default: the machine's cores for "subproc", the Ray cluster's CPUs for
+        "ray"); at most ``n_groups``
+    :param timeout: seconds to wait for a living worker's answer before raising (None: no limit)
+    :param start_method: multiprocessing start method for "subproc" (default "forkserver" where available)
+    :param address: Ray cluster address for ``ray.init`` when Ray is not yet initialized (None: a local Ray)
+    :param ray_init_kwargs: further arguments of ``ray.init`` (e.g. ``num_cpus``)
+    :param close_timeout: seconds ``close`` waits for a worker to exit before terminating it
+    """
+
+    calls_back_per_step: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        env_fns: list[Callable[[], gym.Env]],
+        n_groups: int,
+        max_episode_steps: int | None = None,
+        backend: str = "subproc",
+        num_workers: int | None = None,
+        timeout: float | None = 600.0,
+        start_method: str | None = None,
+        address: str | None = None,
+        ray_init_kwargs: dict[str, Any] | None = None,
+        close_timeout: float = 5.0,
+    ):
+        if backend not in ("subproc", "ray"):
+            raise ValueError(f"backend: 'subproc' or 'ray', got {backend!r}.")
+        if len(env_fns) % n_groups != 0:
+            raise ValueError(f"n_envs: {len(env_fns)} sub-envs are not a multiple of meta_batch_size={n_groups}.")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
+            raise ValueError(f"sampler_kwargs: num_workers must be a positive integer, got {num_workers!r}.")
+        self.closed = True  # until the workers exist
+        self.n_groups, self.envs_per_group, self.close_timeout = n_groups, len(env_fns) // n_groups, close_timeout
+        self.backend = backend
+        if backend == "ray":
+            ray = _import_ray()
+            if not ray.is_initialized():
+                ray.init(address=address, **(ray_init_kwargs or {}))
+            default_workers = int(ray.cluster_resources().get("CPU", 1))
+        else:
+            default_workers = os.cpu_count() or 1
+        n_workers = min(num_workers or default_workers, n_groups)
+        #: the task groups [first, last) of each worker
+        self.group_blocks = [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(n_groups), n_workers)]
+        self.workers: list[_ProcessWorker | _RayWorker] = []
+        context = mp.get_context(start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"))
+        per_group = self.envs_per_group
+        for index, (first, last) in enumerate(self.group_blocks):
+            shard_args = (env_fns[first * per_group : last * per_group], per_group)
+            envs = f"sub-envs {first * per_group}-{last * per_group - 1}"
+            name = f"sampler worker {index} ({backend}; task groups {first}-{last - 1}, {envs})"
+            if backend == "ray":
+                self.workers.append(_RayWorker(shard_args, name, timeout))
+            else:
+                self.workers.append(_ProcessWorker(context, shard_args, name, timeout))
+        self.closed = False
+        #: the first sub-env index of each worker
+        self.env_offsets = [first * per_group for first, _ in self.group_blocks]
+        self.num_envs = len(env_fns)  # for the routing below, before VecEnv's set-up (which reads render_mode)
+        try:
+            for worker in self.workers:
+                if backend == "subproc":
+                    worker.result()  # the worker's "ready" (or its construction error)
+            observation_space, action_space = self._call(0, "spaces")
+            VecEnv.__init__(self, len(env_fns), observation_space, action_space)
+            self.horizon = episode_horizon(self, max_episode_steps)
+            self._broadcast("configure", lambda _: (self.horizon, None))
+        except BaseException:
+            self.close()
+            raise
+        self._actions: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ calls to the workers
+
+    def _call(self, worker: int, method: str, *args: Any) -> Any:
+        self.workers[worker].submit(method, *args)
+        return self.workers[worker].result()
+
+    def _broadcast(self, method: str, arguments: Callable[[int], tuple], workers: Sequence[int] | None = None) -> list[Any]:
+        """Call ``method`` on the workers at once (``arguments(i)`` for worker i); every answer is awaited."""
+        workers = range(len(self.workers)) if workers is None else workers
+        for index in workers:
+            self.workers[index].submit(method, *arguments(index))
+        results, first_error = [], None
+        for index in workers:
+            try:
+                results.append(self.workers[index].result())
+            except BaseException as error:  # collect the other answers so no pipe holds a stale one
+                results.append(None)
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def _by_worker(self, indices: VecEnvIndices) -> dict[int, list[int]]:
+        """:return: worker -> the local indices of the requested sub-envs, in request order"""
+        routed: dict[int, list[int]] = {}
+        offsets = np.array(self.env_offsets)
+        for index in self._get_indices(indices):
+            worker = int(np.searchsorted(offsets, index, side="right") - 1)
+            routed.setdefault(worker, []).append(int(index) - self.env_offsets[worker])
+        return routed
+
+    # ------------------------------------------------------------------ the episode sampler
+
+    def attach_policy(self, policy: ActorCriticPolicy) -> None:
+        cpu_policy = cloudpickle.dumps(_cpu_copy(policy))
+        self._broadcast("configure", lambda _: (self.horizon, cpu_policy))
+
+    def sample(
+        self,
+        tasks: Sequence[Any],
+        task_params: Params,
+        n_episodes: int,
+        noise_seeds: Sequence[int],
+        step_callback: StepCallback | None = None,
+    ) -> TaskRolloutBuffer | None:
+        n_tasks = len(tasks)
+        if not 0 < n_tasks <= self.n_groups:
+            raise ValueError(f"tasks: expected 1 to {self.n_groups} tasks, got {n_tasks}.")
+        params = {name: p.detach().cpu().numpy() for name, p in task_params.items()}
+        busy = [i for i, (first, _) in enumerate(self.group_blocks) if first < n_tasks]
+
+        def arguments(worker: int) -> tuple:
+            first, last = self.group_blocks[worker]
+            last = min(last, n_tasks)
+            block = {name: value[first:last] for name, value in params.items()}
+            return list(tasks[first:last]), block, n_episodes, list(noise_seeds[first:last])
+
+        results = self._broadcast("sample", arguments, busy)
+        device = next(iter(task_params.values())).device
+        buffer = TaskRolloutBuffer(self.horizon, n_tasks, n_episodes, self.observation_space, self.action_space, device)
+        for worker, arrays in zip(busy, results):
+            first, last = self.group_blocks[worker]
+            columns = slice(first * n_episodes, min(last, n_tasks) * n_episodes)
+            for field in BATCH_FIELDS:
+                getattr(buffer, field)[:, columns] = arrays[field]
+            if arrays["successes"] is not None:
+                if buffer.successes is None:
+                    buffer.successes = np.zeros(buffer.n_envs, dtype=np.float32)
+                buffer.successes[columns] = arrays["successes"]
+        if step_callback is not None and not step_callback(int(buffer.masks.sum()), {}):
+            return None
+        return buffer
+
+    def traffic(self) -> dict[str, int]:
+        """:return: bytes sent to and received from the worker processes so far ("subproc"; Ray's serialization is its own)"""
+        return {
+            "sent": sum(worker.bytes_sent for worker in self.workers),
+            "received": sum(worker.bytes_received for worker in self.workers),
+        }
+
+    def worker_pids(self) -> list[int]:
+        """:return: the process id of each worker (for monitoring; killing one makes the next call raise)"""
+        return self._broadcast("pid", lambda _: ())
+
+    # ------------------------------------------------------------------ the VecEnv API
+
+    def reset(self) -> VecEnvObs:
+        return np.concatenate(self._broadcast("reset", lambda _: ()))
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        """SB3's ``VecEnv.seed``: sub-env i is reset with seed ``seed + i`` at the next reset."""
+        self._broadcast("seed", lambda w: (None if seed is None else seed + self.env_offsets[w],))
+        return [None if seed is None else seed + i for i in range(self.num_envs)]
+
+    def set_options(self, options: list[dict] | dict | None = None) -> None:
+        """SB3's ``VecEnv.set_options``: options for the next reset (one dict, or one per sub-env)."""
+        per_env = options if isinstance(options, list) else [options or {}] * self.num_envs
+        self._broadcast("set_options", lambda w: (per_env[self.env_offsets[w] : self.env_offsets[w] + self._block_size(w)],))
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        actions = self._actions
+        results = self._broadcast(
+            "step", lambda w: (actions[self.env_offsets[w] : self.env_offsets[w] + self._block_size(w)],)
+        )
+        obs, rewards, dones, infos = zip(*results)
+        return np.concatenate(obs), np.concatenate(rewards), np.concatenate(dones), [i for block in infos for i in block]
+
+    def _block_size(self, worker: int) -> int:
+        first, last = self.group_blocks[worker]
+        return (last - first) * self.envs_per_group
+
+    def _routed_call(self, method: str, indices: VecEnvIndices, *args: Any) -> list[Any]:
+        routed = self._by_worker(indices)
+        workers = list(routed)
+        results = self._broadcast(method, lambda w: (*args, routed[w]), workers)
+        # back in request order
+        by_global = {}
+        for worker, values in zip(workers, results):
+            for local, value in zip(routed[worker], values or [None] * len(routed[worker])):
+                by_global[self.env_offsets[worker] + local] = value
+        return [by_global[index] for index in self._get_indices(indices)]
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return self._routed_call("get_attr", indices, attr_name)
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._routed_call("set_attr", indices, attr_name, value)
+
+    def set_attr_each(self, attr_name: str, values: Sequence[Any], indices: VecEnvIndices = None) -> None:
+        """Set ``attr_name`` to a value of its own on each sub-env (one message per worker)."""
+        routed = self._by_worker(indices)
+        order = list(self._get_indices(indices))
+        value_of = dict(zip(order, values))
+        self._broadcast(
+            "set_attr_each",
+            lambda w: (attr_name, [value_of[self.env_offsets[w] + i] for i in routed[w]], routed[w]),
+            list(routed),
+        )
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
+        return self._routed_call("env_method", indices, method_name, method_args, method_kwargs)
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return self._routed_call("env_is_wrapped", indices, wrapper_class)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for worker in self.workers:
+            worker.close(self.close_timeout)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _cpu_copy(policy: ActorCriticPolicy) -> ActorCriticPolicy:
+    cpu_policy = copy.deepcopy(policy).to("cpu")
+    cpu_policy.optimizer = None  # the workers only evaluate it
+    return cpu_policy
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('sampler="ray" needs Ray: pip install -e ".[ray]" (or pip install "ray[default]").') from None
+    return ray

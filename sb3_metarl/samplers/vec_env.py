@@ -1,0 +1,82 @@
+"""The default backend: the model's own VecEnv, sampled in this process."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.functional import Params
+from sb3_metarl.common.task_vec_env import TaskVecEnv
+from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, check_finite_actions, group_generators
+from sb3_metarl.samplers.runner import GroupRunner
+
+
+class VecEnvSampler(EpisodeSampler):
+    """
+    ``sampler="vec_env"``: samples on a VecEnv in this process, in lock-step, calling back after every
+    step. On a plain ``DummyVecEnv`` it steps the sub-envs itself (``GroupRunner``: finished episodes
+    are not stepped, and the samples are bit-identical to the ``"subproc"`` and ``"ray"`` backends for
+    the same seed and sub-env layout); on any other VecEnv (a ``SubprocVecEnv``, a wrapper such as
+    SB3's image transposition) it goes through the VecEnv API, stepping every sub-env until the wave ends.
+
+    :param venv: the sub-envs
+    :param n_groups: task groups B (divides ``venv.num_envs``)
+    :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    """
+
+    def __init__(self, venv: VecEnv, n_groups: int, max_episode_steps: int | None = None):
+        self.task_env = TaskVecEnv(venv, n_groups, max_episode_steps)
+        self.venv = venv
+        self.n_groups, self.envs_per_group, self.horizon = n_groups, self.task_env.envs_per_group, self.task_env.horizon
+        self.runner = (
+            GroupRunner(venv.envs, self.envs_per_group, self.horizon, venv.observation_space, venv.action_space)
+            if type(venv) is DummyVecEnv
+            else None
+        )
+        self.policies: GroupPolicies | None = None
+
+    def attach_policy(self, policy: ActorCriticPolicy) -> None:
+        self.policies = GroupPolicies(policy)
+
+    def sample(
+        self,
+        tasks: Sequence[Any],
+        task_params: Params,
+        n_episodes: int,
+        noise_seeds: Sequence[int],
+        step_callback: StepCallback | None = None,
+    ) -> TaskRolloutBuffer | None:
+        if self.policies is None:
+            raise RuntimeError("sampler: attach_policy(policy) must be called before sample.")
+        if self.runner is not None:
+            return self.runner.run(self.policies, tasks, task_params, n_episodes, noise_seeds, step_callback)
+        return self._sample_through_vec_env(tasks, task_params, n_episodes, noise_seeds, step_callback)
+
+    def _sample_through_vec_env(
+        self,
+        tasks: Sequence[Any],
+        task_params: Params,
+        n_episodes: int,
+        noise_seeds: Sequence[int],
+        step_callback: StepCallback | None,
+    ) -> TaskRolloutBuffer | None:
+        n_groups, per_group, n_tasks = self.n_groups, self.envs_per_group, len(tasks)
+        # spare groups (fewer tasks than groups) run the last task's parameters; their actions are not stored
+        order = th.tensor([min(g, n_tasks - 1) for g in range(n_groups)])
+        policies = self.policies
+        policies.load({name: p.detach()[order.to(p.device)] for name, p in task_params.items()})
+        generators = group_generators([*noise_seeds[:n_tasks], *[0] * (n_groups - n_tasks)])
+        groups = np.arange(n_groups)
+
+        def act(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            actions = policies.act(obs, per_group, groups, generators)
+            check_finite_actions(actions)
+            return actions, np.zeros(len(obs), dtype=np.float32)
+
+        observation_space, action_space, device = self.venv.observation_space, self.venv.action_space, policies.policy.device
+        buffer = TaskRolloutBuffer(self.horizon, n_tasks, n_episodes, observation_space, action_space, device)
+        return buffer if self.task_env.collect(tasks, act, buffer, step_callback) else None

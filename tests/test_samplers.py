@@ -1,0 +1,277 @@
+"""The episode-sampler seam: the same samples on every backend, faults that name their worker, no wasted steps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.common.vec_env import WorkerDiedError
+from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, VecEnvSampler
+from sb3_metarl.tasks import TaskEnv
+
+SMALL = dict(meta_batch_size=4, inner_episodes=3, outer_episodes=3, seed=3)
+TWO_WORKERS = dict(num_workers=2, timeout=120.0)
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging) if the block takes longer than ``seconds``."""
+
+    def expired(*_):
+        raise TimeoutError(f"the block did not finish within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _parameters(model: MetaPolicyGradient) -> th.Tensor:
+    return th.cat([p.detach().flatten() for p in model.policy.parameters()])
+
+
+def _iterate(model: MetaPolicyGradient, iterations: int) -> None:
+    """Run exactly ``iterations`` meta-iterations (``learn`` finishes the iteration it starts)."""
+    for _ in range(iterations):
+        model.learn(1, reset_num_timesteps=False)
+
+
+def _train(env_id: str, sampler: str, iterations: int = 2, **kwargs) -> MetaPolicyGradient:
+    sampler_kwargs = None if sampler == "vec_env" else TWO_WORKERS
+    model = MetaPolicyGradient("MlpPolicy", env_id, sampler=sampler, sampler_kwargs=sampler_kwargs, **SMALL, **kwargs)
+    _iterate(model, iterations)
+    return model
+
+
+@pytest.mark.parametrize(
+    "env_id, kwargs",
+    [
+        ("sb3_metarl/Navigation2D-v0", dict(meta_optimizer="trpo")),
+        ("sb3_metarl/TabularMDP-v0", dict(gradient_mode="lvc")),  # discrete actions
+        ("sb3_metarl/AntDir-v0", dict(max_episode_steps=30)),  # episodes that end early (the ant falls)
+    ],
+)
+def test_subproc_gives_bit_identical_training_to_vec_env(env_id, kwargs):
+    default = _train(env_id, "vec_env", **kwargs)
+    with deadline(240):
+        sharded = _train(env_id, "subproc", **kwargs)
+    try:
+        assert isinstance(sharded.get_env(), ShardedVecEnv) and len(sharded.get_env().workers) == 2
+        assert sharded.num_timesteps == default.num_timesteps
+        assert th.equal(_parameters(sharded), _parameters(default))
+        # and the meta-test evaluation (its own seeded streams) too
+        for model in (default, sharded):
+            model.result = model.evaluate_adaptation(n_tasks=4, inner_steps=1, seed=5)["per_task"]
+        np.testing.assert_array_equal(sharded.result, default.result)
+    finally:
+        sharded.get_env().close()
+
+
+def test_ray_gives_bit_identical_training_to_vec_env(local_ray):
+    default = _train("sb3_metarl/AntDir-v0", "vec_env", max_episode_steps=30)
+    with deadline(240):
+        on_ray = _train("sb3_metarl/AntDir-v0", "ray", max_episode_steps=30)
+    try:
+        assert on_ray.get_env().backend == "ray"
+        assert on_ray.num_timesteps == default.num_timesteps
+        assert th.equal(_parameters(on_ray), _parameters(default))
+    finally:
+        on_ray.get_env().close()
+
+
+def test_subproc_save_load_continue_is_bit_identical(tmp_path):
+    kwargs = dict(sampler="subproc", sampler_kwargs=TWO_WORKERS, **SMALL)
+    with deadline(240):
+        uninterrupted = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **kwargs)
+        _iterate(uninterrupted, 2)
+        first = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **kwargs)
+        _iterate(first, 1)
+        first.save(tmp_path / "model.zip")
+        first.get_env().close()
+        resumed = MetaPolicyGradient.load(tmp_path / "model.zip", env="sb3_metarl/Navigation2D-v0")
+        assert resumed.sampler == "subproc" and isinstance(resumed.get_env(), ShardedVecEnv)
+        _iterate(resumed, 1)
+    try:
+        assert resumed.num_timesteps == uninterrupted.num_timesteps
+        assert th.equal(_parameters(resumed), _parameters(uninterrupted))
+    finally:
+        uninterrupted.get_env().close()
+        resumed.get_env().close()
+
+
+class _KillWorker(BaseCallback):
+    """Kills sampler worker 1 after the first sampled batch."""
+
+    def __init__(self, kill):
+        super().__init__()
+        self.kill, self.killed = kill, False
+
+    def _on_step(self) -> bool:
+        if not self.killed:
+            self.kill(self.model.get_env())
+            self.killed = True
+        return True
+
+
+def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds():
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS, **SMALL
+    )
+    env = model.get_env()
+    with deadline(60):
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"sampler worker 1 \(subproc; task groups 2-3.*died with exit code -9"):
+            model.learn(10_000, callback=_KillWorker(lambda venv: os.kill(venv.worker_pids()[1], signal.SIGKILL)))
+        assert time.monotonic() - start < 30
+        env.close()  # never hangs, with one worker dead
+    # the model is still usable and saveable after the failed iteration
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_a_killed_ray_actor_raises_an_error_naming_it(local_ray):
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="ray", sampler_kwargs=TWO_WORKERS, **SMALL)
+    with deadline(90):
+        with pytest.raises(WorkerDiedError, match=r"sampler worker 0 \(ray; task groups 0-1.*died"):
+            model.learn(10_000, callback=_KillWorker(lambda venv: local_ray.kill(venv.workers[0].actor)))
+        model.get_env().close()
+
+
+def test_the_interpreter_exits_with_live_workers():
+    """A script that never closes its sampler still exits (the workers are daemons), with no hang."""
+    script = (
+        "from sb3_metarl import MetaPolicyGradient\n"
+        "if __name__ == '__main__':\n"
+        "    model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=2,\n"
+        "                               inner_episodes=2, outer_episodes=2, inner_lr=0.1, sampler='subproc',\n"
+        "                               sampler_kwargs=dict(num_workers=2))\n"
+        "    model.learn(1)\n"
+        "    print('pids', model.get_env().worker_pids())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pids = [int(p) for p in result.stdout.split("pids")[1].strip(" []\n").split(",")]
+    time.sleep(0.5)
+    for pid in pids:  # no orphaned worker either
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+class _FallingEnv(TaskEnv):
+    """Episode i of a task ends after ``task`` steps; counts every step and reset it is asked for."""
+
+    steps = 0
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.task, self.t = 1, 0
+
+    def sample_tasks(self, n, rng=None):
+        return [int(x) for x in (rng or np.random.default_rng()).integers(1, 10, n)]
+
+    def set_task(self, task):
+        self.task = task
+
+    def get_task(self):
+        return self.task
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        type(self).steps += 1
+        self.t += 1
+        return np.zeros(1, np.float32), 1.0, self.t >= self.task, False, {}
+
+
+def test_finished_episodes_are_not_stepped_until_the_wave_ends():
+    model = MetaPolicyGradient("MlpPolicy", _FallingEnv, max_episode_steps=50, **SMALL)
+    tasks = [1, 3, 9, 2]
+    _FallingEnv.steps = 0
+    batch = model.sample_episodes(tasks, None, 5)  # 3 sub-envs per task: two waves
+    lengths = batch.masks.sum(-1)
+    np.testing.assert_array_equal(lengths.numpy(), np.repeat(np.array(tasks, dtype=np.float32)[:, None], 5, axis=1))
+    # every env step taken was a stored transition: none after an episode's end
+    assert _FallingEnv.steps == int(lengths.sum()) == 5 * sum(tasks)
+
+
+class _CountingSampler(EpisodeSampler):
+    """A user's sampler: delegates to the default one and counts its calls."""
+
+    def __init__(self, venv, n_groups):
+        self.inner = VecEnvSampler(venv, n_groups)
+        self.n_groups, self.envs_per_group, self.horizon = n_groups, self.inner.envs_per_group, self.inner.horizon
+        self.calls = 0
+
+    def attach_policy(self, policy):
+        self.inner.attach_policy(policy)
+
+    def sample(self, tasks, task_params, n_episodes, noise_seeds, step_callback=None):
+        self.calls += 1
+        return self.inner.sample(tasks, task_params, n_episodes, noise_seeds, step_callback)
+
+
+def test_an_episode_sampler_instance_is_used_and_gives_the_default_samples():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metarl.common.vec_env import make_task_env
+
+    venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
+    sampler = _CountingSampler(venv, 4)
+    custom = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=sampler, **SMALL)
+    custom.resolved_inner_lr()
+    assert sampler.calls == 4  # inner_lr="auto" calibrates on 16 tasks: 4 batches of 4
+    custom.learn(1)
+    assert sampler.calls == 6  # the iteration's inner and outer batch
+    default = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **SMALL)
+    default.learn(1)
+    assert th.equal(_parameters(custom), _parameters(default))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sampler="threads"), "sampler: unknown sampler 'threads'"),
+        (dict(sampler="vec_env", sampler_kwargs=dict(num_workers=2)), "sampler_kwargs: sampler='vec_env' takes none"),
+        (dict(sampler="subproc", sampler_kwargs=[2]), "sampler_kwargs: must be a dict"),
+        (dict(sampler="subproc", vec_env_cls="SubprocVecEnv"), "vec_env_cls: sampler='subproc' builds the sub-envs"),
+        (dict(sampler="subproc", sampler_kwargs=dict(num_workers=0)), "num_workers must be a positive integer"),
+        (dict(sampler="subproc", sampler_kwargs=dict(workers=2)), r"sampler_kwargs: unknown argument\(s\) \['workers'\]"),
+    ],
+)
+def test_bad_sampler_arguments_fail_early_with_the_argument_named(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **SMALL, **kwargs)
+
+
+def test_a_sharded_sampler_needs_a_factory_not_a_vec_env():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metarl.common.vec_env import make_task_env
+
+    venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
+    with pytest.raises(ValueError, match="env: sampler='subproc' builds the sub-envs in its workers"):
+        MetaPolicyGradient("MlpPolicy", venv, sampler="subproc", **SMALL)
