@@ -5,8 +5,14 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
-from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.callbacks import (
+    BaseCallback,
+    CallbackList,
+    EvalCallback,
+    EventCallback,
+    ProgressBarCallback,
+)
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
 
 class MetaProgressBarCallback(ProgressBarCallback):
@@ -113,3 +119,25 @@ class MetaEvalCallback(BaseCallback):
             if self.verbose >= 1:
                 print("New best post-adaptation return")
         return table
+
+
+def reject_unadapted_evaluation(callback: MaybeCallback) -> None:
+    """
+    :raises ValueError: if ``callback`` holds SB3's ``EvalCallback``, which scores the un-adapted policy on
+        the eval env's current task (meaningless for a meta-trained policy)
+    """
+    if isinstance(callback, list):
+        for item in callback:
+            reject_unadapted_evaluation(item)
+    elif isinstance(callback, CallbackList):
+        reject_unadapted_evaluation(callback.callbacks)
+    elif isinstance(callback, EvalCallback):
+        raise ValueError(
+            "callback: EvalCallback scores the un-adapted policy on one fixed task, which says nothing about a "
+            "meta-trained policy; use sb3_metarl.MetaEvalCallback (held-out tasks, returns after 0..K inner steps, "
+            "best_model.zip by post-adaptation return)."
+        )
+    elif isinstance(callback, EventCallback) and callback.callback is not None:
+        reject_unadapted_evaluation(callback.callback)
+
+

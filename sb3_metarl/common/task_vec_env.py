@@ -125,11 +125,17 @@ class TaskVecEnv:
 
 
 def check_finite(
-    values: np.ndarray, what: str, tasks: Sequence[Any], per_group: int, env_indices: np.ndarray | None = None
+    values: np.ndarray,
+    what: str,
+    tasks: Sequence[Any],
+    per_group: int,
+    env_indices: np.ndarray | None = None,
+    first_env_index: int = 0,
 ) -> None:
     """
     :param values: one value (or row) per sub-env
     :param env_indices: the sub-env of each row (default: row i is sub-env i)
+    :param first_env_index: the model-wide index of sub-env 0 here (a worker's block starts further on)
     :raises ValueError: naming the first sub-env, and its task, that returned a non-finite ``what``
     """
     values = np.asarray(values)
@@ -139,6 +145,6 @@ def check_finite(
     env_index = row if env_indices is None else int(env_indices[row])
     task = tasks[min(env_index // per_group, len(tasks) - 1)]
     raise ValueError(
-        f"env: sub-env {env_index} returned a non-finite {what} (task {task!r:.80}); "
+        f"env: sub-env {first_env_index + env_index} returned a non-finite {what} (task {task!r:.80}); "
         "the env must return finite rewards and observations."
     )

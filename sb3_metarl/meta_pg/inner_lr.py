@@ -105,3 +105,35 @@ def step_sizes_for_kl(
             break
         step_sizes = step_sizes * ratio.sqrt().clamp(0.01, 100.0)
     return th.where(moving, step_sizes, th.full_like(step_sizes, math.nan))
+
+
+def calibrate_inner_lr(
+    policy: FunctionalPolicy,
+    mode: GradientMode,
+    gamma: float,
+    batches: list[tuple[Params, EpisodeBatch]],
+    target_kl: float,
+    clip_factor: float,
+) -> tuple[float, float | None]:
+    """
+    ``inner_lr="auto"`` on calibration batches of the initial policy (see ``MetaPolicyGradient.resolved_inner_lr``).
+
+    :param policy: the functional policy
+    :param mode: the gradient mode whose inner gradients set the clip
+    :param gamma: the discount of the reference direction
+    :param batches: (per-task parameters, the batch sampled with them) pairs
+    :param target_kl: the first step's KL along the reference direction (median over tasks)
+    :param clip_factor: each task's inner gradient is clipped at this multiple of the median norm
+    :return: eta and the inner-gradient clip (0.1 and None when every calibration gradient is zero, as with
+        constant rewards: any step size then gives the same first step)
+    """
+    step_sizes, norms = [], []
+    for params, batch in batches:
+        direction = reference_direction(policy, params, batch, gamma)
+        step_sizes.append(step_sizes_for_kl(policy, direction, params, batch, target_kl))
+        norms.append(per_task_norm(inner_direction(policy, mode, params, batch)))
+    step_sizes, norms = th.cat(step_sizes), th.cat(norms)
+    moving = th.isfinite(step_sizes)
+    if not moving.any():
+        return 0.1, None
+    return float(step_sizes[moving].median()), clip_factor * float(norms.median())

@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import functools
 import io
 import math
 import pathlib
@@ -17,7 +16,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback, EvalCallback, EventCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import safe_mean, set_random_seed
@@ -26,7 +25,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from sb3_metarl.adaptation import Adaptation, MetaSample, Weighting, masked_log_prob
 from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch
-from sb3_metarl.common.callbacks import MetaProgressBarCallback
+from sb3_metarl.common.callbacks import MetaProgressBarCallback, reject_unadapted_evaluation
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import (
     EnvRngState,
@@ -37,13 +36,15 @@ from sb3_metarl.common.rng import (
     seed_env_rngs,
     set_env_rng_states,
 )
-from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env, resolve_vec_env_cls
+from sb3_metarl.common.vec_env import make_task_env, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
 from sb3_metarl.meta_pg.arguments import AUTO, check_arguments, check_sampler
-from sb3_metarl.meta_pg.inner_lr import inner_direction, per_task_norm, reference_direction, step_sizes_for_kl
+from sb3_metarl.meta_pg.evaluation import format_adaptation_table
+from sb3_metarl.meta_pg.inner_lr import calibrate_inner_lr
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
-from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, StepCallback, VecEnvSampler, draw_noise_seeds
+from sb3_metarl.samplers import EpisodeSampler, StepCallback, VecEnvSampler, draw_noise_seeds
+from sb3_metarl.samplers.factory import make_episode_sampler, make_sub_envs
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
@@ -233,32 +234,17 @@ class MetaPolicyGradient(BaseAlgorithm):
     def _make_vec_env(
         self, env: GymEnv | str | Callable[[], gym.Env], n_envs: int, sampler: str | EpisodeSampler | None = None
     ) -> VecEnv:
-        """
-        :param sampler: the sampler the sub-envs are for (default: the model's); "subproc" and "ray" build
-            them in their workers (a ``ShardedVecEnv``)
-        """
-        sampler = self.sampler if sampler is None else sampler
-        sharded = sampler in ("subproc", "ray")
-        if isinstance(env, VecEnv):
-            if sharded:
-                raise ValueError(
-                    f"env: sampler={sampler!r} builds the sub-envs in its workers and needs an env id, an env instance "
-                    "or a factory, not a VecEnv."
-                )
-            return env
-        if isinstance(env, gym.Env):
-            factory = PrototypeCopies(env)
-        elif isinstance(env, str):
-            factory = functools.partial(make_task_env, env, self.env_kwargs)
-        elif callable(env):
-            factory = env
-        else:
-            raise ValueError(f"env: expected an env id, an env instance, a factory or a VecEnv, got {type(env).__name__}.")
-        if sharded:
-            kwargs = dict(self.sampler_kwargs or {})
-            return ShardedVecEnv([factory] * n_envs, self.meta_batch_size, self.max_episode_steps, sampler, **kwargs)
-        vec_env_cls = self.vec_env_cls or DummyVecEnv
-        return vec_env_cls([factory] * n_envs)
+        """:param sampler: the sampler the sub-envs are for (default: the model's)"""
+        return make_sub_envs(
+            env,
+            n_envs,
+            self.meta_batch_size,
+            self.sampler if sampler is None else sampler,
+            self.sampler_kwargs,
+            self.vec_env_cls,
+            self.env_kwargs,
+            self.max_episode_steps,
+        )
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -299,7 +285,9 @@ class MetaPolicyGradient(BaseAlgorithm):
             seed_env_rngs(self.env, seed)
 
     def _attach_env(self, env: VecEnv) -> None:
-        self._episode_sampler = self._make_episode_sampler(env)
+        self._episode_sampler = make_episode_sampler(
+            env, self.meta_batch_size, self.policy, self.sampler, self.max_episode_steps
+        )
         if self._saved_env_rng_states is not None and len(self._saved_env_rng_states) == env.num_envs:
             set_env_rng_states(env, self._saved_env_rng_states)
         elif self.seed is not None:
@@ -311,25 +299,6 @@ class MetaPolicyGradient(BaseAlgorithm):
             if isinstance(self.task_sampler, EnvTaskSampler) and self.task_sampler.env is None:
                 self.task_sampler.env = env  # envs are not saved: a loaded sampler gets the new one
             self._task_sampler = self.task_sampler
-
-    def _make_episode_sampler(self, env: VecEnv, n_groups: int | None = None) -> EpisodeSampler:
-        """:return: the episode sampler on ``env`` (the model's ``sampler`` or ``env``'s own workers), with the policy"""
-        n_groups = n_groups or self.meta_batch_size
-        if isinstance(env.unwrapped, ShardedVecEnv):
-            if env.unwrapped is not env:
-                raise ValueError(
-                    f"env: {type(env).__name__} wraps the sampler's workers, whose episodes would bypass it (image "
-                    "observations are transposed by such a wrapper); use sampler='vec_env' for this env."
-                )
-            sampler: EpisodeSampler = env.unwrapped
-        elif isinstance(self.sampler, EpisodeSampler):
-            sampler = self.sampler
-        else:
-            sampler = VecEnvSampler(env, n_groups, self.max_episode_steps)
-        if sampler.n_groups < n_groups:
-            raise ValueError(f"sampler: has {sampler.n_groups} task groups, fewer than meta_batch_size={n_groups}.")
-        sampler.attach_policy(self.policy)
-        return sampler
 
     @property
     def episode_sampler(self) -> EpisodeSampler:
@@ -558,7 +527,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             return float(self.inner_lr)
         sampler = self.episode_sampler
         seed = None if self.seed is None else int(np.random.SeedSequence([2, self.seed]).generate_state(1)[0])
-        step_sizes, norms = [], []
+        batches = []
         with self._isolated_streams(seed) as generator:
             task_rng = np.random.default_rng(seed)
             for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / self.meta_batch_size)):
@@ -566,17 +535,10 @@ class MetaPolicyGradient(BaseAlgorithm):
                 params = self.initial_task_params(len(tasks))
                 batch = self.sample_episodes(tasks, params, self.inner_episodes, generator=generator, sampler=sampler)
                 assert batch is not None
-                direction = reference_direction(self.functional_policy, params, batch, self.gamma)
-                etas = step_sizes_for_kl(self.functional_policy, direction, params, batch, AUTO_INNER_KL)
-                step_sizes.append(etas)
-                norms.append(per_task_norm(inner_direction(self.functional_policy, self.gradient_mode, params, batch)))
-        step_sizes, norms = th.cat(step_sizes), th.cat(norms)
-        moving = th.isfinite(step_sizes)
-        if moving.any():
-            self.inner_lr = float(step_sizes[moving].median())
-            self.inner_grad_clip = AUTO_INNER_CLIP_FACTOR * float(norms.median())
-        else:  # every calibration gradient is zero (constant rewards): any step size gives the same first step
-            self.inner_lr, self.inner_grad_clip = 0.1, None
+                batches.append((params, batch))
+        self.inner_lr, self.inner_grad_clip = calibrate_inner_lr(
+            self.functional_policy, self.gradient_mode, self.gamma, batches, AUTO_INNER_KL, AUTO_INNER_CLIP_FACTOR
+        )
         if self.verbose >= 1:
             print(
                 f"inner_lr='auto': calibrated to {self.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}), "
@@ -914,31 +876,3 @@ class MetaPolicyGradient(BaseAlgorithm):
         if successes[0] is not None:
             table["success_rate"] = np.concatenate(successes, axis=0).mean(axis=0)
         return table
-
-
-def reject_unadapted_evaluation(callback: MaybeCallback) -> None:
-    """
-    :raises ValueError: if ``callback`` holds SB3's ``EvalCallback``, which scores the un-adapted policy on
-        the eval env's current task (meaningless for a meta-trained policy)
-    """
-    if isinstance(callback, list):
-        for item in callback:
-            reject_unadapted_evaluation(item)
-    elif isinstance(callback, CallbackList):
-        reject_unadapted_evaluation(callback.callbacks)
-    elif isinstance(callback, EvalCallback):
-        raise ValueError(
-            "callback: EvalCallback scores the un-adapted policy on one fixed task, which says nothing about a "
-            "meta-trained policy; use sb3_metarl.MetaEvalCallback (held-out tasks, returns after 0..K inner steps, "
-            "best_model.zip by post-adaptation return)."
-        )
-    elif isinstance(callback, EventCallback) and callback.callback is not None:
-        reject_unadapted_evaluation(callback.callback)
-
-
-def format_adaptation_table(table: dict[str, np.ndarray]) -> str:
-    """:return: a Markdown table of ``evaluate_adaptation``'s result"""
-    lines = ["| inner steps | mean return | std over tasks |", "|---:|---:|---:|"]
-    for steps, mean, std in zip(table["inner_steps"], table["mean"], table["std"]):
-        lines.append(f"| {steps} | {mean:.2f} | {std:.2f} |")
-    return "\n".join(lines)

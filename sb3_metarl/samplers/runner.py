@@ -28,6 +28,7 @@ class GroupRunner:
     :param horizon: episode length H (episodes are cut there)
     :param observation_space: the envs' observation space
     :param action_space: the envs' action space
+    :param first_env_index: the model-wide index of ``envs[0]`` (errors name sub-envs by it)
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class GroupRunner:
         horizon: int,
         observation_space: spaces.Space,
         action_space: spaces.Space,
+        first_env_index: int = 0,
     ):
         if len(envs) % envs_per_group != 0:
             raise ValueError(f"envs: {len(envs)} sub-envs do not split into groups of {envs_per_group}.")
@@ -47,6 +49,7 @@ class GroupRunner:
         self.observation_space, self.action_space = observation_space, action_space
         self.obs_shape = get_obs_shape(observation_space)
         self.clip = isinstance(action_space, spaces.Box)
+        self.first_env_index = first_env_index
 
     def run(
         self,
@@ -87,7 +90,7 @@ class GroupRunner:
             columns = group * n_episodes + episode
             for index in np.flatnonzero(active):
                 obs[index] = self.envs[index].reset()[0]
-            check_finite(obs[active], "observation", tasks, per_group, np.flatnonzero(active))
+            check_finite(obs[active], "observation", tasks, per_group, np.flatnonzero(active), self.first_env_index)
             for step in range(self.horizon):
                 running = np.flatnonzero(active.reshape(n_tasks, per_group).any(axis=1))
                 actions = policies.act(obs, per_group, running, generators, actions)
@@ -102,7 +105,7 @@ class GroupRunner:
                     obs[index], rewards[j], terminated, truncated, info = self.envs[index].step(env_actions[index])
                     dones[j] = terminated or truncated
                     infos.append(info)
-                check_finite(rewards, "reward", tasks, per_group, rows)
+                check_finite(rewards, "reward", tasks, per_group, rows, self.first_env_index)
                 buffer.add_step(step, columns[rows], step_obs, actions[rows], rewards, zeros[: len(rows)])
                 if infos and "success" in infos[0]:
                     buffer.add_successes(columns[rows], np.array([info["success"] for info in infos]))
@@ -112,5 +115,5 @@ class GroupRunner:
                     return None
                 if not active.any():
                     break
-                check_finite(obs[rows], "observation", tasks, per_group, rows)
+                check_finite(obs[rows], "observation", tasks, per_group, rows, self.first_env_index)
         return buffer

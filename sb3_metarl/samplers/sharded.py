@@ -22,7 +22,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from sb3_metarl.common.buffers import TaskRolloutBuffer
-from sb3_metarl.common.functional import Params
+from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.task_vec_env import episode_horizon
 from sb3_metarl.common.vec_env import GuardedPipe, WorkerDiedError
 from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback
@@ -39,13 +39,14 @@ class Shard:
 
     :param env_fns: factories of the block's sub-envs, group-major
     :param envs_per_group: sub-envs per task group
+    :param first_env_index: the model-wide index of the block's first sub-env
     """
 
-    def __init__(self, env_fns: list[Callable[[], gym.Env]], envs_per_group: int):
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], envs_per_group: int, first_env_index: int = 0):
         # one thread per worker: k workers share the machine's cores
         th.set_num_threads(1)
         self.venv = DummyVecEnv(env_fns)
-        self.envs_per_group = envs_per_group
+        self.envs_per_group, self.first_env_index = envs_per_group, first_env_index
         self.policies: GroupPolicies | None = None
         self.runner: GroupRunner | None = None
 
@@ -60,7 +61,12 @@ class Shard:
         if policy_bytes is not None:
             self.policies = GroupPolicies(cloudpickle.loads(policy_bytes))
         self.runner = GroupRunner(
-            self.venv.envs, self.envs_per_group, horizon, self.venv.observation_space, self.venv.action_space
+            self.venv.envs,
+            self.envs_per_group,
+            horizon,
+            self.venv.observation_space,
+            self.venv.action_space,
+            self.first_env_index,
         )
 
     def sample(
@@ -275,7 +281,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         context = mp.get_context(start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"))
         per_group = self.envs_per_group
         for index, (first, last) in enumerate(self.group_blocks):
-            shard_args = (env_fns[first * per_group : last * per_group], per_group)
+            shard_args = (env_fns[first * per_group : last * per_group], per_group, first * per_group)
             envs = f"sub-envs {first * per_group}-{last * per_group - 1}"
             name = f"sampler worker {index} ({backend}; task groups {first}-{last - 1}, {envs})"
             if backend == "ray":
@@ -334,6 +340,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
 
     def attach_policy(self, policy: ActorCriticPolicy) -> None:
         cpu_policy = cloudpickle.dumps(_cpu_copy(policy))
+        #: what the workers need of the parameters: the actor's (the value head does not act)
+        self.actor_names = FunctionalPolicy(policy).actor_names
         self._broadcast("configure", lambda _: (self.horizon, cpu_policy))
 
     def sample(
@@ -347,7 +355,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         n_tasks = len(tasks)
         if not 0 < n_tasks <= self.n_groups:
             raise ValueError(f"tasks: expected 1 to {self.n_groups} tasks, got {n_tasks}.")
-        params = {name: p.detach().cpu().numpy() for name, p in task_params.items()}
+        params = {name: task_params[name].detach().cpu().numpy() for name in self.actor_names}
         busy = [i for i, (first, _) in enumerate(self.group_blocks) if first < n_tasks]
 
         def arguments(worker: int) -> tuple:

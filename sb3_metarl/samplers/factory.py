@@ -1,0 +1,98 @@
+"""Building the sub-envs and the episode sampler from what a user passes (``env=``, ``sampler=``)."""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env
+from sb3_metarl.samplers.base import EpisodeSampler
+from sb3_metarl.samplers.sharded import ShardedVecEnv
+from sb3_metarl.samplers.vec_env import VecEnvSampler
+
+
+def env_factory(env: gym.Env | str | Callable[[], gym.Env], env_kwargs: dict[str, Any] | None = None) -> Callable[[], gym.Env]:
+    """
+    :param env: an env id, an env instance (deep-copied into each sub-env) or a factory
+    :param env_kwargs: keyword arguments of ``gym.make`` for an id
+    :return: a picklable factory of one sub-env
+    """
+    if isinstance(env, gym.Env):
+        return PrototypeCopies(env)
+    if isinstance(env, str):
+        return functools.partial(make_task_env, env, env_kwargs)
+    if callable(env):
+        return env
+    raise ValueError(f"env: expected an env id, an env instance, a factory or a VecEnv, got {type(env).__name__}.")
+
+
+def make_sub_envs(
+    env: GymEnv | str | Callable[[], gym.Env],
+    n_envs: int,
+    n_groups: int,
+    sampler: str | EpisodeSampler = "vec_env",
+    sampler_kwargs: dict[str, Any] | None = None,
+    vec_env_cls: type[VecEnv] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    max_episode_steps: int | None = None,
+) -> VecEnv:
+    """
+    :param env: an env id, an env instance, a factory, or a VecEnv (returned as is)
+    :param n_envs: sub-envs to build
+    :param n_groups: task groups (the meta-batch)
+    :param sampler: "subproc" and "ray" build the sub-envs in their workers (a ``ShardedVecEnv``); otherwise
+        they are built with ``vec_env_cls`` (default ``DummyVecEnv``) in this process
+    :param sampler_kwargs: the ``ShardedVecEnv``'s arguments (``num_workers``, ``timeout``, ...)
+    :param vec_env_cls: the VecEnv class of the in-process sub-envs
+    :param env_kwargs: keyword arguments of ``gym.make`` for an id
+    :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    :return: the sub-envs
+    """
+    sharded = sampler in ("subproc", "ray")
+    if isinstance(env, VecEnv):
+        if sharded:
+            raise ValueError(
+                f"env: sampler={sampler!r} builds the sub-envs in its workers and needs an env id, an env instance "
+                "or a factory, not a VecEnv."
+            )
+        return env
+    factory = env_factory(env, env_kwargs)
+    if sharded:
+        return ShardedVecEnv([factory] * n_envs, n_groups, max_episode_steps, sampler, **(sampler_kwargs or {}))
+    return (vec_env_cls or DummyVecEnv)([factory] * n_envs)
+
+
+def make_episode_sampler(
+    env: VecEnv,
+    n_groups: int,
+    policy: ActorCriticPolicy,
+    sampler: str | EpisodeSampler = "vec_env",
+    max_episode_steps: int | None = None,
+) -> EpisodeSampler:
+    """
+    :param env: the sub-envs (as ``make_sub_envs`` built them, possibly wrapped by SB3)
+    :param n_groups: task groups (the meta-batch)
+    :param policy: the policy whose architecture the sampler acts with
+    :param sampler: a name (the sub-envs decide: a ``ShardedVecEnv`` samples itself) or an ``EpisodeSampler``
+    :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    :return: the episode sampler, with the policy attached
+    """
+    if isinstance(env.unwrapped, ShardedVecEnv):
+        if env.unwrapped is not env:
+            raise ValueError(
+                f"env: {type(env).__name__} wraps the sampler's workers, whose episodes would bypass it (image "
+                "observations are transposed by such a wrapper); use sampler='vec_env' for this env."
+            )
+        episode_sampler: EpisodeSampler = env.unwrapped
+    elif isinstance(sampler, EpisodeSampler):
+        episode_sampler = sampler
+    else:
+        episode_sampler = VecEnvSampler(env, n_groups, max_episode_steps)
+    if episode_sampler.n_groups < n_groups:
+        raise ValueError(f"sampler: has {episode_sampler.n_groups} task groups, fewer than meta_batch_size={n_groups}.")
+    episode_sampler.attach_policy(policy)
+    return episode_sampler
