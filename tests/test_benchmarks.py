@@ -63,3 +63,20 @@ def test_reproduce_quick_run_writes_table_csv_and_curves(suite, tmp_path, capsys
     assert '"key"' not in capsys.readouterr().out
     summary = _load("benchmarks/reproduce.py")["summarize"](trained)
     assert all(row["seeds"] == 2 for row in summary)
+
+
+def test_scaling_quick_run_writes_the_table(tmp_path):
+    import subprocess
+
+    out = tmp_path / "scaling"
+    command = [sys.executable, "benchmarks/scaling.py", "--quick", "--envs", "sb3_metarl/Navigation2D-v0"]
+    command += ["--backends", "vec_env", "subproc", "--workers", "1", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    assert rows[0].startswith("env,backend,workers") and len(rows) == 1 + 3  # vec_env, subproc x 1 and 2 workers
+    table = (out.with_suffix(".md")).read_text()
+    assert "| Navigation2D-v0 | subproc | 2 |" in table
+    # the process backend counts what travels: more than the sampled arrays of an iteration (4 tasks' floats)
+    subproc_bytes = [int(row.split(",")[-1]) for row in rows[1:] if ",subproc," in row]
+    assert all(b > 2 * 2 * 10 * 4 * 4 for b in subproc_bytes)

@@ -81,6 +81,17 @@ def test_help_has_no_raw_markup_and_train_and_evaluate_share_the_evaluation_seed
     assert after == means and EVAL_SEED == 0
 
 
+def test_train_on_worker_processes_from_the_command_line(capsys):
+    from sb3_metarl.cli import main
+
+    small = ["--hyperparams", "meta_batch_size=2", "inner_episodes=2", "outer_episodes=2"]
+    evaluation = ["--eval-tasks", "2", "--eval-inner-steps", "1", "--no-progress-bar"]
+    main(["train", "--timesteps", "1", "--sampler", "subproc", "--num-workers", "2", *evaluation, *small])
+    assert "| 1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--num-workers: only with --sampler subproc or ray"):
+        main(["train", "--timesteps", "1", "--num-workers", "2", *evaluation, *small])
+
+
 def test_package_metadata_and_py_typed():
     import configparser
     import os

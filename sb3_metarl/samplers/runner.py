@@ -17,11 +17,11 @@ from sb3_metarl.samplers.base import GroupPolicies, StepCallback, check_finite_a
 class GroupRunner:
     """
     Samples whole episodes on ``len(envs) / envs_per_group`` task groups: every sub-env of a group
-    runs the group's task; all are reset at the start of a wave, stepped with one batched policy call
-    per step, and a sub-env whose episode ended is not stepped again in that wave (an Ant that falls
-    costs nothing until the wave's longest episode ends). Each sub-env's random stream is consumed
-    only by its own resets and steps, and each group's action noise by its own episodes
-    (``GroupNoise``), so a group's samples do not depend on the other groups or on the process.
+    runs the group's task; all are reset at the start of a wave, stepped with one policy call per
+    running group and step, and a sub-env whose episode ended is not stepped again in that wave (an
+    Ant that falls costs nothing until the wave's longest episode ends). Each sub-env's random stream
+    is consumed only by its own resets and steps, and each group's action noise by its own episodes
+    (``GroupPolicies``), so a group's samples do not depend on the other groups or on the process.
 
     :param envs: the sub-envs, group-major (task-aware: ``set_task`` on ``env.unwrapped``)
     :param envs_per_group: sub-envs per group

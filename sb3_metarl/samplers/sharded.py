@@ -28,8 +28,9 @@ from sb3_metarl.common.vec_env import GuardedPipe, WorkerDiedError
 from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback
 from sb3_metarl.samplers.runner import GroupRunner
 
-#: the arrays of a sampled batch a worker sends back (the learner recomputes every log-likelihood)
-BATCH_FIELDS = ("observations", "actions", "rewards", "masks")
+#: the per-step arrays of a sampled batch a worker sends back, only at the steps the masks mark valid (the
+#: learner recomputes every log-likelihood)
+BATCH_FIELDS = ("observations", "actions", "rewards")
 
 
 class Shard:
@@ -72,14 +73,16 @@ class Shard:
     def sample(
         self, tasks: Sequence[Any], task_params: dict[str, np.ndarray], n_episodes: int, noise_seeds: Sequence[int]
     ) -> dict[str, Any]:
-        """:return: the block's episodes as arrays (``BATCH_FIELDS`` and ``successes``)"""
+        """:return: the block's episodes: ``masks`` (H, columns), ``BATCH_FIELDS`` at the valid steps only, ``successes``"""
         if self.runner is None or self.policies is None:
             raise RuntimeError("sampler worker: configure(horizon, policy) must come before sample.")
         params = {name: th.tensor(value) for name, value in task_params.items()}  # Ray gives read-only arrays
         buffer = self.runner.run(self.policies, tasks, params, n_episodes, noise_seeds)
         assert buffer is not None  # no step callback: never stopped
-        arrays = {field: getattr(buffer, field) for field in BATCH_FIELDS}
-        arrays["successes"] = buffer.successes
+        valid = buffer.masks > 0
+        # the steps after an episode's end are zeros: not sent (an Ant's episodes fill a fraction of the horizon)
+        arrays = {field: getattr(buffer, field)[valid] for field in BATCH_FIELDS}
+        arrays["masks"], arrays["successes"] = buffer.masks, buffer.successes
         return arrays
 
     # the VecEnv API, for SB3 and for the model's random streams
@@ -225,7 +228,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     groups (many sub-envs per worker, not one process per sub-env), and an episode sampler on them.
     ``sample`` sends each worker its tasks, their parameters and noise seeds once and gets whole
     episodes back; the samples are bit-identical to ``sampler="vec_env"`` for the same seed and
-    sub-env layout (the action noise is per group, see ``GroupNoise``). The VecEnv API (``step``,
+    sub-env layout (each group acts with its own policy call and noise stream, see ``GroupPolicies``). The VecEnv API (``step``,
     ``get_attr``, ...) works too, routed to the workers, so SB3 and the model's random streams see
     an ordinary VecEnv. Every wait is bounded: a worker that dies raises ``WorkerDiedError`` naming it
     within about a second, and ``close`` never hangs.
@@ -370,8 +373,10 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         for worker, arrays in zip(busy, results):
             first, last = self.group_blocks[worker]
             columns = slice(first * n_episodes, min(last, n_tasks) * n_episodes)
+            buffer.masks[:, columns] = arrays["masks"]
+            valid = arrays["masks"] > 0
             for field in BATCH_FIELDS:
-                getattr(buffer, field)[:, columns] = arrays[field]
+                getattr(buffer, field)[:, columns][valid] = arrays[field]
             if arrays["successes"] is not None:
                 if buffer.successes is None:
                     buffer.successes = np.zeros(buffer.n_envs, dtype=np.float32)
