@@ -15,10 +15,10 @@ learner) in k processes. Written as CSV rows as they finish, then as a Markdown 
 
 import argparse
 import csv
-import functools
 import multiprocessing as mp
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,8 @@ def measure(env_id: str, backend: str, workers: int, args: argparse.Namespace) -
     model.train = timed_train  # type: ignore[method-assign]
     model.learn(1)  # warm-up iteration (and the inner_lr calibration)
     env = model.get_env()
-    traffic = env.traffic() if hasattr(env, "traffic") else None
+    # the process backend counts its serialized messages; Ray serializes them itself
+    traffic = env.traffic() if backend == "subproc" else None
     steps_before, start = model.num_timesteps, time.perf_counter()
     for _ in range(args.iterations):
         model.learn(1, reset_num_timesteps=False)
@@ -137,7 +138,7 @@ def measure(env_id: str, backend: str, workers: int, args: argparse.Namespace) -
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/AntDir-v0"])
     parser.add_argument("--backends", nargs="+", default=["vec_env", "subproc", "ray"])
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed meta-iterations per setting")
     parser.add_argument("--out", default="docs/results/scaling")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.meta_batch_size, args.episodes, args.horizon, args.iterations = 2, 2, 10, 1
     out = Path(args.out)
@@ -160,20 +161,28 @@ def main() -> None:
         for env_id in args.envs:
             n_envs = args.meta_batch_size * args.episodes
             per_iteration = 2 * n_envs * args.horizon
-            bare = {k: bare_steps_per_second(env_id, n_envs, args.horizon, k, per_iteration) for k in sorted(set(args.workers))}
+            bare = {
+                k: bare_steps_per_second(env_id, n_envs, args.horizon, k, per_iteration) for k in sorted({1, *args.workers})
+            }
             for backend in args.backends:
                 for workers in [1] if backend == "vec_env" else args.workers:
                     row = measure(env_id, backend, workers, args)
                     row["bare_steps_per_s"] = round(bare[workers])
                     row["sampling_vs_bare"] = round(row["sampling_steps_per_s"] / bare[workers], 2)
                     row["iteration_vs_bare"] = round(row["iteration_steps_per_s"] / bare[workers], 2)
-                    one = next((r for r in rows if r["env"] == row["env"] and r["backend"] == backend and r["workers"] == 1), row)
+                    same = [r for r in rows if r["env"] == row["env"] and r["backend"] == backend and r["workers"] == 1]
+                    one = same[0] if same else row
                     row["speedup_vs_1_worker"] = round(row["sampling_steps_per_s"] / one["sampling_steps_per_s"], 2)
                     rows.append(row)
                     writer.writerow(row)
                     handle.flush()
                     print(row, flush=True)
+    command = "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
+        "# Scaling: a meta-iteration's env steps per second against the number of sampler workers",
+        "",
+        f"`{command.strip()}`",
+        "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {th.__version__}, "
         f"{th.get_num_threads()} torch threads in the learner. B = {args.meta_batch_size}, N = M = {args.episodes}, "
         f"horizon {args.horizon}, lsf + trpo, {args.iterations} timed iterations after a warm-up.",

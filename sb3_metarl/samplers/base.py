@@ -7,9 +7,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.utils import obs_as_tensor
+from torch import nn
+from torch.nn import functional as F
 
 from sb3_metarl.common.buffers import TaskRolloutBuffer
 from sb3_metarl.common.functional import Params, sample_actions
@@ -38,6 +42,9 @@ class GroupPolicies:
     def __init__(self, policy: ActorCriticPolicy):
         self.policy = policy
         self.copies: list[ActorCriticPolicy] = []
+        #: SB3's default MLP actor (flattened Box observations, Linear/activation layers, Gaussian actions) is
+        #: evaluated layer by layer: small networks cost their Python calls, not their arithmetic
+        self.plain_mlp = _is_plain_mlp_actor(policy)
 
     def load(self, task_params: Params) -> None:
         """:param task_params: per-group parameters (leading dim: the groups) of the policy's trainable parameters"""
@@ -73,7 +80,8 @@ class GroupPolicies:
         with th.no_grad():
             for group in groups:
                 rows = slice(group * envs_per_group, (group + 1) * envs_per_group)
-                actions = self._sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
+                sample = self._sample_plain_mlp if self.plain_mlp else self._sample
+                actions = sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
                 if out is None:
                     out = np.zeros((len(obs), *actions.shape[1:]), dtype=actions.dtype)
                 out[rows] = actions
@@ -90,6 +98,30 @@ class GroupPolicies:
             noise = th.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
             return mean + th.ones_like(mean) * policy.log_std.exp() * noise
         return sample_actions(policy.action_dist.proba_distribution(action_logits=mean), generator)
+
+
+    @staticmethod
+    def _sample_plain_mlp(policy: ActorCriticPolicy, obs: np.ndarray, generator: th.Generator) -> th.Tensor:
+        # what extract_features -> mlp_extractor.forward_actor -> action_net compute for this architecture
+        latent = th.as_tensor(obs, device=policy.device).float().flatten(1)
+        for layer in policy.mlp_extractor.policy_net:
+            latent = F.linear(latent, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(latent)
+        mean = F.linear(latent, policy.action_net.weight, policy.action_net.bias)
+        noise = th.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + th.ones_like(mean) * policy.log_std.exp() * noise
+
+
+def _is_plain_mlp_actor(policy: ActorCriticPolicy) -> bool:
+    """:return: whether the policy's actor is SB3's default MLP on flattened Box observations with Gaussian actions"""
+    layers = getattr(policy.mlp_extractor, "policy_net", None)
+    return (
+        isinstance(policy.pi_features_extractor, FlattenExtractor)
+        and isinstance(policy.observation_space, spaces.Box)
+        and isinstance(policy.action_dist, DiagGaussianDistribution)
+        and isinstance(policy.action_net, nn.Linear)
+        and isinstance(layers, nn.Sequential)
+        and all(isinstance(layer, nn.Linear) or not any(True for _ in layer.parameters()) for layer in layers)
+    )
 
 
 def check_finite_actions(actions: np.ndarray) -> None:

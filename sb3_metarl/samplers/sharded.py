@@ -228,10 +228,10 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     groups (many sub-envs per worker, not one process per sub-env), and an episode sampler on them.
     ``sample`` sends each worker its tasks, their parameters and noise seeds once and gets whole
     episodes back; the samples are bit-identical to ``sampler="vec_env"`` for the same seed and
-    sub-env layout (each group acts with its own policy call and noise stream, see ``GroupPolicies``). The VecEnv API (``step``,
-    ``get_attr``, ...) works too, routed to the workers, so SB3 and the model's random streams see
-    an ordinary VecEnv. Every wait is bounded: a worker that dies raises ``WorkerDiedError`` naming it
-    within about a second, and ``close`` never hangs.
+    sub-env layout (each group acts with its own policy call and noise stream, see ``GroupPolicies``).
+    The VecEnv API (``step``, ``get_attr``, ...) works too, routed to the workers, so SB3 and the
+    model's random streams see an ordinary VecEnv. Every wait is bounded: a worker that dies raises
+    ``WorkerDiedError`` naming it within about a second, and ``close`` never hangs.
 
     :param env_fns: the sub-envs' factories (picklable, e.g. ``functools.partial(make_task_env, env_id)``)
     :param n_groups: task groups B (divides ``len(env_fns)``)
