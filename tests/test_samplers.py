@@ -134,7 +134,7 @@ class _KillWorker(BaseCallback):
         return True
 
 
-def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds():
+def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds(tmp_path):
     model = MetaPolicyGradient(
         "MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS, **SMALL
     )
@@ -144,9 +144,15 @@ def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds():
         with pytest.raises(WorkerDiedError, match=r"sampler worker 1 \(subproc; task groups 2-3.*died with exit code -9"):
             model.learn(10_000, callback=_KillWorker(lambda venv: os.kill(venv.worker_pids()[1], signal.SIGKILL)))
         assert time.monotonic() - start < 30
+        # still saveable (the sub-envs' streams as of the failed iteration's start; the workers are not asked)
+        model.save(tmp_path / "after_failure.zip")
         env.close()  # never hangs, with one worker dead
-    # the model is still usable and saveable after the failed iteration
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    with deadline(120):  # and a resumed run samples the failed iteration again, on new workers
+        resumed = MetaPolicyGradient.load(tmp_path / "after_failure.zip", env="sb3_metarl/Navigation2D-v0")
+        _iterate(resumed, 1)
+        assert resumed.n_updates == 1
+        resumed.get_env().close()
 
 
 def test_a_killed_ray_actor_raises_an_error_naming_it(local_ray):

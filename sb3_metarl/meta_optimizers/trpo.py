@@ -159,8 +159,8 @@ class TRPO(MetaOptimizer):
         with restore_on_failure(adaptation.parameters(), optimizer):
             for _ in range(self.line_search_max_iter):
                 self.set_parameters(params, old_values, coefficient * natural.full_step)
-                replay = adaptation.replay(sample, create_graph=False)
-                with th.no_grad():
+                with th.no_grad():  # only the inner steps need autograd (replay turns it on for them)
+                    replay = adaptation.replay(sample, create_graph=False)
                     new_objective = self.surrogate(adaptation, replay, sample).item()
                     new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
                 any_finite = any_finite or (math.isfinite(new_objective) and math.isfinite(new_kl))

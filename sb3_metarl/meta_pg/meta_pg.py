@@ -743,7 +743,12 @@ class MetaPolicyGradient(BaseAlgorithm):
                 self._iteration_start = None
                 if log_interval is not None and iteration % log_interval == 0:
                     self.dump_logs(iteration)
-        finally:
+        except BaseException:
+            # an error mid-iteration (a dead sampler worker, a non-finite update): the iteration's start stays
+            # what `save` writes, so the model can be saved without asking the sub-envs (their workers may be
+            # gone) and a resumed run samples the failed iteration again
+            raise
+        else:
             self._iteration_start = None
         callback.on_training_end()
         return self

@@ -1,0 +1,191 @@
+"""
+Where a meta-update's time goes: one TRPO and one PPO meta-update on the same meta-sample, split into
+phases and timed, next to the sampling of that meta-sample; plus torch's profiler table of the busiest
+operators of the TRPO update.
+
+The setting is issue 11's, matched to pytorch-maml-rl's configs/maml/2d-navigation.yaml: Navigation2D,
+20 tasks x 20 episodes, horizon 100, one inner step, hidden [64, 64], TRPO with max_kl 0.01, 10 CG steps,
+damping 1e-5.
+
+    python benchmarks/profile_update.py                 # writes docs/results/profile_update.md
+    python benchmarks/profile_update.py --threads 1
+"""
+
+import argparse
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.adaptation import Adaptation, MetaSample
+from sb3_metarl.meta_optimizers import PPO, TRPO
+from sb3_metarl.meta_optimizers.trpo import conjugate_gradient
+
+
+class Timer:
+    """Accumulates wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+            self.calls[phase] += 1
+
+
+def make_model(seed: int) -> MetaPolicyGradient:
+    return MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/Navigation2D-v0",
+        gradient_mode="lsf",
+        meta_optimizer="trpo",
+        meta_optimizer_kwargs=dict(max_kl=0.01, cg_max_steps=10, cg_damping=1e-5),
+        meta_batch_size=20,
+        inner_episodes=20,
+        outer_episodes=20,
+        inner_lr=1e-3,
+        policy_kwargs=dict(net_arch=[64, 64], log_std_init=-1.0),
+        seed=seed,
+    )
+
+
+def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, timer: Timer) -> dict[str, float]:
+    """TRPO.step, phase by phase (the same computations in the same order)."""
+    all_params = adaptation.parameters()
+    old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
+    with timer("surrogate and KL (forward, on the sample's graph)"):
+        objective = trpo.surrogate(adaptation, sample.replay, sample)
+        kl = adaptation.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
+    with timer("meta-gradient (backward through the inner step)"):
+        grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=True, allow_unused=True)
+    params = [all_params[n] for n, g in zip(all_params, grads) if g is not None]
+    policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
+    with timer("KL gradient with its graph (create_graph)"):
+        kl_grads = th.autograd.grad(kl, params, create_graph=True, allow_unused=True)
+        kl_gradient = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(kl_grads, params)])
+
+    def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
+        with timer("Hessian-vector product (each)"):
+            product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
+            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(product, params)])
+        return flat + trpo.cg_damping * vector
+
+    with timer("conjugate gradient (10 HVPs, total)"):
+        direction = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), trpo.cg_max_steps)
+    curvature = (direction @ hessian_vector_product(direction)).item()
+    full_step = (2.0 * trpo.max_kl / curvature) ** 0.5 * direction.detach()
+    old_values = [p.detach().clone() for p in params]
+    coefficient, accepted = 1.0, False
+    for _ in range(trpo.line_search_max_iter):
+        trpo.set_parameters(params, old_values, coefficient * full_step)
+        with timer("line search: replay (each)"), th.no_grad():
+            replay = adaptation.replay(sample, create_graph=False)
+        with timer("line search: surrogate and KL (each)"), th.no_grad():
+            new_objective = trpo.surrogate(adaptation, replay, sample).item()
+            new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+        if new_objective > objective.item() and new_kl <= trpo.max_kl:
+            accepted = True
+            break
+        coefficient *= trpo.line_search_shrinking_factor
+    if not accepted:
+        trpo.set_parameters(params, old_values, th.zeros_like(full_step))
+    return {"accepted": float(accepted), "coefficient": coefficient}
+
+
+def timed_ppo_step(ppo: PPO, adaptation: Adaptation, sample: MetaSample, optimizer: Any, timer: Timer) -> None:
+    """PPO.step, phase by phase."""
+    old_inner_params = sample.inner_params
+    ppo.inner_kl_coefs = ppo.inner_kl_coefs or [ppo.inner_kl_coef] * len(old_inner_params)
+    for epoch in range(ppo.n_epochs):
+        with timer("replay (epochs 2..)"):
+            replay = sample.replay if epoch == 0 else adaptation.replay(sample)
+        with timer("objective and inner KL (forward)"):
+            objective, _, inner_kls = ppo.objective(adaptation, replay, sample, old_inner_params)
+            loss = -objective + sum(c * kl for c, kl in zip(ppo.inner_kl_coefs, inner_kls))
+        with timer("backward"):
+            optimizer.zero_grad()
+            loss.backward()
+        with timer("optimizer step"):
+            optimizer.step()
+
+
+def fresh_sample(model: MetaPolicyGradient, timer: Timer) -> MetaSample:
+    tasks = model.get_env().env_method("sample_tasks", model.meta_batch_size, np.random.default_rng(0), indices=[0])[0]
+    with timer("sampling (inner and outer batches, inner step with its graph)"):
+        sample = model.collect_meta_sample(tasks)
+    assert sample is not None
+    return sample
+
+
+def table(title: str, timer: Timer) -> list[str]:
+    total = sum(timer.seconds.values())
+    lines = [f"### {title}", "", "| phase | calls | seconds | share |", "|---|---:|---:|---:|"]
+    for phase, seconds in timer.seconds.items():
+        lines.append(f"| {phase} | {timer.calls[phase]} | {seconds:.3f} | {seconds / total:.0%} |")
+    lines.append(f"| total | | {total:.3f} | |")
+    return [*lines, ""]
+
+
+def profile(run: Callable[[], None], rows: int = 12) -> str:
+    with th.profiler.profile(activities=[th.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="meta-samples (and updates) per optimizer")
+    parser.add_argument("--out", default="docs/results/profile_update.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        th.set_num_threads(args.threads)
+    model = make_model(seed=0)
+    model.learn(1)  # warm-up
+    trpo_timer, ppo_timer = Timer(), Timer()
+    for _ in range(args.repeats):
+        sample = fresh_sample(model, trpo_timer)
+        timed_trpo_step(model.meta_updater, model.adaptation, sample, trpo_timer)
+    ppo = PPO(n_epochs=5, clip_range=0.3)
+    for _ in range(args.repeats):
+        sample = fresh_sample(model, ppo_timer)
+        timed_ppo_step(ppo, model.adaptation, sample, model.policy.optimizer, ppo_timer)
+    # the PPO epochs moved the parameters; the TRPO profile below starts from them, which is fine for timing
+    sample = fresh_sample(model, Timer())
+    operators = profile(lambda: timed_trpo_step(model.meta_updater, model.adaptation, sample, Timer()))
+    lines = [
+        "# Profile of one meta-update (issue 11's setting)",
+        "",
+        f"`python benchmarks/profile_update.py{' --threads ' + str(args.threads) if args.threads else ''}`",
+        "",
+        f"{platform.machine()}, torch {th.__version__}, {th.get_num_threads()} threads; Navigation2D, 20 tasks x 20 "
+        f"episodes x 100 steps, one inner step, [64, 64], lsf; {args.repeats} meta-samples per optimizer (sums).",
+        "",
+        *table("TRPO (max_kl 0.01, 10 CG steps, damping 1e-5)", trpo_timer),
+        *table("PPO (ProMP: 5 epochs, clip 0.3)", ppo_timer),
+        "### Busiest operators of one TRPO update (torch profiler, self CPU time)",
+        "",
+        "```",
+        operators,
+        "```",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
