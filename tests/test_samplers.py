@@ -257,6 +257,33 @@ def test_an_episode_sampler_instance_is_used_and_gives_the_default_samples():
     assert th.equal(_parameters(custom), _parameters(default))
 
 
+class _PlainSampler(EpisodeSampler):
+    """The issue's minimal protocol: sample(tasks, task_params, n_episodes) -> EpisodeBatch, its own randomness."""
+
+    def __init__(self, venv, n_groups):
+        self.inner = VecEnvSampler(venv, n_groups)
+        self.n_groups, self.envs_per_group, self.horizon = n_groups, self.inner.envs_per_group, self.inner.horizon
+
+    def attach_policy(self, policy):
+        self.inner.attach_policy(policy)
+
+    def sample(self, tasks, task_params, n_episodes):
+        return self.inner.sample(tasks, task_params, n_episodes)
+
+
+def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metarl.common.vec_env import make_task_env
+
+    venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=_PlainSampler(venv, 4), **SMALL)
+    model.learn(1)
+    assert model.n_updates == 1
+    # Navigation2D's episodes run the whole horizon (100): 4 tasks x (3 inner + 3 outer) episodes
+    assert model.num_timesteps == 4 * 6 * 100
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -43,7 +43,7 @@ from sb3_metarl.meta_pg.arguments import AUTO, check_arguments, check_sampler
 from sb3_metarl.meta_pg.evaluation import format_adaptation_table
 from sb3_metarl.meta_pg.inner_lr import calibrate_inner_lr
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
-from sb3_metarl.samplers import EpisodeSampler, StepCallback, VecEnvSampler, draw_noise_seeds
+from sb3_metarl.samplers import EpisodeSampler, StepCallback, VecEnvSampler, draw_noise_seeds, sampler_options
 from sb3_metarl.samplers.factory import make_episode_sampler, make_sub_envs
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
@@ -473,10 +473,13 @@ class MetaPolicyGradient(BaseAlgorithm):
         noise_seeds = draw_noise_seeds(generator or self.torch_generator, len(tasks))
         self.policy.set_training_mode(False)
         params = {n: p.detach() for n, p in task_params.items()}
-        buffer = sampler.sample(tasks, params, n_episodes, noise_seeds, step_callback)
-        if buffer is None:
+        options = sampler_options(sampler, noise_seeds, step_callback)
+        batch = sampler.sample(tasks, params, n_episodes, **options)
+        if batch is None:
             return None
-        batch = buffer.to_batch()
+        if step_callback is not None and "step_callback" not in options:  # a sampler that does not count: per batch
+            if not step_callback(int(batch.masks.sum().item()), {}):
+                return None
         # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
         with th.no_grad():
             batch.log_probs = masked_log_prob(self.functional_policy, params, batch)

@@ -7,7 +7,14 @@ Episode samplers: how a meta-iteration's episodes are collected (``MetaPolicyGra
 - or any ``EpisodeSampler`` instance.
 """
 
-from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, draw_noise_seeds, group_generators
+from sb3_metarl.samplers.base import (
+    EpisodeSampler,
+    GroupPolicies,
+    StepCallback,
+    draw_noise_seeds,
+    group_generators,
+    sampler_options,
+)
 from sb3_metarl.samplers.runner import GroupRunner
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
@@ -25,4 +32,5 @@ __all__ = [
     "VecEnvSampler",
     "draw_noise_seeds",
     "group_generators",
+    "sampler_options",
 ]

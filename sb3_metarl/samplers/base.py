@@ -1,6 +1,7 @@
 """The episode-sampler protocol and what every backend shares: acting per task group with its own noise."""
 
 import copy
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params, sample_actions
 
 #: (number of valid transitions since the last call, the step's variables) -> continue?
@@ -133,6 +134,13 @@ def check_finite_actions(actions: np.ndarray) -> None:
         )
 
 
+def fresh_noise_seeds(noise_seeds: Sequence[int] | None, n_tasks: int) -> list[int]:
+    """:return: ``noise_seeds`` as a list, or ``n_tasks`` seeds from fresh entropy when None"""
+    if noise_seeds is not None:
+        return [int(seed) for seed in noise_seeds]
+    return [int(seed) for seed in np.random.SeedSequence().generate_state(n_tasks, np.uint64) >> np.uint64(2)]
+
+
 def draw_noise_seeds(generator: th.Generator, n_groups: int) -> list[int]:
     """:return: one seed per task group for a sampling phase, drawn from ``generator`` (the run's action-noise stream)"""
     return [int(seed) for seed in th.randint(0, 2**62, (n_groups,), generator=generator)]
@@ -167,18 +175,32 @@ class EpisodeSampler(ABC):
         tasks: Sequence[Any],
         task_params: Params,
         n_episodes: int,
-        noise_seeds: Sequence[int],
+        noise_seeds: Sequence[int] | None = None,
         step_callback: StepCallback | None = None,
-    ) -> TaskRolloutBuffer | None:
+    ) -> EpisodeBatch | None:
         """
         :param tasks: at most ``n_groups`` tasks (spare groups stay idle)
         :param task_params: per-task policy parameters (detached), leading dim ``len(tasks)``
         :param n_episodes: episodes per task
-        :param noise_seeds: one action-noise seed per task (see ``GroupPolicies``)
+        :param noise_seeds: one action-noise seed per task (see ``GroupPolicies``); None: fresh entropy. The
+            algorithm passes seeds drawn from its own stream (and ``step_callback``) when the method accepts them
         :param step_callback: receives the transition counts; False stops sampling
-        :return: the episodes (task-major columns), or None if ``step_callback`` stopped sampling
+        :return: the episodes (B, E, H, ...) without weights (the algorithm recomputes the log-likelihoods and
+            weighs them), or None if ``step_callback`` stopped sampling
         """
 
     def close(self) -> None:
         """Release the backend's workers (idempotent)."""
         return None
+
+
+def sampler_options(sampler: EpisodeSampler, noise_seeds: Sequence[int], step_callback: StepCallback | None) -> dict[str, Any]:
+    """
+    :return: the keyword arguments of ``sampler.sample`` beyond ``(tasks, task_params, n_episodes)`` that it
+        accepts: a user's sampler may leave out the noise seeds (it then samples with its own randomness, and
+        runs are not reproducible) or the step callback (timesteps are then counted per batch by the caller)
+    """
+    parameters = inspect.signature(sampler.sample).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    options = {"noise_seeds": noise_seeds, "step_callback": step_callback}
+    return {name: value for name, value in options.items() if takes_any or name in parameters}

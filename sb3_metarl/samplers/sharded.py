@@ -21,11 +21,11 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.task_vec_env import episode_horizon
 from sb3_metarl.common.vec_env import GuardedPipe, WorkerDiedError
-from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback
+from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, fresh_noise_seeds
 from sb3_metarl.samplers.runner import GroupRunner
 
 #: the per-step arrays of a sampled batch a worker sends back, only at the steps the masks mark valid (the
@@ -352,13 +352,14 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         tasks: Sequence[Any],
         task_params: Params,
         n_episodes: int,
-        noise_seeds: Sequence[int],
+        noise_seeds: Sequence[int] | None = None,
         step_callback: StepCallback | None = None,
-    ) -> TaskRolloutBuffer | None:
+    ) -> EpisodeBatch | None:
         n_tasks = len(tasks)
         if not 0 < n_tasks <= self.n_groups:
             raise ValueError(f"tasks: expected 1 to {self.n_groups} tasks, got {n_tasks}.")
         params = {name: task_params[name].detach().cpu().numpy() for name in self.actor_names}
+        noise_seeds = fresh_noise_seeds(noise_seeds, n_tasks)
         busy = [i for i, (first, _) in enumerate(self.group_blocks) if first < n_tasks]
 
         def arguments(worker: int) -> tuple:
@@ -383,7 +384,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
                 buffer.successes[columns] = arrays["successes"]
         if step_callback is not None and not step_callback(int(buffer.masks.sum()), {}):
             return None
-        return buffer
+        return buffer.to_batch()
 
     def traffic(self) -> dict[str, int]:
         """:return: bytes sent to and received from the worker processes so far ("subproc"; Ray's serialization is its own)"""

@@ -8,10 +8,17 @@ import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_metarl.common.buffers import TaskRolloutBuffer
+from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import Params
 from sb3_metarl.common.task_vec_env import TaskVecEnv
-from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, check_finite_actions, group_generators
+from sb3_metarl.samplers.base import (
+    EpisodeSampler,
+    GroupPolicies,
+    StepCallback,
+    check_finite_actions,
+    fresh_noise_seeds,
+    group_generators,
+)
 from sb3_metarl.samplers.runner import GroupRunner
 
 
@@ -47,14 +54,17 @@ class VecEnvSampler(EpisodeSampler):
         tasks: Sequence[Any],
         task_params: Params,
         n_episodes: int,
-        noise_seeds: Sequence[int],
+        noise_seeds: Sequence[int] | None = None,
         step_callback: StepCallback | None = None,
-    ) -> TaskRolloutBuffer | None:
+    ) -> EpisodeBatch | None:
         if self.policies is None:
             raise RuntimeError("sampler: attach_policy(policy) must be called before sample.")
+        noise_seeds = fresh_noise_seeds(noise_seeds, len(tasks))
         if self.runner is not None:
-            return self.runner.run(self.policies, tasks, task_params, n_episodes, noise_seeds, step_callback)
-        return self._sample_through_vec_env(tasks, task_params, n_episodes, noise_seeds, step_callback)
+            buffer = self.runner.run(self.policies, tasks, task_params, n_episodes, noise_seeds, step_callback)
+        else:
+            buffer = self._sample_through_vec_env(tasks, task_params, n_episodes, noise_seeds, step_callback)
+        return None if buffer is None else buffer.to_batch()
 
     def _sample_through_vec_env(
         self,
