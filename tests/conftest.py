@@ -1,6 +1,25 @@
+import contextlib
+import signal
+
 import pytest
 
 from sb3_metarl import MetaPolicyGradient
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging CI) if the block takes longer than ``seconds``: every wait must be bounded."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a wait is not bounded")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

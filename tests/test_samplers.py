@@ -5,12 +5,12 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import deadline  # the tests' directory is on sys.path (pytest's default import mode)
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
@@ -20,22 +20,6 @@ from sb3_metarl.tasks import TaskEnv
 
 SMALL = dict(meta_batch_size=4, inner_episodes=3, outer_episodes=3, seed=3)
 TWO_WORKERS = dict(num_workers=2, timeout=120.0)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging) if the block takes longer than ``seconds``."""
-
-    def expired(*_):
-        raise TimeoutError(f"the block did not finish within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +161,19 @@ def test_the_interpreter_exits_with_live_workers():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     pids = [int(p) for p in result.stdout.split("pids")[1].strip(" []\n").split(",")]
-    time.sleep(0.5)
-    for pid in pids:  # no orphaned worker either
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # no orphaned worker either: they exit on their own within seconds (a loaded machine takes longer than 0.5 s)
+    give_up = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < give_up:
+        time.sleep(0.1)
+    for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 

@@ -1,30 +1,14 @@
 """GuardedSubprocVecEnv: a dead worker is named within seconds, and close never hangs."""
 
-import contextlib
 import os
 import signal
 
 import pytest
+from conftest import deadline  # the tests' directory is on sys.path (pytest's default import mode)
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, WorkerDiedError, resolve_vec_env_cls
-
-
-@contextlib.contextmanager
-def _deadline(seconds):
-    """Fail (instead of hanging CI) if the block takes longer than ``seconds``."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a wait is not bounded")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_killed_worker_mid_learn_raises_naming_it_and_close_is_bounded():
@@ -46,9 +30,9 @@ def test_killed_worker_mid_learn_raises_naming_it_and_close_is_bounded():
             os.kill(victim.pid, signal.SIGKILL)
         return True
 
-    with _deadline(30), pytest.raises(WorkerDiedError, match=r"worker 1 .*died with exit code -9"):
+    with deadline(30), pytest.raises(WorkerDiedError, match=r"worker 1 .*died with exit code -9"):
         model.learn(10_000, callback=kill_on_step)
-    with _deadline(15):
+    with deadline(15):
         venv.close()
     assert venv.closed and not any(process.is_alive() for process in venv.processes)
 

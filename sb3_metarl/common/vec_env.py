@@ -36,18 +36,18 @@ class GuardedPipe:
         pid = self.process.pid
         return WorkerDiedError(f"{self.name} (pid {pid}) {state}{detail}.")
 
-    def send(self, message: Any) -> None:
+    def _transfer(self, operation: Callable[..., Any], *args: Any) -> Any:
         try:
-            self.remote.send(message)
+            return operation(*args)
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
             raise self._died(error) from None
 
+    def send(self, message: Any) -> None:
+        self._transfer(self.remote.send, message)
+
     def send_bytes(self, data: bytes) -> None:
         """Send an already serialized message (the caller counts its size)."""
-        try:
-            self.remote.send_bytes(data)
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
-            raise self._died(error) from None
+        self._transfer(self.remote.send_bytes, data)
 
     def _wait(self) -> None:
         start = time.monotonic()
@@ -59,18 +59,12 @@ class GuardedPipe:
 
     def recv(self) -> Any:
         self._wait()
-        try:
-            return self.remote.recv()
-        except (EOFError, ConnectionResetError, OSError) as error:
-            raise self._died(error) from None
+        return self._transfer(self.remote.recv)
 
     def recv_bytes(self) -> bytes:
         """:return: the next message, still serialized"""
         self._wait()
-        try:
-            return self.remote.recv_bytes()
-        except (EOFError, ConnectionResetError, OSError) as error:
-            raise self._died(error) from None
+        return self._transfer(self.remote.recv_bytes)
 
     def poll(self, timeout: float = 0.0) -> bool:
         return self.remote.poll(timeout)

@@ -1,15 +1,17 @@
 """Early, named errors for ``MetaPolicyGradient``'s arguments."""
 
+import inspect
 import math
 from numbers import Integral, Real
 from typing import Any
 
 import torch as th
 
-from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler
+from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
 
-#: what ``sampler_kwargs`` may hold for "subproc" and "ray" (``ShardedVecEnv``'s keyword arguments)
-SHARDED_SAMPLER_ARGUMENTS = ("num_workers", "timeout", "start_method", "address", "ray_init_kwargs", "close_timeout")
+#: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
+#: algorithm sets (the sub-envs, the groups, the horizon and the backend)
+SHARDED_SAMPLER_ARGUMENTS = tuple(inspect.signature(ShardedVecEnv.__init__).parameters)[5:]
 
 #: ``inner_lr="auto"``: calibrate the inner step size on the first batch (see ``MetaPolicyGradient.resolved_inner_lr``)
 AUTO = "auto"

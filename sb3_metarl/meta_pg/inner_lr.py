@@ -1,10 +1,11 @@
 """``inner_lr="auto"``: the inner step size whose first step moves a task's policy by a given KL."""
 
 import math
+from collections.abc import Callable
 
 import torch as th
 
-from sb3_metarl.adaptation import per_task_norm
+from sb3_metarl.adaptation import masked_log_prob, per_task_norm
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
 from sb3_metarl.common.returns import returns_to_go, step_discounts
@@ -33,13 +34,19 @@ def per_task_step_kl(
         return (kl * masks).sum(1) / masks.sum(1).clamp(min=1)
 
 
-def inner_direction(policy: FunctionalPolicy, mode: GradientMode, task_params: Params, batch: EpisodeBatch) -> Params:
-    """:return: the per-task gradient of ``mode``'s inner surrogate on ``batch`` at ``task_params`` (detached)"""
+def _per_task_gradient(
+    policy: FunctionalPolicy, task_params: Params, batch: EpisodeBatch, surrogate: Callable[[th.Tensor], th.Tensor]
+) -> Params:
+    """:return: the per-task gradient (detached) of ``surrogate(masked log-likelihoods of batch)`` at ``task_params``"""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in task_params.items()}
     with th.enable_grad():
-        log_prob = policy.log_prob(leaves, batch.flat_observations(), batch.flat_actions()).reshape(batch.masks.shape)
-        surrogate = mode.inner_surrogate(log_prob * batch.masks, batch)
-        return {n: g.detach() for n, g in grad_params(surrogate.sum(), leaves).items()}
+        objective = surrogate(masked_log_prob(policy, leaves, batch))
+        return {n: g.detach() for n, g in grad_params(objective.sum(), leaves).items()}
+
+
+def inner_direction(policy: FunctionalPolicy, mode: GradientMode, task_params: Params, batch: EpisodeBatch) -> Params:
+    """:return: the per-task gradient of ``mode``'s inner surrogate on ``batch`` at ``task_params`` (detached)"""
+    return _per_task_gradient(policy, task_params, batch, lambda log_prob: mode.inner_surrogate(log_prob, batch))
 
 
 def reference_direction(policy: FunctionalPolicy, task_params: Params, batch: EpisodeBatch, gamma: float) -> Params:
@@ -57,11 +64,9 @@ def reference_direction(policy: FunctionalPolicy, task_params: Params, batch: Ep
     count = batch.masks.sum(1, keepdim=True).clamp(min=1)
     centred = (go - (go * batch.masks).sum(1, keepdim=True) / count) * batch.masks
     weights = step_discounts(batch.masks.shape[-1], gamma, batch.masks.device) * centred
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in task_params.items()}
-    with th.enable_grad():
-        log_prob = policy.log_prob(leaves, batch.flat_observations(), batch.flat_actions()).reshape(batch.masks.shape)
-        surrogate = (log_prob * weights).sum(dim=(1, 2)) / batch.n_episodes
-        return {n: g.detach() for n, g in grad_params(surrogate.sum(), leaves).items()}
+    return _per_task_gradient(
+        policy, task_params, batch, lambda log_prob: (log_prob * weights).sum(dim=(1, 2)) / batch.n_episodes
+    )
 
 
 def step_sizes_for_kl(

@@ -4,7 +4,7 @@ import copy
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -78,10 +78,10 @@ class GroupPolicies:
         :param out: the array to write the actions into (allocated on the first call when None)
         :return: the actions, one row per sub-env (as sampled, before clipping)
         """
+        sample = self._sample_plain_mlp if self.plain_mlp else self._sample
         with th.no_grad():
             for group in groups:
                 rows = slice(group * envs_per_group, (group + 1) * envs_per_group)
-                sample = self._sample_plain_mlp if self.plain_mlp else self._sample
                 actions = sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
                 if out is None:
                     out = np.zeros((len(obs), *actions.shape[1:]), dtype=actions.dtype)
@@ -156,8 +156,6 @@ class EpisodeSampler(ABC):
     episodes per task take ``ceil(E / envs_per_group)`` waves.
     """
 
-    #: True: ``step_callback`` is called after every lock-step; False: once per sampled batch
-    calls_back_per_step: ClassVar[bool] = True
     n_groups: int
     envs_per_group: int
     horizon: int

@@ -11,7 +11,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import cloudpickle
 import gymnasium as gym
@@ -245,8 +245,6 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     :param ray_init_kwargs: further arguments of ``ray.init`` (e.g. ``num_cpus``)
     :param close_timeout: seconds ``close`` waits for a worker to exit before terminating it
     """
-
-    calls_back_per_step: ClassVar[bool] = False
 
     def __init__(
         self,
