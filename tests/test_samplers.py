@@ -153,8 +153,8 @@ def test_the_interpreter_exits_with_live_workers():
         "from sb3_metarl import MetaPolicyGradient\n"
         "if __name__ == '__main__':\n"
         "    model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=2,\n"
-        "                               inner_episodes=2, outer_episodes=2, inner_lr=0.1, sampler='subproc',\n"
-        "                               sampler_kwargs=dict(num_workers=2))\n"
+        "                               inner_episodes=2, outer_episodes=2, sampler='subproc',\n"
+        "                               sampler_kwargs=dict(num_workers=2), seed=0)\n"
         "    model.learn(1)\n"
         "    print('pids', model.get_env().worker_pids())\n"
     )
