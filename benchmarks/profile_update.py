@@ -66,21 +66,21 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
     """TRPO.step, phase by phase (the same computations in the same order)."""
     all_params = adaptation.parameters()
     old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
-    with timer("surrogate and KL (forward, on the sample's graph)"):
+    with timer("surrogate (forward, on the sample's graph)"):
         objective = trpo.surrogate(adaptation, sample.replay, sample)
-        kl = adaptation.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
     with timer("meta-gradient (backward through the inner step)"):
         grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=True, allow_unused=True)
-    params = [all_params[n] for n, g in zip(all_params, grads) if g is not None]
+    names = [n for n, g in zip(all_params, grads) if g is not None]
+    params = [all_params[n] for n in names]
     policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
-    with timer("KL gradient with its graph (create_graph)"):
-        kl_grads = th.autograd.grad(kl, params, create_graph=True, allow_unused=True)
-        kl_gradient = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(kl_grads, params)])
+    with timer("KL Hessian set-up (activations and inner cotangents; double backward: the KL gradient's graph)"):
+        kl_hessian_product = adaptation.kl_hessian_product(sample, names, layered=trpo.layered_hessian)
 
     def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
         with timer("Hessian-vector product of the KL through the inner step (10 for CG + 1 for the step length)"):
-            product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
-            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(product, params)])
+            sizes = [p.numel() for p in params]
+            product = kl_hessian_product({n: v.view_as(p) for n, v, p in zip(names, vector.split(sizes), params)})
+            flat = th.cat([product[n].reshape(-1) for n in names])
         return flat + trpo.cg_damping * vector
 
     # the conjugate gradient's own arithmetic (on 5k-element vectors) is negligible: its time is its HVPs'
@@ -149,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="meta-samples (and updates) per optimizer")
+    parser.add_argument("--double-backward", action="store_true", help="the KL's Hessian by double backward (for comparison)")
     parser.add_argument("--out", default="docs/results/profile_update.md")
     args = parser.parse_args(argv)
     if args.threads:
         th.set_num_threads(args.threads)
     model = make_model(seed=0)
+    model.meta_updater.layered_hessian = not args.double_backward
     model.learn(1)  # warm-up
     trpo_timer, ppo_timer = Timer(), Timer()
     for _ in range(args.repeats):

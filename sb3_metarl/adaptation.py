@@ -17,6 +17,7 @@ from gymnasium import spaces
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
+from sb3_metarl.common.mlp_curvature import GaussianKLHessian, GaussianLogLikelihoodHessian, MlpActorLayout, Workspace
 from sb3_metarl.gradient_modes import GradientMode, policy_gradient_surrogate
 
 #: (log-likelihoods (B, E, H) under the adapted parameters, the outer batch) -> outer surrogate per task (B,)
@@ -29,6 +30,12 @@ def masked_log_prob(policy: FunctionalPolicy, task_params: Params, batch: Episod
     """:return: log-likelihoods (B, E, H) of the batch's actions under ``task_params``, zero where masked"""
     log_prob = policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
     return log_prob.reshape(batch.masks.shape) * batch.masks
+
+
+def _flat_features(batch: EpisodeBatch) -> th.Tensor:
+    """:return: the batch's observations as a flattened-Box features extractor sees them (B, E*H, D)"""
+    obs = batch.flat_observations()
+    return obs.reshape(obs.shape[0], obs.shape[1], -1).float()
 
 
 def per_task_norm(grads: Params) -> th.Tensor:
@@ -65,6 +72,8 @@ class Replay:
     inner_log_probs: list[th.Tensor]
     #: theta_zeta(theta), the adapted parameters
     adapted: Params
+    #: each inner step's per-task gradient norms (B,) before clipping (detached)
+    inner_grad_norms: list[th.Tensor]
     #: log-likelihoods (B, E, H) of the outer batch under theta_zeta(theta) (None before the outer batch exists)
     outer_log_prob: th.Tensor | None = None
 
@@ -118,6 +127,8 @@ class Adaptation:
         self.inner_lr = float(inner_lr)
         self.inner_grad_clip = inner_grad_clip
         self.weighting = weighting
+        #: the actor's layout when it is SB3's default MLP (its curvature products are then written out)
+        self.mlp_layout = MlpActorLayout.of(policy.policy)
 
     def parameters(self) -> Params:
         """:return: the meta-parameters theta (the live policy parameters) by name"""
@@ -136,7 +147,7 @@ class Adaptation:
 
     def inner_step(
         self, task_params: Params, batch: EpisodeBatch, mode: GradientMode, create_graph: bool, at_sampling: bool = False
-    ) -> tuple[Params, th.Tensor, float]:
+    ) -> tuple[Params, th.Tensor, th.Tensor]:
         """
         One adaptation step per task.
 
@@ -144,8 +155,8 @@ class Adaptation:
         :param create_graph: keep the step's graph (to differentiate through it)
         :param at_sampling: ``task_params`` are the parameters ``batch`` was sampled with: store the
             recomputed log-likelihoods as the batch's sampling log-likelihoods (see ``EpisodeBatch.log_probs``)
-        :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and the
-            mean (over tasks) norm of the inner gradient before clipping
+        :return: the new per-task parameters, the batch's log-likelihoods under ``task_params`` and each
+            task's inner-gradient norm before clipping (B,)
         """
         log_prob = self.log_prob(task_params, batch)
         if at_sampling:
@@ -154,10 +165,16 @@ class Adaptation:
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
         norms = per_task_norm({n: g.detach() for n, g in grads.items()})
         if self.inner_grad_clip is not None:
-            scale = (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
+            scale = self.clip_scale(norms)
             grads = {n: g * scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
         adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
-        return adapted, log_prob, norms.mean().item()
+        return adapted, log_prob, norms
+
+    def clip_scale(self, norms: th.Tensor) -> th.Tensor:
+        """:return: the per-task factor (B,) the inner gradients of norms ``norms`` are scaled by (1 without clipping)"""
+        if self.inner_grad_clip is None:
+            return th.ones_like(norms)
+        return (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
 
     def unroll(
         self,
@@ -191,7 +208,7 @@ class Adaptation:
                 batches.append(batch)
                 log_probs.append(log_prob)
                 norms.append(norm)
-        return Replay(task_theta, inner_params, log_probs, params), batches, norms
+        return Replay(task_theta, inner_params, log_probs, params, norms), batches, [n.mean().item() for n in norms]
 
     def replay(self, sample: MetaSample, mode: GradientMode | None = None, create_graph: bool = True) -> Replay:
         """
@@ -264,6 +281,90 @@ class Adaptation:
         new = self.policy.distribution(new_params, obs)
         masks = batch.masks.reshape(-1)
         return (kl_divergence(old, new) * masks).sum() / masks.sum()
+
+    def kl_hessian_product(self, sample: MetaSample, names: list[str], layered: bool = True) -> Callable[[Params], Params]:
+        """
+        Products with the Hessian H, at the sampling parameters, of the adapted policies' mean KL
+        ``mean_kl(theta'_old, theta'(theta), outer batch)``, theta' the adaptation replayed on the stored
+        inner batches (TRPO's trust region). Call it while the parameters are the sample's.
+
+        At the sampling parameters the KL's gradient with respect to theta' is exactly zero, so
+        ``H = sum_b J_b^T G_b J_b``, with ``J_b`` the inner step's Jacobian and ``G_b`` the KL's
+        Hessian in theta'_b (the outer Fisher information). With one inner step ``J_b = I + eta s_b
+        Hess S_b`` is symmetric (the clip factor s_b is a constant); for SB3's default MLP actor the
+        products are then written out layer by layer (``common/mlp_curvature.py``), reusing the
+        activations across products. Otherwise H is differentiated twice through the sample's graph
+        (double backward). Both are the same H up to float rounding.
+
+        :param names: the parameters of the tangents (those the meta-objective depends on)
+        :param layered: write the products out where possible (:meth:`has_layered_kl_hessian`); False: always
+            double backward, which needs the sample's graph
+        :return: v (shared tangents by name) -> H v (by name)
+        """
+        if layered and self.has_layered_kl_hessian(sample) and self.mlp_layout and set(names) <= set(self.mlp_layout.names):
+            return self._layered_kl_hessian_product(sample, names)
+        params = self.parameters()
+        old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
+        kl = self.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
+        kl_gradient = th.autograd.grad(kl, [params[n] for n in names], create_graph=True, allow_unused=True)
+
+        def product(vector: Params) -> Params:
+            inner = sum((g * vector[n]).sum() for n, g in zip(names, kl_gradient) if g is not None)
+            return grad_params(inner, {n: params[n] for n in names}, retain_graph=True)
+
+        return product
+
+    def has_layered_kl_hessian(self, sample: MetaSample) -> bool:
+        """
+        :return: whether :meth:`kl_hessian_product` writes the products out for ``sample`` (SB3's default MLP
+            actor, one inner step): they then do not need the sample's graph
+        """
+        return self.mlp_layout is not None and len(sample.inner_batches) == 1
+
+    def _layered_kl_hessian_product(self, sample: MetaSample, names: list[str]) -> Callable[[Params], Params]:
+        layout = self.mlp_layout
+        assert layout is not None
+        batch, outer, mode = sample.inner_batches[0], sample.outer_batch, sample.mode
+        n_tasks = outer.n_tasks
+        theta = self.task_parameters(n_tasks, detach=True)
+        masks = batch.masks.reshape(n_tasks, -1)
+        log_likelihoods = sample.replay.inner_log_probs[0].detach().requires_grad_(True)
+        with th.enable_grad():
+            surrogate = mode.inner_surrogate(log_likelihoods, batch).sum()
+            weights = th.autograd.grad(surrogate, log_likelihoods, create_graph=True)[0]
+        weights_tangent = None
+        if weights.requires_grad:  # S is not linear in the log-likelihoods (DiCE's magic boxes)
+
+            def weights_tangent(tangent: th.Tensor) -> th.Tensor:
+                product = th.autograd.grad(weights, log_likelihoods, tangent.reshape(weights.shape), retain_graph=True)[0]
+                return product.reshape(masks.shape) * masks
+
+        workspace = Workspace()  # the inner and outer products alternate: one set of buffers
+        inner_hessian = GaussianLogLikelihoodHessian(
+            layout, theta, _flat_features(batch), batch.flat_actions().float(), masks,
+            weights.detach().reshape(masks.shape) * masks, weights_tangent, workspace,
+        )
+        step = self.inner_lr * self.clip_scale(sample.replay.inner_grad_norms[0])
+        outer_masks = outer.masks.reshape(n_tasks, -1)
+        outer_fisher = GaussianKLHessian(
+            layout, sample.adapted, _flat_features(outer), outer_masks, outer_masks.sum().item(), workspace
+        )
+
+        def jacobian(tangent: Params) -> Params:
+            if not mode.differentiate_inner_step:
+                return tangent
+            curvature = inner_hessian.product(tangent)
+            return {n: tangent[n] + step.view(-1, *[1] * (t.dim() - 1)) * curvature[n] for n, t in tangent.items()}
+
+        def product(vector: Params) -> Params:
+            # the actor's parameters outside ``names`` are held fixed: a zero tangent
+            actor = {n: p for n, p in self.parameters().items() if n in layout.names}
+            shared = {n: vector[n] if n in vector else th.zeros_like(p) for n, p in actor.items()}
+            per_task = {n: v.unsqueeze(0).expand(n_tasks, *v.shape) for n, v in shared.items()}
+            result = jacobian(outer_fisher.product(jacobian(per_task)))
+            return {n: result[n].sum(0) for n in names}
+
+        return product
 
     def adapt(self, task_params: Params, batch: EpisodeBatch, mode: GradientMode) -> Params:
         """

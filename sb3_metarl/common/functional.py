@@ -183,16 +183,19 @@ class FunctionalPolicy:
             return self._as_distribution(flat)
 
 
-def grad_params(output: th.Tensor, params: Params, create_graph: bool = False) -> Params:
+def grad_params(output: th.Tensor, params: Params, create_graph: bool = False, retain_graph: bool | None = None) -> Params:
     """
     :param output: a scalar
     :param params: tensors (leaves or not) that ``output`` may depend on
     :param create_graph: keep the graph of the gradient (for higher-order derivatives)
+    :param retain_graph: keep ``output``'s graph for another differentiation (default: ``create_graph``)
     :return: d output / d params by name; zeros for parameters ``output`` does not depend on
         (such as the value head, which no policy-gradient surrogate touches)
     """
     names = list(params)
-    grads = th.autograd.grad(output, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
+    grads = th.autograd.grad(
+        output, [params[n] for n in names], create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return {n: th.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
 
 

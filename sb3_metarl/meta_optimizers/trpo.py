@@ -15,6 +15,11 @@ def _flat(tensors: list[th.Tensor | None], like: list[th.Tensor]) -> th.Tensor:
     return th.cat([(th.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)])
 
 
+def _unflat(vector: th.Tensor, names: list[str], like: list[th.Tensor]) -> dict[str, th.Tensor]:
+    sizes = [p.numel() for p in like]
+    return {n: part.view_as(p) for n, part, p in zip(names, vector.split(sizes), like)}
+
+
 def conjugate_gradient(
     matrix_vector_product: Callable[[th.Tensor], th.Tensor], b: th.Tensor, max_iter: int, residual_tol: float = 1e-10
 ) -> th.Tensor:
@@ -77,6 +82,9 @@ class TRPO(MetaOptimizer):
     :param cg_damping: damping added to the KL Hessian (``H + damping * I``)
     :param line_search_shrinking_factor: step shrinking factor of the line search
     :param line_search_max_iter: step sizes tried by the line search
+    :param layered_hessian: for SB3's default MLP actor and one inner step, multiply by the KL's Hessian
+        layer by layer from cached activations (the same products, about 2.5x faster); False: double
+        backward through the adaptation's graph (as pytorch-maml-rl), for comparison
     """
 
     name = "trpo"
@@ -89,6 +97,7 @@ class TRPO(MetaOptimizer):
         cg_damping: float = 0.01,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 15,
+        layered_hessian: bool = True,
     ):
         if not max_kl > 0:
             raise ValueError(f"max_kl: must be > 0, got {max_kl}.")
@@ -106,6 +115,7 @@ class TRPO(MetaOptimizer):
         self.cg_damping = cg_damping
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
+        self.layered_hessian = layered_hessian
 
     @staticmethod
     def surrogate(adaptation: Adaptation, replay: Replay, sample: MetaSample) -> th.Tensor:
@@ -120,22 +130,23 @@ class TRPO(MetaOptimizer):
         :raises FloatingPointError: on a non-finite meta-gradient or a non-positive curvature
         """
         all_params = adaptation.parameters()
-        old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
-        # the sample's own graph is the adaptation at the current parameters: reuse it
+        # the sample's own graph is the adaptation at the current parameters: reuse it (and free it where
+        # the KL's Hessian does not need it)
         objective = self.surrogate(adaptation, sample.replay, sample)
-        kl = adaptation.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
-        grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=True, allow_unused=True)
+        keep_graph = not (self.layered_hessian and adaptation.has_layered_kl_hessian(sample))
+        grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=keep_graph, allow_unused=True)
         check_finite_gradient({n: g for n, g in zip(all_params, grads) if g is not None})
         # the policy's parameters: the value head receives no gradient and stays out of the solve
-        params = [all_params[n] for n, g in zip(all_params, grads) if g is not None]
+        names = [n for n, g in zip(all_params, grads) if g is not None]
+        params = [all_params[n] for n in names]
         policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
         # the KL's gradient is 0 at the old parameters; its Hessian (through the inner steps) is the
         # Fisher information of the adapted policies pulled back to theta
-        kl_gradient = _flat(list(th.autograd.grad(kl, params, create_graph=True, allow_unused=True)), params)
+        kl_hessian_product = adaptation.kl_hessian_product(sample, names, layered=self.layered_hessian)
 
         def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
-            product = th.autograd.grad(kl_gradient @ vector, params, retain_graph=True, allow_unused=True)
-            return _flat(list(product), params) + self.cg_damping * vector
+            product = kl_hessian_product(_unflat(vector, names, params))
+            return _flat([product[n] for n in names], params) + self.cg_damping * vector
 
         if not bool(policy_gradient.any()):  # a flat objective: no direction to move in
             zero = th.zeros_like(policy_gradient)
@@ -151,7 +162,19 @@ class TRPO(MetaOptimizer):
         return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
 
     def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
-        natural = self.search_direction(adaptation, sample)
+        return self.line_search(adaptation, sample, self.search_direction(adaptation, sample), optimizer)
+
+    def line_search(
+        self, adaptation: Adaptation, sample: MetaSample, natural: NaturalStep, optimizer: th.optim.Optimizer
+    ) -> dict[str, float]:
+        """
+        Backtrack along ``natural.full_step`` from the sampling parameters; set the parameters to the first
+        point that improves the surrogate within the trust region, or leave them unchanged.
+
+        :param natural: the search direction at the sampling parameters (:meth:`search_direction`)
+        :return: values to log under ``train/``
+        :raises FloatingPointError: if no point of the line search has a finite surrogate and KL
+        """
         params = natural.params
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         old_values = [p.detach().clone() for p in params]
@@ -196,4 +219,7 @@ class TRPO(MetaOptimizer):
                 offset += size
 
     def __repr__(self) -> str:
-        return f"TRPO(max_kl={self.max_kl}, cg_max_steps={self.cg_max_steps}, cg_damping={self.cg_damping})"
+        return (
+            f"TRPO(max_kl={self.max_kl}, cg_max_steps={self.cg_max_steps}, cg_damping={self.cg_damping}, "
+            f"layered_hessian={self.layered_hessian})"
+        )

@@ -734,15 +734,19 @@ class MetaPolicyGradient(BaseAlgorithm):
                 # samples the iteration again from the same streams
                 self._iteration_start = self._stream_state()
                 tasks = self._sample_tasks(self.meta_batch_size, self.task_rng)
+                sampling_start = time.perf_counter()
                 sample = self.collect_meta_sample(tasks, step_callback)
                 if sample is None:
                     break
+                self.logger.record("time/sample_seconds", time.perf_counter() - sampling_start)
                 callback.update_locals(locals())
                 callback.on_rollout_end()
                 iteration += 1
                 self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
                 self._record_rollout(sample)
+                update_start = time.perf_counter()
                 self.train(sample)
+                self.logger.record("time/train_seconds", time.perf_counter() - update_start)
                 self._iteration_start = None
                 if log_interval is not None and iteration % log_interval == 0:
                     self.dump_logs(iteration)

@@ -1,0 +1,79 @@
+"""The adaptation room: the KL's Hessian through the inner step, written out layer by layer, against double backward."""
+
+import numpy as np
+import pytest
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.gradient_modes import GRADIENT_MODES
+
+SMALL = dict(meta_batch_size=3, inner_episodes=3, outer_episodes=3, policy_kwargs=dict(net_arch=[16, 16]))
+
+
+def _model_and_sample(mode, seed=0, **kwargs):
+    """A sample whose inner step clips the gradient of some tasks (at the median norm) and not of others."""
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, inner_lr=0.05, seed=seed, **{**SMALL, **kwargs}
+    )
+    tasks = model.get_env().env_method("sample_tasks", model.meta_batch_size, np.random.default_rng(seed), indices=[0])[0]
+    norms = model.collect_meta_sample(tasks).replay.inner_grad_norms[0]
+    model.inner_grad_clip = norms.median().item()
+    adaptation = model.adaptation
+    sample = model.collect_meta_sample(tasks)
+    return model, adaptation, sample
+
+
+def _relative_error(actual, expected):
+    return max(((actual[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
+
+
+@pytest.mark.parametrize("mode", sorted(GRADIENT_MODES))
+def test_layered_kl_hessian_product_equals_double_backward(mode):
+    _, adaptation, sample = _model_and_sample(mode)
+    scales = adaptation.clip_scale(sample.replay.inner_grad_norms[0])
+    assert adaptation.mlp_layout is not None and (scales < 1).any() and (scales == 1).any()
+    names = adaptation.mlp_layout.names
+    layered = adaptation.kl_hessian_product(sample, names)
+    adaptation.mlp_layout = None
+    double_backward = adaptation.kl_hessian_product(sample, names)
+    generator = th.Generator().manual_seed(1)
+    for _ in range(2):  # the second product reuses the first one's workspace
+        vector = {n: th.randn(p.shape, generator=generator) for n, p in adaptation.parameters().items() if n in names}
+        expected = double_backward(vector)
+        assert _relative_error(layered(vector), expected) < 1e-4
+    # the products are not a constant: the damping-free Hessian is positive along the vector
+    assert sum((expected[n] * vector[n]).sum() for n in names) > 0
+
+
+def _rounded_differently(kl_hessian_product):
+    def rounded(*args, **kwargs):
+        product = kl_hessian_product(*args, **kwargs)
+        return lambda vector: {n: h / 3 for n, h in product({n: 3 * v for n, v in vector.items()}).items()}
+
+    return rounded
+
+
+@pytest.mark.parametrize("mode", ["lsf", "dice"])
+def test_trpo_step_is_the_same_with_the_layered_product(mode):
+    """
+    The same step and the same accepted line-search point. Conjugate gradient amplifies rounding (the KL's
+    Hessian is ill-conditioned), so the tolerance is measured: the spread of the double-backward solve
+    itself when its products are rounded differently (H (3 v) / 3 instead of H v).
+    """
+    steps, stats, params = {}, {}, {}
+    for path in ("layered", "double backward", "double backward, rounded differently"):
+        model, adaptation, sample = _model_and_sample(mode, meta_optimizer="trpo")
+        model.meta_updater.layered_hessian = path == "layered"
+        if path.endswith("differently"):
+            adaptation.kl_hessian_product = _rounded_differently(adaptation.kl_hessian_product)
+        natural = model.meta_updater.search_direction(adaptation, sample)
+        steps[path] = natural.full_step
+        stats[path] = model.meta_updater.line_search(adaptation, sample, natural, model.policy.optimizer)
+        params[path] = th.cat([p.detach().flatten() for p in model.policy.parameters()])
+    reference = steps["double backward"]
+    rounding = (steps["double backward, rounded differently"] - reference).norm()
+    assert 0 < rounding < 0.1 * reference.norm()
+    assert (steps["layered"] - reference).norm() < 3 * rounding
+    assert stats["layered"]["step_accepted"] == stats["double backward"]["step_accepted"] == 1.0
+    assert stats["layered"]["line_search_coefficient"] == stats["double backward"]["line_search_coefficient"]
+    assert (params["layered"] - params["double backward"]).norm() < 3 * rounding
