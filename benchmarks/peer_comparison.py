@@ -76,17 +76,18 @@ def run_ours(meta_optimizer: str, iterations: int, threads: int, seed: int) -> N
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def measure(system: str, iterations: int, threads: int, seed: int, peer_python: str, timeout: float) -> dict:
+def measure(system: str, iterations: int, threads: int, seed: int, args: argparse.Namespace) -> dict:
     """:return: per-iteration rows (seconds, sampling, update) and the peak memory of one fresh process"""
     if system == "peer-trpo":
-        command = [peer_python, str(PEER_DIR / "peer_run.py"), "--iters", str(iterations), "--threads", str(threads),
+        script = str(Path(args.peer_dir) / "peer_run.py")
+        command = [args.peer_python, script, "--iters", str(iterations), "--threads", str(threads),
                    "--num-workers", "1", "--seed", str(seed)]  # fmt: skip
     else:
         command = [sys.executable, __file__, "--worker", system.split("-")[1], "--iterations", str(iterations),
                    "--threads", str(threads), "--seed", str(seed)]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        command, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
     wall = time.perf_counter() - start
     if result.returncode != 0:
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--peer-python", default=os.environ.get("PMR_PYTHON", "/work/pmr-venv/bin/python"))
+    parser.add_argument("--peer-dir", default=str(PEER_DIR), help="the directory of peer_run.py")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per process")
     parser.add_argument("--out", default="docs/results/peer_comparison.md")
     args = parser.parse_args(argv)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     for round_index in range(args.rounds):
         for threads in args.threads:
             for system in args.systems:
-                measured = measure(system, args.iterations, threads, args.seed + round_index, args.peer_python, args.timeout)
+                measured = measure(system, args.iterations, threads, args.seed + round_index, args)
                 measurements.setdefault((system, threads), []).append(measured)
                 print(
                     f"round {round_index} {system} {threads} thread(s): "
