@@ -22,7 +22,6 @@ Run::
 """
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -31,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sb3_metarl.diagnostics import write_csv
 
 SYSTEMS = ("peer-trpo", "ours-trpo", "ours-ppo", "ours-adam")
 PEER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "peer"
@@ -149,10 +150,7 @@ def write_results(args: argparse.Namespace, measurements: dict[tuple[str, int], 
                               run["process_seconds"] for run in runs), 1)))  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(table, str(out.with_suffix(".csv")))
     command = "python benchmarks/peer_comparison.py" + (
         "" if args.out == "docs/results/peer_comparison.md" else f" --out {args.out}"
     )
@@ -179,6 +177,16 @@ def write_results(args: argparse.Namespace, measurements: dict[tuple[str, int], 
             f"Each at its faster thread count: pytorch-maml-rl {best_peer:.2f} s, sb3_metarl (TRPO) {best_ours:.2f} s: "
             f"**{best_peer / best_ours:.2f}x**.",
         ]
+    lines += [
+        "",
+        "Notes. The peer's sampling runs in a worker process while its trainer computes the inner steps, so its "
+        "split is its own instrumentation (`peer_run.py`); ours is `time/sample_seconds` and `time/train_seconds` "
+        "of the same iteration. Peak memory: the peer's trainer process (its sampler worker apart), our one process. "
+        "Our TRPO update multiplies by the KL's Hessian layer by layer from cached activations "
+        "(`sb3_metarl/common/mlp_curvature.py`); `python benchmarks/profile_update.py` splits one update into "
+        "phases (`docs/results/profile_update.md`; with `--double-backward` the same update with the products "
+        "by double backward, as the peer computes them).",
+    ]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

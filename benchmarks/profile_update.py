@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Profile of one meta-update (issue 11's setting)",
         "",
-        f"`python benchmarks/profile_update.py{' --threads ' + str(args.threads) if args.threads else ''}`",
+        f"`python benchmarks/profile_update.py{' --threads ' + str(args.threads) if args.threads else ''}"
+        f"{' --double-backward' if args.double_backward else ''}`",
         "",
         f"{platform.machine()}, torch {th.__version__}, {th.get_num_threads()} threads; Navigation2D, 20 tasks x 20 "
         f"episodes x 100 steps, one inner step, [64, 64], lsf; {args.repeats} meta-samples per optimizer (sums).",

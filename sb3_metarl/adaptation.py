@@ -160,7 +160,9 @@ class Adaptation:
         """
         log_prob = self.log_prob(task_params, batch)
         if at_sampling:
-            batch.log_probs = log_prob.detach()
+            # reused episodes keep their behaviour policy's log-likelihoods: their boxes are importance weights
+            fresh = log_prob.detach()
+            batch.log_probs = fresh if batch.reused is None else th.where(batch.reused.unsqueeze(-1), batch.log_probs, fresh)
         surrogate = mode.inner_surrogate(log_prob, batch)
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
         norms = per_task_norm({n: g.detach() for n, g in grads.items()})

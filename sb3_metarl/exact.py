@@ -8,6 +8,7 @@ Exact references for the meta-gradient (no estimator involved):
   MAML meta-gradient for any number of inner steps is computed by autodiff with no sampling.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -183,8 +184,31 @@ def _tabular_problem(model: Any) -> tuple[np.ndarray, np.ndarray]:
     model.episode_sampler  # noqa: B018  (a clear error when the model has no env)
     venv = model.get_env()
     if not venv.has_attr("transitions"):
-        raise ValueError("env: the exact tabular reference needs a TabularMDP env (with `transitions`).")
+        raise ValueError(
+            "env: the exact tabular reference (and 'exact' pieces of decomposed_meta_gradient) needs a model on "
+            "sb3_metarl/TabularMDP-v0 (with `transitions`); use sampled estimates on other envs."
+        )
     return venv.get_attr("transitions", indices=[0])[0], venv.get_attr("initial_distribution", indices=[0])[0]
+
+
+def tabular_value_function(model: Any, tasks: list[Any]) -> Callable[[Params], th.Tensor]:
+    """
+    :param model: a MetaPolicyGradient on a TabularMDP env
+    :param tasks: reward matrices
+    :return: per-task parameters (leading dim ``len(tasks)``) -> the exact values (B,) by dynamic programming
+        (float64), differentiable with respect to the parameters to any order
+    """
+    transitions, initial_distribution = _tabular_problem(model)
+    rewards = th.as_tensor(np.stack(tasks), dtype=th.float64, device=model.device)
+    kernel = th.as_tensor(transitions, dtype=th.float64, device=model.device)
+    initial = th.as_tensor(initial_distribution, dtype=th.float64, device=model.device)
+    horizon, gamma = model.episode_sampler.horizon, model.gamma
+
+    def values(task_params: Params) -> th.Tensor:
+        log_policy = tabular_log_policy(model.functional_policy, task_params, *rewards.shape[1:]).double()
+        return tabular_values(log_policy, kernel, rewards, initial, horizon, gamma)
+
+    return values
 
 
 def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
@@ -196,19 +220,9 @@ def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
     :param tasks: reward matrices
     :return: the values (B,)
     """
-    transitions, initial_distribution = _tabular_problem(model)
-    rewards = th.as_tensor(np.stack(tasks), dtype=th.float64, device=model.device)
-    params = FunctionalPolicy.expand(model.functional_policy.parameters(), len(tasks))
+    values = tabular_value_function(model, tasks)
     with th.no_grad():
-        log_policy = tabular_log_policy(model.functional_policy, params, *rewards.shape[1:]).double()
-        return tabular_values(
-            log_policy,
-            th.as_tensor(transitions, dtype=th.float64, device=model.device),
-            rewards,
-            th.as_tensor(initial_distribution, dtype=th.float64, device=model.device),
-            model.episode_sampler.horizon,
-            model.gamma,
-        )
+        return values(FunctionalPolicy.expand(model.functional_policy.parameters(), len(tasks)))
 
 
 def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:

@@ -3,12 +3,14 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import configure
 
+from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.diagnostics import (
     BANDIT_LOG_STD,
     BANDIT_MEAN,
     MetaGradientDiagnosticsCallback,
     bandit_estimates,
     compare_with_exact,
+    decomposed_meta_gradient,
     exact_reference,
     flat_gradient,
     flat_per_task_gradient,
@@ -90,3 +92,66 @@ def test_diagnostics_callback_logs_mode_comparisons(tmp_path):
     assert "diagnostics/cosine/lsf_vs_maml" in header
     with pytest.raises(ValueError, match="every"):
         MetaGradientDiagnosticsCallback(every=0)
+
+
+# ------------------------------------------------------------------------------------------ decomposition
+
+
+def _decomposed_estimates(model, task, pieces, calls):
+    """(estimates, exact) over the actor's parameters: ``calls * meta_batch_size`` independent estimates of one task"""
+    reference = exact_meta_gradient(model, [task])
+    names = [n for n in sorted(reference) if n in model.functional_policy.actor_names]
+    tasks = [task] * model.meta_batch_size
+    estimates = [decomposed_meta_gradient(model, tasks, *pieces, per_task=True) for _ in range(calls)]
+    flat = th.cat([th.cat([g[n].flatten(1) for n in names], dim=1) for g in estimates]).double()
+    return flat, th.cat([reference[n].flatten() for n in names]).double()
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_decomposition_with_every_piece_exact_is_the_exact_meta_gradient(inner_steps):
+    model, task = make_tabular_model("lvc", inner_episodes=2, inner_steps=inner_steps, meta_batch_size=2)
+    decomposed = decomposed_meta_gradient(model, [task, task], inner="exact", hessian="exact", outer="exact")
+    reference = exact_meta_gradient(model, [task])
+    for name, value in reference.items():
+        th.testing.assert_close(decomposed[name], value, rtol=1e-5, atol=1e-7)
+    assert flat_gradient(reference).norm() > 0.1
+
+
+def test_decomposition_sampled_outer_piece_is_unbiased():
+    # N = 40: the linear baseline, fitted on the outer batch itself, has an O(1/N) bias, small here
+    model, task = make_tabular_model("lvc", inner_episodes=40, meta_batch_size=20)
+    estimates, exact = _decomposed_estimates(model, task, ("exact", "exact", "sampled"), calls=4)
+    variance_of_mean = (estimates.var(0) / len(estimates)).sum()
+    # unbiased: the squared error of the mean is its variance (a chi-square over 105 coordinates: within 1.5x)
+    assert (estimates.mean(0) - exact).pow(2).sum() < 1.5 * variance_of_mean
+    # and the test can see a wrong mean: the gradient is much longer than the mean's noise
+    assert exact.pow(2).sum() > 10 * variance_of_mean
+
+
+def test_decomposition_sampled_inner_piece_has_a_compositional_bias_that_shrinks_with_samples():
+    """Liu et al.'s compositional bias: the inner step's value from samples biases an otherwise exact meta-gradient."""
+    relative_bias = {}
+    for n_episodes in (5, 40):
+        model, task = make_tabular_model("lvc", inner_episodes=n_episodes, meta_batch_size=20)
+        estimates, exact = _decomposed_estimates(model, task, ("sampled", "exact", "exact"), calls=3)
+        standard_error = estimates.std(0) / len(estimates) ** 0.5
+        if n_episodes == 5:
+            assert ((estimates.mean(0) - exact).abs() / standard_error).max() > 6
+        relative_bias[n_episodes] = ((estimates.mean(0) - exact).norm() / exact.norm()).item()
+    assert relative_bias[40] < 0.5 * relative_bias[5]
+
+
+def test_decomposition_rejects_what_it_cannot_decompose():
+    model, task = make_tabular_model("lvc", inner_episodes=2, meta_batch_size=2)
+    with pytest.raises(ValueError, match="correction term"):
+        decomposed_meta_gradient(model, [task], hessian="sf")
+    with pytest.raises(ValueError, match="inner: must be one of"):
+        decomposed_meta_gradient(model, [task], inner="analytic")
+    navigation = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_batch_size=2, inner_episodes=2,
+                                    outer_episodes=2, inner_lr=0.01, seed=0)  # fmt: skip
+    with pytest.raises(ValueError, match="TabularMDP"):
+        decomposed_meta_gradient(navigation, [np.zeros(2)], outer="exact")
+    # all sampled works anywhere
+    tasks = navigation.get_env().env_method("sample_tasks", 2, np.random.default_rng(0), indices=[0])[0]
+    grads = decomposed_meta_gradient(navigation, tasks)
+    assert all(th.isfinite(g).all() for g in grads.values()) and flat_gradient(grads).norm() > 0

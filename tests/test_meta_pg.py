@@ -421,3 +421,49 @@ def test_trpo_with_no_finite_line_search_point_raises():
     with pytest.raises(FloatingPointError, match="line search"):
         model.learn(1)
     assert th.equal(before, _parameters(model))
+
+
+# ------------------------------------------------------------------------------------------ inner-sample reuse
+
+
+class _InnerBatches(BaseCallback):
+    """Records each meta-iteration's first inner batch and the importance ratios of its reused episodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.episodes, self.ratios = [], []
+
+    def _on_step(self):
+        return True
+
+    def _on_rollout_end(self):
+        batch = self.locals["sample"].inner_batches[0]
+        self.episodes.append(batch.n_episodes)
+        if batch.reused is not None:
+            with th.no_grad():
+                log_prob = self.model.adaptation.log_prob(self.model.initial_task_params(batch.n_tasks), batch)
+            self.ratios.append(th.exp(log_prob - batch.sampling_log_probs)[batch.reused & (batch.masks.sum(-1) > 0)])
+
+
+def test_inner_sample_reuse_appends_truncated_importance_weighted_earlier_batches():
+    from sb3_metarl.diagnostics import make_tabular_model
+
+    model, _ = make_tabular_model(
+        "lvc", inner_episodes=3, meta_batch_size=2, inner_sample_reuse=2, reuse_importance_clip=1.01, learning_rate=0.05
+    )
+    recorder = _InnerBatches()
+    model.learn(4 * 2 * 6 * 20, callback=recorder)
+    # iteration 1: fresh only; then the task's two stored batches (the two slots run the same task) are appended
+    assert recorder.episodes == [3, 9, 9, 9]
+    ratios = th.cat([r.flatten() for r in recorder.ratios])
+    assert ratios.max() <= 1.01 + 1e-5  # truncated at the clip
+    assert (ratios - 1).abs().max() > 1e-3  # the parameters moved: the reused episodes are off-policy
+
+
+def test_inner_sample_reuse_arguments():
+    with pytest.raises(ValueError, match="does not weigh samples"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="maml", inner_sample_reuse=1, **TINY)
+    with pytest.raises(ValueError, match="inner_sample_reuse"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=-1, **TINY)
+    with pytest.raises(ValueError, match="reuse_importance_clip"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=1, reuse_importance_clip=0.5, **TINY)

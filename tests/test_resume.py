@@ -130,3 +130,30 @@ def test_rollout_statistics_survive_learn_calls_and_training_mode_is_set():
     model.learn(800)
     assert len(model.pre_adaptation_returns) == 1  # ... and resets them with the counters
     assert ("rollout", False) in modes and ("train", True) in modes and ("rollout", True) not in modes
+
+
+@pytest.mark.parametrize("meta_optimizer", ["adam", "trpo"])
+def test_resume_with_inner_sample_reuse_is_bit_identical(tmp_path, meta_optimizer):
+    """The reuse buffers are training state: saved, loaded, and a mid-iteration checkpoint holds them as of its start."""
+    from sb3_metarl import FixedTaskSampler
+
+    tasks = [np.random.default_rng(seed).uniform(0, 1, (20, 5)) for seed in range(2)]
+    per_iteration = 2 * 2 * 2 * 20
+    kwargs = dict(inner_sample_reuse=2, task_sampler=FixedTaskSampler(tasks))
+    uninterrupted = _model(ENVS[1], meta_optimizer, "lvc", **kwargs)
+    calls_at_rollout_end = []
+    uninterrupted.learn(5 * per_iteration, callback=_CallCounter(calls_at_rollout_end))
+    first = _model(ENVS[1], meta_optimizer, "lvc", **kwargs)
+    first.learn(2 * per_iteration)
+    first.save(tmp_path / "half.zip")
+    resumed = MetaPolicyGradient.load(tmp_path / "half.zip", env=ENVS[1])
+    assert sum(len(b) for b in resumed.reusable_inner_batches.values()) > 0
+    resumed.learn(5 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
+    assert th.equal(_parameters(resumed), _parameters(uninterrupted))
+    checkpointed = _model(ENVS[1], meta_optimizer, "lvc", **kwargs)
+    third = calls_at_rollout_end[1] + (calls_at_rollout_end[2] - calls_at_rollout_end[1]) // 3
+    checkpointed.learn(3 * per_iteration, callback=CheckpointCallback(save_freq=third, save_path=str(tmp_path / "ckpt")))
+    (checkpoint,) = sorted(os.listdir(tmp_path / "ckpt"))[:1]
+    from_checkpoint = MetaPolicyGradient.load(tmp_path / "ckpt" / checkpoint, env=ENVS[1])
+    from_checkpoint.learn(5 * per_iteration - from_checkpoint.num_timesteps, reset_num_timesteps=False)
+    assert th.equal(_parameters(from_checkpoint), _parameters(uninterrupted))

@@ -1,6 +1,7 @@
 """Episode storage for B tasks x E episodes on top of SB3's ``RolloutBuffer``."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch as th
@@ -134,6 +135,48 @@ class EpisodeBatch:
     advantage_scale: th.Tensor | None = None
     #: R(tau) minus a per-task constant (the batch mean when a baseline is used), (B, E)
     trajectory_advantages: th.Tensor | None = None
+    #: True for episodes sampled in an earlier meta-iteration and reused (their ``log_probs`` are the behaviour
+    #: policy's, kept when the batch is evaluated at the sampling parameters), (B, E); None: all fresh
+    reused: th.Tensor | None = None
+
+    #: the fields that hold the samples (the rest are weights, computed from them)
+    SAMPLE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "observations", "actions", "rewards", "masks", "log_probs", "successes", "reused",
+    )  # fmt: skip
+
+    def samples(self) -> "EpisodeBatch":
+        """:return: the batch without its weights (what a replay buffer keeps)"""
+        return EpisodeBatch(**{name: getattr(self, name) for name in self.SAMPLE_FIELDS})
+
+    def select_tasks(self, indices: list[int]) -> "EpisodeBatch":
+        """:return: the samples of the tasks ``indices`` (no weights)"""
+        fields = {name: getattr(self, name) for name in self.SAMPLE_FIELDS}
+        return EpisodeBatch(**{name: None if value is None else value[indices] for name, value in fields.items()})
+
+    def select_episodes(self, columns: th.Tensor) -> "EpisodeBatch":
+        """:return: the samples of the episodes ``columns`` (a boolean mask over E) of every task (no weights)"""
+        fields = {name: getattr(self, name) for name in self.SAMPLE_FIELDS}
+        return EpisodeBatch(**{name: None if value is None else value[:, columns] for name, value in fields.items()})
+
+    @staticmethod
+    def stack_tasks(batches: list["EpisodeBatch"]) -> "EpisodeBatch":
+        """:return: the samples of ``batches`` (same episode count and horizon) as the tasks of one batch (no weights)"""
+        fields = {name: [getattr(batch, name) for batch in batches] for name in EpisodeBatch.SAMPLE_FIELDS}
+        return EpisodeBatch(
+            **{name: None if any(v is None for v in values) else th.cat(values, dim=0) for name, values in fields.items()}
+        )
+
+    @staticmethod
+    def concatenate(batches: list["EpisodeBatch"]) -> "EpisodeBatch":
+        """:return: the samples of ``batches`` (same tasks and horizon) side by side along the episodes (no weights)"""
+        fields: dict[str, th.Tensor | None] = {}
+        for name in EpisodeBatch.SAMPLE_FIELDS:
+            values = [getattr(batch, name) for batch in batches]
+            if name == "reused":
+                values = [th.zeros(b.masks.shape[:2], dtype=th.bool, device=b.masks.device) if v is None else v
+                          for v, b in zip(values, batches)]  # fmt: skip
+            fields[name] = None if any(v is None for v in values) else th.cat(values, dim=1)
+        return EpisodeBatch(**fields)
 
     @property
     def n_tasks(self) -> int:

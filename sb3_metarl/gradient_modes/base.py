@@ -46,6 +46,9 @@ class GradientMode(ABC):
     differentiate_inner_step: bool = True
     #: False for modes built on raw rewards, which a standardized advantage cannot enter
     supports_normalized_advantage: bool = True
+    #: True where the inner surrogate weighs each sample by its likelihood ratio to the stored sampling
+    #: log-likelihoods (magic boxes, LVC ratios): off-policy samples are then importance-weighted in the graph
+    weighs_by_likelihood_ratio: bool = False
 
     @abstractmethod
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:

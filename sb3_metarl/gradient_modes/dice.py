@@ -15,6 +15,7 @@ class DiCE(GradientMode):
     """
 
     name = "dice"
+    weighs_by_likelihood_ratio = True
     supports_normalized_advantage = False
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:

@@ -17,6 +17,7 @@ class LoadedDiCE(GradientMode):
     """
 
     name = "loaded_dice"
+    weighs_by_likelihood_ratio = True
 
     def __init__(self, dice_lambda: float = 0.95):
         if isinstance(dice_lambda, bool) or not isinstance(dice_lambda, (int, float)) or not 0.0 <= dice_lambda <= 1.0:

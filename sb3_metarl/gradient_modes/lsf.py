@@ -14,6 +14,7 @@ class LSF(GradientMode):
     """
 
     name = "lsf"
+    weighs_by_likelihood_ratio = True
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
         box = magic_box(log_prob.sum(dim=2), batch.sampling_log_probs.sum(dim=2))

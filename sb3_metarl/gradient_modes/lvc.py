@@ -14,6 +14,7 @@ class LVC(GradientMode):
     """
 
     name = "lvc"
+    weighs_by_likelihood_ratio = True
 
     def inner_surrogate(self, log_prob: th.Tensor, batch: EpisodeBatch) -> th.Tensor:
         ratio = th.exp(log_prob - batch.sampling_log_probs)

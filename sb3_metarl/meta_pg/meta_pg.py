@@ -5,6 +5,7 @@ import copy
 import io
 import math
 import pathlib
+import pickle
 import sys
 import time
 from collections import deque
@@ -60,6 +61,11 @@ AUTO_CALIBRATION_TASKS = 16
 AUTO_INNER_CLIP_FACTOR = 4.0
 
 
+def task_key(task: Any) -> bytes:
+    """:return: a key identifying a task by value (its pickle), for the per-task reuse buffers"""
+    return pickle.dumps(task)
+
+
 class MetaPolicyGradient(BaseAlgorithm):
     """
     Gradient-based meta-RL (MAML family) for any SB3 actor-critic policy.
@@ -97,6 +103,12 @@ class MetaPolicyGradient(BaseAlgorithm):
         every step), "subproc" (``num_workers`` processes on this machine, each owning many sub-envs), "ray" (Ray
         actors, local or on a cluster), or an ``EpisodeSampler``; "subproc" and "ray" give the same samples as
         "vec_env" for the same seed and call back once per sampled batch
+    :param inner_sample_reuse: the first inner step also uses up to this many earlier first inner batches of the
+        same task (tasks that recur: fixed task sets), weighted by their importance ratios through the mode's boxes
+        (Liu et al. 2022, Sec. 4.4: off-policy samples against the compositional bias); needs a mode that weighs
+        samples by likelihood ratios (lsf, lvc, dice, loaded_dice). 0: off
+    :param reuse_importance_clip: each reused step's likelihood ratio at the current parameters is truncated at
+        this value (the level of off-policyness the reuse admits)
     :param sampler_kwargs: arguments of "subproc" / "ray": ``num_workers`` (default: the cores, or the Ray
         cluster's CPUs), ``timeout`` (seconds a living worker may take to answer), ``address`` and
         ``ray_init_kwargs`` (for ``ray.init`` when Ray is not yet initialized)
@@ -136,6 +148,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         vec_env_cls: type[DummyVecEnv | SubprocVecEnv] | str | None = None,
         sampler: str | EpisodeSampler = "vec_env",
         sampler_kwargs: dict[str, Any] | None = None,
+        inner_sample_reuse: int = 0,
+        reuse_importance_clip: float = 2.0,
         env_kwargs: dict[str, Any] | None = None,
         max_episode_steps: int | None = None,
         stats_window_size: int = 100,
@@ -171,6 +185,16 @@ class MetaPolicyGradient(BaseAlgorithm):
                 "use normalize_advantage=False, or 'loaded_dice' with gradient_mode_kwargs=dict(dice_lambda=1) "
                 "(DiCE with a baseline)."
             )
+        if not (isinstance(inner_sample_reuse, int) and not isinstance(inner_sample_reuse, bool) and inner_sample_reuse >= 0):
+            raise ValueError(f"inner_sample_reuse: must be an integer >= 0, got {inner_sample_reuse!r}.")
+        if inner_sample_reuse and not self.gradient_mode.weighs_by_likelihood_ratio:
+            raise ValueError(
+                f"inner_sample_reuse: mode {self.gradient_mode.name!r} does not weigh samples by their likelihood ratio, "
+                "so reused (off-policy) episodes would bias its inner step; use lsf, lvc, dice or loaded_dice, or "
+                "inner_sample_reuse=0."
+            )
+        if not (isinstance(reuse_importance_clip, (int, float)) and reuse_importance_clip >= 1):
+            raise ValueError(f"reuse_importance_clip: must be a number >= 1, got {reuse_importance_clip!r}.")
         if n_envs is not None and n_envs % meta_batch_size != 0:
             raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
 
@@ -192,6 +216,10 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.vec_env_cls = resolve_vec_env_cls(vec_env_cls)
         self.sampler = sampler
         self.sampler_kwargs = sampler_kwargs
+        self.inner_sample_reuse = inner_sample_reuse
+        self.reuse_importance_clip = float(reuse_importance_clip)
+        #: per task (keyed by its pickled value): the first inner batches of earlier meta-iterations, newest last
+        self.reusable_inner_batches: dict[bytes, deque] = {}
         self.env_kwargs = env_kwargs
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
@@ -560,8 +588,11 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         adaptation, mode = self.adaptation, self.gradient_mode
 
-        def inner_batch(_: int, params: Params) -> EpisodeBatch | None:
-            return self.sample_episodes(tasks, params, self.inner_episodes, step_callback)
+        def inner_batch(step: int, params: Params) -> EpisodeBatch | None:
+            batch = self.sample_episodes(tasks, params, self.inner_episodes, step_callback)
+            if step == 0 and batch is not None and self.inner_sample_reuse:
+                batch = self._with_reused_episodes(tasks, params, batch)
+            return batch
 
         unrolled = adaptation.unroll(
             adaptation.task_parameters(len(tasks)), self.inner_steps, inner_batch, mode, create_graph=True, at_sampling=True
@@ -576,6 +607,33 @@ class MetaPolicyGradient(BaseAlgorithm):
         outer_batch.log_probs = replay.outer_log_prob.detach()
         objective = adaptation.objective(replay, inner_batches, outer_batch, mode)
         return MetaSample(mode, replay, objective, inner_batches, outer_batch, float(np.mean(inner_norms)))
+
+    def _with_reused_episodes(self, tasks: list[Any], params: Params, fresh: EpisodeBatch) -> EpisodeBatch:
+        """
+        The first inner batch with the ``inner_sample_reuse`` most recent stored batches of each task appended
+        (as many as every task of the meta-batch has), marked as reused: their stored log-likelihoods are the
+        behaviour policy's, so the mode's boxes and ratios weigh them by their importance ratio, each step's
+        ratio at the current parameters truncated at ``reuse_importance_clip`` (the behaviour log-likelihood is
+        raised where the ratio would exceed it).
+        """
+        stored = [self.reusable_inner_batches.get(task_key(task), ()) for task in tasks]
+        n_reused = min(self.inner_sample_reuse, *(len(batches) for batches in stored))
+        if n_reused == 0:
+            return fresh
+        reused = EpisodeBatch.stack_tasks([EpisodeBatch.concatenate(list(batches)[-n_reused:]) for batches in stored])
+        with th.no_grad():
+            current = masked_log_prob(self.functional_policy, {n: p.detach() for n, p in params.items()}, reused)
+        reused.log_probs = th.maximum(reused.log_probs, current - math.log(self.reuse_importance_clip)) * reused.masks
+        reused.reused = th.ones(reused.masks.shape[:2], dtype=th.bool, device=reused.masks.device)
+        return self.weighting(EpisodeBatch.concatenate([fresh.samples(), reused]))
+
+    def _remember_inner_batch(self, tasks: list[Any], sample: MetaSample) -> None:
+        """Store each task's fresh first inner batch for reuse by later meta-iterations."""
+        batch = sample.inner_batches[0]
+        fresh = batch.samples() if batch.reused is None else batch.select_episodes(~batch.reused[0])
+        for index, task in enumerate(tasks):
+            stored = self.reusable_inner_batches.setdefault(task_key(task), deque(maxlen=self.inner_sample_reuse))
+            stored.append(fresh.select_tasks([index]))
 
     def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
         """
@@ -747,6 +805,8 @@ class MetaPolicyGradient(BaseAlgorithm):
                 update_start = time.perf_counter()
                 self.train(sample)
                 self.logger.record("time/train_seconds", time.perf_counter() - update_start)
+                if self.inner_sample_reuse:
+                    self._remember_inner_batch(tasks, sample)
                 self._iteration_start = None
                 if log_interval is not None and iteration % log_interval == 0:
                     self.dump_logs(iteration)

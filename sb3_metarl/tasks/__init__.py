@@ -35,9 +35,13 @@ METAWORLD_TASK_ENVS = {
 }
 
 
+#: built-in envs that are not task families: id -> (entry point, horizon)
+GAME_ENVS = {"sb3_metarl/IPD-v0": ("sb3_metarl.tasks.ipd:IteratedPrisonersDilemmaEnv", 100)}
+
+
 def register_envs() -> None:
-    """Register the built-in task families (idempotent)."""
-    for env_id, (entry_point, horizon) in BUILTIN_TASK_ENVS.items():
+    """Register the built-in task families and games (idempotent)."""
+    for env_id, (entry_point, horizon) in {**BUILTIN_TASK_ENVS, **GAME_ENVS}.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, max_episode_steps=horizon)
     for env_id, benchmark in METAWORLD_TASK_ENVS.items():
@@ -54,6 +58,7 @@ register_envs()
 
 __all__ = [
     "BUILTIN_TASK_ENVS",
+    "GAME_ENVS",
     "METAWORLD_TASK_ENVS",
     "MUJOCO_TASK_ENVS",
     "EnvTaskSampler",

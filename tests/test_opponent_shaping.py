@@ -1,0 +1,145 @@
+"""The iterated prisoner's dilemma: the exact value against closed forms, rollouts and the env; LOLA-DiCE's estimates."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium.utils.env_checker import check_env
+
+import sb3_metarl  # noqa: F401  (registers the envs)
+from sb3_metarl.opponent_shaping import LOLADiCE, ipd_exact_value
+from sb3_metarl.tasks.ipd import play
+
+GAMMA = 0.96
+COOPERATE, DEFECT = th.full((5,), 30.0), th.full((5,), -30.0)
+#: tit for tat: cooperate at the start and after the other cooperated (CC, DC), defect after CD, DD
+TIT_FOR_TAT = th.tensor([30.0, 30.0, -30.0, 30.0, -30.0])
+
+
+def test_exact_value_closed_forms():
+    geometric = 1 / (1 - GAMMA)
+    cases = [
+        (COOPERATE, COOPERATE, (-geometric, -geometric)),
+        (DEFECT, DEFECT, (-2 * geometric, -2 * geometric)),
+        (COOPERATE, DEFECT, (-3 * geometric, 0.0)),
+        # tit for tat against always-defect: exploited once, then mutual defection
+        (TIT_FOR_TAT, DEFECT, (-3 - 2 * GAMMA * geometric, 0 - 2 * GAMMA * geometric)),
+        # two tit-for-tat players cooperate forever
+        (TIT_FOR_TAT, TIT_FOR_TAT, (-geometric, -geometric)),
+    ]
+    for theta1, theta2, (v1, v2) in cases:
+        value1, value2 = ipd_exact_value(theta1.double(), theta2.double(), GAMMA)
+        assert value1.item() == pytest.approx(v1, rel=1e-9, abs=1e-9)
+        assert value2.item() == pytest.approx(v2, rel=1e-9, abs=1e-9)
+    # a finite horizon: the partial sum
+    value1, _ = ipd_exact_value(DEFECT.double(), DEFECT.double(), GAMMA, horizon=3)
+    assert value1.item() == pytest.approx(-2 * (1 + GAMMA + GAMMA**2), rel=1e-9)
+    # the players are symmetric: swapping them swaps the values
+    theta1, theta2 = th.randn(5, dtype=th.float64), th.randn(5, dtype=th.float64)
+    forward, backward = ipd_exact_value(theta1, theta2, GAMMA), ipd_exact_value(theta2, theta1, GAMMA)
+    assert forward[0].item() == pytest.approx(backward[1].item()) and forward[1].item() == pytest.approx(backward[0].item())
+
+
+def test_exact_value_is_the_mean_discounted_return_of_sampled_games():
+    generator = th.Generator().manual_seed(0)
+    theta1, theta2 = th.randn(5, generator=generator), th.randn(5, generator=generator)
+    horizon = 30
+    games = play(theta1, theta2, 20000, horizon, generator)
+    discounts = GAMMA ** th.arange(horizon, dtype=th.float64)
+    returns = (games.rewards.double() * discounts.view(1, -1, 1)).sum(1)  # (E, 2)
+    exact = ipd_exact_value(theta1.double(), theta2.double(), GAMMA, horizon=horizon)
+    for player in range(2):
+        standard_error = returns[:, player].std().item() / len(returns) ** 0.5
+        assert abs(returns[:, player].mean().item() - exact[player].item()) < 4 * standard_error
+
+
+def test_env_plays_the_same_game():
+    env = gym.make("sb3_metarl/IPD-v0")
+    check_env(env.unwrapped)
+    assert env.spec.max_episode_steps == 100
+    # both players' policies through the env's API: the mean discounted return matches the exact value
+    theta1, theta2 = th.tensor([1.0, 2.0, -1.0, 0.5, -2.0]), th.tensor([0.0, 1.5, -0.5, -1.0, 1.0])
+    p1, p2 = th.sigmoid(theta1).numpy(), th.sigmoid(theta2).numpy()
+    rng = np.random.default_rng(0)
+    returns = []
+    for _ in range(1500):
+        obs, info = env.reset()
+        other, total = info["other_observation"], np.zeros(2)
+        for step in range(20):
+            action = np.array([rng.random() >= p1[obs], rng.random() >= p2[other]], dtype=np.int64)
+            obs, reward, _, _, info = env.step(action)
+            assert reward == info["rewards"][0]
+            total += GAMMA**step * info["rewards"]
+            other = info["other_observation"]
+        returns.append(total)
+    returns = np.array(returns)
+    exact = ipd_exact_value(theta1.double(), theta2.double(), GAMMA, horizon=20)
+    for player in range(2):
+        assert abs(returns[:, player].mean() - exact[player].item()) < 4 * returns[:, player].std() / len(returns) ** 0.5
+
+
+def test_exact_value_gradient_matches_finite_differences():
+    theta1, theta2 = th.randn(5, dtype=th.float64, requires_grad=True), th.randn(5, dtype=th.float64)
+    (gradient,) = th.autograd.grad(ipd_exact_value(theta1, theta2, GAMMA)[0], theta1)
+    for index in range(5):
+        offset = th.zeros(5, dtype=th.float64)
+        offset[index] = 1e-6
+        plus = ipd_exact_value(theta1.detach() + offset, theta2, GAMMA)[0]
+        minus = ipd_exact_value(theta1.detach() - offset, theta2, GAMMA)[0]
+        assert gradient[index].item() == pytest.approx(((plus - minus) / 2e-6).item(), rel=1e-5, abs=1e-8)
+
+
+def _estimates(learner, n_batches):
+    """Sampled estimates of player 2's inner gradient and player 1's LOLA meta-gradient, one per independent batch."""
+    inner, meta = [], []
+    for _ in range(n_batches):
+        theta2_adapted = learner.lookahead(0)
+        objective, _ = learner.objective(0, learner.thetas[0], theta2_adapted, "sampled", learner.batch_size)
+        meta.append(th.autograd.grad(objective, learner.thetas[0])[0])
+        inner.append((theta2_adapted.detach() - learner.thetas[1].detach()) / learner.inner_lr)
+    return th.stack(inner), th.stack(meta)
+
+
+def test_dice_estimates_the_exact_inner_gradient_and_lola_meta_gradient():
+    """
+    Unbiased: the means over independent batches of the DiCE estimates are within 4 standard errors of the exact
+    ones; and the meta-gradient's LOLA term (through the opponent's step) is resolved: the naive gradient (the
+    opponent held fixed) is rejected.
+    """
+    learner = LOLADiCE(batch_size=256, rollout_length=20, seed=0)
+    exact = LOLADiCE(rollout_length=20, inner="exact", outer="exact")
+    with th.no_grad():
+        for one, other in zip(learner.thetas, exact.thetas):
+            values = th.randn(5, generator=th.Generator().manual_seed(len(learner.history) + 7))
+            one.copy_(values)
+            other.copy_(values)
+    inner, meta = _estimates(learner, 80)
+    theta2_adapted = exact.lookahead(0)
+    exact_inner = (theta2_adapted.detach() - exact.thetas[1].detach()) / exact.inner_lr
+    exact_meta = th.autograd.grad(exact.objective(0, exact.thetas[0], theta2_adapted, "exact", 0)[0], exact.thetas[0])[0]
+    naive_value = ipd_exact_value(exact.thetas[0], exact.thetas[1].detach(), GAMMA, horizon=20)[0]
+    naive_meta = th.autograd.grad(naive_value, exact.thetas[0])[0]
+    for estimates, expected in ((inner, exact_inner), (meta, exact_meta)):
+        standard_error = estimates.std(0) / len(estimates) ** 0.5
+        assert ((estimates.mean(0) - expected).abs() < 4 * standard_error).all(), (estimates.mean(0), expected)
+    assert (exact_inner.abs() / (inner.std(0) / len(inner) ** 0.5)).max() > 10
+    assert ((meta.mean(0) - naive_meta).abs() / (meta.std(0) / len(meta) ** 0.5)).max() > 4
+
+
+def test_lola_exact_cooperates_where_naive_learners_defect():
+    lola = LOLADiCE(inner="exact", outer="exact").learn(300)
+    naive = LOLADiCE(inner="exact", outer="exact", opponent_shaping=False).learn(300)
+    for player in (1, 2):
+        assert lola.history[-1][f"average_reward_{player}"] > -1.3
+        assert naive.history[-1][f"average_reward_{player}"] < -1.9
+
+
+def test_sampled_learning_is_reproducible_and_arguments_are_checked():
+    first = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3)
+    second = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3)
+    assert first.history == second.history
+    np.testing.assert_array_equal(first.cooperation_probabilities(), second.cooperation_probabilities())
+    with pytest.raises(ValueError, match="inner"):
+        LOLADiCE(inner="analytic")
+    with pytest.raises(ValueError, match="batch_size"):
+        LOLADiCE(batch_size=0)
