@@ -7,6 +7,7 @@ from typing import Any
 
 import torch as th
 
+from sb3_metarl.gradient_modes import GradientMode
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
 
 #: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
@@ -68,6 +69,19 @@ def check_arguments(
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed: must be None or an integer, got {seed!r}.")
     check_device(device)
+
+
+def check_sample_reuse(inner_sample_reuse: Any, reuse_importance_clip: Any, mode: GradientMode) -> None:
+    """:raises ValueError: on a reuse count or clip out of range, or reuse with a mode that cannot importance-weight"""
+    if not (_is_int(inner_sample_reuse) and inner_sample_reuse >= 0):
+        raise ValueError(f"inner_sample_reuse: must be an integer >= 0, got {inner_sample_reuse!r}.")
+    if inner_sample_reuse and not mode.weighs_by_likelihood_ratio:
+        raise ValueError(
+            f"inner_sample_reuse: mode {mode.name!r} does not weigh samples by their likelihood ratio, so reused "
+            "(off-policy) episodes would bias its inner step; use lsf, lvc, dice or loaded_dice, or inner_sample_reuse=0."
+        )
+    if not (_is_real(reuse_importance_clip) and reuse_importance_clip >= 1):
+        raise ValueError(f"reuse_importance_clip: must be a number >= 1, got {reuse_importance_clip!r}.")
 
 
 def check_device(device: Any) -> None:

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import hashlib
 import io
 import math
 import pathlib
@@ -40,7 +41,7 @@ from sb3_metarl.common.rng import (
 from sb3_metarl.common.vec_env import make_task_env, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
-from sb3_metarl.meta_pg.arguments import AUTO, check_arguments, check_sampler
+from sb3_metarl.meta_pg.arguments import AUTO, check_arguments, check_sample_reuse, check_sampler
 from sb3_metarl.meta_pg.evaluation import format_adaptation_table
 from sb3_metarl.meta_pg.inner_lr import calibrate_inner_lr
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
@@ -61,9 +62,9 @@ AUTO_CALIBRATION_TASKS = 16
 AUTO_INNER_CLIP_FACTOR = 4.0
 
 
-def task_key(task: Any) -> bytes:
-    """:return: a key identifying a task by value (its pickle), for the per-task reuse buffers"""
-    return pickle.dumps(task)
+def task_key(task: Any) -> str:
+    """:return: a key identifying a task by value (the digest of its pickle), for the per-task reuse buffers"""
+    return hashlib.sha256(pickle.dumps(task)).hexdigest()
 
 
 class MetaPolicyGradient(BaseAlgorithm):
@@ -185,16 +186,7 @@ class MetaPolicyGradient(BaseAlgorithm):
                 "use normalize_advantage=False, or 'loaded_dice' with gradient_mode_kwargs=dict(dice_lambda=1) "
                 "(DiCE with a baseline)."
             )
-        if not (isinstance(inner_sample_reuse, int) and not isinstance(inner_sample_reuse, bool) and inner_sample_reuse >= 0):
-            raise ValueError(f"inner_sample_reuse: must be an integer >= 0, got {inner_sample_reuse!r}.")
-        if inner_sample_reuse and not self.gradient_mode.weighs_by_likelihood_ratio:
-            raise ValueError(
-                f"inner_sample_reuse: mode {self.gradient_mode.name!r} does not weigh samples by their likelihood ratio, "
-                "so reused (off-policy) episodes would bias its inner step; use lsf, lvc, dice or loaded_dice, or "
-                "inner_sample_reuse=0."
-            )
-        if not (isinstance(reuse_importance_clip, (int, float)) and reuse_importance_clip >= 1):
-            raise ValueError(f"reuse_importance_clip: must be a number >= 1, got {reuse_importance_clip!r}.")
+        check_sample_reuse(inner_sample_reuse, reuse_importance_clip, self.gradient_mode)
         if n_envs is not None and n_envs % meta_batch_size != 0:
             raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
 
@@ -219,7 +211,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.inner_sample_reuse = inner_sample_reuse
         self.reuse_importance_clip = float(reuse_importance_clip)
         #: per task (keyed by its pickled value): the first inner batches of earlier meta-iterations, newest last
-        self.reusable_inner_batches: dict[bytes, deque] = {}
+        self.reusable_inner_batches: dict[str, deque] = {}
         self.env_kwargs = env_kwargs
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
