@@ -55,7 +55,8 @@ class LOLADiCE:
     :param outer_lr: Adam's learning rate on each player's logits
     :param value_lr: Adam's learning rate on each player's state-value baseline
     :param lookahead_steps: virtual inner steps of the opponent
-    :param inner: "sampled" (the gradient mode on sampled games) or "exact" (the exact value's gradient)
+    :param inner: "sampled" (the gradient mode on sampled games) or "exact" (the gradient of the exact value of the
+        ``rollout_length``-round game: the sampled surrogate's expectation)
     :param outer: "sampled" or "exact", the same for the outer objective
     :param opponent_shaping: False: naive learners (no lookahead; each ascends its own return)
     :param gradient_mode: the surrogate of sampled pieces (a name of ``GRADIENT_MODES`` or an instance)
