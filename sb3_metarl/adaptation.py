@@ -358,10 +358,11 @@ class Adaptation:
             curvature = inner_hessian.product(tangent)
             return {n: tangent[n] + step.view(-1, *[1] * (t.dim() - 1)) * curvature[n] for n, t in tangent.items()}
 
+        # the actor's parameters outside ``names`` are held fixed: a zero tangent
+        fixed = {n: th.zeros_like(p) for n, p in self.parameters().items() if n in layout.names and n not in names}
+
         def product(vector: Params) -> Params:
-            # the actor's parameters outside ``names`` are held fixed: a zero tangent
-            actor = {n: p for n, p in self.parameters().items() if n in layout.names}
-            shared = {n: vector[n] if n in vector else th.zeros_like(p) for n, p in actor.items()}
+            shared = {**fixed, **{n: vector[n] for n in names}}
             per_task = {n: v.unsqueeze(0).expand(n_tasks, *v.shape) for n, v in shared.items()}
             result = jacobian(outer_fisher.product(jacobian(per_task)))
             return {n: result[n].sum(0) for n in names}

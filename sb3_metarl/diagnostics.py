@@ -362,6 +362,7 @@ def decomposed_meta_gradient(
     values = tabular_value_function(model, tasks) if "exact" in (inner, outer, hessian) else None
     adaptation = model.adaptation
     value_mode = hessian_mode or model.gradient_mode
+    inner_lr = model.resolved_inner_lr()
     task_theta = FunctionalPolicy.expand(model.functional_policy.parameters(), len(tasks))
     params = task_theta
     for _ in range(model.inner_steps):
@@ -380,7 +381,7 @@ def decomposed_meta_gradient(
             surrogate = hessian_mode.inner_surrogate(adaptation.log_prob(params, batch), batch)
             derivative = grad_params(surrogate.sum(), params, create_graph=True)
         params = {
-            n: params[n] + model.resolved_inner_lr() * (inner_value[n].detach() + derivative[n] - derivative[n].detach())
+            n: params[n] + inner_lr * (inner_value[n].detach() + derivative[n] - derivative[n].detach())
             for n in params
         }
     if outer == "exact":

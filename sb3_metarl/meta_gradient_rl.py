@@ -197,13 +197,11 @@ class MetaGradientA2C(A2C):
     def rollout_tensors(self) -> dict[str, th.Tensor]:
         """:return: the current rollout buffer's data as tensors, with the values and episode ends after its last step"""
         buffer = self.rollout_buffer
-        with th.no_grad():
-            last_values = self.policy.predict_values(obs_as_tensor(self._last_obs, self.device)).flatten()
         tensors = {
             name: th.as_tensor(getattr(buffer, name), device=self.device).float()
             for name in ("rewards", "values", "episode_starts", "log_probs")
         }
-        tensors["last_values"] = last_values
+        tensors["last_values"] = self._last_values()
         tensors["last_dones"] = th.as_tensor(self._last_episode_starts, device=self.device).float()
         observations = buffer.observations.reshape(-1, *buffer.obs_shape)
         tensors["observations"] = obs_as_tensor(observations, self.device)
@@ -264,9 +262,11 @@ class MetaGradientA2C(A2C):
 
     def train(self) -> None:
         """The meta-update of eta (virtual steps discarded), the rollout's returns under the new eta, A2C's update."""
-        if self.meta_optimizer is not None:
+        # the virtual steps are discarded: the policy, hence the bootstrap values, are the rollout's
+        rollout = self.rollout_tensors() if self.meta_optimizer is not None else None
+        if rollout is not None:
             self.policy.set_training_mode(True)
-            objective = self.meta_objective()
+            objective = self.meta_objective(rollout)
             learned = [p for p in self.meta_module.parameters() if p.requires_grad]
             grads = th.autograd.grad(objective, learned, allow_unused=True)
             grads = [th.zeros_like(p) if g is None else g for p, g in zip(learned, grads)]
@@ -281,17 +281,20 @@ class MetaGradientA2C(A2C):
             self.meta_optimizer.step()
             self.logger.record("meta/objective", objective.item())
             self.logger.record("meta/grad_norm", th.sqrt(sum(g.pow(2).sum() for g in grads)).item())
-        self._apply_meta_parameters()
+        self._apply_meta_parameters(self._last_values() if rollout is None else rollout["last_values"])
         super().train()
 
-    def _apply_meta_parameters(self) -> None:
+    def _last_values(self) -> th.Tensor:
+        """:return: the value predictions of the observations after the rollout's last step (n_envs,)"""
+        with th.no_grad():
+            return self.policy.predict_values(obs_as_tensor(self._last_obs, self.device)).flatten()
+
+    def _apply_meta_parameters(self, last_values: th.Tensor) -> None:
         values = self.meta_parameter_values()
         self.gamma, self.gae_lambda = values["gamma"], values["gae_lambda"]
         self.vf_coef, self.ent_coef = values["vf_coef"], values["ent_coef"]
         buffer = self.rollout_buffer
         buffer.gamma, buffer.gae_lambda = self.gamma, self.gae_lambda
-        with th.no_grad():
-            last_values = self.policy.predict_values(obs_as_tensor(self._last_obs, self.device))
         buffer.compute_returns_and_advantage(last_values=last_values, dones=np.asarray(self._last_episode_starts))
         for name, value in values.items():
             self.logger.record(f"meta/{name}", value)
