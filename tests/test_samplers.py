@@ -258,12 +258,15 @@ class _PlainSampler(EpisodeSampler):
     def __init__(self, venv, n_groups):
         self.inner = VecEnvSampler(venv, n_groups)
         self.n_groups, self.envs_per_group, self.horizon = n_groups, self.inner.envs_per_group, self.inner.horizon
+        self.steps_returned = 0
 
     def attach_policy(self, policy):
         self.inner.attach_policy(policy)
 
     def sample(self, tasks, task_params, n_episodes):
-        return self.inner.sample(tasks, task_params, n_episodes)
+        batch = self.inner.sample(tasks, task_params, n_episodes)
+        self.steps_returned += int(batch.masks.sum())
+        return batch
 
 
 def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
@@ -272,11 +275,16 @@ def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
     from sb3_metarl.common.vec_env import make_task_env
 
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=_PlainSampler(venv, 4), **SMALL)
+    sampler = _PlainSampler(venv, 4)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=sampler, **SMALL)
+    model.resolved_inner_lr()
+    sampler.steps_returned = 0  # count the iteration's batches only, not the inner-lr calibration's
     model.learn(1)
     assert model.n_updates == 1
-    # Navigation2D's episodes run the whole horizon (100): 4 tasks x (3 inner + 3 outer) episodes
-    assert model.num_timesteps == 4 * 6 * 100
+    # The sampler draws its own noise, so an episode may end early at the goal: the count is the
+    # transitions in the iteration's batches (4 tasks x (3 inner + 3 outer) episodes, at most 100 steps each).
+    assert model.num_timesteps == sampler.steps_returned
+    assert 4 * 6 * 50 < model.num_timesteps <= 4 * 6 * 100
 
 
 @pytest.mark.parametrize(
