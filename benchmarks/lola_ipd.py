@@ -1,9 +1,10 @@
 """
-LOLA-DiCE on the iterated prisoner's dilemma (Liu et al. 2022, Fig. 3 (a), in spirit): each player's average
+LOLA-DiCE on the iterated prisoner's dilemma (Liu et al. 2022, Fig. 3 (a, d), in spirit): each player's average
 reward per round over meta-updates, for sampled or exact inner (the opponent's virtual step) and outer
-pieces and batch 128 against 1024, with the settings of their Table 3 (outer lr 0.1, inner lr 0.3, gamma 0.96,
-rollout 100, one lookahead step, 500 updates, 10 seeds). The curves are the exact average reward
-(1 - gamma) V of the players' current policies (closed form), so no evaluation noise is added.
+pieces, batch 128 against 1024, and off-policy DiCE inner steps on a buffer of 1024 games, with the settings of
+their Table 3 (outer lr 0.1, inner lr 0.3, gamma 0.96, rollout 100, one lookahead step, 500 updates, 10 seeds).
+The curves are the exact average reward (1 - gamma) V of the players' current policies (closed form), so no
+evaluation noise is added.
 
     python benchmarks/lola_ipd.py                  # writes docs/results/lola_ipd.{md,csv,png}
     python benchmarks/lola_ipd.py --updates 20 --seeds 2 --out /tmp/lola.md   # a quick run
@@ -25,6 +26,11 @@ CONFIGS = {
     "DiCE inner (128), exact outer": dict(batch_size=128, outer="exact"),
     "LOLA-Exact": dict(inner="exact", outer="exact"),
     "naive learners, DiCE 128": dict(batch_size=128, opponent_shaping=False),
+    # Fig. 3 (d): the inner step's value (compositional bias) and derivative (Hessian) from a buffer of the 1024 most
+    # recent games by off-policy DiCE, or from the 128 fresh games ("DiCE, batch 128" above is on-on)
+    "off-off (buffer 1024, batch 128)": dict(batch_size=128, buffer_size=1024, off_policy_value=True, off_policy_hessian=True),
+    "off-on (value off-policy)": dict(batch_size=128, buffer_size=1024, off_policy_value=True),
+    "on-off (Hessian off-policy)": dict(batch_size=128, buffer_size=1024, off_policy_hessian=True),
 }
 
 
@@ -90,24 +96,36 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
 
 
+#: the figure's panels: Fig. 3 (a) estimators and batch sizes; Fig. 3 (d) off-policy DiCE (on-on is batch 128)
+PANELS = {
+    "estimators and batch size": [name for name in CONFIGS if "buffer_size" not in CONFIGS[name]],
+    "off-policy inner step (value-Hessian)": ["DiCE, batch 128", *[n for n in CONFIGS if "buffer_size" in CONFIGS[n]]],
+}
+
+
 def plot(curves: dict[str, list[np.ndarray]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, runs in curves.items():
-        stacked = np.stack(runs)
-        mean, stderr = stacked.mean(0), stacked.std(0) / np.sqrt(len(stacked))
-        updates = np.arange(1, len(mean) + 1)
-        axes.plot(updates, mean, label=name)
-        axes.fill_between(updates, mean - stderr, mean + stderr, alpha=0.2)
-    axes.set_xlabel("update")
-    axes.set_ylabel("average reward per round")
-    axes.set_ylim(-2.2, -0.8)
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
+    panels = {title: [name for name in names if name in curves] for title, names in PANELS.items()}
+    panels = {title: names for title, names in panels.items() if names}
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axes, (title, names) in zip(all_axes[0], panels.items()):
+        for name in names:
+            stacked = np.stack(curves[name])
+            mean, stderr = stacked.mean(0), stacked.std(0) / np.sqrt(len(stacked))
+            updates = np.arange(1, len(mean) + 1)
+            on_on = title.startswith("off-policy") and name == "DiCE, batch 128"
+            axes.plot(updates, mean, label="on-on (DiCE, batch 128)" if on_on else name)
+            axes.fill_between(updates, mean - stderr, mean + stderr, alpha=0.2)
+        axes.set_title(title)
+        axes.set_xlabel("update")
+        axes.set_ylabel("average reward per round")
+        axes.set_ylim(-2.2, -0.8)
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -8,6 +8,12 @@ Each player differentiates its return through a virtual inner step of the other 
 The surrogates S and O come from the library's gradient modes (DiCE by default: its magic box over both
 players' log-likelihoods makes the inner step's derivative in theta_i unbiased) on sampled games, or from the
 exact value (``ipd_exact_value``, "LOLA-Exact") for either piece.
+
+Off-policy DiCE (Liu et al. 2022, Sec. 5.2, Fig. 3 (d)): the virtual inner step may be estimated on a buffer of
+recent games, each weighed by its importance weight (DiCE's magic box taken against the log-likelihoods of the
+policies that played it), which enlarges the inner sample and so lowers the compositional bias. With the
+stop-gradient decomposition the value of the inner step and its derivative (the Hessian term) each come from the
+buffer (off) or from the fresh games alone (on).
 """
 
 from collections.abc import Callable
@@ -60,6 +66,12 @@ class LOLADiCE:
     :param outer: "sampled" or "exact", the same for the outer objective
     :param opponent_shaping: False: naive learners (no lookahead; each ascends its own return)
     :param gradient_mode: the surrogate of sampled pieces (a name of ``GRADIENT_MODES`` or an instance)
+    :param buffer_size: games kept for off-policy inner steps (the most recent, the fresh ones included; 1024 in the
+        paper); 0: none
+    :param off_policy_value: the value of the inner step (its gradient, whose error is the compositional bias) is
+        estimated on the buffer by off-policy DiCE; else on the fresh games
+    :param off_policy_hessian: the inner step's derivative in the shaping player's parameters (the Hessian term)
+        is estimated on the buffer; else on the fresh games
     :param seed: seed of the games' random stream
     """
 
@@ -77,6 +89,9 @@ class LOLADiCE:
         outer: str = "sampled",
         opponent_shaping: bool = True,
         gradient_mode: str | GradientMode = "dice",
+        buffer_size: int = 0,
+        off_policy_value: bool = False,
+        off_policy_hessian: bool = False,
         seed: int = 0,
     ):
         for name, value in (("inner", inner), ("outer", outer)):
@@ -87,6 +102,13 @@ class LOLADiCE:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}.")
         if not 0 <= gamma < 1:
             raise ValueError(f"gamma: must be in [0, 1), got {gamma!r}.")
+        if not (isinstance(buffer_size, int) and buffer_size >= 0):
+            raise ValueError(f"buffer_size: must be an integer >= 0, got {buffer_size!r}.")
+        if (off_policy_value or off_policy_hessian) and (inner == "exact" or buffer_size < (inner_batch_size or batch_size)):
+            raise ValueError(
+                "off_policy_value / off_policy_hessian: need a sampled inner step (inner='sampled') and a buffer of at "
+                f"least inner_batch_size games (buffer_size={buffer_size!r}); e.g. buffer_size=1024 as in the paper."
+            )
         self.batch_size = batch_size
         self.inner_batch_size = inner_batch_size or batch_size
         self.rollout_length = rollout_length
@@ -96,6 +118,10 @@ class LOLADiCE:
         self.inner, self.outer = inner, outer
         self.opponent_shaping = opponent_shaping
         self.gradient_mode = make_gradient_mode(gradient_mode)
+        self.buffer_size = buffer_size
+        self.off_policy_value, self.off_policy_hessian = bool(off_policy_value), bool(off_policy_hessian)
+        #: the most recent games played for virtual inner steps, with the log-likelihoods of the policies that played them
+        self.replay_games: Games | None = None
         self.generator = th.Generator().manual_seed(seed)
         #: each player's logits of cooperating at the start and after CC, CD, DC, DD (own action first)
         self.thetas = [th.zeros(5, requires_grad=True) for _ in range(2)]
@@ -109,20 +135,28 @@ class LOLADiCE:
 
     # ------------------------------------------------------------------ objectives
 
-    def surrogate(self, player: int, games: Games, theta1: th.Tensor, theta2: th.Tensor) -> th.Tensor:
+    def surrogate(
+        self, player: int, games: Games, theta1: th.Tensor, theta2: th.Tensor, off_policy: bool = False
+    ) -> th.Tensor:
         """
-        The gradient mode's surrogate of ``player``'s discounted return on ``games`` (sampled with the
-        parameters' current values), with the magic box over both players' log-likelihoods.
+        The gradient mode's surrogate of ``player``'s discounted return on ``games``, with the magic box over both
+        players' log-likelihoods.
 
+        :param off_policy: the games were played by other policies (``games.behaviour_log_probs``): the boxes are
+            taken against those log-likelihoods, so each term is weighed by its importance weight (off-policy DiCE);
+            else the games were played with the parameters' current values
         :return: a scalar whose gradient (and, for DiCE, higher derivatives) in both logits estimates the return's
         """
         joint = games.log_prob(0, theta1) + games.log_prob(1, theta2)
+        behaviour = games.behaviour_log_probs if off_policy else joint.detach()
+        if behaviour is None:
+            raise ValueError("off_policy: the games carry no behaviour log-likelihoods (play them with tasks.ipd.play).")
         batch = EpisodeBatch(
             observations=games.states_of(player).unsqueeze(0).unsqueeze(-1),
             actions=games.actions.unsqueeze(0),
             rewards=games.rewards[..., player].unsqueeze(0),
             masks=th.ones(1, *games.states.shape),
-            log_probs=joint.detach().unsqueeze(0),
+            log_probs=behaviour.unsqueeze(0),
         ).compute_weights(spaces.Discrete(5), self.gamma, 1.0, StateValueTable(self.values[player]))
         return self.gradient_mode.inner_surrogate(joint.unsqueeze(0), batch)[0]
 
@@ -146,10 +180,37 @@ class LOLADiCE:
             return theta_other
         for _ in range(self.lookahead_steps):
             pair = (own, theta_other) if player == 0 else (theta_other, own)
-            objective, _ = self.objective(other, *pair, self.inner, self.inner_batch_size)
-            (gradient,) = th.autograd.grad(objective, theta_other, create_graph=True)
+            objective, games = self.objective(other, *pair, self.inner, self.inner_batch_size)
+            if games is not None and self.buffer_size > 0:
+                self.remember(games)
+            if not (self.off_policy_value or self.off_policy_hessian):
+                (gradient,) = th.autograd.grad(objective, theta_other, create_graph=True)
+            else:
+                gradient = self._off_policy_inner_gradient(other, pair, theta_other, objective)
             theta_other = theta_other + self.inner_lr * gradient
         return theta_other
+
+    def remember(self, games: Games) -> None:
+        """Append ``games`` to the off-policy buffer, dropping the oldest beyond ``buffer_size``."""
+        stored = games if self.replay_games is None else Games.concatenate([self.replay_games, games])
+        self.replay_games = stored.last(self.buffer_size)
+
+    def _off_policy_inner_gradient(
+        self, other: int, pair: tuple[th.Tensor, th.Tensor], theta_other: th.Tensor, on_policy: th.Tensor
+    ) -> th.Tensor:
+        """
+        :return: ``other``'s inner gradient with its value from the buffer or the fresh games (``off_policy_value``)
+            and its derivatives from one or the other (``off_policy_hessian``): ``stop(g_value) + g_hess - stop(g_hess)``
+        """
+        assert self.replay_games is not None
+        off_policy = self.surrogate(other, self.replay_games, *pair, off_policy=True)
+        value_source = off_policy if self.off_policy_value else on_policy
+        hessian_source = off_policy if self.off_policy_hessian else on_policy
+        (hessian_gradient,) = th.autograd.grad(hessian_source, theta_other, create_graph=True)
+        if value_source is hessian_source:
+            return hessian_gradient
+        (value_gradient,) = th.autograd.grad(value_source, theta_other, retain_graph=True)
+        return value_gradient + hessian_gradient - hessian_gradient.detach()
 
     # ------------------------------------------------------------------ training
 

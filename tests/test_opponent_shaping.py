@@ -143,3 +143,87 @@ def test_sampled_learning_is_reproducible_and_arguments_are_checked():
         LOLADiCE(inner="analytic")
     with pytest.raises(ValueError, match="batch_size"):
         LOLADiCE(batch_size=0)
+
+
+def test_off_policy_dice_estimates_the_exact_inner_gradient_and_its_hessian_term():
+    """
+    Games played by other policies, weighed by off-policy DiCE's magic box (taken against the behaviour
+    log-likelihoods), estimate the current policies' inner gradient and its derivative in the other player's
+    logits without bias; the same games without the weights are rejected (the test's power).
+    """
+    rollout, generator = 8, th.Generator().manual_seed(1)
+    learner = LOLADiCE(rollout_length=rollout, seed=0)
+    theta1, theta2 = th.randn(5, generator=generator), th.randn(5, generator=generator)
+    behaviour1 = theta1 + 0.4 * th.randn(5, generator=generator)
+    behaviour2 = theta2 + 0.4 * th.randn(5, generator=generator)
+    direction = th.randn(5, generator=generator)
+
+    def inner_gradient_and_hessian_term(theta1, theta2, objective):
+        (gradient,) = th.autograd.grad(objective, theta2, create_graph=True)
+        (hessian_term,) = th.autograd.grad(gradient @ direction, theta1)  # d/dtheta1 of <grad_2 V_2, u>
+        return th.cat([gradient.detach(), hessian_term])
+
+    def leaves():
+        return theta1.clone().requires_grad_(True), theta2.clone().requires_grad_(True)
+
+    exact = inner_gradient_and_hessian_term(*(pair := leaves()), ipd_exact_value(*pair, GAMMA, horizon=rollout)[1])
+    weighted, unweighted = [], []
+    for _ in range(40):
+        games = play(behaviour1, behaviour2, 1000, rollout, generator)
+        for off_policy, estimates in ((True, weighted), (False, unweighted)):
+            pair = leaves()
+            estimates.append(inner_gradient_and_hessian_term(*pair, learner.surrogate(1, games, *pair, off_policy=off_policy)))
+    weighted, unweighted = th.stack(weighted), th.stack(unweighted)
+    standard_error = weighted.std(0) / len(weighted) ** 0.5
+    assert ((weighted.mean(0) - exact).abs() < 4 * standard_error).all(), (weighted.mean(0), exact)
+    unweighted_error = unweighted.std(0) / len(unweighted) ** 0.5
+    assert ((unweighted.mean(0) - exact).abs() / unweighted_error).max() > 8
+
+
+def _lookahead_with_buffer(**kwargs):
+    """Player 1's virtual step of player 2 at fixed logits, after the same off-policy games were stored."""
+    learner = LOLADiCE(batch_size=32, rollout_length=10, buffer_size=96, seed=5, **kwargs)
+    generator = th.Generator().manual_seed(11)
+    with th.no_grad():
+        learner.thetas[0].copy_(th.randn(5, generator=generator))
+        learner.thetas[1].copy_(th.randn(5, generator=generator))
+    learner.remember(play(learner.thetas[0] + 0.3, learner.thetas[1] - 0.3, 64, 10, generator))
+    theta2_adapted = learner.lookahead(0)
+    jacobian = th.stack([th.autograd.grad(theta2_adapted[i], learner.thetas[0], retain_graph=True)[0] for i in range(5)])
+    return theta2_adapted.detach(), jacobian, learner
+
+
+def test_off_policy_inner_step_takes_its_value_and_its_derivative_from_the_chosen_games():
+    on_on = _lookahead_with_buffer()
+    off_off = _lookahead_with_buffer(off_policy_value=True, off_policy_hessian=True)
+    off_on = _lookahead_with_buffer(off_policy_value=True)
+    on_off = _lookahead_with_buffer(off_policy_hessian=True)
+    # the fresh games (32) joined the stored ones (64) in the buffer, played by the current policies
+    buffer = off_off[2].replay_games
+    assert len(buffer) == 96
+    fresh = buffer.last(32)
+    current = fresh.log_prob(0, off_off[2].thetas[0].detach()) + fresh.log_prob(1, off_off[2].thetas[1].detach())
+    th.testing.assert_close(fresh.behaviour_log_probs, current)
+    # the stop-gradient decomposition: value from the first source, derivative from the second
+    th.testing.assert_close(off_on[0], off_off[0])
+    th.testing.assert_close(on_off[0], on_on[0])
+    th.testing.assert_close(off_on[1], on_on[1])
+    th.testing.assert_close(on_off[1], off_off[1])
+    # and the sources differ: the buffer's estimate is not the fresh games'
+    assert (off_off[0] - on_on[0]).abs().max() > 1e-3 and (off_off[1] - on_on[1]).abs().max() > 1e-3
+
+
+def test_off_policy_buffer_keeps_the_most_recent_games_and_arguments_are_checked():
+    learner = LOLADiCE(batch_size=16, rollout_length=10, buffer_size=40, off_policy_value=True, seed=0).learn(1)
+    # one update: both players' virtual steps played 16 games each at the initial (uniform) policies
+    assert len(learner.replay_games) == 32
+    th.testing.assert_close(learner.replay_games.behaviour_log_probs, th.full((32, 10), 2 * np.log(0.5)))
+    learner.learn(1)
+    assert len(learner.replay_games) == 40
+    for kwargs in (dict(off_policy_value=True), dict(off_policy_hessian=True, buffer_size=8, batch_size=16)):
+        with pytest.raises(ValueError, match="buffer_size"):
+            LOLADiCE(**kwargs)
+    with pytest.raises(ValueError, match="inner='sampled'"):
+        LOLADiCE(inner="exact", buffer_size=1024, off_policy_value=True)
+    with pytest.raises(ValueError, match="buffer_size"):
+        LOLADiCE(buffer_size=-1)

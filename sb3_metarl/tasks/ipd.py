@@ -66,11 +66,31 @@ class Games:
     :param actions: (E, T, 2) player 1's and player 2's actions
     """
 
-    def __init__(self, states: th.Tensor, actions: th.Tensor):
+    def __init__(self, states: th.Tensor, actions: th.Tensor, behaviour_log_probs: th.Tensor | None = None):
         self.states = states
         self.actions = actions
         payoffs = th.as_tensor(PAYOFFS)
         self.rewards = payoffs[actions[..., 0], actions[..., 1]]  # (E, T, 2)
+        #: (E, T) the joint log-likelihood of both players' actions under the policies that played them (None: unknown)
+        self.behaviour_log_probs = behaviour_log_probs
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @staticmethod
+    def concatenate(games: "list[Games]") -> "Games":
+        """:return: the games of every batch in order (behaviour log-likelihoods kept if every batch has them)"""
+        behaviour = [batch.behaviour_log_probs for batch in games]
+        return Games(
+            th.cat([batch.states for batch in games]),
+            th.cat([batch.actions for batch in games]),
+            None if any(log_probs is None for log_probs in behaviour) else th.cat(behaviour),
+        )
+
+    def last(self, n_games: int) -> "Games":
+        """:return: the ``n_games`` most recent games (all if fewer)"""
+        behaviour = self.behaviour_log_probs
+        return Games(self.states[-n_games:], self.actions[-n_games:], None if behaviour is None else behaviour[-n_games:])
 
     def states_of(self, player: int) -> th.Tensor:
         """:return: the states seen by ``player`` (0 or 1)"""
@@ -83,7 +103,10 @@ class Games:
 
 
 def play(theta1: th.Tensor, theta2: th.Tensor, n_games: int, n_rounds: int, generator: th.Generator) -> Games:
-    """:return: ``n_games`` games of ``n_rounds`` rounds of two memory-one policies (no graph)"""
+    """
+    :return: ``n_games`` games of ``n_rounds`` rounds of two memory-one policies (no graph), with the joint
+        log-likelihood of their actions under these policies (for later off-policy use)
+    """
     swapped = th.as_tensor(SWAPPED_STATE)
     with th.no_grad():
         cooperate1, cooperate2 = th.sigmoid(theta1.detach()), th.sigmoid(theta2.detach())
@@ -95,7 +118,9 @@ def play(theta1: th.Tensor, theta2: th.Tensor, n_games: int, n_rounds: int, gene
             states.append(state)
             actions.append(action)
             state = next_state(action[:, 0], action[:, 1])
-    return Games(th.stack(states, dim=1), th.stack(actions, dim=1))
+        games = Games(th.stack(states, dim=1), th.stack(actions, dim=1))
+        games.behaviour_log_probs = games.log_prob(0, theta1.detach()) + games.log_prob(1, theta2.detach())
+    return games
 
 
 class IteratedPrisonersDilemmaEnv(gym.Env):
