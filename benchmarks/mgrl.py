@@ -35,6 +35,11 @@ def run(job: tuple[str, str, int, int]) -> dict:
     th.set_num_threads(1)
     algorithm, env_id, seed, timesteps = job
     atari = env_id.startswith("ALE/")
+    if atari:  # gymnasium 1.x registers the ALE ids only on request
+        import ale_py
+        import gymnasium as gym
+
+        gym.register_envs(ale_py)
     env = VecFrameStack(make_atari_env(env_id, n_envs=8, seed=seed), 4) if atari else make_vec_env(env_id, n_envs=8, seed=seed)
     kwargs = dict(n_steps=5, seed=seed, device="cpu", ent_coef=0.01, gae_lambda=0.95)
     policy = "CnnPolicy" if atari else "MlpPolicy"

@@ -77,15 +77,15 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
         kl_hessian_product = adaptation.kl_hessian_product(sample, names, layered=trpo.layered_hessian)
 
     def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
-        with timer("Hessian-vector product of the KL through the inner step (10 for CG + 1 for the step length)"):
+        with timer("Hessian-vector product of the KL through the inner step (10, for CG)"):
             sizes = [p.numel() for p in params]
             product = kl_hessian_product({n: v.view_as(p) for n, v, p in zip(names, vector.split(sizes), params)})
             flat = th.cat([product[n].reshape(-1) for n in names])
         return flat + trpo.cg_damping * vector
 
     # the conjugate gradient's own arithmetic (on 5k-element vectors) is negligible: its time is its HVPs'
-    direction = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), trpo.cg_max_steps)
-    curvature = (direction @ hessian_vector_product(direction)).item()
+    direction, direction_product = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), trpo.cg_max_steps)
+    curvature = (direction @ direction_product).item()
     full_step = (2.0 * trpo.max_kl / curvature) ** 0.5 * direction.detach()
     old_values = [p.detach().clone() for p in params]
     coefficient, accepted = 1.0, False

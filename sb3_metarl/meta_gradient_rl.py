@@ -6,7 +6,7 @@ update then uses the new meta-parameters).
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +25,87 @@ from sb3_metarl.gradient_modes import magic_box
 #: the meta-parameters that can be learned, and how each is kept in range: (to unconstrained, from unconstrained)
 META_PARAMETERS = ("gamma", "gae_lambda", "vf_coef", "ent_coef")
 META_GRADIENTS = ("autodiff", "lvc")
+VIRTUAL_UPDATES = ("optimizer", "sgd")
+
+
+def _sqrt_where_positive(tensor: th.Tensor) -> th.Tensor:
+    """sqrt, 0 where the argument is 0, with a finite derivative there (an unused parameter's second moment)"""
+    positive = tensor > 0
+    return th.where(positive, tensor, th.ones_like(tensor)).sqrt() * positive
+
+
+class VirtualOptimizerStep:
+    """
+    The agent's own optimizer step (RMSprop, A2C's default; Adam; SGD), written as a differentiable function of the
+    gradients, starting from the optimizer's current statistics: the virtual updates are the ones the agent makes
+    (as Xu et al.'s and Liu et al.'s meta-gradient agents differentiate their own optimizer), with the same
+    gradient-norm clipping. The statistics the virtual steps accumulate are their own (the optimizer is untouched).
+
+    :param optimizer: the agent's optimizer (its first parameter group's settings are used)
+    :param names: the names of the optimized parameters, in the optimizer's order
+    :param learning_rate: the step size (the agent's current learning rate)
+    :param max_grad_norm: the gradients' total norm is clipped to this (differentiated through, so the meta-gradient
+        is the exact derivative of the virtual updates); None: no clip
+    :raises ValueError: for optimizers or settings this step does not write out
+    """
+
+    def __init__(self, optimizer: th.optim.Optimizer, names: list[str], learning_rate: float, max_grad_norm: float | None):
+        group = optimizer.param_groups[0]
+        self.kind = type(optimizer).__name__
+        unsupported = (
+            self.kind not in ("RMSprop", "Adam", "SGD")
+            or len(optimizer.param_groups) != 1
+            or group.get("momentum", 0) != 0
+            or group.get("centered", False)
+            or group.get("amsgrad", False)
+            or group.get("maximize", False)
+            or group.get("nesterov", False)
+        )
+        if unsupported:
+            raise ValueError(
+                f"virtual_update='optimizer': {type(optimizer).__name__} with {sorted(k for k, v in group.items() if v)} "
+                "is not written out (RMSprop without momentum or centering, Adam without amsgrad, plain SGD are); "
+                "use virtual_update='sgd'."
+            )
+        self.group = group
+        self.learning_rate = learning_rate
+        self.max_grad_norm = max_grad_norm
+        self.state: dict[str, dict[str, th.Tensor | float]] = {}
+        for name, param in zip(names, group["params"]):
+            state = optimizer.state.get(param, {})
+            self.state[name] = {key: value.detach().clone() if th.is_tensor(value) else value for key, value in state.items()}
+
+    def __call__(self, params: Params, grads: dict[str, th.Tensor]) -> Params:
+        """:return: the parameters after one step with ``grads`` (differentiable in both)"""
+        if self.max_grad_norm is not None:
+            total_norm = _sqrt_where_positive(sum(g.pow(2).sum() for g in grads.values()))
+            scale = th.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)  # as clip_grad_norm_
+            grads = {name: g * scale for name, g in grads.items()}
+        group, updated = self.group, {}
+        for name, param in params.items():
+            grad = grads.get(name)
+            if grad is None:
+                updated[name] = param
+                continue
+            if group.get("weight_decay", 0):
+                grad = grad + group["weight_decay"] * param
+            state = self.state.setdefault(name, {})
+            if self.kind == "SGD":
+                updated[name] = param - self.learning_rate * grad
+            elif self.kind == "RMSprop":
+                alpha = group["alpha"]
+                square_avg = state.get("square_avg", th.zeros_like(param.detach()))
+                state["square_avg"] = square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+                updated[name] = param - self.learning_rate * grad / (_sqrt_where_positive(square_avg) + group["eps"])
+            else:  # Adam
+                beta1, beta2 = group["betas"]
+                step = float(state.get("step", 0.0)) + 1
+                exp_avg = beta1 * state.get("exp_avg", th.zeros_like(param.detach())) + (1 - beta1) * grad
+                exp_avg_sq = beta2 * state.get("exp_avg_sq", th.zeros_like(param.detach())) + (1 - beta2) * grad * grad
+                state.update(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+                denominator = _sqrt_where_positive(exp_avg_sq) / math.sqrt(1 - beta2**step) + group["eps"]
+                updated[name] = param - self.learning_rate / (1 - beta1**step) * exp_avg / denominator
+        return updated
 
 
 def rollout_advantages(
@@ -100,8 +181,10 @@ class _EvaluateActions(nn.Module):
 class MetaGradientA2C(A2C):
     """
     A2C whose discount, GAE lambda, value-loss and entropy coefficients are meta-parameters eta, learned online.
-    After each rollout: ``virtual_steps`` SGD steps of the A2C loss L(theta; eta) from the current parameters,
-    ``theta_{j+1} = theta_j - virtual_learning_rate * grad L(theta_j; eta)`` (kept differentiable in eta); the outer
+    After each rollout: ``virtual_steps`` updates of the A2C loss L(theta; eta) from the current parameters, by
+    default the agent's own optimizer step (A2C's RMSprop with its current statistics, learning rate and gradient
+    clipping; ``virtual_update="sgd"``: ``theta_{j+1} = theta_j - virtual_learning_rate * grad L(theta_j; eta)``),
+    kept differentiable in eta; the outer
     objective, the policy-gradient surrogate with fixed reference values (``meta_objective_gamma``,
     ``meta_objective_gae_lambda``) weighted by the likelihood ratio of theta_k to the sampling policy, is
     differentiated with respect to eta and ascended with Adam (``meta_learning_rate``); the virtual parameters
@@ -116,7 +199,11 @@ class MetaGradientA2C(A2C):
     :param virtual_steps: virtual A2C updates differentiated through (k; 3 in Liu et al.)
     :param meta_gradient: "autodiff" or "lvc"
     :param meta_learning_rate: Adam's learning rate on the unconstrained meta-parameters
-    :param virtual_learning_rate: the virtual SGD steps' size
+    :param virtual_update: "optimizer": each virtual step is the agent's optimizer step (RMSprop, Adam or SGD written
+        out, from the optimizer's statistics, with A2C's gradient-norm clipping), so the virtual updates are the
+        agent's own and stay as stable as its real ones; "sgd": plain gradient steps of ``virtual_learning_rate``
+    :param virtual_learning_rate: the virtual steps' size; None: the agent's current learning rate ("optimizer")
+        or 0.1 ("sgd")
     :param meta_objective_gamma: the outer objective's discount (default: the initial ``gamma``)
     :param meta_objective_gae_lambda: the outer objective's GAE lambda
     :param gae_lambda: A2C's, 0.95 by default here (a learned lambda lives in (0, 1))
@@ -134,7 +221,8 @@ class MetaGradientA2C(A2C):
         virtual_steps: int = 3,
         meta_gradient: str = "autodiff",
         meta_learning_rate: float = 1e-3,
-        virtual_learning_rate: float = 0.1,
+        virtual_update: str = "optimizer",
+        virtual_learning_rate: float | None = None,
         meta_objective_gamma: float | None = None,
         meta_objective_gae_lambda: float = 1.0,
         gae_lambda: float = 0.95,
@@ -147,6 +235,10 @@ class MetaGradientA2C(A2C):
             raise ValueError(f"meta_parameters: {unknown or meta_parameters!r} not among {META_PARAMETERS}.")
         if meta_gradient not in META_GRADIENTS:
             raise ValueError(f"meta_gradient: must be one of {META_GRADIENTS}, got {meta_gradient!r}.")
+        if virtual_update not in VIRTUAL_UPDATES:
+            raise ValueError(f"virtual_update: must be one of {VIRTUAL_UPDATES}, got {virtual_update!r}.")
+        if virtual_learning_rate is not None and not virtual_learning_rate > 0:
+            raise ValueError(f"virtual_learning_rate: must be > 0 (or None), got {virtual_learning_rate!r}.")
         if not (isinstance(virtual_steps, int) and virtual_steps >= 1):
             raise ValueError(f"virtual_steps: must be an integer >= 1, got {virtual_steps!r}.")
         gamma, vf_coef = kwargs.get("gamma", 0.99), kwargs.get("vf_coef", 0.5)
@@ -160,6 +252,7 @@ class MetaGradientA2C(A2C):
         self.virtual_steps = virtual_steps
         self.meta_gradient = meta_gradient
         self.meta_learning_rate = meta_learning_rate
+        self.virtual_update = virtual_update
         self.virtual_learning_rate = virtual_learning_rate
         self.meta_objective_gamma = gamma if meta_objective_gamma is None else meta_objective_gamma
         self.meta_objective_gae_lambda = meta_objective_gae_lambda
@@ -179,6 +272,8 @@ class MetaGradientA2C(A2C):
         learned = [p for p in self.meta_module.parameters() if p.requires_grad]
         self.meta_optimizer = th.optim.Adam(learned, lr=self.meta_learning_rate) if learned else None
         self._evaluate = _EvaluateActions(self.policy)
+        if self.virtual_update == "optimizer":  # fail at construction, not at the first update
+            self.virtual_step_function()
 
     def meta_parameter_values(self) -> dict[str, float]:
         """:return: the current gamma, gae_lambda, vf_coef and ent_coef"""
@@ -213,7 +308,16 @@ class MetaGradientA2C(A2C):
         # canonical names with tie_weights=False: SB3 registers a shared features extractor under three names, and
         # tied substitution would leave a substituted tensor on the policy (see common/functional.py)
         substituted = {"policy." + n: p for n, p in params.items()}
-        return functional_call(self._evaluate, substituted, (rollout["observations"], rollout["actions"]), tie_weights=False)
+        inputs = (rollout["observations"], rollout["actions"])
+        try:
+            return functional_call(self._evaluate, substituted, inputs, tie_weights=False)
+        except ValueError as error:  # torch's distributions reject non-finite parameters (overflowed virtual steps)
+            if "invalid values" not in str(error):
+                raise
+            raise FloatingPointError(
+                f"virtual update: the policy's outputs are non-finite at the virtual parameters ({self.virtual_update!r}, "
+                f"learning rate {self.virtual_learning_rate}); lower virtual_learning_rate or use virtual_update='optimizer'."
+            ) from error
 
     def _a2c_loss(self, params: Params, rollout: dict[str, th.Tensor], meta: dict[str, th.Tensor]) -> th.Tensor:
         values, log_prob, entropy = self._evaluate_with(params, rollout)
@@ -233,6 +337,41 @@ class MetaGradientA2C(A2C):
         entropy_loss = -th.mean(-log_prob) if entropy is None else -th.mean(entropy)
         return policy_loss + meta["ent_coef"] * entropy_loss + meta["vf_coef"] * value_loss
 
+    def virtual_step_function(self) -> Callable[[Params, dict[str, th.Tensor]], Params]:
+        """:return: (parameters, their gradients) -> the parameters after one virtual update (differentiable)"""
+        if self.virtual_update == "sgd":
+            learning_rate = 0.1 if self.virtual_learning_rate is None else self.virtual_learning_rate
+
+            def sgd(params: Params, grads: dict[str, th.Tensor]) -> Params:
+                return {n: p if n not in grads else p - learning_rate * grads[n] for n, p in params.items()}
+
+            return sgd
+        names = {param: name for name, param in self.policy.named_parameters()}
+        learning_rate = self.virtual_learning_rate or self.lr_schedule(self._current_progress_remaining)
+        optimizer = self.policy.optimizer
+        return VirtualOptimizerStep(optimizer, [names[p] for p in optimizer.param_groups[0]["params"]], learning_rate,
+                                    self.max_grad_norm)  # fmt: skip
+
+    def virtual_parameters(self, rollout: dict[str, th.Tensor], meta: dict[str, th.Tensor]) -> Params:
+        """
+        :param rollout: the rollout's tensors (:meth:`rollout_tensors`)
+        :param meta: the meta-parameters' values by name (tensors, differentiable)
+        :return: the policy's parameters after the ``virtual_steps`` virtual updates, differentiable in ``meta``
+        """
+        params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        step = self.virtual_step_function()
+        with th.enable_grad():
+            for _ in range(self.virtual_steps):
+                loss = self._a2c_loss(params, rollout, meta)
+                grads = th.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+                params = step(params, {n: g for n, g in zip(params, grads) if g is not None})
+                if not all(bool(th.isfinite(p).all()) for p in params.values()):
+                    raise FloatingPointError(
+                        f"virtual update: non-finite parameters after a virtual step ({self.virtual_update!r}, learning "
+                        f"rate {self.virtual_learning_rate}); lower virtual_learning_rate or use virtual_update='optimizer'."
+                    )
+        return params
+
     def meta_objective(self, rollout: dict[str, th.Tensor] | None = None) -> th.Tensor:
         """
         The outer objective after the virtual steps from the current parameters on the current rollout,
@@ -244,20 +383,16 @@ class MetaGradientA2C(A2C):
         """
         rollout = rollout or self.rollout_tensors()
         meta = {name: self.meta_module.value(name) for name in META_PARAMETERS}
-        params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        params = self.virtual_parameters(rollout, meta)
         with th.enable_grad():
-            for _ in range(self.virtual_steps):
-                loss = self._a2c_loss(params, rollout, meta)
-                grads = th.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-                params = {
-                    n: p if g is None else p - self.virtual_learning_rate * g for (n, p), g in zip(params.items(), grads)
-                }
             _, log_prob, _ = self._evaluate_with(params, rollout)
         with th.no_grad():
             reference = rollout_advantages(
                 rollout["rewards"], rollout["values"], rollout["episode_starts"], rollout["last_values"],
                 rollout["last_dones"], self.meta_objective_gamma, self.meta_objective_gae_lambda,
             ).flatten()  # fmt: skip
+        # SB3's distribution object keeps the last distribution it built: here one on the virtual parameters' graph
+        self.policy.action_dist.distribution = None
         return (magic_box(log_prob, rollout["log_probs"].flatten()) * reference).mean()
 
     def train(self) -> None:

@@ -102,6 +102,26 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     assert (natural.policy_gradient @ natural.full_step).item() > 0
 
 
+def test_conjugate_gradient_solves_and_returns_the_product_of_its_solution():
+    from sb3_metarl.meta_optimizers.trpo import conjugate_gradient
+
+    generator = th.Generator().manual_seed(0)
+    factor = th.randn(30, 30, generator=generator, dtype=th.float64)
+    matrix = factor @ factor.T + 0.5 * th.eye(30, dtype=th.float64)
+    b = th.randn(30, generator=generator, dtype=th.float64)
+    calls = []
+
+    def product(vector):
+        calls.append(1)
+        return matrix @ vector
+
+    x, x_product = conjugate_gradient(product, b, max_iter=8)
+    assert len(calls) == 8  # one product per iteration, none for A x
+    th.testing.assert_close(x_product, matrix @ x, rtol=1e-10, atol=1e-10)  # the step length's x^T A x, exactly
+    x, _ = conjugate_gradient(product, b, max_iter=60)  # enough iterations: the solution
+    th.testing.assert_close(matrix @ x, b, rtol=1e-6, atol=1e-6)
+
+
 def test_trpo_rejects_every_step_when_the_surrogate_cannot_improve():
     model = _model("maml", meta_optimizer_kwargs=dict(line_search_max_iter=3))
     sample = _sample(model)

@@ -311,3 +311,36 @@ def test_a_sharded_sampler_needs_a_factory_not_a_vec_env():
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     with pytest.raises(ValueError, match="env: sampler='subproc' builds the sub-envs in its workers"):
         MetaPolicyGradient("MlpPolicy", venv, sampler="subproc", **SMALL)
+
+
+@pytest.mark.parametrize("activation", [th.nn.Tanh, th.nn.ReLU])
+def test_plain_mlp_acting_is_the_policy_s_own_gaussian_sample(activation):
+    """The layer-by-layer path (layers and std read once per load) samples bit for bit what the policy's modules do."""
+    from gymnasium import spaces
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    from sb3_metarl.samplers.base import GroupPolicies
+
+    observation_space = spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = spaces.Box(-1, 1, (2,), np.float32)
+    policy = ActorCriticPolicy(observation_space, action_space, lambda _: 1e-3, activation_fn=activation)
+    generator = th.Generator().manual_seed(0)
+    task_params = {n: p.detach() + 0.3 * th.randn(4, *p.shape, generator=generator) for n, p in policy.named_parameters()}
+    plain, generic = GroupPolicies(policy), GroupPolicies(policy)
+    generic.plain_mlp = False
+    assert plain.plain_mlp
+    observations = th.randn(4 * 5, 3, generator=generator).numpy()
+    for policies in (plain, generic):
+        policies.load(task_params)
+    actions = [
+        policies.act(observations, 5, np.arange(4), [th.Generator().manual_seed(seed) for seed in range(4)])
+        for policies in (plain, generic)
+    ]
+    np.testing.assert_array_equal(actions[0], actions[1])
+    # a reload takes the new parameters (the cached layers are the copies' tensors, the std is re-read)
+    task_params["log_std"] = task_params["log_std"] + 1.0
+    plain.load(task_params)
+    wider = plain.act(observations, 5, np.arange(4), [th.Generator().manual_seed(seed) for seed in range(4)])
+    old_std, new_std = np.exp(task_params["log_std"].numpy() - 1.0), np.exp(task_params["log_std"].numpy())
+    noise = (actions[0][:5] - wider[:5]) / (old_std[0] - new_std[0])  # group 0: same mean and noise, another std
+    np.testing.assert_allclose(noise, th.randn(5, 2, generator=th.Generator().manual_seed(0)).numpy(), rtol=1e-4, atol=1e-5)

@@ -100,7 +100,10 @@ def _linear(inputs: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None)
 
 def _outer(cotangent: th.Tensor, inputs: th.Tensor) -> th.Tensor:
     """sum over rows of cotangent (B, N, out) x inputs (B, N, in) -> (B, out, in), a linear layer's weight gradient"""
-    # as (inputs^T cotangent)^T: a thin input (the observations) makes the other order several times slower
+    # the thinner factor goes first, transposed: with a thin second factor (the observations, or the mean's
+    # cotangent) the reduction over rows runs several times slower
+    if cotangent.shape[-1] <= inputs.shape[-1]:
+        return th.bmm(cotangent.transpose(1, 2), inputs)
     return th.bmm(inputs.transpose(1, 2), cotangent).transpose(1, 2)
 
 

@@ -22,7 +22,7 @@ def _unflat(vector: th.Tensor, names: list[str], like: list[th.Tensor]) -> dict[
 
 def conjugate_gradient(
     matrix_vector_product: Callable[[th.Tensor], th.Tensor], b: th.Tensor, max_iter: int, residual_tol: float = 1e-10
-) -> th.Tensor:
+) -> tuple[th.Tensor, th.Tensor]:
     """
     Solve ``A x = b`` for a symmetric positive-definite ``A`` given as a product, starting from x = 0
     (as pytorch-maml-rl and garage do; sb3-contrib's solver starts from a random point drawn from
@@ -32,9 +32,11 @@ def conjugate_gradient(
     :param b: the right-hand side
     :param max_iter: iterations at most (each one product)
     :param residual_tol: stop when the squared residual norm falls below this
-    :return: the approximate solution x
+    :return: the approximate solution x, and ``A x`` as the same combination of the products already computed
+        (x is a combination of the search directions): TRPO's step length needs ``x^T A x`` without one more product
     """
     x = th.zeros_like(b)
+    x_product = th.zeros_like(b)
     residual = b.clone()
     direction = b.clone()
     residual_sq = residual @ residual
@@ -44,11 +46,12 @@ def conjugate_gradient(
         product = matrix_vector_product(direction)
         alpha = residual_sq / (direction @ product)
         x = x + alpha * direction
+        x_product = x_product + alpha * product
         residual = residual - alpha * product
         new_residual_sq = residual @ residual
         direction = residual + (new_residual_sq / residual_sq) * direction
         residual_sq = new_residual_sq
-    return x
+    return x, x_product
 
 
 @dataclass
@@ -151,8 +154,8 @@ class TRPO(MetaOptimizer):
         if not bool(policy_gradient.any()):  # a flat objective: no direction to move in
             zero = th.zeros_like(policy_gradient)
             return NaturalStep(params, zero, zero, objective.item(), hessian_vector_product)
-        direction = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), self.cg_max_steps)
-        curvature = (direction @ hessian_vector_product(direction)).item()
+        direction, direction_product = conjugate_gradient(hessian_vector_product, policy_gradient.detach(), self.cg_max_steps)
+        curvature = (direction @ direction_product).item()
         if not (math.isfinite(curvature) and curvature > 0):
             raise FloatingPointError(
                 f"meta-update: the KL curvature along the TRPO direction is {curvature}; the parameters were left "

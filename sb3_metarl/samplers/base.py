@@ -46,6 +46,9 @@ class GroupPolicies:
         #: SB3's default MLP actor (flattened Box observations, Linear/activation layers, Gaussian actions) is
         #: evaluated layer by layer: small networks cost their Python calls, not their arithmetic
         self.plain_mlp = _is_plain_mlp_actor(policy)
+        #: per group, for the plain MLP: its layers as (function, weight, bias) and its action std (read once per load)
+        self.plain_layers: list[list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]]] = []
+        self.plain_stds: list[th.Tensor] = []
 
     def load(self, task_params: Params) -> None:
         """:param task_params: per-group parameters (leading dim: the groups) of the policy's trainable parameters"""
@@ -60,6 +63,9 @@ class GroupPolicies:
                 for name, param in self.copies[group].named_parameters():
                     if name in task_params:
                         param.copy_(task_params[name][group])
+            if self.plain_mlp:
+                self.plain_layers = [_plain_layers(copy) for copy in self.copies]
+                self.plain_stds = [copy.log_std.exp() for copy in self.copies]
 
     def act(
         self,
@@ -78,11 +84,13 @@ class GroupPolicies:
         :param out: the array to write the actions into (allocated on the first call when None)
         :return: the actions, one row per sub-env (as sampled, before clipping)
         """
-        sample = self._sample_plain_mlp if self.plain_mlp else self._sample
         with th.no_grad():
             for group in groups:
                 rows = slice(group * envs_per_group, (group + 1) * envs_per_group)
-                actions = sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
+                if self.plain_mlp:
+                    actions = self._sample_plain_mlp(group, obs[rows], generators[group]).cpu().numpy()
+                else:
+                    actions = self._sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
                 if out is None:
                     out = np.zeros((len(obs), *actions.shape[1:]), dtype=actions.dtype)
                 out[rows] = actions
@@ -101,15 +109,35 @@ class GroupPolicies:
         return sample_actions(policy.action_dist.proba_distribution(action_logits=mean), generator)
 
 
-    @staticmethod
-    def _sample_plain_mlp(policy: ActorCriticPolicy, obs: np.ndarray, generator: th.Generator) -> th.Tensor:
-        # what extract_features -> mlp_extractor.forward_actor -> action_net compute for this architecture
-        latent = th.as_tensor(obs, device=policy.device).float().flatten(1)
-        for layer in policy.mlp_extractor.policy_net:
-            latent = F.linear(latent, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(latent)
-        mean = F.linear(latent, policy.action_net.weight, policy.action_net.bias)
-        noise = th.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return mean + th.ones_like(mean) * policy.log_std.exp() * noise
+    def _sample_plain_mlp(self, group: int, obs: np.ndarray, generator: th.Generator) -> th.Tensor:
+        # what extract_features -> mlp_extractor.forward_actor -> action_net -> a Gaussian sample compute for this
+        # architecture, with the layers and the std read once per load: per lock-step this call is the sampler's
+        # own cost on cheap envs
+        policy = self.copies[group]
+        latent = th.as_tensor(obs, device=policy.device)
+        if latent.dtype != th.float32:
+            latent = latent.float()
+        if latent.dim() != 2:
+            latent = latent.flatten(1)
+        for function, weight, bias in self.plain_layers[group]:
+            latent = function(latent) if weight is None else function(latent, weight, bias)
+        noise = th.randn(latent.shape, generator=generator, dtype=latent.dtype).to(latent.device)
+        return latent + self.plain_stds[group] * noise
+
+
+#: activations evaluated by their functions (the same arithmetic as the module's forward, without the module call)
+_ACTIVATION_FUNCTIONS: dict[type, Callable[[th.Tensor], th.Tensor]] = {nn.Tanh: th.tanh, nn.ReLU: th.relu}
+
+
+def _plain_layers(policy: ActorCriticPolicy) -> list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]]:
+    """:return: the plain MLP actor's layers to the action mean, as (function, weight, bias); weight None: an activation"""
+    layers: list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]] = []
+    for layer in [*policy.mlp_extractor.policy_net, policy.action_net]:
+        if isinstance(layer, nn.Linear):
+            layers.append((F.linear, layer.weight, layer.bias))
+        else:
+            layers.append((_ACTIVATION_FUNCTIONS.get(type(layer), layer), None, None))
+    return layers
 
 
 def _is_plain_mlp_actor(policy: ActorCriticPolicy) -> bool:
