@@ -344,3 +344,41 @@ def test_plain_mlp_acting_is_the_policy_s_own_gaussian_sample(activation):
     old_std, new_std = np.exp(task_params["log_std"].numpy() - 1.0), np.exp(task_params["log_std"].numpy())
     noise = (actions[0][:5] - wider[:5]) / (old_std[0] - new_std[0])  # group 0: same mean and noise, another std
     np.testing.assert_allclose(noise, th.randn(5, 2, generator=th.Generator().manual_seed(0)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("time_limit", [None, 30])
+def test_stepping_below_the_bookkeeping_wrappers_samples_what_the_wrapped_envs_do(time_limit):
+    """The runner steps envs below TimeLimit / OrderEnforcing / PassiveEnvChecker and counts the limit itself."""
+    from stable_baselines3.common.policies import ActorCriticPolicy
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metarl.common.vec_env import make_task_env
+    from sb3_metarl.samplers.runner import step_without_bookkeeping
+
+    def make():
+        env = make_task_env("sb3_metarl/Navigation2D-v0")
+        return env if time_limit is None else gym.wrappers.TimeLimit(env, time_limit)
+
+    samplers, batches, dones, policy = [], [], [], None
+    for bypass in (True, False):
+        sampler = VecEnvSampler(DummyVecEnv([make] * 6), 3)
+        if not bypass:  # through every wrapper, as a VecEnv steps them
+            sampler.runner.step_functions = [env.step for env in sampler.runner.envs]
+            sampler.runner.time_limits = [None] * len(sampler.runner.envs)
+        policy = policy or ActorCriticPolicy(sampler.venv.observation_space, sampler.venv.action_space, lambda _: 1e-3)
+        sampler.attach_policy(policy)
+        params = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in policy.named_parameters()}
+        seen = []
+        tasks = [np.array([0.3, -0.2]), np.array([-0.4, 0.1]), np.array([0.05, 0.45])]
+        def record(n_steps, local, seen=seen):
+            seen.append(local["dones"].copy())
+            return True
+
+        batches.append(sampler.sample(tasks, params, 4, noise_seeds=[1, 2, 3], step_callback=record))
+        dones.append(seen)
+        samplers.append(sampler)
+    assert step_without_bookkeeping(samplers[0].runner.envs[0])[1] == (time_limit or 100)
+    for field in ("observations", "actions", "rewards", "masks"):
+        th.testing.assert_close(getattr(batches[0], field), getattr(batches[1], field), rtol=0, atol=0)
+    assert len(dones[0]) == len(dones[1]) and all(np.array_equal(a, b) for a, b in zip(*dones))
+    assert batches[0].masks.sum(-1).max().item() == (time_limit or 100)

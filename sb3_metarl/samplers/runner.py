@@ -13,6 +13,25 @@ from sb3_metarl.common.functional import Params
 from sb3_metarl.common.task_vec_env import check_finite
 from sb3_metarl.samplers.base import GroupPolicies, StepCallback, check_finite_actions, group_generators
 
+#: wrappers whose step adds nothing the runner needs: it counts episode steps itself and resets before stepping
+_BOOKKEEPING_WRAPPERS = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
+
+
+def step_without_bookkeeping(env: gym.Env) -> tuple[Any, int | None]:
+    """
+    :return: the step function of ``env`` below its outer bookkeeping wrappers (time limit, reset-order check,
+        passive checker; about a third of a cheap env's step), and the time limit taken off (None if none)
+    """
+    time_limit = None
+    while isinstance(env, _BOOKKEEPING_WRAPPERS):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            if env.spec is None or env.spec.max_episode_steps is None:
+                break  # its limit is not readable: keep it
+            limit = int(env.spec.max_episode_steps)
+            time_limit = limit if time_limit is None else min(time_limit, limit)
+        env = env.env
+    return env.step, time_limit
+
 
 class GroupRunner:
     """
@@ -43,6 +62,11 @@ class GroupRunner:
         if len(envs) % envs_per_group != 0:
             raise ValueError(f"envs: {len(envs)} sub-envs do not split into groups of {envs_per_group}.")
         self.envs = list(envs)
+        # each sub-env is reset through all its wrappers but stepped below the bookkeeping ones; their time limit,
+        # counted here from the wave's reset, ends an episode as the wrapper would (truncated)
+        stepping = [step_without_bookkeeping(env) for env in self.envs]
+        self.step_functions = [step for step, _ in stepping]
+        self.time_limits = [limit for _, limit in stepping]
         self.envs_per_group = envs_per_group
         self.n_groups = len(envs) // envs_per_group
         self.horizon = horizon
@@ -102,8 +126,9 @@ class GroupRunner:
                 dones = np.zeros(len(rows), dtype=bool)
                 infos: list[dict[str, Any]] = []
                 for j, index in enumerate(rows):
-                    obs[index], rewards[j], terminated, truncated, info = self.envs[index].step(env_actions[index])
-                    dones[j] = terminated or truncated
+                    obs[index], rewards[j], terminated, truncated, info = self.step_functions[index](env_actions[index])
+                    limit = self.time_limits[index]
+                    dones[j] = terminated or truncated or (limit is not None and step + 1 >= limit)
                     infos.append(info)
                 check_finite(rewards, "reward", tasks, per_group, rows, self.first_env_index)
                 buffer.add_step(step, columns[rows], step_obs, actions[rows], rewards, zeros[: len(rows)])
