@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`{command}`: {', '.join(args.envs)}, {args.timesteps} steps, {args.seeds} seeds, 8 envs x 5 steps per update, "
         "A2C's defaults otherwise (RMSprop 7e-4), ent_coef 0.01 and gae_lambda 0.95 for all; MGRL learns gamma, "
-        "gae_lambda, vf_coef and ent_coef through 3 virtual steps (virtual lr 0.1, meta lr 1e-3). A budget cut: "
-        "the paper ran Atari for 40M frames with 64 processes.",
+        "gae_lambda, vf_coef and ent_coef through 3 virtual updates (the agent's own RMSprop step, meta lr 1e-3)"
+        + (f"; Atari: SB3's Atari wrappers, CnnPolicy, 4 frames per step ({4 * args.timesteps:,} frames)" if any(
+            env_id.startswith("ALE/") for env_id in args.envs) else "")
+        + ". A budget cut: the paper ran 8 Atari games for 40M frames with 64 processes.",
         "",
         "| env | algorithm | training return, last 10 % | final gamma | final lambda | final ent_coef | s / run |",
         "|---|---|---:|---:|---:|---:|---:|",

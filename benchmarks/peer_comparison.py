@@ -4,7 +4,8 @@ sb3_metarl against pytorch-maml-rl on the same cores, runs alternating in one ti
 The setting is issue 11's, pytorch-maml-rl's configs/maml/2d-navigation.yaml: Navigation2D, 20 tasks x 20
 episodes, horizon 100, one inner step, [64, 64] tanh, TRPO with max_kl 0.01, 10 CG steps, damping 1e-5 (ours:
 ``maml`` mode, fast-lr 0.1 on the per-step mean = 0.1 / 100, standardized advantages, as
-``../shared/bench/peer/ours_run.py``); ours also with ``ppo`` and ``adam``. Each run is a fresh process of
+``../shared/bench/peer/ours_run.py``); ours also with ``ppo`` and ``adam``, and TRPO with ``sampler="subproc"`` on
+as many worker processes as threads (the peer samples in one worker process too). Each run is a fresh process of
 ``--iterations`` meta-iterations; the first is dropped (start-up), the medians are over the rest of every
 round. Seconds per iteration are split into sampling and update (the peer's split is its own
 instrumentation in ``peer_run.py``: its update overlaps the end of its sampling), with each process's
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from sb3_metarl.diagnostics import write_csv
 
-SYSTEMS = ("peer-trpo", "ours-trpo", "ours-ppo", "ours-adam")
+SYSTEMS = ("peer-trpo", "ours-trpo", "ours-trpo-subproc", "ours-ppo", "ours-adam")
 PEER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "peer"
 
 
@@ -45,8 +46,8 @@ def peak_rss_mb(pid: str = "self") -> float:
     return float("nan")
 
 
-def run_ours(meta_optimizer: str, iterations: int, threads: int, seed: int) -> None:
-    """One process of ours: one JSON line per meta-iteration, then one with the peak memory."""
+def run_ours(variant: str, iterations: int, threads: int, seed: int) -> None:
+    """One process of ours: one JSON line per meta-iteration, then one with the peak memory (this process's)."""
     import torch as th
     from stable_baselines3.common.logger import KVWriter, Logger
     from torch import nn
@@ -65,12 +66,14 @@ def run_ours(meta_optimizer: str, iterations: int, threads: int, seed: int) -> N
         "trpo": dict(max_kl=0.01, cg_damping=1e-5, cg_max_steps=10, line_search_shrinking_factor=0.8, line_search_max_iter=15),
         "ppo": {},
         "adam": {},
-    }[meta_optimizer]
+    }[variant.split("-")[0]]
+    meta_optimizer = variant.split("-")[0]
+    sampler = dict(sampler="subproc", sampler_kwargs=dict(num_workers=threads)) if variant.endswith("subproc") else {}
     model = MetaPolicyGradient(
         "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="maml", meta_optimizer=meta_optimizer,
         meta_optimizer_kwargs=optimizer_kwargs, meta_batch_size=20, inner_episodes=20, outer_episodes=20, inner_steps=1,
         inner_lr=0.1 / 100, normalize_advantage=True, gamma=0.99, gae_lambda=1.0, baseline="linear",
-        policy_kwargs=dict(net_arch=[64, 64], activation_fn=nn.Tanh), seed=seed, device="cpu",
+        policy_kwargs=dict(net_arch=[64, 64], activation_fn=nn.Tanh), seed=seed, device="cpu", **sampler,
     )  # fmt: skip
     model.set_logger(Logger(folder=None, output_formats=[Rows()]))
     model.learn(iterations * 20 * 20 * 100 * 2)
@@ -84,7 +87,7 @@ def measure(system: str, iterations: int, threads: int, seed: int, args: argpars
         command = [args.peer_python, script, "--iters", str(iterations), "--threads", str(threads),
                    "--num-workers", "1", "--seed", str(seed)]  # fmt: skip
     else:
-        command = [sys.executable, __file__, "--worker", system.split("-")[1], "--iterations", str(iterations),
+        command = [sys.executable, __file__, "--worker", system.split("-", 1)[1], "--iterations", str(iterations),
                    "--threads", str(threads), "--seed", str(seed)]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(
@@ -110,7 +113,7 @@ def measure(system: str, iterations: int, threads: int, seed: int, args: argpars
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["trpo", "ppo", "adam"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["trpo", "trpo-subproc", "ppo", "adam"], help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=5, help="meta-iterations per process (the first is dropped)")
     parser.add_argument("--rounds", type=int, default=3, help="alternation rounds (every system at every thread count)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -170,7 +173,7 @@ def write_results(args: argparse.Namespace, measurements: dict[tuple[str, int], 
         lines.append(f"| {row['threads']} | {row['system']} | {row['seconds']:.2f} | {row['sampling']:.2f} | "
                      f"{row['update']:.2f} | {ratio} | {row['peak_rss_mb']} |")  # fmt: skip
     best_peer = min((v["seconds"] for (s, _), v in medians.items() if s == "peer-trpo"), default=None)
-    best_ours = min((v["seconds"] for (s, _), v in medians.items() if s == "ours-trpo"), default=None)
+    best_ours = min((v["seconds"] for (s, _), v in medians.items() if s.startswith("ours-trpo")), default=None)
     if best_peer and best_ours:
         lines += [
             "",
@@ -181,7 +184,9 @@ def write_results(args: argparse.Namespace, measurements: dict[tuple[str, int], 
         "",
         "Notes. The peer's sampling runs in a worker process while its trainer computes the inner steps, so its "
         "split is its own instrumentation (`peer_run.py`); ours is `time/sample_seconds` and `time/train_seconds` "
-        "of the same iteration. Peak memory: the peer's trainer process (its sampler worker apart), our one process. "
+        "of the same iteration; `ours-trpo-subproc` samples on as many worker processes as threads (`sampler=\"subproc\"`), "
+        "as the peer samples in a worker. Peak memory: the peer's trainer process (its sampler worker apart), our main "
+        "process (workers apart). "
         "Our TRPO update multiplies by the KL's Hessian layer by layer from cached activations "
         "(`sb3_metarl/common/mlp_curvature.py`); `python benchmarks/profile_update.py` splits one update into "
         "phases (`docs/results/profile_update.md`; with `--double-backward` the same update with the products "
