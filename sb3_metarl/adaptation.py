@@ -8,11 +8,13 @@ not its job: :meth:`Adaptation.unroll` asks a callable for each inner batch, whi
 fresh episodes (a meta-iteration, meta-test adaptation) or returns stored ones (a replay).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
 
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.buffers import EpisodeBatch
@@ -271,18 +273,26 @@ class Adaptation:
         objective = self.objective(replay, sample.inner_batches, sample.outer_batch, mode)
         return grad_params(objective.sum(), replay.task_theta)
 
-    def mean_kl(self, old_params: Params, new_params: Params, batch: EpisodeBatch) -> th.Tensor:
+    def batch_distribution(self, task_params: Params, batch: EpisodeBatch) -> Distribution:
+        """:return: the per-task policies' action distribution on ``batch``'s observations (task-major, flattened)"""
+        return self.policy.distribution(task_params, batch.flat_observations())
+
+    def mean_kl(
+        self, old_params: Params, new_params: Params, batch: EpisodeBatch, old_distribution: Distribution | None = None
+    ) -> th.Tensor:
         """
         :param old_params: per-task parameters of the reference policy (detached here)
         :param new_params: per-task parameters (graph-carrying or not)
         :param batch: episodes whose observations the KL is averaged over
+        :param old_distribution: the reference policy's :meth:`batch_distribution` on ``batch`` if already computed
+            (a line search compares many points with the same reference)
         :return: KL(pi_old || pi_new) averaged over the batch's steps and tasks (a scalar)
         """
-        obs = batch.flat_observations()
-        old = self.policy.distribution({n: p.detach() for n, p in old_params.items()}, obs)
-        new = self.policy.distribution(new_params, obs)
+        if old_distribution is None:
+            old_distribution = self.batch_distribution({n: p.detach() for n, p in old_params.items()}, batch)
+        new = self.batch_distribution(new_params, batch)
         masks = batch.masks.reshape(-1)
-        return (kl_divergence(old, new) * masks).sum() / masks.sum()
+        return (kl_divergence(old_distribution, new) * masks).sum() / masks.sum()
 
     def kl_hessian_product(self, sample: MetaSample, names: list[str], layered: bool = True) -> Callable[[Params], Params]:
         """
@@ -342,20 +352,29 @@ class Adaptation:
                 return product.reshape(masks.shape) * masks
 
         workspace = Workspace()  # the inner and outer products alternate: one set of buffers
-        inner_hessian = GaussianLogLikelihoodHessian(
-            layout, theta, _flat_features(batch), batch.flat_actions().float(), masks,
-            weights.detach().reshape(masks.shape) * masks, weights_tangent, workspace,
-        )
+        width = max(theta[weight].shape[1] for weight, _, _ in layout.hidden) if layout.hidden else 1
+        features, actions = _flat_features(batch), batch.flat_actions().float()
+        row_weights = weights.detach().reshape(masks.shape) * masks
+        # every product is a sum over rows: a linear S (no weights tangent) is taken in blocks of rows whose
+        # (B, rows, width) intermediates stay in cache (a non-linear one couples an episode's rows: one block)
+        inner_blocks = _row_blocks(masks.shape[1], n_tasks * width) if weights_tangent is None else [slice(None)]
+        inner_hessians = [
+            GaussianLogLikelihoodHessian(layout, theta, features[:, rows], actions[:, rows], masks[:, rows],
+                                         row_weights[:, rows], weights_tangent, workspace)
+            for rows in inner_blocks
+        ]  # fmt: skip
         step = self.inner_lr * self.clip_scale(sample.replay.inner_grad_norms[0])
         outer_masks = outer.masks.reshape(n_tasks, -1)
-        outer_fisher = GaussianKLHessian(
-            layout, sample.adapted, _flat_features(outer), outer_masks, outer_masks.sum().item(), workspace
-        )
+        outer_features, outer_total = _flat_features(outer), outer_masks.sum().item()
+        outer_fishers = [
+            GaussianKLHessian(layout, sample.adapted, outer_features[:, rows], outer_masks[:, rows], outer_total, workspace)
+            for rows in _row_blocks(outer_masks.shape[1], n_tasks * width)
+        ]
 
         def jacobian(tangent: Params) -> Params:
             if not mode.differentiate_inner_step:
                 return tangent
-            curvature = inner_hessian.product(tangent)
+            curvature = _summed([hessian.product(tangent) for hessian in inner_hessians])
             return {n: tangent[n] + step.view(-1, *[1] * (t.dim() - 1)) * curvature[n] for n, t in tangent.items()}
 
         # the actor's parameters outside ``names`` are held fixed: a zero tangent
@@ -364,7 +383,8 @@ class Adaptation:
         def product(vector: Params) -> Params:
             shared = {**fixed, **{n: vector[n] for n in names}}
             per_task = {n: v.unsqueeze(0).expand(n_tasks, *v.shape) for n, v in shared.items()}
-            result = jacobian(outer_fisher.product(jacobian(per_task)))
+            adapted_tangent = jacobian(per_task)
+            result = jacobian(_summed([fisher.product(adapted_tangent) for fisher in outer_fishers]))
             return {n: result[n].sum(0) for n in names}
 
         return product
@@ -382,3 +402,22 @@ class Adaptation:
         with th.enable_grad():
             adapted, _, _ = self.inner_step(leaves, batch, mode, create_graph=False, at_sampling=True)
         return {n: p.detach() for n, p in adapted.items()}
+
+
+#: elements of a (B, rows, width) intermediate of the layered products that stay in cache on common CPUs (2 MB)
+_BLOCK_ELEMENTS = 2**19
+
+
+def _row_blocks(n_rows: int, elements_per_row: int) -> list[slice]:
+    """:return: about equal blocks of ``n_rows`` rows of at most about ``_BLOCK_ELEMENTS`` elements each"""
+    n_blocks = max(1, math.ceil(n_rows * elements_per_row / _BLOCK_ELEMENTS))
+    size = math.ceil(n_rows / n_blocks)
+    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _summed(products: list[Params]) -> Params:
+    """:return: the sum of per-block products, by name"""
+    total = products[0]
+    for product in products[1:]:
+        total = {name: total[name] + product[name] for name in total}
+    return total

@@ -28,7 +28,12 @@ def _relative_error(actual, expected):
 
 
 @pytest.mark.parametrize("mode", sorted(GRADIENT_MODES))
-def test_layered_kl_hessian_product_equals_double_backward(mode):
+@pytest.mark.parametrize("block_elements", [2**19, 200])
+def test_layered_kl_hessian_product_equals_double_backward(mode, block_elements, monkeypatch):
+    """Also in blocks of rows (200 elements: 60 blocks of 5 rows of 3 tasks x 16 units)."""
+    import sb3_metarl.adaptation
+
+    monkeypatch.setattr(sb3_metarl.adaptation, "_BLOCK_ELEMENTS", block_elements)
     _, adaptation, sample = _model_and_sample(mode)
     scales = adaptation.clip_scale(sample.replay.inner_grad_norms[0])
     assert adaptation.mlp_layout is not None and (scales < 1).any() and (scales == 1).any()

@@ -181,6 +181,8 @@ class TRPO(MetaOptimizer):
         params = natural.params
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         old_values = [p.detach().clone() for p in params]
+        with th.no_grad():  # the trust region's reference, the same at every point
+            old_distribution = adaptation.batch_distribution(old_adapted, sample.outer_batch)
         accepted, coefficient, new_objective, new_kl, any_finite = False, 1.0, natural.objective, 0.0, False
         with restore_on_failure(adaptation.parameters(), optimizer):
             for _ in range(self.line_search_max_iter):
@@ -188,7 +190,7 @@ class TRPO(MetaOptimizer):
                 with th.no_grad():  # only the inner steps need autograd (replay turns it on for them)
                     replay = adaptation.replay(sample, create_graph=False)
                     new_objective = self.surrogate(adaptation, replay, sample).item()
-                    new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+                    new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch, old_distribution).item()
                 any_finite = any_finite or (math.isfinite(new_objective) and math.isfinite(new_kl))
                 if math.isfinite(new_objective) and new_objective > natural.objective and new_kl <= self.max_kl:
                     accepted = True
