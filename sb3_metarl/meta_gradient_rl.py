@@ -184,11 +184,11 @@ class MetaGradientA2C(A2C):
     After each rollout: ``virtual_steps`` updates of the A2C loss L(theta; eta) from the current parameters, by
     default the agent's own optimizer step (A2C's RMSprop with its current statistics, learning rate and gradient
     clipping; ``virtual_update="sgd"``: ``theta_{j+1} = theta_j - virtual_learning_rate * grad L(theta_j; eta)``),
-    kept differentiable in eta; the outer
-    objective, the policy-gradient surrogate with fixed reference values (``meta_objective_gamma``,
-    ``meta_objective_gae_lambda``) weighted by the likelihood ratio of theta_k to the sampling policy, is
-    differentiated with respect to eta and ascended with Adam (``meta_learning_rate``); the virtual parameters
-    are discarded, the rollout's returns are recomputed with the new eta and A2C's real update follows.
+    kept differentiable in eta; the outer objective, the policy-gradient surrogate with fixed reference values
+    (``meta_objective_gamma``, ``meta_objective_gae_lambda``) weighted by the likelihood ratio of theta_k to the
+    sampling policy, is differentiated with respect to eta and ascended with Adam (``meta_learning_rate``); the
+    virtual parameters are discarded, the rollout's returns are recomputed with the new eta and A2C's real update
+    follows.
 
     With ``meta_gradient="autodiff"`` the virtual steps differentiate the plain surrogate ``A log pi``; with
     ``"lvc"`` the surrogate ``A pi / pi_old`` (the same gradient at the sampling parameters, and the low-variance
