@@ -88,6 +88,8 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
     curvature = (direction @ direction_product).item()
     full_step = (2.0 * trpo.max_kl / curvature) ** 0.5 * direction.detach()
     old_values = [p.detach().clone() for p in params]
+    with timer("line search: the reference distribution (once)"), th.no_grad():
+        old_distribution = adaptation.batch_distribution(old_adapted, sample.outer_batch)
     coefficient, accepted = 1.0, False
     for _ in range(trpo.line_search_max_iter):
         trpo.set_parameters(params, old_values, coefficient * full_step)
@@ -95,7 +97,7 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
             replay = adaptation.replay(sample, create_graph=False)
         with timer("line search: surrogate and KL (each)"), th.no_grad():
             new_objective = trpo.surrogate(adaptation, replay, sample).item()
-            new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
+            new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch, old_distribution).item()
         if new_objective > objective.item() and new_kl <= trpo.max_kl:
             accepted = True
             break
