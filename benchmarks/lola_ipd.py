@@ -12,6 +12,7 @@ evaluation noise is added.
 
 import argparse
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         for update, value in enumerate(curve.mean(1), start=1)
     ]
     write_csv(rows, str(out.with_suffix(".csv")))
-    command = "python benchmarks/lola_ipd.py" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python benchmarks/lola_ipd.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# LOLA-DiCE on the iterated prisoner's dilemma",
         "",

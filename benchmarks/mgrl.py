@@ -12,6 +12,7 @@ is installed, with SB3's Atari wrappers and ``CnnPolicy``).
 
 import argparse
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in result["rows"][::10]
     ]  # fmt: skip
     write_csv(csv_rows, str(out.with_suffix(".csv")))
-    command = "python benchmarks/mgrl.py" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python benchmarks/mgrl.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# A2C and meta-gradient A2C (MGRL)",
         "",

@@ -12,6 +12,7 @@ each step's ratio truncated at ``reuse_importance_clip`` 2).
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(rows, str(out.with_suffix(".csv")))
-    command = "python benchmarks/sample_reuse.py" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python benchmarks/sample_reuse.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# Reusing inner samples against the compositional bias",
         "",
