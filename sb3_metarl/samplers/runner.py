@@ -1,6 +1,6 @@
 """Whole-episode sampling of a block of task groups in one process: the core every backend runs."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -17,7 +17,7 @@ from sb3_metarl.samplers.base import GroupPolicies, StepCallback, check_finite_a
 _BOOKKEEPING_WRAPPERS = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
 
 
-def step_without_bookkeeping(env: gym.Env) -> tuple[Any, int | None]:
+def step_without_bookkeeping(env: gym.Env) -> tuple[Callable[[Any], tuple[Any, ...]], int | None]:
     """
     :return: the step function of ``env`` below its outer bookkeeping wrappers (time limit, reset-order check,
         passive checker; about a third of a cheap env's step), and the time limit taken off (None if none)
