@@ -46,7 +46,7 @@ def peak_rss_mb(pid: str = "self") -> float:
     return float("nan")
 
 
-def run_ours(variant: str, iterations: int, threads: int, seed: int) -> None:
+def run_ours(variant: str, iterations: int, threads: int, seed: int, device: str = "cpu") -> None:
     """One process of ours: one JSON line per meta-iteration, then one with the peak memory (this process's)."""
     import torch as th
     from stable_baselines3.common.logger import KVWriter, Logger
@@ -73,7 +73,7 @@ def run_ours(variant: str, iterations: int, threads: int, seed: int) -> None:
         "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="maml", meta_optimizer=meta_optimizer,
         meta_optimizer_kwargs=optimizer_kwargs, meta_batch_size=20, inner_episodes=20, outer_episodes=20, inner_steps=1,
         inner_lr=0.1 / 100, normalize_advantage=True, gamma=0.99, gae_lambda=1.0, baseline="linear",
-        policy_kwargs=dict(net_arch=[64, 64], activation_fn=nn.Tanh), seed=seed, device="cpu", **sampler,
+        policy_kwargs=dict(net_arch=[64, 64], activation_fn=nn.Tanh), seed=seed, device=device, **sampler,
     )  # fmt: skip
     model.set_logger(Logger(folder=None, output_formats=[Rows()]))
     model.learn(iterations * 20 * 20 * 100 * 2)
@@ -88,7 +88,7 @@ def measure(system: str, iterations: int, threads: int, seed: int, args: argpars
                    "--num-workers", "1", "--seed", str(seed)]  # fmt: skip
     else:
         command = [sys.executable, __file__, "--worker", system.split("-", 1)[1], "--iterations", str(iterations),
-                   "--threads", str(threads), "--seed", str(seed)]  # fmt: skip
+                   "--threads", str(threads), "--seed", str(seed), "--device", args.device]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=args.timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="our policy's and update's device (the peer's stays on the CPU)")
     parser.add_argument("--peer-python", default=os.environ.get("PMR_PYTHON", "/work/pmr-venv/bin/python"))
     parser.add_argument("--peer-dir", default=str(PEER_DIR), help="the directory of peer_run.py")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per process")
     parser.add_argument("--out", default="docs/results/peer_comparison.md")
     args = parser.parse_args(argv)
     if args.worker:
-        run_ours(args.worker, args.iterations, args.threads[0], args.seed)
+        run_ours(args.worker, args.iterations, args.threads[0], args.seed, args.device)
         return
     measurements: dict[tuple[str, int], list[dict]] = {}
     for round_index in range(args.rounds):
