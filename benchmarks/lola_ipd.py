@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results/lola_ipd.md")
     args = parser.parse_args(argv)
     jobs = [(name, seed, args.updates) for name in args.configs for seed in range(args.seeds)]
-    with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
-        results = pool.map(run, jobs)
+    if args.processes == 1:  # in this process (the runs are independent and seeded: the same results)
+        results = list(map(run, jobs))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+            results = pool.map(run, jobs)
     curves: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}
     for name, _, curve, took in results:

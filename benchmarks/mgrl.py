@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         for algorithm in ALGORITHMS
         for seed in range(args.seeds)
     ]
-    with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
-        results = pool.map(run, jobs)
+    if args.processes == 1:  # in this process (the runs are independent and seeded: the same results)
+        results = list(map(run, jobs))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+            results = pool.map(run, jobs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     keys = ("gamma", "gae_lambda", "vf_coef", "ent_coef")

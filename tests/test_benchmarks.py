@@ -80,3 +80,37 @@ def test_scaling_quick_run_writes_the_table(tmp_path):
     # the process backend counts what travels: more than the sampled arrays of an iteration (4 tasks' floats)
     subproc_bytes = [int(row.split(",")[-1]) for row in rows[1:] if ",subproc," in row]
     assert all(b > 2 * 2 * 10 * 4 * 4 for b in subproc_bytes)
+
+
+@pytest.fixture
+def restore_threads():
+    import torch as th
+
+    threads = th.get_num_threads()
+    yield
+    th.set_num_threads(threads)  # the benchmarks' runs set one thread each
+
+
+def test_lola_ipd_quick_run_writes_table_csv_and_figure(tmp_path, restore_threads):
+    out = tmp_path / "lola.md"
+    configs = ["LOLA-Exact", "off-off (buffer 1024, batch 128)"]
+    _load("benchmarks/lola_ipd.py")["main"](["--updates", "3", "--seeds", "1", "--processes", "1", "--configs", *configs,
+                                             "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert all(f"| {config} |" in text for config in configs) and "--configs" in text
+    rows = (tmp_path / "lola.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3  # header, 2 configs x 1 seed x 3 updates
+    assert (tmp_path / "lola.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "ALE/Pong-v5"])
+def test_mgrl_quick_run_writes_table_csv_and_figure(env_id, tmp_path, restore_threads):
+    if env_id.startswith("ALE/"):
+        pytest.importorskip("ale_py")
+        pytest.importorskip("cv2")
+    out = tmp_path / "mgrl.md"
+    _load("benchmarks/mgrl.py")["main"](["--envs", env_id, "--timesteps", "80", "--seeds", "1", "--processes", "1",
+                                         "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert all(f"| {env_id} | {algorithm} |" in text for algorithm in ("a2c", "mgrl", "mgrl_lvc"))
+    assert (tmp_path / "mgrl.png").stat().st_size > 0 and (tmp_path / "mgrl.csv").read_text().count(env_id) == 3
