@@ -64,8 +64,8 @@ class GroupPolicies:
                     if name in task_params:
                         param.copy_(task_params[name][group])
             if self.plain_mlp:
-                self.plain_layers = [_plain_layers(copy) for copy in self.copies]
-                self.plain_stds = [copy.log_std.exp() for copy in self.copies]
+                self.plain_layers = [_plain_layers(clone) for clone in self.copies]
+                self.plain_stds = [clone.log_std.exp() for clone in self.copies]
 
     def act(
         self,
