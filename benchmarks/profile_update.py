@@ -93,11 +93,13 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
     coefficient, accepted = 1.0, False
     for _ in range(trpo.line_search_max_iter):
         trpo.set_parameters(params, old_values, coefficient * full_step)
-        with timer("line search: replay (each)"), th.no_grad():
-            replay = adaptation.replay(sample, create_graph=False)
+        with timer("line search: replay without graph (each)"):
+            replay = adaptation.evaluate(sample, layered=trpo.layered_hessian)
         with timer("line search: surrogate and KL (each)"), th.no_grad():
             new_objective = trpo.surrogate(adaptation, replay, sample).item()
-            new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch, old_distribution).item()
+            new_kl = adaptation.mean_kl(
+                old_adapted, replay.adapted, sample.outer_batch, old_distribution, replay.outer_distribution
+            ).item()
         if new_objective > objective.item() and new_kl <= trpo.max_kl:
             accepted = True
             break

@@ -9,17 +9,23 @@ fresh episodes (a meta-iteration, meta-test adaptation) or returns stored ones (
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
-from sb3_metarl.common.mlp_curvature import GaussianKLHessian, GaussianLogLikelihoodHessian, MlpActorLayout, Workspace
+from sb3_metarl.common.mlp_curvature import (
+    GaussianKLHessian,
+    GaussianLogLikelihoodHessian,
+    MlpActorLayout,
+    MlpActorPass,
+    Workspace,
+)
 from sb3_metarl.gradient_modes import GradientMode, policy_gradient_surrogate
 
 #: (log-likelihoods (B, E, H) under the adapted parameters, the outer batch) -> outer surrogate per task (B,)
@@ -78,6 +84,9 @@ class Replay:
     inner_grad_norms: list[th.Tensor]
     #: log-likelihoods (B, E, H) of the outer batch under theta_zeta(theta) (None before the outer batch exists)
     outer_log_prob: th.Tensor | None = None
+    #: the adapted policies' action distribution on the outer batch, where the replay computed it anyway
+    #: (:meth:`Adaptation.evaluate`; see :meth:`Adaptation.mean_kl`)
+    outer_distribution: Distribution | None = None
 
 
 @dataclass
@@ -231,6 +240,93 @@ class Adaptation:
         replay.outer_log_prob = self.log_prob(replay.adapted, sample.outer_batch)
         return replay
 
+    def has_layered_evaluation(self) -> bool:
+        """:return: whether :meth:`evaluate` runs layer by layer (SB3's default MLP actor), not through autograd"""
+        return self.mlp_layout is not None
+
+    def evaluate(self, sample: MetaSample, layered: bool = True) -> Replay:
+        """
+        The values of :meth:`replay` without any graph (a line search's points): the same adaptation, inner
+        log-likelihoods, gradient norms and outer log-likelihoods up to float rounding, and the outer batch's
+        action distribution. For SB3's default MLP actor the forward and backward passes are written out
+        layer by layer over cache-sized blocks of rows (``common/mlp_curvature.py``); otherwise it is
+        :meth:`replay` with ``create_graph=False``, detached.
+
+        :param layered: write the passes out where possible; False: always :meth:`replay`
+        :return: a replay whose tensors are all detached
+        """
+        if not (layered and self.has_layered_evaluation()):
+            with th.no_grad():
+                replay = self.replay(sample, create_graph=False)
+            detach = lambda params: {n: p.detach() for n, p in params.items()}  # noqa: E731
+            return Replay(
+                detach(replay.task_theta), [detach(params) for params in replay.inner_params],
+                [log_prob.detach() for log_prob in replay.inner_log_probs], detach(replay.adapted),
+                replay.inner_grad_norms, replay.outer_log_prob.detach(),
+            )  # fmt: skip
+        n_tasks = sample.outer_batch.n_tasks
+        theta = self.task_parameters(n_tasks, detach=True)
+        params, inner_params, log_probs, norms = theta, [], [], []
+        for batch in sample.inner_batches:
+            inner_params.append(params)
+            params, log_prob, norm = self._layered_inner_step(params, batch, sample.mode)
+            log_probs.append(log_prob)
+            norms.append(norm)
+        outer = sample.outer_batch
+        means, outer_log_prob = self._layered_log_prob(params, outer)
+        log_std = params[self.mlp_layout.log_std]
+        std = th.exp(log_std).unsqueeze(1).expand_as(means).reshape(-1, means.shape[-1])
+        distribution = DiagGaussianDistribution(means.shape[-1])
+        distribution.distribution = th.distributions.Normal(means.reshape(-1, means.shape[-1]), std, validate_args=False)
+        return Replay(theta, inner_params, log_probs, params, norms, outer_log_prob, distribution)
+
+    def _layered_passes(self, task_params: Params, batch: EpisodeBatch) -> Iterator[tuple[slice, MlpActorPass]]:
+        """:return: forward passes of the MLP actor over blocks of ``batch``'s rows (block, pass), one at a time"""
+        assert self.mlp_layout is not None
+        n_tasks, features = batch.n_tasks, _flat_features(batch)
+        width = max((task_params[weight].shape[1] for weight, _, _ in self.mlp_layout.hidden), default=1)
+        workspace = Workspace()
+        for rows in _row_blocks(features.shape[1], n_tasks * width):
+            yield rows, MlpActorPass(self.mlp_layout, task_params, features[:, rows], workspace)
+
+    def _layered_log_prob(self, task_params: Params, batch: EpisodeBatch) -> tuple[th.Tensor, th.Tensor]:
+        """:return: the actor's means (B, E*H, A) on ``batch`` and the actions' log-likelihoods (B, E, H), zero where masked"""
+        actions, masks = batch.flat_actions().float(), batch.masks.reshape(batch.n_tasks, -1)
+        means, log_probs = [], []
+        for rows, forward in self._layered_passes(task_params, batch):
+            means.append(forward.mean)
+            log_probs.append(_gaussian_log_prob(forward, actions[:, rows], task_params[self.mlp_layout.log_std]))
+        log_prob = th.cat(log_probs, 1) * masks
+        return th.cat(means, 1), log_prob.reshape(batch.masks.shape)
+
+    def _layered_inner_step(
+        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode
+    ) -> tuple[Params, th.Tensor, th.Tensor]:
+        """:meth:`inner_step`'s values (no graph), layer by layer: the new parameters, the log-likelihoods, the norms"""
+        assert self.mlp_layout is not None
+        _, log_prob = self._layered_log_prob(task_params, batch)
+        # the surrogate's derivative in each log-likelihood (its own small graph: DiCE's boxes are not linear)
+        with th.enable_grad():
+            leaves = log_prob.detach().requires_grad_(True)
+            weights = th.autograd.grad(mode.inner_surrogate(leaves, batch).sum(), leaves)[0]
+        masks = batch.masks.reshape(batch.n_tasks, -1)
+        weights = (weights.reshape(masks.shape) * masks).unsqueeze(-1)
+        actions = batch.flat_actions().float()
+        grads: Params = {}
+        for rows, forward in self._layered_passes(task_params, batch):  # the gradient is a sum over rows
+            residual = (actions[:, rows] - forward.mean) * masks[:, rows].unsqueeze(-1)
+            scaled_residual = residual * forward.inverse_variance
+            row_weights = weights[:, rows]
+            block, _ = forward.backward(
+                row_weights * scaled_residual,
+                (row_weights * (residual * scaled_residual - masks[:, rows].unsqueeze(-1))).sum(1),
+            )
+            grads = block if not grads else {n: grads[n] + block[n] for n in grads}
+        norms = per_task_norm(grads)
+        step = self.inner_lr * self.clip_scale(norms)
+        adapted = {n: p + step.view(-1, *[1] * (p.dim() - 1)) * grads[n] if n in grads else p for n, p in task_params.items()}
+        return adapted, log_prob, norms
+
     @staticmethod
     def objective(
         replay: Replay,
@@ -278,7 +374,12 @@ class Adaptation:
         return self.policy.distribution(task_params, batch.flat_observations())
 
     def mean_kl(
-        self, old_params: Params, new_params: Params, batch: EpisodeBatch, old_distribution: Distribution | None = None
+        self,
+        old_params: Params,
+        new_params: Params,
+        batch: EpisodeBatch,
+        old_distribution: Distribution | None = None,
+        new_distribution: Distribution | None = None,
     ) -> th.Tensor:
         """
         :param old_params: per-task parameters of the reference policy (detached here)
@@ -286,11 +387,13 @@ class Adaptation:
         :param batch: episodes whose observations the KL is averaged over
         :param old_distribution: the reference policy's :meth:`batch_distribution` on ``batch`` if already computed
             (a line search compares many points with the same reference)
+        :param new_distribution: ``new_params``' :meth:`batch_distribution` on ``batch`` if already computed
+            (:attr:`Replay.outer_distribution`)
         :return: KL(pi_old || pi_new) averaged over the batch's steps and tasks (a scalar)
         """
         if old_distribution is None:
             old_distribution = self.batch_distribution({n: p.detach() for n, p in old_params.items()}, batch)
-        new = self.batch_distribution(new_params, batch)
+        new = new_distribution if new_distribution is not None else self.batch_distribution(new_params, batch)
         masks = batch.masks.reshape(-1)
         return (kl_divergence(old_distribution, new) * masks).sum() / masks.sum()
 
@@ -413,6 +516,13 @@ def _row_blocks(n_rows: int, elements_per_row: int) -> list[slice]:
     n_blocks = max(1, math.ceil(n_rows * elements_per_row / _BLOCK_ELEMENTS))
     size = math.ceil(n_rows / n_blocks)
     return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _gaussian_log_prob(forward: MlpActorPass, actions: th.Tensor, log_std: th.Tensor) -> th.Tensor:
+    """:return: the diagonal Gaussian's log-likelihoods (B, rows) of ``actions`` under ``forward``'s means, as SB3's"""
+    log_std = log_std.unsqueeze(1)
+    z = (actions - forward.mean) * th.exp(-log_std)
+    return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def _summed(products: list[Params]) -> Params:

@@ -27,6 +27,11 @@ def _relative_error(actual, expected):
     return max(((actual[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
 
 
+def _scaled_error(actual, expected):
+    """:return: the largest difference relative to the largest magnitude (log-likelihoods span many scales)"""
+    return ((actual - expected.detach()).abs().max() / expected.detach().abs().max().clamp(min=1e-30)).item()
+
+
 @pytest.mark.parametrize("mode", sorted(GRADIENT_MODES))
 @pytest.mark.parametrize("block_elements", [2**19, 200])
 def test_layered_kl_hessian_product_equals_double_backward(mode, block_elements, monkeypatch):
@@ -82,3 +87,47 @@ def test_trpo_step_is_the_same_with_the_layered_product(mode):
     assert stats["layered"]["step_accepted"] == stats["double backward"]["step_accepted"] == 1.0
     assert stats["layered"]["line_search_coefficient"] == stats["double backward"]["line_search_coefficient"]
     assert (params["layered"] - params["double backward"]).norm() < 3 * rounding
+
+
+@pytest.mark.parametrize("mode", sorted(GRADIENT_MODES))
+@pytest.mark.parametrize("block_elements", [2**19, 200])
+def test_layered_evaluation_is_the_replay_s_values(mode, block_elements, monkeypatch):
+    """
+    Two inner steps (per-task parameters in the second), some tasks clipped, also in blocks of rows. Both sum
+    the inner gradient over rows in float32, each in its own order: the first step agrees to 2e-5 (measured),
+    and after a second step of this large inner step size (log-likelihoods of 1e4, gradient norms of 2e5) to
+    4e-4 of the largest magnitude (measured): tolerances 1e-4 and 2e-3.
+    """
+    import sb3_metarl.adaptation
+
+    monkeypatch.setattr(sb3_metarl.adaptation, "_BLOCK_ELEMENTS", block_elements)
+    _, adaptation, sample = _model_and_sample(mode, inner_steps=2)
+    assert adaptation.has_layered_evaluation()
+    assert (adaptation.clip_scale(sample.replay.inner_grad_norms[0]) < 1).any()
+    with th.no_grad():  # away from the sampling parameters, where every term of the inner gradient counts
+        for param in adaptation.parameters().values():
+            param.add_(0.01 * th.randn(param.shape, generator=th.Generator().manual_seed(param.numel())))
+        expected = adaptation.replay(sample, create_graph=False)
+        expected_distribution = adaptation.batch_distribution(expected.adapted, sample.outer_batch).distribution
+    evaluated = adaptation.evaluate(sample)
+    for step, tolerance in enumerate([1e-4, 2e-3]):
+        assert _relative_error(evaluated.inner_params[step], expected.inner_params[step]) < tolerance
+        assert _scaled_error(evaluated.inner_log_probs[step], expected.inner_log_probs[step]) < tolerance
+        assert _scaled_error(evaluated.inner_grad_norms[step], expected.inner_grad_norms[step]) < tolerance
+    assert _relative_error(evaluated.adapted, {n: p.detach() for n, p in expected.adapted.items()}) < 2e-3
+    assert _scaled_error(evaluated.outer_log_prob, expected.outer_log_prob) < 2e-3
+    assert _scaled_error(evaluated.outer_distribution.distribution.mean, expected_distribution.mean) < 2e-3
+    assert _scaled_error(evaluated.outer_distribution.distribution.stddev, expected_distribution.stddev) < 2e-3
+    # the adaptation moved the parameters: the comparison is not of theta with itself
+    assert _relative_error(evaluated.adapted, evaluated.task_theta) > 1e-2
+    assert not any(t.requires_grad for t in [evaluated.outer_log_prob, *evaluated.adapted.values()])
+
+
+def test_layered_evaluation_falls_back_to_the_replay_for_other_actors():
+    _, adaptation, sample = _model_and_sample("lvc")
+    adaptation.mlp_layout = None
+    assert not adaptation.has_layered_evaluation()
+    with th.no_grad():
+        expected = adaptation.replay(sample, create_graph=False)
+    evaluated = adaptation.evaluate(sample)
+    assert th.equal(evaluated.outer_log_prob, expected.outer_log_prob) and evaluated.outer_distribution is None

@@ -85,9 +85,10 @@ class TRPO(MetaOptimizer):
     :param cg_damping: damping added to the KL Hessian (``H + damping * I``)
     :param line_search_shrinking_factor: step shrinking factor of the line search
     :param line_search_max_iter: step sizes tried by the line search
-    :param layered_hessian: for SB3's default MLP actor and one inner step, multiply by the KL's Hessian
-        layer by layer from cached activations (the same products, about 2.5x faster); False: double
-        backward through the adaptation's graph (as pytorch-maml-rl), for comparison
+    :param layered_hessian: for SB3's default MLP actor, write the update's derivatives out layer by layer:
+        the products with the KL's Hessian (one inner step) from cached activations (the same products, about
+        2.5x faster) and the line search's points (:meth:`Adaptation.evaluate`); False: double backward
+        through the adaptation's graph and autograd replays (as pytorch-maml-rl), for comparison
     """
 
     name = "trpo"
@@ -187,10 +188,13 @@ class TRPO(MetaOptimizer):
         with restore_on_failure(adaptation.parameters(), optimizer):
             for _ in range(self.line_search_max_iter):
                 self.set_parameters(params, old_values, coefficient * natural.full_step)
-                with th.no_grad():  # only the inner steps need autograd (replay turns it on for them)
-                    replay = adaptation.replay(sample, create_graph=False)
+                # no graph: the points are only compared (layer by layer for SB3's default MLP actor)
+                replay = adaptation.evaluate(sample, layered=self.layered_hessian)
+                with th.no_grad():
                     new_objective = self.surrogate(adaptation, replay, sample).item()
-                    new_kl = adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch, old_distribution).item()
+                    new_kl = adaptation.mean_kl(
+                        old_adapted, replay.adapted, sample.outer_batch, old_distribution, replay.outer_distribution
+                    ).item()
                 any_finite = any_finite or (math.isfinite(new_objective) and math.isfinite(new_kl))
                 if math.isfinite(new_objective) and new_objective > natural.objective and new_kl <= self.max_kl:
                     accepted = True
