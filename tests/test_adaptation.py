@@ -13,7 +13,7 @@ SMALL = dict(meta_batch_size=3, inner_episodes=3, outer_episodes=3, policy_kwarg
 def _model_and_sample(mode, seed=0, **kwargs):
     """A sample whose inner step clips the gradient of some tasks (at the median norm) and not of others."""
     model = MetaPolicyGradient(
-        "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, inner_lr=0.05, seed=seed, **{**SMALL, **kwargs}
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, seed=seed, **{**SMALL, "inner_lr": 0.05, **kwargs}
     )
     tasks = model.get_env().env_method("sample_tasks", model.meta_batch_size, np.random.default_rng(seed), indices=[0])[0]
     norms = model.collect_meta_sample(tasks).replay.inner_grad_norms[0]
@@ -94,30 +94,31 @@ def test_trpo_step_is_the_same_with_the_layered_product(mode):
 def test_layered_evaluation_is_the_replay_s_values(mode, block_elements, monkeypatch):
     """
     Two inner steps (per-task parameters in the second), some tasks clipped, also in blocks of rows. Both sum
-    the inner gradient over rows in float32, each in its own order: the first step agrees to 2e-5 (measured),
-    and after a second step of this large inner step size (log-likelihoods of 1e4, gradient norms of 2e5) to
-    4e-4 of the largest magnitude (measured): tolerances 1e-4 and 2e-3.
+    the inner gradient over rows in float32, each in its own order. Measured largest differences (relative to
+    the largest magnitude): 5e-7 for the modes linear in the log-likelihoods; with DiCE's and LSF's boxes, whose
+    weights cancel, 1.2e-5 after the first step, 9e-5 after the second and 1.8e-4 on the outer batch.
+    Tolerances: 1e-4 and 1e-3.
     """
     import sb3_metarl.adaptation
 
     monkeypatch.setattr(sb3_metarl.adaptation, "_BLOCK_ELEMENTS", block_elements)
-    _, adaptation, sample = _model_and_sample(mode, inner_steps=2)
+    _, adaptation, sample = _model_and_sample(mode, inner_steps=2, inner_lr=0.005)
     assert adaptation.has_layered_evaluation()
     assert (adaptation.clip_scale(sample.replay.inner_grad_norms[0]) < 1).any()
     with th.no_grad():  # away from the sampling parameters, where every term of the inner gradient counts
         for param in adaptation.parameters().values():
-            param.add_(0.01 * th.randn(param.shape, generator=th.Generator().manual_seed(param.numel())))
+            param.add_(0.002 * th.randn(param.shape, generator=th.Generator().manual_seed(param.numel())))
         expected = adaptation.replay(sample, create_graph=False)
         expected_distribution = adaptation.batch_distribution(expected.adapted, sample.outer_batch).distribution
     evaluated = adaptation.evaluate(sample)
-    for step, tolerance in enumerate([1e-4, 2e-3]):
+    for step, tolerance in enumerate([1e-4, 1e-3]):
         assert _relative_error(evaluated.inner_params[step], expected.inner_params[step]) < tolerance
         assert _scaled_error(evaluated.inner_log_probs[step], expected.inner_log_probs[step]) < tolerance
         assert _scaled_error(evaluated.inner_grad_norms[step], expected.inner_grad_norms[step]) < tolerance
-    assert _relative_error(evaluated.adapted, {n: p.detach() for n, p in expected.adapted.items()}) < 2e-3
-    assert _scaled_error(evaluated.outer_log_prob, expected.outer_log_prob) < 2e-3
-    assert _scaled_error(evaluated.outer_distribution.distribution.mean, expected_distribution.mean) < 2e-3
-    assert _scaled_error(evaluated.outer_distribution.distribution.stddev, expected_distribution.stddev) < 2e-3
+    assert _relative_error(evaluated.adapted, {n: p.detach() for n, p in expected.adapted.items()}) < 1e-3
+    assert _scaled_error(evaluated.outer_log_prob, expected.outer_log_prob) < 1e-3
+    assert _scaled_error(evaluated.outer_distribution.distribution.mean, expected_distribution.mean) < 1e-3
+    assert _scaled_error(evaluated.outer_distribution.distribution.stddev, expected_distribution.stddev) < 1e-3
     # the adaptation moved the parameters: the comparison is not of theta with itself
     assert _relative_error(evaluated.adapted, evaluated.task_theta) > 1e-2
     assert not any(t.requires_grad for t in [evaluated.outer_log_prob, *evaluated.adapted.values()])
