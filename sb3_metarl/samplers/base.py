@@ -113,8 +113,8 @@ class GroupPolicies:
         # what extract_features -> mlp_extractor.forward_actor -> action_net -> a Gaussian sample compute for this
         # architecture, with the layers and the std read once per load: per lock-step this call is the sampler's
         # own cost on cheap envs
-        policy = self.copies[group]
-        latent = th.as_tensor(obs, device=policy.device)
+        # the layers' device (SB3's policy.device walks the parameters on every call)
+        latent = th.as_tensor(obs, device=self.plain_stds[group].device)
         if latent.dtype != th.float32:
             latent = latent.float()
         if latent.dim() != 2:
