@@ -22,9 +22,11 @@ from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, 
 from sb3_metarl.common.mlp_curvature import (
     GaussianKLHessian,
     GaussianLogLikelihoodHessian,
+    GaussianScore,
     MlpActorLayout,
     MlpActorPass,
     Workspace,
+    gaussian_log_likelihood,
 )
 from sb3_metarl.gradient_modes import GradientMode, policy_gradient_surrogate
 
@@ -258,7 +260,10 @@ class Adaptation:
         if not (layered and self.has_layered_evaluation()):
             with th.no_grad():
                 replay = self.replay(sample, create_graph=False)
-            detach = lambda params: {n: p.detach() for n, p in params.items()}  # noqa: E731
+
+            def detach(params: Params) -> Params:
+                return {n: p.detach() for n, p in params.items()}
+
             return Replay(
                 detach(replay.task_theta), [detach(params) for params in replay.inner_params],
                 [log_prob.detach() for log_prob in replay.inner_log_probs], detach(replay.adapted),
@@ -272,8 +277,8 @@ class Adaptation:
             params, log_prob, norm = self._layered_inner_step(params, batch, sample.mode)
             log_probs.append(log_prob)
             norms.append(norm)
-        outer = sample.outer_batch
-        means, outer_log_prob = self._layered_log_prob(params, outer)
+        assert self.mlp_layout is not None
+        means, outer_log_prob = self._layered_log_prob(params, sample.outer_batch)
         log_std = params[self.mlp_layout.log_std]
         std = th.exp(log_std).unsqueeze(1).expand_as(means).reshape(-1, means.shape[-1])
         distribution = DiagGaussianDistribution(means.shape[-1])
@@ -295,7 +300,7 @@ class Adaptation:
         means, log_probs = [], []
         for rows, forward in self._layered_passes(task_params, batch):
             means.append(forward.mean)
-            log_probs.append(_gaussian_log_prob(forward, actions[:, rows], task_params[self.mlp_layout.log_std]))
+            log_probs.append(gaussian_log_likelihood(forward, actions[:, rows]))
         log_prob = th.cat(log_probs, 1) * masks
         return th.cat(means, 1), log_prob.reshape(batch.masks.shape)
 
@@ -314,13 +319,8 @@ class Adaptation:
         actions = batch.flat_actions().float()
         grads: Params = {}
         for rows, forward in self._layered_passes(task_params, batch):  # the gradient is a sum over rows
-            residual = (actions[:, rows] - forward.mean) * masks[:, rows].unsqueeze(-1)
-            scaled_residual = residual * forward.inverse_variance
-            row_weights = weights[:, rows]
-            block, _ = forward.backward(
-                row_weights * scaled_residual,
-                (row_weights * (residual * scaled_residual - masks[:, rows].unsqueeze(-1))).sum(1),
-            )
+            score = GaussianScore.of(forward, actions[:, rows], masks[:, rows], weights[:, rows])
+            block, _ = forward.backward(score.mean_cotangent, score.log_std_cotangent)
             grads = block if not grads else {n: grads[n] + block[n] for n in grads}
         norms = per_task_norm(grads)
         step = self.inner_lr * self.clip_scale(norms)
@@ -516,13 +516,6 @@ def _row_blocks(n_rows: int, elements_per_row: int) -> list[slice]:
     n_blocks = max(1, math.ceil(n_rows * elements_per_row / _BLOCK_ELEMENTS))
     size = math.ceil(n_rows / n_blocks)
     return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
-
-
-def _gaussian_log_prob(forward: MlpActorPass, actions: th.Tensor, log_std: th.Tensor) -> th.Tensor:
-    """:return: the diagonal Gaussian's log-likelihoods (B, rows) of ``actions`` under ``forward``'s means, as SB3's"""
-    log_std = log_std.unsqueeze(1)
-    z = (actions - forward.mean) * th.exp(-log_std)
-    return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def _summed(products: list[Params]) -> Params:

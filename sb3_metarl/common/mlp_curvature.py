@@ -9,6 +9,7 @@ batched matmuls (Pearlmutter's R-operator, written out for ``Linear -> activatio
 are the same derivatives as autograd's, up to float rounding (``tests/test_mlp_curvature.py``).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -260,6 +261,41 @@ class MlpActorPass:
         return -2.0 * upstream * self.activations[index + 1] * self.slopes[index]
 
 
+def gaussian_log_likelihood(forward: MlpActorPass, actions: th.Tensor) -> th.Tensor:
+    """:return: the log-likelihoods (B, N) of ``actions`` (B, N, A) under ``forward``'s diagonal Gaussian, as SB3's"""
+    log_std = forward.params[forward.layout.log_std].unsqueeze(1)
+    z = (actions - forward.mean) * th.exp(-log_std)
+    return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+@dataclass
+class GaussianScore:
+    """
+    The derivative of ``sum(weights * log pi(a | s))`` (per task) in the mean and the log std of a diagonal
+    Gaussian actor, the cotangents of :meth:`MlpActorPass.backward`.
+
+    :param forward: the actor's pass on the rows
+    :param actions: (B, N, A)
+    :param masks: 1 for the valid rows, 0 for padding (B, N)
+    :param weights: ``d S / d log pi`` per row (B, N, 1)
+    """
+
+    residual: th.Tensor  # (a - mu), zero on padded rows (which may hold anything)
+    scaled_residual: th.Tensor  # d log pi / d mean = (a - mu) / sigma^2
+    squared_z: th.Tensor  # ((a - mu) / sigma)^2
+    mean_cotangent: th.Tensor
+    log_std_cotangent: th.Tensor
+
+    @staticmethod
+    def of(forward: MlpActorPass, actions: th.Tensor, masks: th.Tensor, weights: th.Tensor) -> "GaussianScore":
+        """:return: the cotangents of ``sum(weights * log pi)`` at ``forward``'s means"""
+        residual = (actions - forward.mean) * masks.unsqueeze(-1)
+        scaled_residual = residual * forward.inverse_variance
+        squared_z = residual * scaled_residual
+        log_std_cotangent = (weights * (squared_z - masks.unsqueeze(-1))).sum(1)
+        return GaussianScore(residual, scaled_residual, squared_z, weights * scaled_residual, log_std_cotangent)
+
+
 class GaussianLogLikelihoodHessian:
     """
     Hessian-vector products, per task, of ``S_b(log pi_theta_b(a | s))`` for a per-task scalar function
@@ -289,15 +325,12 @@ class GaussianLogLikelihoodHessian:
     ):
         self.forward = MlpActorPass(layout, task_params, features, workspace)
         self.masks = masks
-        residual = (actions - self.forward.mean) * masks.unsqueeze(-1)  # padded rows may hold anything
-        self.scaled_residual = residual * self.forward.inverse_variance  # d log pi / d mean
-        self.squared_z = residual * self.scaled_residual  # ((a - mu) / sigma)^2
         self.weights = log_likelihood_weights.unsqueeze(-1)
+        score = GaussianScore.of(self.forward, actions, masks, self.weights)
+        self.scaled_residual, self.squared_z = score.scaled_residual, score.squared_z
         self.weights_tangent = weights_tangent
-        mean_cotangent = self.weights * self.scaled_residual
-        log_std_cotangent = (self.weights * (self.squared_z - masks.unsqueeze(-1))).sum(1)
         #: dS/dtheta per task
-        self.gradient, cotangents = self.forward.backward(mean_cotangent, log_std_cotangent, keep=True)
+        self.gradient, cotangents = self.forward.backward(score.mean_cotangent, score.log_std_cotangent, keep=True)
         assert cotangents is not None
         self.cotangents = cotangents
 
