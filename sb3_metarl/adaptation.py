@@ -289,7 +289,7 @@ class Adaptation:
         """:return: forward passes of the MLP actor over blocks of ``batch``'s rows (block, pass), one at a time"""
         assert self.mlp_layout is not None
         n_tasks, features = batch.n_tasks, _flat_features(batch)
-        width = max((task_params[weight].shape[1] for weight, _, _ in self.mlp_layout.hidden), default=1)
+        width = _hidden_width(self.mlp_layout, task_params)
         workspace = Workspace()
         for rows in _row_blocks(features.shape[1], n_tasks * width):
             yield rows, MlpActorPass(self.mlp_layout, task_params, features[:, rows], workspace)
@@ -310,15 +310,14 @@ class Adaptation:
         """:meth:`inner_step`'s values (no graph), layer by layer: the new parameters, the log-likelihoods, the norms"""
         assert self.mlp_layout is not None
         _, log_prob = self._layered_log_prob(task_params, batch)
-        # the surrogate's derivative in each log-likelihood (its own small graph: DiCE's boxes are not linear)
-        with th.enable_grad():
-            leaves = log_prob.detach().requires_grad_(True)
-            weights = th.autograd.grad(mode.inner_surrogate(leaves, batch).sum(), leaves)[0]
+        weights, _ = _log_likelihood_weights(mode, log_prob, batch, create_graph=False)
         masks = batch.masks.reshape(batch.n_tasks, -1)
         weights = (weights.reshape(masks.shape) * masks).unsqueeze(-1)
         actions = batch.flat_actions().float()
         grads: Params = {}
-        for rows, forward in self._layered_passes(task_params, batch):  # the gradient is a sum over rows
+        # the gradient is a sum over rows, weighted by dS/dlog pi, which needs every log-likelihood first: the forward
+        # pass is run again per block rather than keeping every block's activations (they would leave the cache)
+        for rows, forward in self._layered_passes(task_params, batch):
             score = GaussianScore.of(forward, actions[:, rows], masks[:, rows], weights[:, rows])
             block, _ = forward.backward(score.mean_cotangent, score.log_std_cotangent)
             grads = block if not grads else {n: grads[n] + block[n] for n in grads}
@@ -443,10 +442,7 @@ class Adaptation:
         n_tasks = outer.n_tasks
         theta = self.task_parameters(n_tasks, detach=True)
         masks = batch.masks.reshape(n_tasks, -1)
-        log_likelihoods = sample.replay.inner_log_probs[0].detach().requires_grad_(True)
-        with th.enable_grad():
-            surrogate = mode.inner_surrogate(log_likelihoods, batch).sum()
-            weights = th.autograd.grad(surrogate, log_likelihoods, create_graph=True)[0]
+        weights, log_likelihoods = _log_likelihood_weights(mode, sample.replay.inner_log_probs[0], batch, create_graph=True)
         weights_tangent = None
         if weights.requires_grad:  # S is not linear in the log-likelihoods (DiCE's magic boxes)
 
@@ -455,7 +451,7 @@ class Adaptation:
                 return product.reshape(masks.shape) * masks
 
         workspace = Workspace()  # the inner and outer products alternate: one set of buffers
-        width = max(theta[weight].shape[1] for weight, _, _ in layout.hidden) if layout.hidden else 1
+        width = _hidden_width(layout, theta)
         features, actions = _flat_features(batch), batch.flat_actions().float()
         row_weights = weights.detach().reshape(masks.shape) * masks
         # every product is a sum over rows: a linear S (no weights tangent) is taken in blocks of rows whose
@@ -509,6 +505,25 @@ class Adaptation:
 
 #: elements of a (B, rows, width) intermediate of the layered products that stay in cache on common CPUs (2 MB)
 _BLOCK_ELEMENTS = 2**19
+
+
+def _hidden_width(layout: MlpActorLayout, task_params: Params) -> int:
+    """:return: the widest hidden layer of the MLP actor (1 without hidden layers), the width of the passes' intermediates"""
+    return max((task_params[weight].shape[1] for weight, _, _ in layout.hidden), default=1)
+
+
+def _log_likelihood_weights(
+    mode: GradientMode, log_prob: th.Tensor, batch: EpisodeBatch, create_graph: bool
+) -> tuple[th.Tensor, th.Tensor]:
+    """
+    :return: the inner surrogate's derivative in each log-likelihood, ``dS/dlog pi`` (shaped as ``log_prob``), taken
+        on a small graph of its own (DiCE's boxes are not linear in them), and the log-likelihood leaves it was taken at
+        (with ``create_graph``, the weights stay differentiable in them: S's own curvature)
+    """
+    leaves = log_prob.detach().requires_grad_(True)
+    with th.enable_grad():
+        weights = th.autograd.grad(mode.inner_surrogate(leaves, batch).sum(), leaves, create_graph=create_graph)[0]
+    return weights, leaves
 
 
 def _row_blocks(n_rows: int, elements_per_row: int) -> list[slice]:

@@ -273,27 +273,27 @@ class GaussianScore:
     """
     The derivative of ``sum(weights * log pi(a | s))`` (per task) in the mean and the log std of a diagonal
     Gaussian actor, the cotangents of :meth:`MlpActorPass.backward`.
-
-    :param forward: the actor's pass on the rows
-    :param actions: (B, N, A)
-    :param masks: 1 for the valid rows, 0 for padding (B, N)
-    :param weights: ``d S / d log pi`` per row (B, N, 1)
     """
 
-    residual: th.Tensor  # (a - mu), zero on padded rows (which may hold anything)
-    scaled_residual: th.Tensor  # d log pi / d mean = (a - mu) / sigma^2
+    scaled_residual: th.Tensor  # d log pi / d mean = (a - mu) / sigma^2, zero on padded rows (which may hold anything)
     squared_z: th.Tensor  # ((a - mu) / sigma)^2
-    mean_cotangent: th.Tensor
-    log_std_cotangent: th.Tensor
+    mean_cotangent: th.Tensor  # (B, N, A)
+    log_std_cotangent: th.Tensor  # (B, A)
 
     @staticmethod
     def of(forward: MlpActorPass, actions: th.Tensor, masks: th.Tensor, weights: th.Tensor) -> "GaussianScore":
-        """:return: the cotangents of ``sum(weights * log pi)`` at ``forward``'s means"""
+        """
+        :param forward: the actor's pass on the rows
+        :param actions: (B, N, A)
+        :param masks: 1 for the valid rows, 0 for padding (B, N)
+        :param weights: ``d S / d log pi`` per row (B, N, 1)
+        :return: the cotangents of ``sum(weights * log pi)`` at ``forward``'s means
+        """
         residual = (actions - forward.mean) * masks.unsqueeze(-1)
         scaled_residual = residual * forward.inverse_variance
         squared_z = residual * scaled_residual
         log_std_cotangent = (weights * (squared_z - masks.unsqueeze(-1))).sum(1)
-        return GaussianScore(residual, scaled_residual, squared_z, weights * scaled_residual, log_std_cotangent)
+        return GaussianScore(scaled_residual, squared_z, weights * scaled_residual, log_std_cotangent)
 
 
 class GaussianLogLikelihoodHessian:
