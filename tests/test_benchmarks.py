@@ -114,3 +114,79 @@ def test_mgrl_quick_run_writes_table_csv_and_figure(env_id, tmp_path, restore_th
     text = out.read_text()
     assert all(f"| {env_id} | {algorithm} |" in text for algorithm in ("a2c", "mgrl", "mgrl_lvc"))
     assert (tmp_path / "mgrl.png").stat().st_size > 0 and (tmp_path / "mgrl.csv").read_text().count(env_id) == 3
+
+
+def _tiny_published_run(module, mode="lsf"):
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_steps=1, inner_lr=1e-3,
+                  max_episode_steps=10, learning_rate=3e-3, policy_kwargs=dict(net_arch=[8]),
+                  env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0)))  # fmt: skip
+    return module["PublishedRun"]("test", "sb3_metarl/HalfCheetahVel-v0", mode, "adam", 0, 5, kwargs)
+
+
+def test_published_run_stopped_anywhere_continues_bit_for_bit(tmp_path, monkeypatch, restore_threads):
+    """A run stopped between checkpoints (and mid-iteration) and continued equals one that never stopped."""
+    module = _load("benchmarks/reproduce_published.py")
+    monkeypatch.setitem(module["run_sitting"].__globals__, "EVAL_TASKS", 2)
+    run = _tiny_published_run(module)
+    straight_out = str(tmp_path / "straight")
+    straight = module["run_sitting"](run, straight_out, checkpoint_every=2, eval_every=2)
+    assert straight["iterations"] == 5 and straight["env_steps"] == 5 * run.steps_per_iteration == 5 * 2 * 4 * 10
+
+    # sitting 1 ends after 3 iterations; sitting 2 is killed mid-iteration 5 (after checkpoint 4, curve line 5
+    # half-written); sitting 3 finishes
+    stopped = str(tmp_path / "stopped")
+    assert module["run_sitting"](run, stopped, checkpoint_every=2, eval_every=2, stop_after=3) is None
+    from sb3_metarl import MetaPolicyGradient
+
+    class Killed(Exception):
+        pass
+
+    learn = MetaPolicyGradient.learn
+
+    def learn_then_die(self, *args, **kwargs):
+        callback = kwargs["callback"]
+        original = callback._on_rollout_end
+
+        def on_rollout_end():
+            original()
+            if callback.iteration == 5:
+                with open(f"{stopped}/runs/{run.name}/curve.jsonl", "a") as file:
+                    file.write('{"iteration": 6, "env_st')
+                raise Killed
+
+        callback._on_rollout_end = on_rollout_end
+        return learn(self, *args, **kwargs)
+
+    monkeypatch.setattr(MetaPolicyGradient, "learn", learn_then_die)
+    with pytest.raises(Killed):
+        module["run_sitting"](run, stopped, checkpoint_every=2, eval_every=2)
+    monkeypatch.setattr(MetaPolicyGradient, "learn", learn)
+    resumed = module["run_sitting"](run, stopped, checkpoint_every=2, eval_every=2)
+
+    def files(out, name):
+        return module["read_jsonl"](f"{out}/runs/{run.name}/{name}")
+
+    def untimed(out, name):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in files(out, name)]
+
+    for name in ("curve.jsonl", "evals.jsonl"):
+        assert untimed(stopped, name) == untimed(straight_out, name)
+    assert [row["iteration"] for row in files(stopped, "evals.jsonl")] == [2, 4, 5]
+    assert resumed["returns"] == straight["returns"] and resumed["best_returns"] == straight["best_returns"]
+    import torch as th
+
+    final = [MetaPolicyGradient.load(f"{out}/runs/{run.name}/model.zip").policy.state_dict() 
+             for out in (stopped, straight_out)]  # fmt: skip
+    assert all(th.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def test_published_suites_hold_the_papers_settings():
+    module = _load("benchmarks/reproduce_published.py")
+    (run,) = module["suite_runs"]("sgmrl-vel", ["sf"], [3])
+    assert run.kwargs["env_kwargs"] == dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0))
+    assert (run.kwargs["meta_batch_size"], run.kwargs["inner_episodes"], run.kwargs["max_episode_steps"]) == (40, 20, 200)
+    assert run.iterations * run.steps_per_iteration == 400 * 40 * 40 * 200 >= 1.2e8
+    (trpo,) = module["suite_runs"]("maml-trpo-ant-dir", ["maml"], [0])
+    assert trpo.meta_optimizer == "trpo" and trpo.iterations == 500 and trpo.kwargs["meta_optimizer_kwargs"]["max_kl"] == 0.01
+    with pytest.raises(ValueError, match="--suite"):
+        module["suite_runs"]("nope", ["sf"], [0])

@@ -157,3 +157,100 @@ def test_resume_with_inner_sample_reuse_is_bit_identical(tmp_path, meta_optimize
     from_checkpoint = MetaPolicyGradient.load(tmp_path / "ckpt" / checkpoint, env=ENVS[1])
     from_checkpoint.learn(5 * per_iteration - from_checkpoint.num_timesteps, reset_num_timesteps=False)
     assert th.equal(_parameters(from_checkpoint), _parameters(uninterrupted))
+
+
+class _KillAt(BaseCallback):
+    """SIGKILLs sampler worker 1 at the given hook of the first meta-iteration (after its sampling, or before the next)."""
+
+    def __init__(self, hook):
+        super().__init__()
+        self.hook, self.rollout_starts = hook, 0
+
+    def _kill(self):
+        import signal
+
+        os.kill(self.model.get_env().workers[1].process.pid, signal.SIGKILL)
+
+    def _on_rollout_start(self):
+        self.rollout_starts += 1
+        if self.hook == "on_rollout_start" and self.rollout_starts == 2:
+            self._kill()
+
+    def _on_rollout_end(self):
+        if self.hook == "on_rollout_end" and self.rollout_starts == 1:
+            self._kill()  # the meta-update of this iteration still runs
+
+    def _on_step(self):
+        return True
+
+
+SUBPROC = dict(sampler="subproc", sampler_kwargs=dict(num_workers=2, timeout=60.0), seed=5, inner_lr=1e-3, **SHAPE)
+
+
+@pytest.mark.parametrize("when", ["on_rollout_end", "on_rollout_start", "closed", "interrupted_evaluation"])
+def test_a_model_is_saveable_whatever_its_workers_did_and_resumes_exactly(tmp_path, when):
+    from conftest import deadline
+
+    from sb3_metarl.common.vec_env import WorkerDiedError
+
+    env_id = "sb3_metarl/TabularMDP-v0"
+    per_iteration = 2 * 2 * 2 * 20
+    with deadline(240):
+        uninterrupted = MetaPolicyGradient("MlpPolicy", env_id, **SUBPROC)
+        uninterrupted.learn(2 * per_iteration)
+        uninterrupted.get_env().close()
+
+        model = MetaPolicyGradient("MlpPolicy", env_id, **SUBPROC)
+        if when in ("on_rollout_end", "on_rollout_start"):
+            with pytest.raises(WorkerDiedError):
+                model.learn(10 * per_iteration, callback=_KillAt(when))
+        elif when == "closed":
+            model.learn(per_iteration)
+            model.get_env().close()
+        else:  # Ctrl-C during a held-out evaluation, the workers gone with it (a terminal's SIGINT)
+            import signal
+
+            model.learn(per_iteration)
+            sample = model.get_env().sample
+
+            def interrupted(*args, **kwargs):
+                sample(*args, **kwargs)
+                os.kill(model.get_env().workers[0].process.pid, signal.SIGKILL)
+                raise KeyboardInterrupt
+
+            model.get_env().sample = interrupted
+            with pytest.raises(KeyboardInterrupt):
+                model.evaluate_adaptation(n_tasks=2, inner_steps=1)
+        assert model.n_updates == 1
+        model.save(tmp_path / "model.zip")  # never asks the (dead, killed or closed) workers
+        model.get_env().close()
+        resumed = MetaPolicyGradient.load(tmp_path / "model.zip", env=env_id)
+        resumed.learn(2 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
+        resumed.get_env().close()
+    assert th.equal(_parameters(resumed), _parameters(uninterrupted))
+
+
+def test_an_interrupted_evaluation_leaves_the_run_unchanged_in_the_same_process():
+    """The sub-envs' streams are put back before the next sampling even when the evaluation was interrupted."""
+    env_id = "sb3_metarl/TabularMDP-v0"
+    kwargs = dict(seed=5, inner_lr=1e-3, **SHAPE)
+    uninterrupted = MetaPolicyGradient("MlpPolicy", env_id, **kwargs)
+    uninterrupted.learn(2 * 160)
+    model = MetaPolicyGradient("MlpPolicy", env_id, **kwargs)
+    model.learn(160)
+    sampler, sample = model.episode_sampler, model.episode_sampler.sample
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        batch = sample(*args, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return batch
+
+    sampler.sample = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        model.evaluate_adaptation(n_tasks=2, inner_steps=2)
+    sampler.sample = sample
+    model.learn(160, reset_num_timesteps=False)
+    assert th.equal(_parameters(model), _parameters(uninterrupted))

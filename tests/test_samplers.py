@@ -14,7 +14,7 @@ from conftest import deadline  # the tests' directory is on sys.path (pytest's d
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.common.vec_env import WorkerDiedError
+from sb3_metarl.common.vec_env import SamplerClosedError, WorkerDiedError
 from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, VecEnvSampler
 from sb3_metarl.tasks import TaskEnv
 
@@ -382,3 +382,170 @@ def test_stepping_below_the_bookkeeping_wrappers_samples_what_the_wrapped_envs_d
         th.testing.assert_close(getattr(batches[0], field), getattr(batches[1], field), rtol=0, atol=0)
     assert len(dones[0]) == len(dones[1]) and all(np.array_equal(a, b) for a, b in zip(*dones))
     assert batches[0].masks.sum(-1).max().item() == (time_limit or 100)
+
+
+def _probe_sharded(**kwargs):
+    import functools
+
+    from worker_envs import probe_env
+
+    return ShardedVecEnv([functools.partial(probe_env, **kwargs.pop("env_kwargs", {}))] * 4, 2, num_workers=2, **kwargs)
+
+
+def test_a_late_answer_of_a_sampler_worker_is_never_taken_for_the_next_call():
+    venv = _probe_sharded(timeout=0.5)
+    try:
+        with deadline(60):
+            with pytest.raises(WorkerDiedError, match="is alive but did not answer"):
+                venv.env_method("slow", 1.5)
+            time.sleep(2.0)  # the late answers are now in the pipes
+            assert venv.get_attr("marker") == ["marker"] * 4
+            assert venv.env_method("pid", indices=[0, 2]) == venv.worker_pids()
+    finally:
+        venv.close()
+
+
+def test_a_sampler_call_has_one_deadline_and_close_one_grace_period():
+    venv = _probe_sharded(timeout=3.0, close_timeout=2.0)
+    with deadline(60):
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="did not answer"):
+            venv.env_method("slow", 30.0)  # both workers hang: 3 s in all, not 3 s each
+        assert time.monotonic() - start < 5.0
+        pids = [worker.process.pid for worker in venv.workers]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        venv.close()
+        assert time.monotonic() - start < 5.5
+    assert not any(worker.process.is_alive() for worker in venv.workers)
+
+
+def test_a_closed_sampler_says_it_is_closed():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS,
+                               inner_lr=1e-3, **SMALL)  # fmt: skip
+    model.get_env().close()
+    with deadline(30), pytest.raises(SamplerClosedError, match=r"sampler \(subproc\): its workers were closed"):
+        model.learn(1)
+
+
+@pytest.mark.parametrize("timeout", [0, -5, "10", float("nan"), True])
+def test_a_bad_timeout_is_refused_at_construction(timeout):
+    with pytest.raises(ValueError, match=r"sampler_kwargs: timeout must be a finite number of seconds > 0 or None"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc",
+                           sampler_kwargs=dict(timeout=timeout), **SMALL)  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pids, seconds=15.0):
+    give_up = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < give_up:
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
+_WORKER_SCRIPT = (
+    "import functools, os, signal, sys, time\n"
+    "sys.path.insert(0, 'tests')\n"
+    "from worker_envs import probe_env\n"
+    "from sb3_metarl import MetaPolicyGradient\n"
+    "if __name__ == '__main__':\n"
+    "    model = MetaPolicyGradient('MlpPolicy', functools.partial(probe_env, ignore_sigterm=True), meta_batch_size=2,\n"
+    "                               inner_episodes=2, outer_episodes=2, inner_lr=1e-3, sampler='subproc',\n"
+    "                               sampler_kwargs=dict(num_workers=2, close_timeout=1.0), seed=0)\n"
+    "    model.learn(1)\n"
+    "    pids = model.get_env().worker_pids()\n"
+    "    print('pids', pids, flush=True)\n"
+)
+
+
+def test_the_interpreter_exits_with_frozen_and_sigterm_ignoring_workers_and_leaves_none_behind():
+    script = _WORKER_SCRIPT + "    os.kill(pids[0], signal.SIGSTOP)\n"  # a frozen worker, the other ignores SIGTERM
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pids = [int(p) for p in result.stdout.split("pids")[1].strip(" []\n").split(",")]
+    assert _wait_gone(pids) == []
+
+
+def test_workers_die_with_a_killed_learner():
+    script = _WORKER_SCRIPT + "    time.sleep(600)\n"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        with deadline(120):
+            line = process.stdout.readline()
+        pids = [int(p) for p in line.split("pids")[1].strip(" []\n").split(",")]
+        process.kill()  # SIGKILL: no exit handler runs; the workers ignore SIGTERM
+        process.wait(timeout=30)
+        assert _wait_gone(pids) == []
+    finally:
+        process.kill()
+
+
+def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
+    script = (
+        "import sys\n"
+        "from sb3_metarl import MetaPolicyGradient\n"
+        "from sb3_metarl.common.vec_env import SamplerClosedError, WorkerDiedError\n"
+        "if __name__ == '__main__':\n"
+        "    model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=4, inner_episodes=3,\n"
+        "                               outer_episodes=3, inner_lr=1e-3, sampler='subproc',\n"
+        "                               sampler_kwargs=dict(num_workers=2), seed=0)\n"
+        "    model.learn(1)\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        model.learn(10**9)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('caught KeyboardInterrupt', flush=True)\n"
+        "    except WorkerDiedError as error:\n"
+        "        print('caught WorkerDiedError', error, flush=True)\n"
+        f"    model.save({str(tmp_path / 'after_ctrl_c.zip')!r})\n"
+        "    print('saved', flush=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        with deadline(120):
+            assert process.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole process group
+        out, err = process.communicate(timeout=60)
+        assert "caught KeyboardInterrupt" in out and "saved" in out, out + err[-2000:]
+        assert (tmp_path / "after_ctrl_c.zip").exists()
+    finally:
+        process.kill()
+
+
+def test_more_ray_workers_than_cpus_fail_fast_with_the_numbers(local_ray):
+    with deadline(30), pytest.raises(ValueError, match=r"num_workers=3 Ray actors need 3 CPUs, but the Ray cluster has 2"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="ray", sampler_kwargs=dict(num_workers=3),
+                           **SMALL)  # fmt: skip
+
+
+def test_closing_after_ray_shut_down_does_not_start_ray_again():
+    script = (
+        "import ray\n"
+        "from sb3_metarl import MetaPolicyGradient\n"
+        "if __name__ == '__main__':\n"
+        "    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+        "    model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=2, inner_episodes=2,\n"
+        "                               outer_episodes=2, inner_lr=1e-3, sampler='ray', sampler_kwargs=dict(num_workers=2))\n"
+        "    model.learn(1)\n"
+        "    ray.shutdown()\n"
+        "    model.get_env().close()\n"
+        "    print('initialized after close:', ray.is_initialized(), flush=True)\n"
+        "    model2 = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=2, inner_episodes=2,\n"
+        "                                outer_episodes=2, inner_lr=1e-3, sampler='ray', sampler_kwargs=dict(num_workers=2))\n"
+        "    model2.learn(1)\n"
+        "    print('exiting without close', flush=True)\n"
+    )
+    pytest.importorskip("ray")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "initialized after close: False" in result.stdout and "exiting without close" in result.stdout

@@ -1,14 +1,15 @@
-"""GuardedSubprocVecEnv: a dead worker is named within seconds, and close never hangs."""
+"""GuardedSubprocVecEnv: a dead worker is named within seconds, late answers are dropped, and close never hangs."""
 
 import os
 import signal
+import time
 
 import pytest
 from conftest import deadline  # the tests' directory is on sys.path (pytest's default import mode)
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, WorkerDiedError, resolve_vec_env_cls
+from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, SamplerClosedError, WorkerDiedError, resolve_vec_env_cls
 
 
 def test_killed_worker_mid_learn_raises_naming_it_and_close_is_bounded():
@@ -42,3 +43,78 @@ def test_vec_env_cls_by_name():
     assert resolve_vec_env_cls("dummy").__name__ == "DummyVecEnv"
     with pytest.raises(ValueError, match="vec_env_cls"):
         resolve_vec_env_cls("ray")
+
+
+def _probe_venv(n_envs=2, **kwargs):
+    import functools
+
+    from worker_envs import probe_env
+
+    return GuardedSubprocVecEnv([functools.partial(probe_env)] * n_envs, **kwargs)
+
+
+def test_a_late_answer_is_never_taken_for_the_next_call():
+    venv = _probe_venv(timeout=0.5)
+    try:
+        with deadline(30):
+            with pytest.raises(WorkerDiedError, match="is alive but did not answer"):
+                venv.env_method("slow", 1.5)
+            time.sleep(2.0)  # the late answers are now in the pipes
+            assert venv.get_attr("marker") == ["marker", "marker"]
+            assert len(set(venv.env_method("pid"))) == 2
+    finally:
+        venv.close()
+
+
+def test_a_call_to_all_workers_has_one_deadline_and_close_one_grace_period():
+    venv = _probe_venv(timeout=3.0, close_timeout=2.0)
+    with deadline(40):
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="did not answer"):
+            venv.env_method("slow", 30.0)  # both workers hang: 3 s in all, not 3 s each
+        assert time.monotonic() - start < 5.0
+        for process in venv.processes:
+            os.kill(process.pid, signal.SIGSTOP)  # frozen: they neither answer nor exit on SIGTERM
+        start = time.monotonic()
+        venv.close()
+        # 2 s for all to exit, then at most 1 s after SIGTERM and 1 s after SIGKILL: not 4 s per worker in turn
+        assert time.monotonic() - start < 5.5
+    assert not any(process.is_alive() for process in venv.processes)
+
+
+def test_an_env_error_in_a_worker_is_raised_with_the_env_s_traceback():
+    import functools
+
+    import numpy as np
+    from worker_envs import probe_env
+
+    venv = GuardedSubprocVecEnv([functools.partial(probe_env, fail_at_step=2)] * 2, timeout=30.0)
+    try:
+        with deadline(30):
+            venv.reset()
+            venv.step(np.zeros((2, 1), np.float32))
+            with pytest.raises(RuntimeError, match=r"(?s)SubprocVecEnv worker 0 .*failed: ValueError: ProbeEnv: failing on "
+                                                   r"purpose at step 2.*Traceback.*worker_envs\.py"):  # fmt: skip
+                venv.step(np.zeros((2, 1), np.float32))
+    finally:
+        venv.close()
+
+
+def test_a_closed_vec_env_says_so():
+    venv = _probe_venv()
+    venv.close()
+    with pytest.raises(SamplerClosedError, match="closed"):
+        venv.get_attr("marker")
+
+
+def test_sampler_kwargs_set_the_subproc_vec_env_s_waits():
+    shape = dict(meta_batch_size=2, inner_episodes=1, outer_episodes=1, inner_lr=1e-3)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", vec_env_cls=SubprocVecEnv,
+                               sampler_kwargs=dict(timeout=7.5), **shape)  # fmt: skip
+    try:
+        assert all(remote.timeout == 7.5 for remote in model.get_env().remotes)
+    finally:
+        model.get_env().close()
+    with pytest.raises(ValueError, match=r"sampler_kwargs: sampler='vec_env' takes only \['timeout', 'close_timeout'\]"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", vec_env_cls=SubprocVecEnv, meta_batch_size=2,
+                           sampler_kwargs=dict(num_workers=2))  # fmt: skip

@@ -45,16 +45,20 @@ def _set_generators(venv: VecEnv, generators: list[np.random.Generator]) -> None
         venv.set_attr("np_random", generator, indices=[index])
 
 
-def seed_env_rngs(venv: VecEnv, seed: int | None) -> None:
+def seed_env_rngs(venv: VecEnv, seed: int | None) -> list[EnvRngState]:
     """
     Give every sub-env its own generator, seeded from ``seed`` and the sub-env's index (fresh entropy
     when ``seed`` is None), directly rather than at the next reset, so no later reset reseeds them.
+
+    :return: the generators' states (known here, without asking the sub-envs)
     """
     generators = []
     for index in range(venv.num_envs):
         seed_sequence = np.random.SeedSequence(None if seed is None else [seed, index])
         generators.append(np.random.Generator(np.random.PCG64(seed_sequence)))
+    states = [generator.bit_generator.state for generator in generators]
     _set_generators(venv, generators)
+    return states
 
 
 @contextlib.contextmanager

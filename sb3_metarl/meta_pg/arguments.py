@@ -7,12 +7,15 @@ from typing import Any
 
 import torch as th
 
+from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
 
 #: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
 #: algorithm sets (the sub-envs, the groups, the horizon and the backend)
 SHARDED_SAMPLER_ARGUMENTS = tuple(inspect.signature(ShardedVecEnv.__init__).parameters)[5:]
+#: the ``sampler_kwargs`` of ``sampler="vec_env"`` with ``vec_env_cls=SubprocVecEnv`` (bounded waits)
+SUBPROC_VEC_ENV_ARGUMENTS = ("timeout", "close_timeout")
 
 #: ``inner_lr="auto"``: calibrate the inner step size on the first batch (see ``MetaPolicyGradient.resolved_inner_lr``)
 AUTO = "auto"
@@ -109,11 +112,17 @@ def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
         raise ValueError(f"sampler: unknown sampler {sampler!r}; use one of {list(SAMPLER_NAMES)} or an EpisodeSampler.")
     if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
         raise ValueError(f"sampler_kwargs: must be a dict or None, got {sampler_kwargs!r}.")
-    if sampler == "vec_env" and sampler_kwargs:
+    subproc_vec_env = resolve_vec_env_cls(vec_env_cls) is GuardedSubprocVecEnv
+    bounded_waits_only = subproc_vec_env and set(sampler_kwargs or {}) <= set(SUBPROC_VEC_ENV_ARGUMENTS)
+    if sampler == "vec_env" and sampler_kwargs and not bounded_waits_only:
+        takes = f"only {list(SUBPROC_VEC_ENV_ARGUMENTS)} with vec_env_cls=SubprocVecEnv" if subproc_vec_env else "none"
         raise ValueError(
-            f"sampler_kwargs: sampler='vec_env' takes none (got {sorted(sampler_kwargs)}); use sampler='subproc' or 'ray' "
-            "for num_workers."
+            f"sampler_kwargs: sampler='vec_env' takes {takes} (got {sorted(sampler_kwargs)}); use sampler='subproc' or "
+            "'ray' for num_workers."
         )
+    for name in ("timeout", "close_timeout"):
+        if name in (sampler_kwargs or {}):
+            check_timeout(name, sampler_kwargs[name], allow_none=name == "timeout")
     unknown = sorted(set(sampler_kwargs or {}) - set(SHARDED_SAMPLER_ARGUMENTS)) if sampler != "vec_env" else []
     if unknown:
         raise ValueError(

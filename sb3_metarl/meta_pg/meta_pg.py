@@ -216,6 +216,11 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
         self._saved_env_rng_states: list[EnvRngState] | None = None
+        #: the learner's copy of the sub-envs' random states, as of the last completed sampling phase (or seeding):
+        #: what ``save`` writes, so that saving never asks a worker (it may be dead, frozen or closed)
+        self._env_rng_states: list[EnvRngState] | None = None
+        #: True when the sub-envs' streams could not be put back after an interrupted block: re-applied before sampling
+        self._env_streams_stale = False
         #: the run's random streams at the start of the meta-iteration in progress (None between iterations)
         self._iteration_start: dict[str, Any] | None = None
         self.pre_adaptation_returns: deque | None = None
@@ -302,7 +307,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         set_random_seed(seed, using_cuda=self.device.type == th.device("cuda").type)
         self.action_space.seed(seed)
         if self.env is not None:
-            seed_env_rngs(self.env, seed)
+            self._env_rng_states = seed_env_rngs(self.env, seed)
 
     def _attach_env(self, env: VecEnv) -> None:
         self._episode_sampler = make_episode_sampler(
@@ -310,8 +315,12 @@ class MetaPolicyGradient(BaseAlgorithm):
         )
         if self._saved_env_rng_states is not None and len(self._saved_env_rng_states) == env.num_envs:
             set_env_rng_states(env, self._saved_env_rng_states)
+            self._env_rng_states = self._saved_env_rng_states
         elif self.seed is not None:
-            seed_env_rngs(env, self.seed)
+            self._env_rng_states = seed_env_rngs(env, self.seed)
+        else:
+            self._env_rng_states = get_env_rng_states(env)  # the workers were just started: ask them once
+        self._env_streams_stale = False
         self._saved_env_rng_states = None
         if self.task_sampler is None:
             self._task_sampler = EnvTaskSampler(env)
@@ -338,7 +347,15 @@ class MetaPolicyGradient(BaseAlgorithm):
         self._attach_env(vec_env)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "functional_policy", "_episode_sampler", "_task_sampler", "_iteration_start"]
+        return [
+            *super()._excluded_save_params(),
+            "functional_policy",
+            "_episode_sampler",
+            "_task_sampler",
+            "_iteration_start",
+            "_env_rng_states",
+            "_env_streams_stale",
+        ]
 
     @property
     def n_updates(self) -> int:
@@ -357,7 +374,8 @@ class MetaPolicyGradient(BaseAlgorithm):
             "num_timesteps": self.num_timesteps,
             "task_rng": generator_state(self.task_rng),
             "torch_generator": self.torch_generator.get_state(),
-            "env": get_env_rng_states(self.env) if include_env and self.env is not None else None,
+            # the learner's copy: never a question to the workers (saving must work whatever they did)
+            "env": self._env_rng_states if include_env and self.env is not None else None,
         }
 
     def _set_stream_state(self, state: dict[str, Any], include_env: bool = True) -> None:
@@ -366,17 +384,37 @@ class MetaPolicyGradient(BaseAlgorithm):
         restore_generator(self.task_rng, state["task_rng"])
         self.torch_generator.set_state(state["torch_generator"])
         if include_env and state["env"] is not None and self.env is not None:
-            set_env_rng_states(self.env, state["env"])
+            self._put_env_streams(state["env"])
+
+    def _put_env_streams(self, states: list[EnvRngState]) -> None:
+        """Give the sub-envs these random states and keep the learner's copy."""
+        set_env_rng_states(self.env, states)
+        self._env_rng_states, self._env_streams_stale = states, False
+
+    def _record_env_streams(self, sampler: EpisodeSampler) -> None:
+        """After a completed sampling phase on the model's sub-envs: the learner's copy of their random states."""
+        if sampler is not self._episode_sampler or self.env is None:
+            return
+        states = sampler.env_rng_states()
+        self._env_rng_states = states if states is not None else get_env_rng_states(self.env)
 
     @contextlib.contextmanager
     def _env_streams_kept(self) -> Iterator[None]:
         """The sub-envs' random streams are as they were before the block (e.g. across SB3's reset in ``_setup_learn``)."""
-        states = get_env_rng_states(self.env) if self.env is not None else None
+        states = self._env_rng_states if self.env is not None else None
+        if states is None:
+            yield
+            return
         try:
             yield
-        finally:
-            if states is not None and self.env is not None:
-                set_env_rng_states(self.env, states)
+        except BaseException:
+            # interrupted (Ctrl-C, a dead worker): the learner's copy is the streams before the block, which is what a
+            # save holds; the sub-envs get them back before they sample again
+            self._env_rng_states, self._env_streams_stale = states, True
+            with contextlib.suppress(Exception):
+                self._put_env_streams(states)
+            raise
+        self._put_env_streams(states)
 
     def save(
         self,
@@ -465,7 +503,7 @@ class MetaPolicyGradient(BaseAlgorithm):
             generator.manual_seed(seed)
         with self._env_streams_kept():
             if seed is not None and self.env is not None:
-                seed_env_rngs(self.env, seed)
+                self._env_rng_states = seed_env_rngs(self.env, seed)
             yield generator
 
     def sample_episodes(
@@ -488,6 +526,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         :return: the episodes with their policy-gradient weights, or None if a callback stopped training
         """
         sampler = sampler or self.episode_sampler
+        if self._env_streams_stale and sampler is self._episode_sampler and self._env_rng_states is not None:
+            self._put_env_streams(self._env_rng_states)
         if task_params is None:
             task_params = self.initial_task_params(len(tasks))
         noise_seeds = draw_noise_seeds(generator or self.torch_generator, len(tasks))
@@ -497,6 +537,7 @@ class MetaPolicyGradient(BaseAlgorithm):
         batch = sampler.sample(tasks, params, n_episodes, **options)
         if batch is None:
             return None
+        self._record_env_streams(sampler)
         if step_callback is not None and "step_callback" not in options:  # a sampler that does not count: per batch
             if not step_callback(int(batch.masks.sum().item()), {}):
                 return None

@@ -215,6 +215,14 @@ class EpisodeSampler(ABC):
             weighs them), or None if ``step_callback`` stopped sampling
         """
 
+    def env_rng_states(self) -> list[dict[str, Any]] | None:
+        """
+        :return: the sub-envs' random-generator states right after the last ``sample`` (``bit_generator.state``
+            per sub-env), read without a further call to any worker; None when the sampler cannot tell (the
+            algorithm then reads them from the VecEnv)
+        """
+        return None
+
     def close(self) -> None:
         """Release the backend's workers (idempotent)."""
         return None

@@ -9,7 +9,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_metarl.common.vec_env import PrototypeCopies, make_task_env
+from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, PrototypeCopies, make_task_env
 from sb3_metarl.samplers.base import EpisodeSampler
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
@@ -46,7 +46,8 @@ def make_sub_envs(
     :param n_groups: task groups (the meta-batch)
     :param sampler: "subproc" and "ray" build the sub-envs in their workers (a ``ShardedVecEnv``); otherwise
         they are built with ``vec_env_cls`` (default ``DummyVecEnv``) in this process
-    :param sampler_kwargs: the ``ShardedVecEnv``'s arguments (``num_workers``, ``timeout``, ...)
+    :param sampler_kwargs: the ``ShardedVecEnv``'s arguments (``num_workers``, ``timeout``, ...), or a
+        ``GuardedSubprocVecEnv``'s (``timeout``, ``close_timeout``)
     :param vec_env_cls: the VecEnv class of the in-process sub-envs
     :param env_kwargs: keyword arguments of ``gym.make`` for an id
     :param max_episode_steps: the horizon H (default: the sub-envs' own)
@@ -63,6 +64,8 @@ def make_sub_envs(
     factory = env_factory(env, env_kwargs)
     if sharded:
         return ShardedVecEnv([factory] * n_envs, n_groups, max_episode_steps, sampler, **(sampler_kwargs or {}))
+    if vec_env_cls is GuardedSubprocVecEnv:  # its bounded waits are set like the samplers' (sampler_kwargs)
+        return GuardedSubprocVecEnv([factory] * n_envs, **(sampler_kwargs or {}))
     return (vec_env_cls or DummyVecEnv)([factory] * n_envs)
 
 

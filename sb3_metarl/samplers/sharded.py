@@ -5,6 +5,7 @@ phase a worker receives its tasks, their parameters and noise seeds once, sample
 locally (``GroupRunner``) and returns them.
 """
 
+import contextlib
 import copy
 import multiprocessing as mp
 import os
@@ -24,7 +25,17 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.task_vec_env import episode_horizon
-from sb3_metarl.common.vec_env import GuardedPipe, WorkerDiedError
+from sb3_metarl.common.vec_env import (
+    GuardedPipe,
+    SamplerClosedError,
+    TaggedConnection,
+    WorkerDiedError,
+    check_timeout,
+    prepare_worker_process,
+    register_worker_group,
+    starting,
+    stop_processes,
+)
 from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, fresh_noise_seeds
 from sb3_metarl.samplers.runner import GroupRunner
 
@@ -83,6 +94,8 @@ class Shard:
         # the steps after an episode's end are zeros: not sent (an Ant's episodes fill a fraction of the horizon)
         arrays = {field: getattr(buffer, field)[valid] for field in BATCH_FIELDS}
         arrays["masks"], arrays["successes"] = buffer.masks, buffer.successes
+        # the block's random streams after the phase: the learner keeps them, so saving never asks a worker
+        arrays["rng_states"] = [generator.bit_generator.state for generator in self.venv.get_attr("np_random")]
         return arrays
 
     # the VecEnv API, for SB3 and for the model's random streams
@@ -118,8 +131,11 @@ class Shard:
         self.venv.close()
 
 
-def _process_worker(remote: Any, parent_remote: Any, shard_args: bytes) -> None:
+def _process_worker(connection: Any, parent_remote: Any, shard_args: bytes, learner_pid: int) -> None:
+    prepare_worker_process(learner_pid)
     parent_remote.close()
+    remote = TaggedConnection(connection)  # every answer carries the number of its request
+    remote.tag = 1  # the "ready" below answers the learner's first wait
     try:
         shard = Shard(*cloudpickle.loads(shard_args))
     except Exception as error:  # the parent raises it, with the worker's traceback
@@ -149,11 +165,15 @@ class _ProcessWorker:
         self.name = name
         remote, work_remote = context.Pipe()
         self.process = context.Process(
-            target=_process_worker, args=(work_remote, remote, cloudpickle.dumps(shard_args)), daemon=True, name=name
+            target=_process_worker,
+            args=(work_remote, remote, cloudpickle.dumps(shard_args), os.getpid()),
+            daemon=True,
+            name=name,
         )
         self.process.start()
         work_remote.close()
         self.pipe = GuardedPipe(remote, self.process, name, timeout)
+        self.pipe.tag = 1  # the worker's "ready" message answers request 1
         #: bytes sent to and received from the worker so far (serialized messages)
         self.bytes_sent = self.bytes_received = 0
 
@@ -171,21 +191,10 @@ class _ProcessWorker:
             raise error from RuntimeError(f"in {self.name}:\n{remote_traceback}")
         return value
 
-    def close(self, timeout: float) -> None:
-        try:
-            while self.pipe.poll(0.0):  # answers never read (after an error elsewhere)
-                self.pipe.remote.recv_bytes()
+    def request_close(self) -> None:
+        """Ask the worker to exit (answers still in the pipe are numbered: they are never read as another's)."""
+        with contextlib.suppress(WorkerDiedError, SamplerClosedError, EOFError, OSError):
             self.pipe.send_bytes(cloudpickle.dumps(("close", ())))
-        except (WorkerDiedError, EOFError, OSError):
-            pass
-        self.process.join(timeout=timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=1.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=1.0)
-        self.pipe.close()
 
 
 class _RayWorker:
@@ -201,12 +210,14 @@ class _RayWorker:
         self.bytes_sent = self.bytes_received = 0
 
     def submit(self, method: str, *args: Any) -> None:
+        # a new reference per request: an earlier request's late answer belongs to its own reference
         self.reference = getattr(self.actor, method).remote(*args)
+        self.sent_at = time.monotonic()
 
     def result(self) -> Any:
-        start = time.monotonic()
+        # the deadline runs from the request: a call to k actors waits ``timeout`` in all
         while not self.ray.wait([self.reference], timeout=0.5)[0]:
-            if self.timeout is not None and time.monotonic() - start > self.timeout:
+            if self.timeout is not None and time.monotonic() - self.sent_at > self.timeout:
                 raise WorkerDiedError(f"{self.name} did not answer within {self.timeout} s.")
         try:
             return self.ray.get(self.reference)
@@ -215,11 +226,12 @@ class _RayWorker:
         except self.ray.exceptions.RayTaskError as error:
             raise error.as_instanceof_cause() from None
 
-    def close(self, timeout: float) -> None:
-        try:
+    def close(self) -> None:
+        # never from a Ray that was shut down (at exit, ray.kill would start a new local cluster and hang)
+        if not self.ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):  # already dead
             self.ray.kill(self.actor)
-        except Exception:  # already dead, or Ray shut down first
-            pass
 
 
 class ShardedVecEnv(VecEnv, EpisodeSampler):
@@ -243,7 +255,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     :param start_method: multiprocessing start method for "subproc" (default "forkserver" where available)
     :param address: Ray cluster address for ``ray.init`` when Ray is not yet initialized (None: a local Ray)
     :param ray_init_kwargs: further arguments of ``ray.init`` (e.g. ``num_cpus``)
-    :param close_timeout: seconds ``close`` waits for a worker to exit before terminating it
+    :param close_timeout: seconds ``close`` waits for the workers (all together) to exit before terminating them
     """
 
     def __init__(
@@ -265,6 +277,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             raise ValueError(f"n_envs: {len(env_fns)} sub-envs are not a multiple of meta_batch_size={n_groups}.")
         if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
             raise ValueError(f"sampler_kwargs: num_workers must be a positive integer, got {num_workers!r}.")
+        check_timeout("timeout", timeout)
+        check_timeout("close_timeout", close_timeout, allow_none=False)
         self.closed = True  # until the workers exist
         self.n_groups, self.envs_per_group, self.close_timeout = n_groups, len(env_fns) // n_groups, close_timeout
         self.backend = backend
@@ -273,6 +287,14 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             if not ray.is_initialized():
                 ray.init(address=address, **(ray_init_kwargs or {}))
             default_workers = int(ray.cluster_resources().get("CPU", 1))
+            wanted = min(num_workers or default_workers, n_groups)
+            if wanted > default_workers:
+                # each actor asks for one CPU: the ones beyond the cluster's would wait for CPUs forever
+                raise ValueError(
+                    f"sampler_kwargs: num_workers={num_workers} Ray actors need {wanted} CPUs, but the Ray cluster has "
+                    f"{default_workers}; use num_workers<={default_workers}, or a cluster with more CPUs "
+                    "(address=..., or ray_init_kwargs=dict(num_cpus=...) for a local Ray)."
+                )
         else:
             default_workers = os.cpu_count() or 1
         n_workers = min(num_workers or default_workers, n_groups)
@@ -290,13 +312,15 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             else:
                 self.workers.append(_ProcessWorker(context, shard_args, name, timeout))
         self.closed = False
+        register_worker_group(self)  # closed at interpreter exit if the script does not, before Ray's own exit
         #: the first sub-env index of each worker
         self.env_offsets = [first * per_group for first, _ in self.group_blocks]
         self.num_envs = len(env_fns)  # for the routing below, before VecEnv's set-up (which reads render_mode)
         try:
-            for worker in self.workers:
-                if backend == "subproc":
-                    worker.result()  # the worker's "ready" (or its construction error)
+            with starting([worker.pipe for worker in self.workers if isinstance(worker, _ProcessWorker)]):
+                for worker in self.workers:
+                    if backend == "subproc":
+                        worker.result()  # the worker's "ready" (or its construction error)
             observation_space, action_space = self._call(0, "spaces")
             VecEnv.__init__(self, len(env_fns), observation_space, action_space)
             self.horizon = episode_horizon(self, max_episode_steps)
@@ -305,15 +329,19 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             self.close()
             raise
         self._actions: np.ndarray | None = None
+        #: the sub-envs' random states as the workers reported them after the last ``sample`` (None: not yet known)
+        self._rng_states: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ calls to the workers
 
     def _call(self, worker: int, method: str, *args: Any) -> Any:
+        self._check_open()
         self.workers[worker].submit(method, *args)
         return self.workers[worker].result()
 
     def _broadcast(self, method: str, arguments: Callable[[int], tuple], workers: Sequence[int] | None = None) -> list[Any]:
         """Call ``method`` on the workers at once (``arguments(i)`` for worker i); every answer is awaited."""
+        self._check_open()
         workers = range(len(self.workers)) if workers is None else workers
         for index in workers:
             self.workers[index].submit(method, *arguments(index))
@@ -367,6 +395,15 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             return list(tasks[first:last]), block, n_episodes, list(noise_seeds[first:last])
 
         results = self._broadcast("sample", arguments, busy)
+        rng_states = list(self._rng_states) if self._rng_states is not None else None
+        for worker, arrays in zip(busy, results):
+            if rng_states is not None:
+                offset = self.env_offsets[worker]
+                rng_states[offset : offset + len(arrays["rng_states"])] = arrays["rng_states"]
+        # an idle worker's streams are unchanged; unknown (None) until every worker has sampled once
+        self._rng_states = rng_states if rng_states is not None else (
+            [state for arrays in results for state in arrays["rng_states"]] if len(busy) == len(self.workers) else None
+        )
         device = next(iter(task_params.values())).device
         buffer = TaskRolloutBuffer(self.horizon, n_tasks, n_episodes, self.observation_space, self.action_space, device)
         for worker, arrays in zip(busy, results):
@@ -384,6 +421,9 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             return None
         return buffer.to_batch()
 
+    def env_rng_states(self) -> list[dict[str, Any]] | None:
+        return self._rng_states
+
     def traffic(self) -> dict[str, int]:
         """:return: bytes sent to and received from the worker processes so far ("subproc"; Ray's serialization is its own)"""
         return {
@@ -398,6 +438,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     # ------------------------------------------------------------------ the VecEnv API
 
     def reset(self) -> VecEnvObs:
+        self._rng_states = None  # a reset draws from the sub-envs' streams
         return np.concatenate(self._broadcast("reset", lambda _: ()))
 
     def seed(self, seed: int | None = None) -> list[int | None]:
@@ -414,6 +455,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         self._actions = actions
 
     def step_wait(self) -> VecEnvStepReturn:
+        self._rng_states = None
         actions = self._actions
         results = self._broadcast(
             "step", lambda w: (actions[self.env_offsets[w] : self.env_offsets[w] + self._block_size(w)],)
@@ -440,6 +482,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         return self._routed_call("get_attr", indices, attr_name)
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        if attr_name == "np_random":
+            self._rng_states = None  # one generator shared by several sub-envs: read them back when needed
         self._routed_call("set_attr", indices, attr_name, value)
 
     def set_attr_each(self, attr_name: str, values: Sequence[Any], indices: VecEnvIndices = None) -> None:
@@ -447,6 +491,11 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         routed = self._by_worker(indices)
         order = list(self._get_indices(indices))
         value_of = dict(zip(order, values))
+        if attr_name == "np_random":  # the streams are set from here: known without asking
+            states = self._rng_states or [None] * self.num_envs
+            for index, generator in value_of.items():
+                states[index] = generator.bit_generator.state
+            self._rng_states = states if all(state is not None for state in states) else None
         self._broadcast(
             "set_attr_each",
             lambda w: (attr_name, [value_of[self.env_offsets[w] + i] for i in routed[w]], routed[w]),
@@ -456,17 +505,36 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     def env_method(
         self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
     ) -> list[Any]:
+        self._rng_states = None
         return self._routed_call("env_method", indices, method_name, method_args, method_kwargs)
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return self._routed_call("env_is_wrapped", indices, wrapper_class)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SamplerClosedError(
+                f"sampler ({self.backend}): its workers were closed (close() was called); give the model a new env "
+                "(model.set_env(...)) to sample again."
+            )
+
     def close(self) -> None:
+        """Stop the workers: ``close_timeout`` seconds in all for them to exit, then terminated, then killed."""
         if self.closed:
             return
         self.closed = True
+        deadline = time.monotonic() + self.close_timeout
+        processes = []
         for worker in self.workers:
-            worker.close(self.close_timeout)
+            if isinstance(worker, _ProcessWorker):
+                worker.request_close()
+                processes.append(worker.process)
+            else:
+                worker.close()
+        stop_processes(processes, deadline)
+        for worker in self.workers:
+            if isinstance(worker, _ProcessWorker):
+                worker.pipe.close()
 
     def __del__(self) -> None:
         try:

@@ -10,6 +10,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import Params
+from sb3_metarl.common.rng import get_env_rng_states
 from sb3_metarl.common.task_vec_env import TaskVecEnv
 from sb3_metarl.samplers.base import (
     EpisodeSampler,
@@ -65,6 +66,10 @@ class VecEnvSampler(EpisodeSampler):
         else:
             buffer = self._sample_through_vec_env(tasks, task_params, n_episodes, noise_seeds, step_callback)
         return None if buffer is None else buffer.to_batch()
+
+    def env_rng_states(self) -> list[dict[str, Any]]:
+        # in this process (or, through SubprocVecEnv, from workers that have just answered)
+        return get_env_rng_states(self.venv)
 
     def _sample_through_vec_env(
         self,

@@ -72,10 +72,27 @@ class _TaskRewardMixin(_ModelLoading, TaskEnv):
 
 
 class _TargetVelocity(_TaskRewardMixin):
-    """Task: a target forward velocity ``v*``, uniform in ``velocity_range``; task term ``-|v_x - v*|``."""
+    """
+    Task: a target forward velocity ``v*``, uniform in ``velocity_range``; task term ``-|v_x - v*|``.
+
+    :param velocity_range: (low, high) of the target velocity (default: the family's; e.g. SG-MRL's
+        HalfCheetah Rand Vel draws from U[0, 3], MAML's from U[0, 2])
+    :param kwargs: passed to the Gymnasium env (e.g. ``ctrl_cost_weight=0.05``, rllab's control cost)
+    """
 
     velocity_range: tuple[float, float] = (0.0, 2.0)
     _target = 1.0
+
+    def __init__(self, *args: Any, velocity_range: tuple[float, float] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if velocity_range is not None:
+            # Gymnasium's EzPickle rebuilds the env from its constructor arguments (copies, pickles)
+            self._ezpickle_kwargs = {**self._ezpickle_kwargs, "velocity_range": velocity_range}
+            low, high = (float(v) for v in velocity_range)
+            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+                raise ValueError(f"velocity_range: must be finite (low, high) with low <= high, got {velocity_range!r}.")
+            self.velocity_range = (low, high)
+            self._target = (low + high) / 2
 
     def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[float]:
         rng = self.np_random if rng is None else rng

@@ -1,0 +1,427 @@
+"""
+The seeds' MuJoCo tables at the papers' budgets, run in sittings: every run checkpoints every
+``--checkpoint-every`` meta-iterations and continues bit for bit from its last checkpoint when the
+command is run again (after a stop at any moment, on this machine or another one).
+
+Suites (the papers' settings; what differs from them is listed in docs/results/reproduce_published.md):
+
+* ``sgmrl-dir``: SG-MRL (Fallah et al. 2021) Table 2, HalfCheetah random direction: 40 tasks x 20
+  episodes, horizon 200, one inner step, vanilla policy-gradient outer updates (Adam at 1e-3, as ProMP's
+  VPG-MAML that SG-MRL's code builds on), rllab's control cost 0.05, 400 meta-iterations (the paper does
+  not state its budget; 1.28e8 env steps).
+* ``sgmrl-vel``: the same on HalfCheetah random velocity, targets U[0, 3] (SG-MRL's range).
+* ``maml-trpo-dir`` / ``maml-trpo-vel`` / ``maml-trpo-ant-dir``: pytorch-maml-rl's configs
+  (halfcheetah-dir.yaml, halfcheetah-vel.yaml, ant-dir.yaml): 40 x 20 x 200, TRPO (max KL 0.01), 500 batches.
+
+A run lives in ``<out>/runs/<name>/``: ``model.zip`` (the last checkpoint, a small SB3 zip with every
+random stream), ``curve.jsonl`` (one line per meta-iteration: env steps, pre- and post-adaptation return
+on the training tasks, wall seconds), ``evals.jsonl`` (held-out evaluations: 40 fixed tasks, mean return
+after 0..3 inner steps, every ``--eval-every`` iterations and at the end) and ``run.json`` (configuration,
+iterations done, accumulated wall time, machines). A finished run is appended to
+``<out>/reproduce_published_runs.jsonl``; the table ``reproduce_published_table.md`` and the curves
+``reproduce_published.png`` are rewritten from the finished and partial runs at every invocation.
+
+Example (one run of the Rand Dir row; run it again to continue)::
+
+    python benchmarks/reproduce_published.py --suite sgmrl-dir --modes sf --seeds 0 --out docs/results
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: SG-MRL Table 2 (mean meta-test reward over 4 seeds): (env, inner steps) -> {algorithm: (mean, std)}
+SGMRL_TABLE2 = {
+    ("dir", 1): {"SG-MRL": (580.143, 38.22), "MAML": (465.624, 54.07)},
+    ("dir", 2): {"SG-MRL": (580.203, 33.63), "MAML": (441.247, 58.34)},
+    ("dir", 3): {"SG-MRL": (504.747, 45.07), "MAML": (477.086, 64.71)},
+    ("vel", 1): {"SG-MRL": (-91.73, 0.34), "MAML": (-92.92, 0.70)},
+    ("vel", 2): {"SG-MRL": (-52.64, 6.86), "MAML": (-56.71, 6.73)},
+    ("vel", 3): {"SG-MRL": (-33.39, 0.67), "MAML": (-32.48, 0.50)},
+}
+#: our mode -> the paper's algorithm it stands for (SG-MRL is MAML plus the inner samples' score term: our ``sf``)
+PAPER_ALGORITHM = {"sf": "SG-MRL", "maml": "MAML"}
+#: pytorch-maml-rl's TRPO settings (configs/maml/*.yaml)
+TRPO_KWARGS = dict(max_kl=0.01, cg_damping=1e-5, cg_max_steps=10, line_search_shrinking_factor=0.8, line_search_max_iter=15)
+#: the held-out evaluation: tasks, inner steps, seed of the task stream (fixed for every run and checkpoint)
+EVAL_TASKS, EVAL_STEPS, EVAL_SEED = 40, 3, 1000
+
+
+@dataclass
+class PublishedRun:
+    """One meta-training run at a paper's setting."""
+
+    suite: str
+    env_id: str
+    gradient_mode: str
+    meta_optimizer: str
+    seed: int
+    iterations: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.suite}_{self.gradient_mode}_{self.meta_optimizer}_s{self.seed}"
+
+    @property
+    def steps_per_iteration(self) -> int:
+        kwargs = self.kwargs
+        episodes = kwargs["inner_steps"] * kwargs["inner_episodes"] + kwargs["outer_episodes"]
+        return kwargs["meta_batch_size"] * episodes * kwargs.get("max_episode_steps", 200)
+
+
+def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
+    """40 tasks x 20 episodes, inner lr 0.1 in the papers' per-step-mean convention (0.1 / H on our per-episode sum)."""
+    return dict(
+        meta_batch_size=40,
+        inner_episodes=20,
+        outer_episodes=20,
+        inner_steps=inner_steps,
+        inner_lr=0.1 / horizon,
+        normalize_advantage=True,
+        max_episode_steps=horizon,
+    )
+
+
+def suite_runs(
+    suite: str, modes: list[str], seeds: list[int], inner_steps: int = 1, iterations: int | None = None
+) -> list[PublishedRun]:
+    """
+    :param suite: one of ``SUITES``
+    :param modes: gradient modes to run
+    :param seeds: seeds to run
+    :param inner_steps: inner steps during meta-training (SG-MRL's 1-, 2- and 3-step rows)
+    :param iterations: meta-iterations (default: the suite's budget)
+    :return: the runs, in the order to run them (all modes of a seed before the next seed)
+    """
+    if suite not in SUITES:
+        raise ValueError(f"--suite: unknown suite {suite!r}; use one of {sorted(SUITES)}.")
+    env_id, optimizer, default_iterations, extra = SUITES[suite]
+    kwargs = {**_paper_kwargs(200, inner_steps), **extra}
+    if optimizer == "trpo":
+        kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
+    else:
+        kwargs["learning_rate"] = 1e-3
+    return [
+        PublishedRun(suite, env_id, mode, optimizer, seed, iterations or default_iterations, dict(kwargs))
+        for seed in seeds
+        for mode in modes
+    ]
+
+
+#: suite -> (env id, meta-optimizer, meta-iterations, extra MetaPolicyGradient arguments)
+SUITES: dict[str, tuple[str, str, int, dict[str, Any]]] = {
+    "sgmrl-dir": ("sb3_metarl/HalfCheetahDir-v0", "adam", 400, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
+    "sgmrl-vel": (
+        "sb3_metarl/HalfCheetahVel-v0",
+        "adam",
+        400,
+        dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0))),
+    ),
+    "maml-trpo-dir": ("sb3_metarl/HalfCheetahDir-v0", "trpo", 500, {}),
+    "maml-trpo-vel": ("sb3_metarl/HalfCheetahVel-v0", "trpo", 500, {}),
+    "maml-trpo-ant-dir": ("sb3_metarl/AntDir-v0", "trpo", 500, {}),
+}
+
+
+# ---------------------------------------------------------------------- files of a run
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """:return: the complete lines of a JSON-lines file (a line cut by a stop is dropped)"""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as file:
+        for line in file:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # the last line of a run stopped while writing it
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` by ``rows`` atomically (a stop leaves the old file or the new one)."""
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+
+
+def machine() -> str:
+    return f"{socket.gethostname()} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+# ---------------------------------------------------------------------- running
+
+
+def make_model(run: PublishedRun, sampler: str, num_workers: int | None):
+    from sb3_metarl import MetaPolicyGradient
+
+    kwargs = dict(run.kwargs)
+    kwargs["sampler_kwargs"] = {"num_workers": num_workers} if num_workers and sampler != "vec_env" else None
+    kwargs["sampler"] = sampler
+    return MetaPolicyGradient("MlpPolicy", run.env_id, gradient_mode=run.gradient_mode, meta_optimizer=run.meta_optimizer,
+                              seed=run.seed, **kwargs)  # fmt: skip
+
+
+def evaluate(model) -> list[float]:
+    """:return: the mean return on the fixed held-out tasks after 0..EVAL_STEPS inner steps"""
+    table = model.evaluate_adaptation(n_tasks=EVAL_TASKS, inner_steps=EVAL_STEPS, seed=EVAL_SEED)
+    return [round(float(x), 4) for x in table["mean"]]
+
+
+def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None) -> tuple:
+    """:return: the run's file paths, its model (new, or loaded from the last checkpoint), state, curve and evaluations"""
+    from sb3_metarl import MetaPolicyGradient
+
+    folder = os.path.join(out, "runs", run.name)
+    os.makedirs(folder, exist_ok=True)
+    paths = {name: os.path.join(folder, name) for name in ("model.zip", "curve.jsonl", "evals.jsonl", "run.json")}
+    state = json.load(open(paths["run.json"])) if os.path.exists(paths["run.json"]) else None
+    if state is None or not os.path.exists(paths["model.zip"]):
+        state = {"config": asdict(run), "iterations_done": 0, "wall_seconds": 0.0, "machines": []}
+        return paths, make_model(run, sampler, num_workers), state, [], []
+    if state["config"] != json.loads(json.dumps(asdict(run))):
+        raise ValueError(f"{paths['run.json']}: holds another configuration than {run.name}'s; move it away first.")
+    sampler_kwargs = {"num_workers": num_workers} if num_workers and sampler != "vec_env" else None
+    model = MetaPolicyGradient.load(paths["model.zip"], env=run.env_id, sampler=sampler, sampler_kwargs=sampler_kwargs)
+    # what ran after the checkpoint is run again, bit for bit: its lines are dropped
+    curve = [row for row in read_jsonl(paths["curve.jsonl"]) if row["iteration"] <= state["iterations_done"]]
+    evals = [row for row in read_jsonl(paths["evals.jsonl"]) if row["iteration"] <= state["iterations_done"]]
+    write_jsonl(paths["curve.jsonl"], curve)
+    write_jsonl(paths["evals.jsonl"], evals)
+    return paths, model, state, curve, evals
+
+
+def run_sitting(
+    run: PublishedRun,
+    out: str,
+    checkpoint_every: int,
+    eval_every: int,
+    sampler: str = "vec_env",
+    num_workers: int | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """
+    Continue ``run`` from its last checkpoint (or start it) until its budget or ``stop_after`` iterations.
+
+    :param checkpoint_every: meta-iterations between checkpoints
+    :param eval_every: meta-iterations between held-out evaluations (a multiple of ``checkpoint_every``)
+    :param sampler: "vec_env", "subproc" or "ray" (the samples are the same on every backend)
+    :param stop_after: stop once this many iterations are done in total (a sitting's end; None: the budget)
+    :return: the finished run's record, or None if it stopped before its budget
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    if eval_every % checkpoint_every:
+        raise ValueError(f"--eval-every ({eval_every}) must be a multiple of --checkpoint-every ({checkpoint_every}).")
+    paths, model, state, curve, evals = open_run(run, out, sampler, num_workers)
+    if machine() not in state["machines"]:
+        state["machines"].append(machine())
+    budget = run.iterations * run.steps_per_iteration
+    sitting_start, wall_at_start = time.time(), state["wall_seconds"]
+
+    def checkpoint(iteration: int) -> None:
+        if iteration % eval_every == 0 or iteration == run.iterations:
+            returns = evaluate(model)
+            evals.append({"iteration": iteration, "env_steps": model.num_timesteps, "returns": returns})
+            append_jsonl(paths["evals.jsonl"], evals[-1])
+        model.save(paths["model.zip"])  # atomic (a temporary file renamed)
+        state.update(iterations_done=iteration, wall_seconds=round(wall_at_start + time.time() - sitting_start, 1))
+        write_atomically(paths["run.json"], json.dumps(state, indent=1))
+
+    class Sitting(BaseCallback):
+        """Records the curve, checkpoints between meta-iterations, and ends a sitting."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.iteration = state["iterations_done"]
+            self.iteration_start = time.time()
+
+        def _on_rollout_start(self) -> None:
+            # between meta-iterations: the model holds the state after the last update
+            stopping = stop_after is not None and self.iteration >= stop_after
+            if self.iteration > state["iterations_done"] and (self.iteration % checkpoint_every == 0 or stopping):
+                checkpoint(self.iteration)
+            if stopping:
+                raise _SittingOver
+
+        def _on_rollout_end(self) -> None:
+            sample = self.locals["sample"]
+            self.iteration += 1
+            row = {
+                "iteration": self.iteration,
+                "env_steps": int(self.model.num_timesteps),
+                "pre_return": round(sample.inner_batches[0].episode_returns.mean().item(), 4),
+                "post_return": round(sample.outer_batch.episode_returns.mean().item(), 4),
+                "seconds": round(time.time() - self.iteration_start, 2),
+            }
+            self.iteration_start = time.time()
+            curve.append(row)
+            append_jsonl(paths["curve.jsonl"], row)
+
+        def _on_step(self) -> bool:
+            return True
+
+    try:
+        if model.num_timesteps < budget:
+            model.learn(budget - model.num_timesteps, callback=Sitting(), reset_num_timesteps=state["iterations_done"] == 0)
+        if state["iterations_done"] < run.iterations:
+            checkpoint(len(curve))
+    except _SittingOver:
+        return None
+    finally:
+        model.get_env().close()
+    return record(run, state, curve, evals)
+
+
+class _SittingOver(Exception):
+    """Raised between meta-iterations to end a sitting (the state is checkpointed first)."""
+
+
+def record(run: PublishedRun, state: dict[str, Any], curve: list[dict], evals: list[dict]) -> dict[str, Any]:
+    """:return: the run's line of ``reproduce_published_runs.jsonl`` (fields named by the issue's schema)"""
+    trained_steps = run.kwargs["inner_steps"]
+    best = max(evals, key=lambda row: row["returns"][trained_steps]) if evals else None
+    env_key = "dir" if "Dir" in run.env_id else "vel"
+    paper = None
+    if run.suite.startswith("sgmrl") and run.gradient_mode in PAPER_ALGORITHM:
+        paper = SGMRL_TABLE2.get((env_key, trained_steps), {}).get(PAPER_ALGORITHM[run.gradient_mode])
+    return {
+        "name": run.name,
+        "suite": run.suite,
+        "env": run.env_id,
+        "env_kwargs": run.kwargs.get("env_kwargs", {}),
+        "mode": run.gradient_mode,
+        "meta_optimizer": run.meta_optimizer,
+        "seed": run.seed,
+        "env_steps": curve[-1]["env_steps"] if curve else 0,
+        "iterations": len(curve),
+        "inner_steps": trained_steps,
+        "returns": evals[-1]["returns"] if evals else None,
+        "best_returns": best["returns"] if best else None,
+        "best_iteration": best["iteration"] if best else None,
+        "paper": list(paper) if paper else None,
+        "wall_seconds": state["wall_seconds"],
+        "machines": state["machines"],
+    }
+
+
+# ---------------------------------------------------------------------- results
+
+
+def summarize(out: str, runs: list[PublishedRun]) -> str:
+    """:return: the Markdown table of every run of ``runs`` with at least one checkpoint (finished or partial)"""
+    lines = [
+        "| env | setting | mode | optimizer | seed | iterations | env steps | wall h | held-out 0 / 1 / 2 / 3 steps (last) "
+        "| best (iteration) | paper (1 step) |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for run in runs:
+        folder = os.path.join(out, "runs", run.name)
+        if not os.path.exists(os.path.join(folder, "run.json")):
+            continue
+        state = json.load(open(os.path.join(folder, "run.json")))
+        done = state["iterations_done"]
+        curve = [row for row in read_jsonl(os.path.join(folder, "curve.jsonl")) if row["iteration"] <= done]
+        evals = [row for row in read_jsonl(os.path.join(folder, "evals.jsonl")) if row["iteration"] <= done]
+        row = record(run, state, curve, evals)
+        last = " / ".join(f"{x:.1f}" for x in row["returns"]) if row["returns"] else "—"
+        best = f"{row['best_returns'][row['inner_steps']]:.1f} ({row['best_iteration']})" if row["best_returns"] else "—"
+        paper = f"{row['paper'][0]:.1f} ± {row['paper'][1]:.1f}" if row["paper"] else "—"
+        setting = ", ".join(f"{k}={v}" for k, v in row["env_kwargs"].items()) or "Gymnasium v5 defaults"
+        status = "" if state["iterations_done"] >= run.iterations else f" of {run.iterations}"
+        lines.append(
+            f"| {run.env_id.split('/')[-1]} | {setting} | {run.gradient_mode} | {run.meta_optimizer} | {run.seed} "
+            f"| {state['iterations_done']}{status} | {row['env_steps'] / 1e6:.1f}M | {state['wall_seconds'] / 3600:.2f} "
+            f"| {last} | {best} | {paper} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(out: str, runs: list[PublishedRun], path: str) -> None:
+    """Post-adaptation return on the training tasks against env steps, one panel per suite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = list(dict.fromkeys(run.suite for run in runs))
+    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4), squeeze=False)
+    for ax, suite in zip(axes[0], suites):
+        for run in runs:
+            curve = read_jsonl(os.path.join(out, "runs", run.name, "curve.jsonl"))
+            if run.suite == suite and curve:
+                steps = [row["env_steps"] for row in curve]
+                ax.plot(steps, [row["post_return"] for row in curve], label=f"{run.gradient_mode} s{run.seed}")
+        ax.set_title(suite)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("return after adaptation (training tasks)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--modes", nargs="+", default=["sf", "maml", "lvc", "lsf"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=None, help="meta-iterations (default: the suite's budget)")
+    parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--sampler", default="vec_env", choices=["vec_env", "subproc", "ray"])
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the learner")
+    parser.add_argument("--stop-after", type=int, default=None, help="end this sitting after this many iterations in all")
+    parser.add_argument("--summarize-only", action="store_true", help="only rewrite the table and curves")
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args(argv)
+
+    import torch as th
+
+    th.set_num_threads(args.threads)
+    runs = suite_runs(args.suite, args.modes, args.seeds, args.inner_steps, args.iterations)
+    finished_path = os.path.join(args.out, "reproduce_published_runs.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.summarize_only:
+        for run in runs:
+            if any(row["name"] == run.name for row in read_jsonl(finished_path)):
+                continue
+            finished = run_sitting(run, args.out, args.checkpoint_every, args.eval_every, args.sampler, args.num_workers,
+                                   args.stop_after)  # fmt: skip
+            if finished is None:
+                break
+            append_jsonl(finished_path, finished)
+            print(json.dumps(finished), flush=True)
+    every = [run for suite in SUITES for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf"], [0, 1, 2, 3])]
+    table = summarize(args.out, every)
+    write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")
+    plot(args.out, [run for run in every if os.path.exists(os.path.join(args.out, "runs", run.name, "curve.jsonl"))],
+         os.path.join(args.out, "reproduce_published.png"))  # fmt: skip
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
