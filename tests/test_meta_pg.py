@@ -469,3 +469,86 @@ def test_inner_sample_reuse_arguments():
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=-1, **TINY)
     with pytest.raises(ValueError, match="reuse_importance_clip"):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=1, reuse_importance_clip=0.5, **TINY)
+
+
+def test_a_schedule_never_sees_a_negative_progress():
+    """learn finishes the iteration it starts: the last one of learn(P + 1) must not run at progress < 0."""
+    lr0, per_iteration = 0.01, 2 * 2 * 2 * 20
+    seen = []
+
+    def schedule(progress):
+        seen.append(progress)
+        return lr0 * progress
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/TabularMDP-v0", meta_optimizer="sgd", learning_rate=schedule,
+                               inner_lr=0.1, seed=0, **TINY)  # fmt: skip
+    model.learn(per_iteration + 1)
+    assert model.n_updates == 2
+    assert min(seen) == 0.0 and max(seen) <= 1.0
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0  # today's code: lr0 * (1 - 2P / (P + 1)) < 0
+
+
+def test_a_save_that_fails_part_way_leaves_the_previous_zip_loadable(tmp_path):
+    """A full disk (a file-size limit here) during save must not truncate the last good zip."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys\n"
+        "from sb3_metarl import MetaPolicyGradient\n"
+        "path = sys.argv[1]\n"
+        "model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=2, inner_episodes=2,\n"
+        "                           outer_episodes=2, inner_lr=1e-3, seed=0)\n"
+        "model.save(path)\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    model.save(path)\n"
+        "except OSError as error:\n"
+        "    print('save failed:', error)\n"
+    )
+    path = tmp_path / "model.zip"
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "save failed" in result.stdout, result.stderr[-2000:]
+    loaded = MetaPolicyGradient.load(path)
+    assert loaded.meta_batch_size == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]  # no temporary file left behind
+
+
+def test_best_model_is_replaced_atomically(tmp_path, monkeypatch):
+    """MetaEvalCallback re-saves best_model.zip: an error while writing the new one keeps the old one."""
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, **TINY)
+    model.save(tmp_path / "best_model")
+    before = (tmp_path / "best_model.zip").read_bytes()
+    original = BaseAlgorithm.save
+
+    def save_then_fail(self, path, *args, **kwargs):
+        original(self, path, *args, **kwargs)
+        with open(path, "r+b") as file:
+            file.truncate(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BaseAlgorithm, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(tmp_path / "best_model")
+    assert (tmp_path / "best_model.zip").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model.zip"]
+
+
+def test_reuse_buffers_are_bounded_and_a_warning_says_nothing_recurs():
+    """Continuous goals never recur: the per-task store stays bounded and a warning explains why nothing is reused."""
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_sample_reuse=2,
+                               inner_lr=1e-3, seed=0, max_episode_steps=5, **TINY)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"inner_sample_reuse=2: no meta-batch could reuse earlier episodes in 10"):
+        for _ in range(40):
+            model.learn(1, reset_num_timesteps=False)
+    assert len(model.reusable_inner_batches) == 10 * model.meta_batch_size  # today: 80, one per task ever seen
+    # a fixed task set that fits is kept whole, and reused
+    fixed = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_sample_reuse=2,
+                               task_sampler=FixedTaskSampler([np.array([0.1, 0.2]), np.array([-0.3, 0.1])]),
+                               inner_lr=1e-3, seed=0, max_episode_steps=5, **TINY)  # fmt: skip
+    for _ in range(3):
+        fixed.learn(1, reset_num_timesteps=False)
+    assert len(fixed.reusable_inner_batches) == 2 and fixed.iterations_without_reuse == 0

@@ -9,6 +9,7 @@ import pathlib
 import pickle
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
@@ -28,6 +29,7 @@ from sb3_metarl.adaptation import Adaptation, MetaSample, Weighting, masked_log_
 from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.callbacks import MetaProgressBarCallback, reject_unadapted_evaluation
+from sb3_metarl.common.files import replaced_atomically
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import (
     EnvRngState,
@@ -60,6 +62,11 @@ AUTO_INNER_KL = 0.5
 AUTO_CALIBRATION_TASKS = 16
 #: ``inner_lr="auto"`` clips each task's inner gradient at this multiple of the calibration's median norm
 AUTO_INNER_CLIP_FACTOR = 4.0
+#: ``inner_sample_reuse``: batches are kept for the ``REUSE_TASKS_PER_META_BATCH * meta_batch_size`` most recently
+#: sampled tasks (a fixed task set of up to that size is kept whole; tasks that never recur cannot fill memory)
+REUSE_TASKS_PER_META_BATCH = 10
+#: ``inner_sample_reuse``: warn when no meta-batch could reuse anything in this many meta-iterations
+REUSE_WARNING_ITERATIONS = 10
 
 
 def task_key(task: Any) -> str:
@@ -108,6 +115,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         same task (tasks that recur: fixed task sets), weighted by their importance ratios through the mode's boxes
         (Liu et al. 2022, Sec. 4.4: off-policy samples against the compositional bias); needs a mode that weighs
         samples by likelihood ratios (lsf, lvc, dice, loaded_dice). 0: off
+        Batches are kept for the ``10 * meta_batch_size`` most recently sampled tasks (older ones are dropped), and a
+        warning says so when no task has recurred in 10 meta-iterations (a continuous task distribution)
     :param reuse_importance_clip: each reused step's likelihood ratio at the current parameters is truncated at
         this value (the level of off-policyness the reuse admits)
     :param sampler_kwargs: arguments of "subproc" / "ray": ``num_workers`` (default: the cores, or the Ray
@@ -212,6 +221,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.reuse_importance_clip = float(reuse_importance_clip)
         #: per task (keyed by its pickled value): the first inner batches of earlier meta-iterations, newest last
         self.reusable_inner_batches: dict[str, deque] = {}
+        #: meta-iterations in a row whose meta-batch could reuse nothing (see ``REUSE_WARNING_ITERATIONS``)
+        self.iterations_without_reuse = 0
         self.env_kwargs = env_kwargs
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
@@ -428,6 +439,9 @@ class MetaPolicyGradient(BaseAlgorithm):
         random stream (task sampler, action noise, each sub-env's generator). Called during a
         meta-iteration (a ``CheckpointCallback``), it saves the state at the iteration's start: the
         samples in progress are not saved, so the resumed run samples that iteration again, exactly.
+        A path is written atomically: a temporary file in the same folder, renamed over ``path`` once
+        complete, so a save that fails part-way (a full disk) leaves the previous file as it was. Saving
+        never asks the sampler's workers (the sub-envs' streams are the learner's copy).
 
         :param path: where to save (a path or a file-like object)
         :param exclude: names of attributes not to save, in addition to the default ones
@@ -438,7 +452,11 @@ class MetaPolicyGradient(BaseAlgorithm):
         self._set_stream_state(saved, include_env=False)
         self._saved_env_rng_states = saved["env"]
         try:
-            super().save(path, exclude=exclude, include=include)
+            if isinstance(path, (str, pathlib.Path)):
+                with replaced_atomically(path) as temporary:
+                    super().save(temporary, exclude=exclude, include=include)
+            else:
+                super().save(path, exclude=exclude, include=include)
         finally:
             self._set_stream_state(live, include_env=False)
             self._saved_env_rng_states = None
@@ -651,6 +669,16 @@ class MetaPolicyGradient(BaseAlgorithm):
         """
         stored = [self.reusable_inner_batches.get(task_key(task), ()) for task in tasks]
         n_reused = min(self.inner_sample_reuse, *(len(batches) for batches in stored))
+        # (zips saved before the counter existed load without it)
+        self.iterations_without_reuse = 0 if n_reused else getattr(self, "iterations_without_reuse", 0) + 1
+        if self.iterations_without_reuse == REUSE_WARNING_ITERATIONS:
+            warnings.warn(
+                f"inner_sample_reuse={self.inner_sample_reuse}: no meta-batch could reuse earlier episodes in "
+                f"{REUSE_WARNING_ITERATIONS} meta-iterations; reuse needs tasks that recur (a fixed task set, e.g. "
+                "task_sampler=FixedTaskSampler(tasks)), which a continuous task distribution never gives. Only the "
+                f"{REUSE_TASKS_PER_META_BATCH * self.meta_batch_size} most recent tasks' batches are kept.",
+                stacklevel=2,
+            )
         if n_reused == 0:
             return fresh
         reused = EpisodeBatch.stack_tasks([EpisodeBatch.concatenate(list(batches)[-n_reused:]) for batches in stored])
@@ -664,9 +692,15 @@ class MetaPolicyGradient(BaseAlgorithm):
         """Store each task's fresh first inner batch for reuse by later meta-iterations."""
         batch = sample.inner_batches[0]
         fresh = batch.samples() if batch.reused is None else batch.select_episodes(~batch.reused[0])
+        store = self.reusable_inner_batches
         for index, task in enumerate(tasks):
-            stored = self.reusable_inner_batches.setdefault(task_key(task), deque(maxlen=self.inner_sample_reuse))
+            key = task_key(task)
+            # most recently sampled last (a dict keeps insertion order, and is saved with it)
+            stored = store.pop(key, None) or deque(maxlen=self.inner_sample_reuse)
             stored.append(fresh.select_tasks([index]))
+            store[key] = stored
+        while len(store) > REUSE_TASKS_PER_META_BATCH * self.meta_batch_size:
+            del store[next(iter(store))]
 
     def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
         """
@@ -720,6 +754,11 @@ class MetaPolicyGradient(BaseAlgorithm):
             callback = CallbackList([callback, MetaProgressBarCallback()])
         callback.init_callback(self)
         return callback
+
+    def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
+        # learn finishes the meta-iteration it starts, which may pass the budget: an SB3 schedule must never see a
+        # progress below 0 (``lambda p: lr0 * p`` would turn the last update into a descent step)
+        self._current_progress_remaining = min(1.0, max(0.0, 1.0 - float(num_timesteps) / float(total_timesteps)))
 
     def train(self, sample: MetaSample) -> None:
         """
