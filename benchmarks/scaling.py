@@ -51,6 +51,7 @@ def _bare_worker(env_id: str, n_envs: int, horizon: int, steps: int, seed: int, 
     envs = [make_task_env(env_id, None) for _ in range(n_envs)]
     rng = np.random.default_rng(seed)
     for i, env in enumerate(envs):
+        env.unwrapped.set_task(env.unwrapped.sample_tasks(1, rng)[0])  # a task env refuses to step without one
         env.reset(seed=seed + i)
     actions = rng.uniform(-1, 1, (horizon, n_envs, *envs[0].action_space.shape)).astype(np.float32)
     taken, t = 0, np.zeros(n_envs, dtype=int)

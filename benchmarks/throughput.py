@@ -30,6 +30,9 @@ def random_actions(space: spaces.Space, n: int, rng: np.random.Generator) -> np.
 
 def bare_steps_per_second(model: MetaPolicyGradient, n_steps: int) -> float:
     venv, rng = model.env, np.random.default_rng(0)
+    tasks = venv.env_method("sample_tasks", venv.num_envs, rng, indices=[0])[0]
+    for index, task in enumerate(tasks):  # a task env refuses to step without one
+        venv.env_method("set_task", task, indices=[index])
     venv.reset()
     start, taken = time.perf_counter(), 0
     while taken < n_steps:

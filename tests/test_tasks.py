@@ -85,6 +85,7 @@ def test_tabular_rewards_follow_task_and_dynamics_are_shared():
 
 def test_tabular_transitions_follow_kernel():
     env = gym.make("sb3_metarl/TabularMDP-v0", n_states=3, n_actions=2).unwrapped
+    env.set_task(np.zeros((3, 2)))
     env.reset(seed=0)
     counts = np.zeros(3)
     for _ in range(4000):
@@ -115,3 +116,25 @@ def test_env_task_sampler_requires_sample_tasks():
     venv = DummyVecEnv([lambda: gym.make("CartPole-v1")])
     with pytest.raises(ValueError, match="sample_tasks"):
         EnvTaskSampler(venv)
+
+
+@pytest.mark.parametrize("env_id", [e for e in sorted(BUILTIN_TASK_ENVS) if "RandParams" not in e])
+def test_a_task_env_without_a_task_refuses_to_step_and_says_what_to_do(env_id):
+    """Navigation2D's placeholder goal is the start point: evaluate_policy on a fresh env scored -0.002 for any policy."""
+    env = gym.make(env_id)
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match=r"no task is set.*set_task\(task\).*evaluate_adaptation.*MetaEvalCallback"):
+        env.step(env.action_space.sample())
+    env.unwrapped.set_task(env.unwrapped.sample_tasks(1, rng=np.random.default_rng(0))[0])
+    env.step(env.action_space.sample())
+
+
+def test_evaluate_policy_on_a_fresh_navigation_env_is_refused():
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from sb3_metarl import MetaPolicyGradient
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=1e-3, seed=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="no task is set"):
+        evaluate_policy(model, gym.make("sb3_metarl/Navigation2D-v0"), n_eval_episodes=2)

@@ -48,5 +48,6 @@ class GaussianBanditEnv(TaskEnv):
         return np.zeros(1, dtype=np.float32), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.require_task()
         reward = -float((np.asarray(action, dtype=np.float64).reshape(()) - self._target) ** 2)
         return np.zeros(1, dtype=np.float32), reward, True, False, {}

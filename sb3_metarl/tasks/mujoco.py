@@ -65,6 +65,7 @@ class _TaskRewardMixin(_ModelLoading, TaskEnv):
         raise NotImplementedError
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.require_task()
         obs, _, terminated, truncated, info = super().step(action)
         info["reward_task"] = self._task_reward(info)
         reward = info["reward_task"] + sum(float(info[term]) for term in self.kept_terms)

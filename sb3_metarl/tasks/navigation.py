@@ -57,6 +57,8 @@ class Navigation2DEnv(TaskEnv):
         return self._position.astype(np.float32), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if not self.task_is_set:
+            self.require_task()
         # Scalar arithmetic: numpy calls on 2-element arrays cost more than the maths (this is the hot loop).
         limit = self.action_limit
         x = self._position[0] + min(max(float(action[0]), -limit), limit)

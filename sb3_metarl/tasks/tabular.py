@@ -58,6 +58,8 @@ class TabularMDPEnv(TaskEnv):
         return self._state, {}
 
     def step(self, action: int) -> tuple[int, float, bool, bool, dict]:
+        if not self.task_is_set:
+            self.require_task()
         action = int(action)
         reward = float(self._rewards[self._state, action])
         cumulative = self._cumulative_transitions[self._state, action]

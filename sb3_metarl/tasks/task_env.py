@@ -19,11 +19,26 @@ class TaskEnv(gym.Env):
     Any env with a ``set_task`` method works with ``MetaPolicyGradient``; subclassing is optional.
     """
 
+    #: True once ``set_task`` was called: the built-in families refuse to step before (their default task is a
+    #: placeholder: Navigation2D's goal is the start point, so any policy would look perfect)
+    task_is_set: bool = False
+
     def set_task(self, task: Any) -> None:
         """
         :param task: the new task; checked against the task distribution
         """
         self._validate_and_set(task)
+        self.task_is_set = True
+
+    def require_task(self) -> None:
+        """:raises RuntimeError: if no task was set (called by the built-in families' ``step``)"""
+        if not self.task_is_set:
+            raise RuntimeError(
+                f"{type(self).__name__}: no task is set, so step() has nothing to reward; call "
+                "env.unwrapped.set_task(task) first (tasks from env.unwrapped.sample_tasks(n)). To score a meta-trained "
+                "model, adapt it first: model.evaluate_adaptation(...) or sb3_metarl.MetaEvalCallback (SB3's "
+                "evaluate_policy and EvalCallback would score one placeholder task without adaptation)."
+            )
 
     def _validate_and_set(self, task: Any) -> None:
         raise NotImplementedError
