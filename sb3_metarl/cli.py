@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import gymnasium as gym
+
 from sb3_metarl.gradient_modes import GRADIENT_MODES
 from sb3_metarl.hyperparams import default_hyperparams
 from sb3_metarl.meta_optimizers import META_OPTIMIZERS
@@ -28,6 +30,8 @@ def parse_hyperparams(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--hyperparams: expected key=value, got {pair!r}")
+        if not key.isidentifier():
+            raise SystemExit(f"--hyperparams: {key!r} is not an argument name (in {pair!r})")
         try:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -35,27 +39,74 @@ def parse_hyperparams(pairs: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
+def merge_hyperparams(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """
+    :return: ``defaults`` updated by ``given``; where both hold a dict (``policy_kwargs``, ``env_kwargs``, ...) the two
+        are merged, so ``policy_kwargs={'net_arch': [8]}`` keeps the env's default ``log_std_init``
+    """
+    merged = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+EXAMPLES = """examples:
+  python -m sb3_metarl train
+  python -m sb3_metarl train --env sb3_metarl/HalfCheetahVel-v0 --gradient-mode lvc --meta-optimizer trpo \\
+      --timesteps 2000000 --save-path cheetah.zip --hyperparams inner_steps=2 "policy_kwargs={'net_arch': [100, 100]}"
+  python -m sb3_metarl evaluate cheetah.zip --inner-steps 3
+"""
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an argument's default, unless it has none worth showing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sb3_metarl",
         description="Meta-train a policy (train) or evaluate a saved one before and after adaptation (evaluate).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="meta-train, then print returns before and after adaptation")
+    formatter = _DefaultsHelpFormatter
+    train = commands.add_parser(
+        "train",
+        help="meta-train, then print returns before and after adaptation",
+        description="Meta-train with MetaPolicyGradient (per-env defaults from sb3_metarl/hyperparams.py, printed before "
+        "training), then print the mean return on held-out tasks before and after 1..K inner steps.",
+        formatter_class=formatter,
+    )
     train.add_argument("--env", default=DEFAULT_ENV, help="registered env id of a task family")
-    train.add_argument("--gradient-mode", default="lsf", choices=sorted(GRADIENT_MODES))
+    train.add_argument("--gradient-mode", default="lsf", choices=sorted(GRADIENT_MODES), help="meta-gradient estimator")
     train.add_argument("--meta-optimizer", default=None, choices=sorted(META_OPTIMIZERS), help="default: the env's (adam)")
     train.add_argument("--timesteps", type=int, default=None, help="environment steps (default: per-env)")
     train.add_argument("--save-path", default=None, help="where to save the model (.zip)")
-    train.add_argument("--hyperparams", nargs="*", default=[], metavar="KEY=VALUE", help="MetaPolicyGradient arguments")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--hyperparams",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MetaPolicyGradient arguments as Python literals, merged into the env's defaults (dicts key by key)",
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of the run")
     train.add_argument("--eval-tasks", type=int, default=40, help="held-out tasks for the final table")
-    train.add_argument("--eval-inner-steps", type=int, default=3)
+    train.add_argument("--eval-inner-steps", type=int, default=3, help="inner steps of the final table (0..K)")
     train.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the held-out tasks (as evaluate's --seed)")
-    train.add_argument("--no-progress-bar", action="store_true")
-    train.add_argument("--verbose", type=int, default=0)
-    train.add_argument("--device", default="auto")
+    train.add_argument("--no-progress-bar", action="store_true", help="no progress bar")
+    train.add_argument("--verbose", type=int, default=0, help="0: quiet, 1: SB3's training logs")
+    train.add_argument("--device", default="auto", help="torch device of the policy and the meta-update")
     train.add_argument(
         "--sampler",
         default="vec_env",
@@ -64,19 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--num-workers", type=int, default=None, help="workers of --sampler subproc/ray (default: the cores)")
 
-    evaluate = commands.add_parser("evaluate", help="returns of a saved model before and after adaptation")
+    evaluate = commands.add_parser(
+        "evaluate", help="returns of a saved model before and after adaptation", formatter_class=formatter
+    )
     evaluate.add_argument("path", help="saved model (.zip)")
-    evaluate.add_argument("--env", default=DEFAULT_ENV)
-    evaluate.add_argument("--inner-steps", type=int, default=3)
-    evaluate.add_argument("--n-tasks", type=int, default=40)
+    evaluate.add_argument("--env", default=None, help="env id (default: the one the model was trained on)")
+    evaluate.add_argument("--inner-steps", type=int, default=3, help="inner steps (0..K)")
+    evaluate.add_argument("--n-tasks", type=int, default=40, help="held-out tasks")
     evaluate.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out tasks")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device", default="auto", help="torch device")
     return parser
 
 
 def train(args: argparse.Namespace) -> MetaPolicyGradient:
     timesteps, kwargs = default_hyperparams(args.env)
-    kwargs.update(parse_hyperparams(args.hyperparams))
+    kwargs = merge_hyperparams(kwargs, parse_hyperparams(args.hyperparams))
     kwargs["gradient_mode"] = args.gradient_mode
     if args.meta_optimizer is not None:
         kwargs["meta_optimizer"] = args.meta_optimizer
@@ -86,11 +139,18 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
         kwargs["sampler_kwargs"] = {**kwargs.get("sampler_kwargs", {}), "num_workers": args.num_workers}
     elif args.num_workers is not None:
         raise SystemExit("--num-workers: only with --sampler subproc or ray")
+    effective = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    print(f"MetaPolicyGradient({policy!r}, {args.env!r}, seed={args.seed}, {effective})", flush=True)
     model = MetaPolicyGradient(policy, args.env, seed=args.seed, verbose=args.verbose, device=args.device, **kwargs)
+    print(
+        f"Evaluating the initial policy on {args.eval_tasks} held-out tasks (0..{args.eval_inner_steps} inner steps)...",
+        flush=True,
+    )
     before = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
     start = time.time()
     model.learn(args.timesteps or timesteps, progress_bar=not args.no_progress_bar)
     elapsed = time.time() - start
+    print(f"Evaluating the meta-trained policy on the same {args.eval_tasks} tasks...", flush=True)
     after = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
     print(f"\n{args.env}, gradient mode {args.gradient_mode}: {model.num_timesteps} env steps in {elapsed:.0f} s")
     print(f"Mean return on {args.eval_tasks} held-out tasks (std over tasks):\n")
@@ -108,19 +168,30 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    model = MetaPolicyGradient.load(args.path, env=args.env, device=args.device)
+    model = MetaPolicyGradient.load(args.path, device=args.device)
+    env = args.env or getattr(model, "env_id", None)
+    if env is None:
+        raise SystemExit(f"--env: {args.path} was trained on an env given as an object, not an id; pass --env ENV_ID.")
+    model.set_env(env)
     table = model.evaluate_adaptation(n_tasks=args.n_tasks, inner_steps=args.inner_steps, seed=args.seed)
-    print(f"{args.path} on {args.env}: mean return on {args.n_tasks} held-out tasks\n")
+    print(f"{args.path} on {env}: mean return on {args.n_tasks} held-out tasks\n")
     print(format_adaptation_table(table))
     return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """:return: the exit status (2 after an error in the arguments, the files or the env, printed without a traceback)"""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        train(args)
-    else:
-        evaluate(args)
+    try:
+        if args.command == "train":
+            train(args)
+        else:
+            evaluate(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, gym.error.Error) as error:
+        if args.traceback:
+            raise
+        print(f"error: {error}\n(run with --traceback for the full traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -104,3 +104,74 @@ def test_package_metadata_and_py_typed():
     config.read(os.path.join(root, "setup.cfg"))
     assert config["metadata"]["url"] and config["metadata"]["author"]
     assert "py.typed" in config["options.package_data"]["sb3_metarl"]
+
+
+def test_errors_are_one_line_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.zip")]) == 2
+    err = capsys.readouterr().err
+    assert "error: path: no saved model at" in err and "missing.zip.zip" not in err and "Traceback" not in err
+    args = ["train", "--timesteps", "1", "--eval-tasks", "1", "--no-progress-bar", "--hyperparams", *TINY]
+    assert main([*args, "inner_lrr=0.1"]) == 2
+    assert "unexpected keyword argument 'inner_lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is not an argument name"):
+        main([*args, "policy kwargs={}"])
+    with pytest.raises(TypeError):  # --traceback shows the real one
+        main(["--traceback", *args, "inner_lrr=0.1"])
+
+
+def test_hyperparams_merge_into_the_env_s_defaults_and_are_printed(capsys):
+    from sb3_metarl.cli import merge_hyperparams
+
+    defaults = {"policy_kwargs": {"log_std_init": -1.0}, "inner_lr": 1e-3}
+    merged = merge_hyperparams(defaults, {"policy_kwargs": {"net_arch": [8]}})
+    assert merged == {"policy_kwargs": {"log_std_init": -1.0, "net_arch": [8]}, "inner_lr": 1e-3}
+    args = ["train", "--timesteps", "1", "--eval-tasks", "1", "--eval-inner-steps", "0", "--no-progress-bar"]
+    assert main([*args, "--hyperparams", *TINY, "policy_kwargs={'net_arch': [8]}"]) == 0
+    out = capsys.readouterr().out
+    assert "policy_kwargs={'log_std_init': -1.0, 'net_arch': [8]}" in out  # Navigation2D's default log-std kept
+    assert out.index("Evaluating the initial policy on 1 held-out tasks") < out.index("| inner steps |")
+
+
+def test_evaluate_uses_the_env_the_model_was_trained_on(tmp_path, capsys):
+    path = str(tmp_path / "bandit.zip")
+    args = ["train", "--env", "sb3_metarl/GaussianBandit-v0", "--timesteps", "1", "--eval-tasks", "2", "--no-progress-bar"]
+    assert main([*args, "--eval-inner-steps", "1", "--save-path", path, "--hyperparams", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", path, "--inner-steps", "1", "--n-tasks", "2"]) == 0
+    assert "on sb3_metarl/GaussianBandit-v0" in capsys.readouterr().out
+
+
+def test_help_shows_defaults_and_examples():
+    from sb3_metarl.cli import build_parser
+
+    parser = build_parser()
+    assert "examples:" in parser.format_help() and "python -m sb3_metarl evaluate" in parser.format_help()
+    train_help = parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: lsf)" in train_help and "(default: 40)" in train_help
+
+
+def test_the_progress_bar_total_is_whole_iterations(monkeypatch):
+    """learn(1) runs a whole iteration: the bar's total is that iteration, not 1 step exceeded by 1599."""
+    from sb3_metarl import MetaPolicyGradient
+    from sb3_metarl.common.callbacks import MetaProgressBarCallback
+
+    totals = []
+    on_end = MetaProgressBarCallback._on_training_end
+
+    def record(self):
+        totals.append((self.pbar.total, self.pbar.n))
+        on_end(self)
+
+    monkeypatch.setattr(MetaProgressBarCallback, "_on_training_end", record)
+    start = MetaProgressBarCallback._on_training_start
+
+    def record_start(self):
+        start(self)
+        totals.append(self.pbar.total)
+
+    monkeypatch.setattr(MetaProgressBarCallback, "_on_training_start", record_start)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/TabularMDP-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=0.1, seed=0)  # fmt: skip
+    model.learn(1, progress_bar=True)
+    assert totals[0] == model.max_steps_per_iteration == 2 * 4 * 20
+    assert totals[1] == (model.num_timesteps, model.num_timesteps)

@@ -552,3 +552,34 @@ def test_reuse_buffers_are_bounded_and_a_warning_says_nothing_recurs():
     for _ in range(3):
         fixed.learn(1, reset_num_timesteps=False)
     assert len(fixed.reusable_inner_batches) == 2 and fixed.iterations_without_reuse == 0
+
+
+def test_inputs_that_would_fail_late_fail_at_construction_naming_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"task_sampler: must be a TaskSampler.*got list.*FixedTaskSampler\(tasks\)"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", task_sampler=[np.zeros(2)], **TINY)
+    with pytest.raises(ValueError, match=r"policy: 'MultiInputPolicy' \(Dict observations\) is not supported.*Flatten"):
+        MetaPolicyGradient("MultiInputPolicy", "sb3_metarl/Navigation2D-v0", **TINY)
+
+    class DictObservations(gym.ObservationWrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.observation_space = gym.spaces.Dict({"position": env.observation_space})
+
+        def observation(self, observation):
+            return {"position": observation}
+
+    with pytest.raises(ValueError, match=r"env: Dict observation spaces are not supported.*FlattenObservation"):
+        MetaPolicyGradient("MlpPolicy", lambda: DictObservations(gym.make("sb3_metarl/Navigation2D-v0")), **TINY)
+
+
+def test_loading_another_algorithm_s_zip_or_a_missing_file_is_an_error(tmp_path):
+    from stable_baselines3 import PPO
+
+    PPO("MlpPolicy", "Pendulum-v1", n_steps=64).save(tmp_path / "ppo.zip")
+    with pytest.raises(ValueError, match=r"holds another algorithm's model \(it has no meta_batch_size\)"):
+        MetaPolicyGradient.load(tmp_path / "ppo.zip")
+    with pytest.raises(FileNotFoundError, match=r"no saved model at '.*missing' nor '.*missing.zip'"):
+        MetaPolicyGradient.load(str(tmp_path / "missing"))
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **TINY)
+    model.save(tmp_path / "nav")  # SB3 adds .zip
+    assert MetaPolicyGradient.load(tmp_path / "nav").env_id == "sb3_metarl/Navigation2D-v0"

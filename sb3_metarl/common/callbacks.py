@@ -13,14 +13,33 @@ from stable_baselines3.common.callbacks import (
     ProgressBarCallback,
 )
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
+from tqdm.rich import tqdm
 
 
 class MetaProgressBarCallback(ProgressBarCallback):
-    """SB3's progress bar, advanced by the transitions of each lock-step (finished episodes and spare sub-envs excluded)."""
+    """
+    SB3's progress bar, advanced by the transitions of each lock-step (finished episodes and spare sub-envs
+    excluded). ``learn`` finishes the meta-iteration it starts, so the bar's total is the budget rounded up to
+    whole meta-iterations (at most ``model.max_steps_per_iteration`` each); when training ends the total is set
+    to the transitions taken (episodes that ended early make iterations shorter).
+    """
+
+    def _on_training_start(self) -> None:
+        remaining = self.locals["total_timesteps"] - self.model.num_timesteps
+        per_iteration = getattr(self.model, "max_steps_per_iteration", None)
+        if per_iteration:
+            remaining = -(-remaining // per_iteration) * per_iteration
+        self.pbar = tqdm(total=remaining)
 
     def _on_step(self) -> bool:
         self.pbar.update(self.locals.get("n_transitions", self.training_env.num_envs))
+        if self.pbar.n > self.pbar.total:
+            self.pbar.total = self.pbar.n
         return True
+
+    def _on_training_end(self) -> None:
+        self.pbar.total = self.pbar.n
+        super()._on_training_end()
 
 
 class MetaEvalCallback(BaseCallback):

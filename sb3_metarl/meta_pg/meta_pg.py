@@ -29,7 +29,7 @@ from sb3_metarl.adaptation import Adaptation, MetaSample, Weighting, masked_log_
 from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.callbacks import MetaProgressBarCallback, reject_unadapted_evaluation
-from sb3_metarl.common.files import replaced_atomically
+from sb3_metarl.common.files import check_saved_model, replaced_atomically
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import (
     EnvRngState,
@@ -52,6 +52,11 @@ from sb3_metarl.samplers.factory import make_episode_sampler, make_sub_envs
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
+
+DICT_OBSERVATION_HINT = (
+    "flatten them into a Box with gymnasium.wrappers.FlattenObservation (e.g. env=lambda: "
+    "FlattenObservation(gym.make(env_id))) and use 'MlpPolicy'."
+)
 
 __all__ = ["MetaPolicyGradient", "MetaSample", "format_adaptation_table", "make_task_env"]
 
@@ -248,10 +253,23 @@ class MetaPolicyGradient(BaseAlgorithm):
             policy_kwargs.setdefault("optimizer_kwargs", {"eps": 1e-5})
         if policy_kwargs.get("use_sde", False):
             raise ValueError("policy_kwargs: use_sde=True is not supported (the inner step needs plain Gaussian actions).")
+        if task_sampler is not None and not callable(getattr(task_sampler, "sample", None)):
+            raise ValueError(
+                f"task_sampler: must be a TaskSampler (with sample(n, rng)), got {type(task_sampler).__name__}; for a "
+                "fixed list of tasks use sb3_metarl.FixedTaskSampler(tasks)."
+            )
+        if policy == "MultiInputPolicy":
+            raise ValueError(f"policy: 'MultiInputPolicy' (Dict observations) is not supported; {DICT_OBSERVATION_HINT}")
+        #: the registered id of the env, when the model was given one (saved: ``evaluate`` on the command line uses it)
+        self.env_id = env if isinstance(env, str) else None
+        vec_env = self._make_vec_env(env, n_envs) if env is not None else None
+        if vec_env is not None and isinstance(vec_env.observation_space, spaces.Dict):
+            vec_env.close()
+            raise ValueError(f"env: Dict observation spaces are not supported; {DICT_OBSERVATION_HINT}")
 
         super().__init__(
             policy=policy,
-            env=self._make_vec_env(env, n_envs) if env is not None else None,
+            env=vec_env,
             learning_rate=learning_rate,
             policy_kwargs=policy_kwargs,
             stats_window_size=stats_window_size,
@@ -354,6 +372,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param force_reset: reset the env before the next ``learn``
         """
         vec_env = self._make_vec_env(env, self.n_envs)
+        if isinstance(env, str):
+            self.env_id = env
         super().set_env(vec_env, force_reset=force_reset)
         self._attach_env(vec_env)
 
@@ -367,6 +387,12 @@ class MetaPolicyGradient(BaseAlgorithm):
             "_env_rng_states",
             "_env_streams_stale",
         ]
+
+    @property
+    def max_steps_per_iteration(self) -> int:
+        """Env steps of one meta-iteration when no episode ends early: B x (inner_steps x N + M) x horizon."""
+        episodes = self.inner_steps * self.inner_episodes + self.outer_episodes
+        return self.meta_batch_size * episodes * self.episode_sampler.horizon
 
     @property
     def n_updates(self) -> int:
@@ -486,7 +512,10 @@ class MetaPolicyGradient(BaseAlgorithm):
         :param force_reset: reset the env before the next ``learn``
         :param kwargs: attributes to change on the loaded model
         :return: the loaded model
+        :raises FileNotFoundError: if there is no file at ``path`` (nor at ``path`` + ".zip")
+        :raises ValueError: if the file holds another algorithm's model
         """
+        check_saved_model(path)
         with preserved_global_rng():
             model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
         if env is not None:
