@@ -20,6 +20,7 @@ and ``estimators.png`` (matplotlib, the ``plots`` extra) into ``--out``.
 import argparse
 import csv
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -136,9 +137,16 @@ def plot(bandit: list, by_size: list, by_steps: list, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: docs/results; with --quick a new temporary folder, never the committed results)",
+    )
     parser.add_argument("--replot", action="store_true", help="only redraw the figure from the CSVs in --out")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="estimators_quick_") if args.quick else "docs/results"
+        print(f"writing to {args.out}")
     os.makedirs(args.out, exist_ok=True)
     names = ["estimators_bandit.csv", "estimators_tabular_samples.csv", "estimators_tabular_steps.csv"]
     if args.replot:

@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -261,8 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=None, help="inner and outer episodes (default: the suite's)")
     parser.add_argument("--quick", action="store_true", help="tiny batches and 2 iterations (CI)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: docs/results; with --quick a new temporary folder, never the committed results)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="reproduce_quick_") if args.quick else "docs/results"
+        print(f"writing to {args.out}")
 
     import torch as th
 

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -148,12 +149,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=20, help="N = M")
     parser.add_argument("--horizon", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=2, help="timed meta-iterations per setting")
-    parser.add_argument("--out", default="docs/results/scaling")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="path prefix of the .csv/.md (default: docs/results/scaling; with --quick in a new temporary folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.meta_batch_size, args.episodes, args.horizon, args.iterations = 2, 2, 10, 1
-    out = Path(args.out)
+    default_out = Path(tempfile.mkdtemp(prefix="scaling_quick_")) / "scaling" if args.quick else "docs/results/scaling"
+    out = Path(args.out or default_out)
+    print(f"writing to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(f"{out}.csv", "w", newline="") as handle:

@@ -1,10 +1,13 @@
 """The benchmark scripts run (their quick versions) and their helpers compute what they claim."""
 
 import json
+import os
 import runpy
 import sys
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(path):
@@ -190,3 +193,12 @@ def test_published_suites_hold_the_papers_settings():
     assert trpo.meta_optimizer == "trpo" and trpo.iterations == 500 and trpo.kwargs["meta_optimizer_kwargs"]["max_kl"] == 0.01
     with pytest.raises(ValueError, match="--suite"):
         module["suite_runs"]("nope", ["sf"], [0])
+
+
+def test_a_quick_run_never_overwrites_the_committed_results(monkeypatch, tmp_path, capsys):
+    """--quick without --out writes to a new temporary folder (it used to overwrite docs/results' estimators.png and CSVs)."""
+    monkeypatch.chdir(tmp_path)  # a docs/results here would be the committed folder's stand-in
+    os.makedirs("docs/results")
+    _load(os.path.join(ROOT, "benchmarks/estimators.py"))["main"](["--quick"])
+    out = capsys.readouterr().out.splitlines()[0].removeprefix("writing to ")
+    assert os.listdir("docs/results") == [] and os.path.exists(os.path.join(out, "estimators.png"))
