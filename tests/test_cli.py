@@ -175,3 +175,24 @@ def test_the_progress_bar_total_is_whole_iterations(monkeypatch):
     model.learn(1, progress_bar=True)
     assert totals[0] == model.max_steps_per_iteration == 2 * 4 * 20
     assert totals[1] == (model.num_timesteps, model.num_timesteps)
+
+
+def test_the_base_mujoco_range_is_inside_the_metaworld_extra_s():
+    """pip install -e . then -e ".[metaworld]" must move MuJoCo within one distribution (4.x left 4's library behind)."""
+    import configparser
+    import os
+
+    from packaging.requirements import Requirement
+
+    import sb3_metarl
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sb3_metarl.__file__)))
+    config = configparser.ConfigParser()
+    config.read(os.path.join(root, "setup.cfg"))
+    requirements = [Requirement(line) for line in config["options"]["install_requires"].split("\n") if line.strip()]
+    (base,) = [r for r in requirements if r.name == "mujoco"]
+    assert not base.specifier.contains("4.0.1") and base.specifier.contains("3.3.0")
+    metaworld = pytest.importorskip("importlib.metadata").requires("metaworld")
+    (pinned,) = [Requirement(r) for r in metaworld if r.startswith("mujoco")]
+    assert all(base.specifier.contains(str(spec.version)) for spec in pinned.specifier)
+    assert "tensorboard" in config["options.extras_require"]["tensorboard"]

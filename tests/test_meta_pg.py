@@ -583,3 +583,40 @@ def test_loading_another_algorithm_s_zip_or_a_missing_file_is_an_error(tmp_path)
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **TINY)
     model.save(tmp_path / "nav")  # SB3 adds .zip
     assert MetaPolicyGradient.load(tmp_path / "nav").env_id == "sb3_metarl/Navigation2D-v0"
+
+
+def test_tensorboard_log_writes_the_meta_rl_keys(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, tensorboard_log=str(tmp_path),
+                               max_episode_steps=10, **TINY)  # fmt: skip
+    model.learn(1)
+    (run,) = tmp_path.iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"rollout/post_adaptation_return", "train/meta_grad_norm", "train/inner_lr"} <= tags
+
+
+def test_acting_runs_on_one_torch_thread_and_the_update_on_the_caller_s():
+    """More intra-op threads only slow a group's small policy call (8x on a loaded 2-core machine): acting uses one."""
+    threads = th.get_num_threads()
+    th.set_num_threads(2)
+    try:
+        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, max_episode_steps=5,
+                                   **TINY)  # fmt: skip
+        sampler, sample = model.episode_sampler, model.episode_sampler.sample
+        while_sampling, while_updating = [], []
+
+        def recording_sample(*args, **kwargs):
+            while_sampling.append(th.get_num_threads())
+            return sample(*args, **kwargs)
+
+        sampler.sample = recording_sample
+        step = model.meta_updater.step
+        model.meta_updater.step = lambda *args: while_updating.append(th.get_num_threads()) or step(*args)
+        model.learn(1)
+        assert set(while_sampling) == {1} and while_updating == [2] and th.get_num_threads() == 2
+    finally:
+        th.set_num_threads(threads)

@@ -77,3 +77,16 @@ def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
         else:
             arguments += ["--n-tasks", "2", "--inner-steps", "1"]
         assert cli.main(arguments) == 0
+
+
+def test_the_readme_links_only_files_of_the_repository_and_speaks_of_the_library():
+    with open(README) as handle:
+        text = handle.read()
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    linked = re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+)\)", text)
+    named = re.findall(r"`((?:docs|examples|benchmarks)/[\w/.-]+\.(?:md|py|png|csv|jsonl))`", text)
+    assert linked and named
+    missing = [path for path in {*linked, *named} if not os.path.exists(os.path.join(root, path))]
+    assert missing == []
+    assert "shared docs" not in text and not re.search(r"\bissues? \d+", text)
+    assert os.path.exists(os.path.join(root, "docs", "meta-gradients.md"))

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import io
 import math
 import pathlib
@@ -31,6 +32,7 @@ from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.callbacks import MetaProgressBarCallback, reject_unadapted_evaluation
 from sb3_metarl.common.files import check_saved_model, replaced_atomically
 from sb3_metarl.common.functional import FunctionalPolicy, Params
+from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
 from sb3_metarl.common.rng import (
     EnvRngState,
     generator_state,
@@ -257,6 +259,11 @@ class MetaPolicyGradient(BaseAlgorithm):
             raise ValueError(
                 f"task_sampler: must be a TaskSampler (with sample(n, rng)), got {type(task_sampler).__name__}; for a "
                 "fixed list of tasks use sb3_metarl.FixedTaskSampler(tasks)."
+            )
+        if tensorboard_log is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(
+                'tensorboard_log: TensorBoard is not installed; pip install "sb3_metarl[tensorboard]" (or pip install '
+                "tensorboard), or leave tensorboard_log=None."
             )
         if policy == "MultiInputPolicy":
             raise ValueError(f"policy: 'MultiInputPolicy' (Dict observations) is not supported; {DICT_OBSERVATION_HINT}")
@@ -581,7 +588,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.policy.set_training_mode(False)
         params = {n: p.detach() for n, p in task_params.items()}
         options = sampler_options(sampler, noise_seeds, step_callback)
-        batch = sampler.sample(tasks, params, n_episodes, **options)
+        with torch_threads(ACTING_THREADS):
+            batch = sampler.sample(tasks, params, n_episodes, **options)
         if batch is None:
             return None
         self._record_env_streams(sampler)
