@@ -69,6 +69,9 @@ AUTO_INNER_KL = 0.5
 AUTO_CALIBRATION_TASKS = 16
 #: ``inner_lr="auto"`` clips each task's inner gradient at this multiple of the calibration's median norm
 AUTO_INNER_CLIP_FACTOR = 4.0
+#: ``inner_lr="auto"`` multiplies the KL-calibrated step by the inner gradient's signal fraction to this power
+#: (measured, docs/results/auto_inner_lr_defaults.md: with power 1 a step at N = 10 still made adaptation worse)
+AUTO_SIGNAL_POWER = 2.0
 #: ``inner_sample_reuse``: batches are kept for the ``REUSE_TASKS_PER_META_BATCH * meta_batch_size`` most recently
 #: sampled tasks (a fixed task set of up to that size is kept whole; tasks that never recur cannot fill memory)
 REUSE_TASKS_PER_META_BATCH = 10
@@ -214,6 +217,8 @@ class MetaPolicyGradient(BaseAlgorithm):
         self.inner_lr: float | str = inner_lr if inner_lr == AUTO else float(inner_lr)
         #: each task's inner gradient is clipped to this norm (set by ``inner_lr="auto"``; None: no clipping)
         self.inner_grad_clip: float | None = None
+        #: ``inner_lr="auto"``: the measured fraction of the inner gradient's squared norm that is signal at N episodes
+        self.inner_signal_fraction: float | None = None
         self.meta_optimizer = meta_optimizer
         self.meta_optimizer_kwargs = meta_optimizer_kwargs
         self.gamma = float(gamma)
@@ -632,8 +637,10 @@ class MetaPolicyGradient(BaseAlgorithm):
         (returns-to-go minus their mean over the task's episodes, ``reference_direction``: the same
         for every mode, and never degenerate as a fitted baseline on a small batch can be) moves the
         policy by a mean KL(pi_theta || pi_theta') of ``AUTO_INNER_KL`` (0.5; the mode's own inner step,
-        with its fitted baseline, moves less: on Navigation2D this gives eta = 7e-4 against the
-        hand-tuned 1e-3) on the batch's states, and takes the median. Because sampled
+        with its fitted baseline, moves less) on the batch's states, and takes the median, times the
+        square (``AUTO_SIGNAL_POWER``) of the inner gradient's signal fraction at N episodes, measured on a
+        second, independent batch of N episodes per task (``inner_lr.signal_fraction``; saved as
+        ``inner_signal_fraction``): a noisy small-N gradient takes a shorter step. Because sampled
         inner gradients are heavy-tailed (an Ant batch's norm varies 100x between iterations), every
         inner step then clips each task's gradient (the mode's own) at ``AUTO_INNER_CLIP_FACTOR`` (4)
         times its median norm on the calibration batches (``inner_grad_clip``; the clip factor is a
@@ -652,15 +659,26 @@ class MetaPolicyGradient(BaseAlgorithm):
             for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / self.meta_batch_size)):
                 tasks = self._sample_tasks(self.meta_batch_size, task_rng)
                 params = self.initial_task_params(len(tasks))
-                batch = self.sample_episodes(tasks, params, self.inner_episodes, generator=generator, sampler=sampler)
-                assert batch is not None
-                batches.append((params, batch))
-        self.inner_lr, self.inner_grad_clip = calibrate_inner_lr(
-            self.functional_policy, self.gradient_mode, self.gamma, batches, AUTO_INNER_KL, AUTO_INNER_CLIP_FACTOR
+                # two independent batches of N episodes per task: the noise of an N-episode inner gradient
+                pair = [
+                    self.sample_episodes(tasks, params, self.inner_episodes, generator=generator, sampler=sampler)
+                    for _ in range(2)
+                ]
+                assert pair[0] is not None and pair[1] is not None
+                batches.append((params, *pair))
+        self.inner_lr, self.inner_grad_clip, self.inner_signal_fraction = calibrate_inner_lr(
+            self.functional_policy,
+            self.gradient_mode,
+            self.gamma,
+            batches,
+            AUTO_INNER_KL,
+            AUTO_INNER_CLIP_FACTOR,
+            signal_power=AUTO_SIGNAL_POWER,
         )
         if self.verbose >= 1:
             print(
-                f"inner_lr='auto': calibrated to {self.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}), "
+                f"inner_lr='auto': calibrated to {self.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}, times the "
+                f"inner gradient's signal fraction {self.inner_signal_fraction:.3g} at N={self.inner_episodes}), "
                 f"inner gradient norm clipped at {self.inner_grad_clip}"
             )
         return self.inner_lr
