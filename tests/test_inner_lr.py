@@ -6,8 +6,7 @@ import pytest
 import torch as th
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.meta_pg.inner_lr import per_task_step_kl, reference_direction
-from sb3_metarl.meta_pg.inner_lr import signal_fraction
+from sb3_metarl.meta_pg.inner_lr import per_task_step_kl, reference_direction, signal_fraction
 from sb3_metarl.meta_pg.meta_pg import AUTO_INNER_KL, AUTO_SIGNAL_POWER
 from sb3_metarl.tasks import BUILTIN_TASK_ENVS, MUJOCO_TASK_ENVS
 

@@ -32,7 +32,6 @@ from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.callbacks import MetaProgressBarCallback, reject_unadapted_evaluation
 from sb3_metarl.common.files import check_saved_model, replaced_atomically
 from sb3_metarl.common.functional import FunctionalPolicy, Params
-from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
 from sb3_metarl.common.rng import (
     EnvRngState,
     generator_state,
@@ -42,6 +41,7 @@ from sb3_metarl.common.rng import (
     seed_env_rngs,
     set_env_rng_states,
 )
+from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
 from sb3_metarl.common.vec_env import make_task_env, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
