@@ -90,3 +90,30 @@ def test_the_readme_links_only_files_of_the_repository_and_speaks_of_the_library
     assert missing == []
     assert "shared docs" not in text and not re.search(r"\bissues? \d+", text)
     assert os.path.exists(os.path.join(root, "docs", "meta-gradients.md"))
+
+
+def _readme():
+    with open(README) as handle:
+        return handle.read()
+
+
+def test_the_install_text_says_how_to_get_the_cpu_build_and_tensorboard():
+    """From the public index torch==2.13.0 is the CUDA build: the README must not promise a CPU build."""
+    text = _readme()
+    assert "puts in the CPU build" not in text
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    (command_2,) = [line for line in _blocks("bash")[0].splitlines() if "pytest" in line]
+    assert "tensorboard" in command_2 and "metaworld" in command_2
+
+
+def test_the_metaworld_block_is_a_first_try_with_each_call_s_cost():
+    (block,) = [block for block in _blocks("python") if "MetaWorldML10" in block]
+    assert re.search(r"model\.learn\((\d[\d_]*)\)", block) and int(re.search(r"model\.learn\(([\d_]+)\)", block)[1]) <= 20_000
+    assert "meta_batch_size=10" in block and "inner_episodes=2" in block and "num_evals=1" in block
+    calls = ["MetaPolicyGradient(", "model.learn(", "evaluate_adaptation(", "metaworld_evaluation("]
+    assert all(call in block for call in calls) and len(re.findall(r"\b\d+ s\b", block)) == 4  # a time per call
+
+
+def test_the_readme_names_the_one_backend_that_is_not_bit_identical():
+    text = " ".join(_readme().split())
+    assert "The exception is `vec_env_cls=SubprocVecEnv`" in text and "not bit-identical" in text
