@@ -124,9 +124,24 @@ SUITES: dict[str, tuple[str, str, int, dict[str, Any]]] = {
         400,
         dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0))),
     ),
-    "maml-trpo-dir": ("sb3_metarl/HalfCheetahDir-v0", "trpo", 500, {}),
-    "maml-trpo-vel": ("sb3_metarl/HalfCheetahVel-v0", "trpo", 500, {}),
-    "maml-trpo-ant-dir": ("sb3_metarl/AntDir-v0", "trpo", 500, {}),
+    # pytorch-maml-rl's envs: HalfCheetah's control cost 0.5 * 1e-1 |a|^2; Ant's 0.5 * 1e-2 |a|^2, contact cost
+    # 0.5 * 1e-3 |clip(cfrc_ext, -1, 1)|^2, survive bonus 0.05, done outside z in [0.2, 1]
+    "maml-trpo-dir": ("sb3_metarl/HalfCheetahDir-v0", "trpo", 500, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
+    "maml-trpo-vel": ("sb3_metarl/HalfCheetahVel-v0", "trpo", 500, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
+    "maml-trpo-ant-dir": (
+        "sb3_metarl/AntDir-v0",
+        "trpo",
+        500,
+        dict(
+            env_kwargs=dict(
+                ctrl_cost_weight=0.005,
+                contact_cost_weight=5e-4,
+                contact_force_range=(-1.0, 1.0),
+                healthy_reward=0.05,
+                healthy_z_range=(0.2, 1.0),
+            )
+        ),
+    ),
 }
 
 
@@ -157,6 +172,7 @@ def write_atomically(path: str, text: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_")
     with os.fdopen(handle, "w") as file:
         file.write(text)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 

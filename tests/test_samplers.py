@@ -244,9 +244,9 @@ def test_an_episode_sampler_instance_is_used_and_gives_the_default_samples():
     sampler = _CountingSampler(venv, 4)
     custom = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=sampler, **SMALL)
     custom.resolved_inner_lr()
-    assert sampler.calls == 4  # inner_lr="auto" calibrates on 16 tasks: 4 batches of 4
+    assert sampler.calls == 8  # inner_lr="auto" calibrates on 16 tasks: 4 x 2 independent batches of 4
     custom.learn(1)
-    assert sampler.calls == 6  # the iteration's inner and outer batch
+    assert sampler.calls == 10  # the iteration's inner and outer batch
     default = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **SMALL)
     default.learn(1)
     assert th.equal(_parameters(custom), _parameters(default))
