@@ -218,3 +218,60 @@ def test_metaworld_evaluation_works_at_any_meta_batch_size():
         max_episode_steps=10,
     )  # failed with "Invalid division of subtasks, expected 2 got 3" before
     assert 0.0 <= result["success_rate"] <= 1.0 and len(result["success_rate_per_task"]) == 1
+
+
+def test_evaluation_counts_each_sub_env_s_first_episodes():
+    """
+    Two sub-envs of one env class (ML1): sub-env 0 succeeds at once, three times, before sub-env 1 fails once.
+    Counted per sub-env the success rate is 0.5; Meta-World 3.1.1 keys the counts by task name, so the first
+    three finished episodes (all of sub-env 0) made it 1.0 (Metaworld PR #577).
+    """
+    from sb3_metarl.tasks.meta_world import EvaluationTally
+
+    tally = EvaluationTally(["reach-v3", "reach-v3"], episodes=3)
+    for _ in range(5):
+        tally.record(0, 10.0, True)
+    assert not tally.complete
+    for _ in range(3):
+        tally.record(1, 1.0, False)
+    assert tally.complete
+    assert tally.success_rate_per_task() == {"reach-v3": 0.5}
+    assert tally.mean_return() == pytest.approx((3 * 10.0 + 3 * 1.0) / 6)
+
+
+def test_both_counting_rules_run_the_same_protocol():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/MetaWorldML1-v0", meta_batch_size=2, inner_episodes=1,
+                               outer_episodes=1, inner_lr=1e-4, env_kwargs=dict(max_episode_steps=10), seed=0)  # fmt: skip
+    small = dict(meta_batch_size=4, num_evals=1, adaptation_episodes=1, evaluation_episodes=2, max_episode_steps=10)
+    results = [
+        metaworld_evaluation(model, "ML1", "reach-v3", count_per_sub_env=per_sub_env, **small) for per_sub_env in (True, False)
+    ]
+    for result in results:
+        assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["mean_return"])
+        assert set(result["success_rate_per_task"]) == {"reach-v3"}
+
+
+def test_meta_training_never_sees_the_goals_the_evaluation_holds_out():
+    """
+    Metaworld PR #573: gym.make_vec("Meta-World/ML1-train") builds its sub-envs from the *test* goals in 3.1.1.
+    We take the tasks from the benchmark's own train_tasks / test_tasks and evaluate on make_ml_envs_test:
+    training's and the evaluation's goals must be disjoint, and the evaluation's all test goals.
+    """
+    import pickle
+
+    import metaworld
+
+    from sb3_metarl.tasks.meta_world import MetaWorldTaskSampler
+
+    def key(task):
+        return task.env_name, tuple(np.round(np.asarray(pickle.loads(task.data)["rand_vec"]), 8))
+
+    train = {key(t) for t in MetaWorldTaskSampler("ML1", "reach-v3", split="train", seed=0).tasks}
+    test = {key(t) for t in MetaWorldTaskSampler("ML1", "reach-v3", split="test", seed=0).tasks}
+    envs = metaworld.make_ml_envs_test("reach-v3", seed=0, meta_batch_size=10, total_tasks_per_cls=50)
+    try:
+        evaluated = {key(t) for tasks in envs.get_attr("tasks") for t in tasks}
+    finally:
+        envs.close()
+    assert len(train) == len(test) == 50 and not train & test
+    assert evaluated == test

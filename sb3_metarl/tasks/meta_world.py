@@ -304,6 +304,106 @@ def evaluation_layout(benchmark: Any, meta_batch_size: int) -> tuple[int, int]:
     return per_class * n_classes, tasks_per_class // per_class * per_class
 
 
+class EvaluationTally:
+    """
+    The evaluation counts of Meta-World's meta-learning protocol, kept per sub-env: each sub-env's first
+    ``episodes`` finished episodes count, a task's success rate is the mean over its sub-envs of their
+    success fractions, and the evaluation is complete when every sub-env has finished ``episodes``.
+    Meta-World 3.1.1's ``evaluation`` keys the counts by task *name* instead (fixed upstream by Metaworld
+    PR #577): with several sub-envs of one env class (every sub-env of ML1) the first finished episodes of
+    *any* of them fill the count, and since evaluation episodes end at the first success, successful
+    episodes finish first and the success rate is biased upwards.
+
+    :param task_names: the env name of each sub-env
+    :param episodes: evaluation episodes counted per sub-env
+    """
+
+    def __init__(self, task_names: list[str], episodes: int):
+        self.task_names, self.episodes = list(task_names), episodes
+        self.returns: list[list[float]] = [[] for _ in task_names]
+        self.successes: list[list[bool]] = [[] for _ in task_names]
+
+    def record(self, sub_env: int, episode_return: float, success: bool) -> None:
+        """A finished episode of ``sub_env`` (counted if it is among the sub-env's first ``episodes``)."""
+        if len(self.returns[sub_env]) < self.episodes:
+            self.returns[sub_env].append(float(episode_return))
+            self.successes[sub_env].append(bool(success))
+
+    @property
+    def complete(self) -> bool:
+        return all(len(returns) >= self.episodes for returns in self.returns)
+
+    def success_rate_per_task(self) -> dict[str, float]:
+        rates: dict[str, list[float]] = {}
+        for name, successes in zip(self.task_names, self.successes):
+            rates.setdefault(name, []).append(float(np.mean(successes)))
+        return {name: float(np.mean(values)) for name, values in rates.items()}
+
+    def mean_return(self) -> float:
+        return float(np.mean([episode for returns in self.returns for episode in returns]))
+
+
+def metalearning_evaluation_per_sub_env(
+    agent: Any,
+    envs: Any,
+    num_evals: int,
+    adaptation_steps: int,
+    adaptation_episodes: int,
+    evaluation_episodes: int,
+) -> tuple[float, float, dict[str, float]]:
+    """
+    Meta-World's meta-learning evaluation protocol (``metaworld.evaluation.metalearning_evaluation``: per round,
+    new test tasks, ``adaptation_steps`` x (``adaptation_episodes`` per sub-env, then ``agent.adapt()``), then
+    ``evaluation_episodes`` per sub-env with ``agent.eval_action``, ending at the first success), with the
+    evaluation counted per sub-env (``EvaluationTally``).
+
+    :return: the mean success rate over rounds and tasks, the mean evaluation return, the success rate per task
+    """
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    from metaworld.evaluation import Timestep
+
+    class_to_name = {env_class.__name__: name for name, env_class in ALL_V3_ENVIRONMENTS.items()}
+    task_names = [class_to_name[name] for name in envs.get_attr("task_name")]
+    envs.call("toggle_sample_tasks_on_reset", False)
+    success_rates, mean_returns, per_task = [], [], []
+    for _ in range(num_evals):
+        envs.call("sample_tasks")
+        agent.init()
+        envs.call("toggle_terminate_on_success", False)
+        for _ in range(adaptation_steps):
+            observations, _ = envs.reset()
+            finished = np.zeros(envs.num_envs, dtype=int)
+            while (finished < adaptation_episodes).any():
+                actions, aux = agent.adapt_action(observations)
+                next_observations, rewards, terminated, truncated, _ = envs.step(actions)
+                agent.step(Timestep(observations, actions, rewards, terminated, truncated, aux))
+                finished += np.logical_or(terminated, truncated)
+                observations = next_observations
+            agent.adapt()
+        envs.call("toggle_terminate_on_success", True)
+        observations, _ = envs.reset()
+        agent.reset(np.ones(envs.num_envs, dtype=bool))
+        tally = EvaluationTally(task_names, evaluation_episodes)
+        while not tally.complete:
+            observations, _, terminated, truncated, infos = envs.step(agent.eval_action(observations))
+            done = np.logical_or(terminated, truncated)
+            agent.reset(done)
+            for index in np.flatnonzero(done):
+                final = infos["final_info"]
+                tally.record(int(index), final["episode"]["r"][index], final["success"][index])
+        rates = tally.success_rate_per_task()
+        success_rates.append(float(np.mean(list(rates.values()))))
+        mean_returns.append(tally.mean_return())
+        per_task.append(rates)
+    envs.call("toggle_terminate_on_success", False)
+    names = sorted(per_task[0])
+    return (
+        float(np.mean(success_rates)),
+        float(np.mean(mean_returns)),
+        {name: float(np.mean([rates[name] for rates in per_task])) for name in names},
+    )
+
+
 def metaworld_evaluation(
     model: AdaptableModel,
     benchmark: str = "ML1",
@@ -316,10 +416,13 @@ def metaworld_evaluation(
     evaluation_episodes: int = 3,
     max_episode_steps: int | None = None,
     deterministic: bool = True,
+    count_per_sub_env: bool = True,
 ) -> dict[str, Any]:
     """
-    Meta-World's own meta-learning evaluation (``metaworld.evaluation.metalearning_evaluation``)
-    on the benchmark's test split, with ``MetaWorldAgent`` adapting the model.
+    Meta-World's meta-learning evaluation protocol on the benchmark's test split, with ``MetaWorldAgent``
+    adapting the model: by default with the evaluation episodes counted per sub-env
+    (``metalearning_evaluation_per_sub_env``; Meta-World 3.1.1's own counting favours the sub-envs that
+    succeed first, Metaworld PR #577), or Meta-World's own ``metaworld.evaluation.metalearning_evaluation``.
 
     :param model: the meta-trained model
     :param benchmark: "ML1", "ML10" or "ML45"
@@ -334,7 +437,9 @@ def metaworld_evaluation(
     :param evaluation_episodes: evaluation episodes per sub-env (ending on success, as Meta-World does)
     :param max_episode_steps: episode length (default: Meta-World's 500)
     :param deterministic: evaluate the adapted policies' mean actions
-    :return: ``success_rate``, ``mean_return`` and ``success_rate_per_task`` as Meta-World computes them
+    :param count_per_sub_env: count each sub-env's first ``evaluation_episodes`` (False: Meta-World 3.1.1's
+        counting per task name, for comparison)
+    :return: ``success_rate``, ``mean_return`` and ``success_rate_per_task``
     """
     metaworld = _import_metaworld()
     from metaworld.evaluation import metalearning_evaluation
@@ -352,7 +457,8 @@ def metaworld_evaluation(
         agent = MetaWorldAgent(model, envs.num_envs, adaptation_episodes, deterministic)
         with th.random.fork_rng():
             th.manual_seed(seed)
-            success_rate, mean_return, per_task = metalearning_evaluation(
+            protocol = metalearning_evaluation_per_sub_env if count_per_sub_env else metalearning_evaluation
+            success_rate, mean_return, per_task = protocol(
                 agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes
             )
     finally:
