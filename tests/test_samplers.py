@@ -475,7 +475,8 @@ def test_the_interpreter_exits_with_frozen_and_sigterm_ignoring_workers_and_leav
 
 
 def test_workers_die_with_a_killed_learner():
-    script = _WORKER_SCRIPT + "    time.sleep(600)\n"
+    # killed while its workers are busy (an env call of 10 minutes): they must not run on without it
+    script = _WORKER_SCRIPT + "    model.get_env().env_method('slow', 600.0)\n"
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         with deadline(120):
@@ -486,6 +487,22 @@ def test_workers_die_with_a_killed_learner():
         assert _wait_gone(pids) == []
     finally:
         process.kill()
+
+
+def test_workers_ignore_the_terminal_s_sigint():
+    """Ctrl-C reaches the whole process group: a worker that died of it surfaced as WorkerDiedError in the learner."""
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS,
+                               inner_lr=1e-3, max_episode_steps=5, **SMALL)  # fmt: skip
+    try:
+        with deadline(60):
+            model.learn(1)
+            for pid in model.get_env().worker_pids():
+                os.kill(pid, signal.SIGINT)
+            time.sleep(0.5)
+            model.learn(1, reset_num_timesteps=False)
+        assert model.n_updates == 2
+    finally:
+        model.get_env().close()
 
 
 def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
