@@ -67,7 +67,9 @@ class PublishedRun:
 
     @property
     def name(self) -> str:
-        return f"{self.suite}_{self.gradient_mode}_{self.meta_optimizer}_s{self.seed}"
+        steps = self.kwargs.get("inner_steps", 1)
+        suffix = "" if steps == 1 else f"_k{steps}"  # SG-MRL's 2- and 3-step rows are runs of their own
+        return f"{self.suite}_{self.gradient_mode}_{self.meta_optimizer}_s{self.seed}{suffix}"
 
     @property
     def steps_per_iteration(self) -> int:
@@ -349,7 +351,7 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
     """:return: the Markdown table of every run of ``runs`` with at least one checkpoint (finished or partial)"""
     lines = [
         "| env | setting | mode | optimizer | seed | iterations | env steps | wall h | held-out 0 / 1 / 2 / 3 steps (last) "
-        "| best (iteration) | paper (1 step) |",
+        "| best (iteration) | paper (same inner steps) |",
         "|---|---|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for run in runs:
@@ -431,7 +433,12 @@ def main(argv: list[str] | None = None) -> None:
                 break
             append_jsonl(finished_path, finished)
             print(json.dumps(finished), flush=True)
-    every = [run for suite in SUITES for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf"], [0, 1, 2, 3])]
+    every = [
+        run
+        for suite in SUITES
+        for steps in (1, 2, 3)
+        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf"], [0, 1, 2, 3], inner_steps=steps)
+    ]
     table = summarize(args.out, every)
     write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")
     plot(args.out, [run for run in every if os.path.exists(os.path.join(args.out, "runs", run.name, "curve.jsonl"))],

@@ -202,3 +202,11 @@ def test_a_quick_run_never_overwrites_the_committed_results(monkeypatch, tmp_pat
     _load(os.path.join(ROOT, "benchmarks/estimators.py"))["main"](["--quick"])
     out = capsys.readouterr().out.splitlines()[0].removeprefix("writing to ")
     assert os.listdir("docs/results") == [] and os.path.exists(os.path.join(out, "estimators.png"))
+
+
+def test_published_runs_of_each_inner_step_count_have_folders_of_their_own():
+    module = _load("benchmarks/reproduce_published.py")
+    names = {run.name for steps in (1, 2, 3) for run in module["suite_runs"]("sgmrl-vel", ["sf"], [0], inner_steps=steps)}
+    assert names == {"sgmrl-vel_sf_adam_s0", "sgmrl-vel_sf_adam_s0_k2", "sgmrl-vel_sf_adam_s0_k3"}
+    (three,) = module["suite_runs"]("sgmrl-vel", ["sf"], [0], inner_steps=3)
+    assert three.steps_per_iteration == 40 * (3 * 20 + 20) * 200
