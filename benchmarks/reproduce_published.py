@@ -376,6 +376,21 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
     return "\n".join(lines)
 
 
+TABLE_START, TABLE_END = "<!-- table: written by benchmarks/reproduce_published.py -->", "<!-- end of table -->"
+
+
+def update_page(path: str, table: str) -> None:
+    """Put ``table`` between the page's table markers (a page without them is left alone)."""
+    if not os.path.exists(path):
+        return
+    text = open(path).read()
+    if TABLE_START not in text or TABLE_END not in text:
+        return
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    write_atomically(path, f"{before}{TABLE_START}\n{table}\n{TABLE_END}{after}")
+
+
 def plot(out: str, runs: list[PublishedRun], path: str) -> None:
     """Post-adaptation return on the training tasks against env steps, one panel per suite."""
     import matplotlib
@@ -441,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     table = summarize(args.out, every)
     write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")
+    update_page(os.path.join(args.out, "reproduce_published.md"), table)
     plot(args.out, [run for run in every if os.path.exists(os.path.join(args.out, "runs", run.name, "curve.jsonl"))],
          os.path.join(args.out, "reproduce_published.png"))  # fmt: skip
     print(table)

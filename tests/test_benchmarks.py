@@ -210,3 +210,11 @@ def test_published_runs_of_each_inner_step_count_have_folders_of_their_own():
     assert names == {"sgmrl-vel_sf_adam_s0", "sgmrl-vel_sf_adam_s0_k2", "sgmrl-vel_sf_adam_s0_k3"}
     (three,) = module["suite_runs"]("sgmrl-vel", ["sf"], [0], inner_steps=3)
     assert three.steps_per_iteration == 40 * (3 * 20 + 20) * 200
+
+
+def test_the_published_page_gets_the_table_between_its_markers(tmp_path):
+    module = _load("benchmarks/reproduce_published.py")
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n\n{module['TABLE_START']}\nold\n{module['TABLE_END']}\n\nafter\n")
+    module["update_page"](str(page), "| new |")
+    assert page.read_text() == f"intro\n\n{module['TABLE_START']}\n| new |\n{module['TABLE_END']}\n\nafter\n"
