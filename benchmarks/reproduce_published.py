@@ -402,13 +402,17 @@ def plot(out: str, runs: list[PublishedRun], path: str) -> None:
     fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4), squeeze=False)
     for ax, suite in zip(axes[0], suites):
         for run in runs:
-            curve = read_jsonl(os.path.join(out, "runs", run.name, "curve.jsonl"))
-            if run.suite == suite and curve:
-                steps = [row["env_steps"] for row in curve]
-                ax.plot(steps, [row["post_return"] for row in curve], label=f"{run.gradient_mode} s{run.seed}")
-        ax.set_title(suite)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("return after adaptation (training tasks)")
+            folder = os.path.join(out, "runs", run.name)
+            curve = read_jsonl(os.path.join(folder, "curve.jsonl"))
+            if run.suite != suite or not curve:
+                continue
+            label = f"{run.gradient_mode} s{run.seed}"
+            line = ax.plot([r["env_steps"] for r in curve], [r["post_return"] for r in curve], lw=0.8, label=label)[0]
+            # the held-out evaluations after the trained number of inner steps, on the same axes
+            evals = read_jsonl(os.path.join(folder, "evals.jsonl"))
+            steps = run.kwargs["inner_steps"]
+            ax.plot([e["env_steps"] for e in evals], [e["returns"][steps] for e in evals], "o", color=line.get_color())
+        ax.set(title=f"{suite} (line: training tasks, dots: held-out)", xlabel="env steps", ylabel="return after adaptation")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
