@@ -5,8 +5,8 @@ import os
 import sb3_metarl.tasks  # noqa: F401  (registers the built-in task envs)
 from sb3_metarl.common.callbacks import MetaEvalCallback
 from sb3_metarl.gradient_modes import GRADIENT_MODES, GradientMode
-from sb3_metarl.meta_gradient_rl import MetaGradientA2C
 from sb3_metarl.meta_pg import MetaPolicyGradient
+from sb3_metarl.mgrl import MetaGradientA2C
 from sb3_metarl.tasks import EnvTaskSampler, FixedTaskSampler, TaskSampler
 
 with open(os.path.join(os.path.dirname(__file__), "version.txt")) as file_handler:

@@ -62,12 +62,14 @@ class Weighting:
     gae_lambda: float
     baseline: Baseline | None
     normalize_advantage: bool = False
+    discount_from_start: bool = True
 
     def __call__(self, batch: EpisodeBatch) -> EpisodeBatch:
         """:return: ``batch`` with its weights filled in (see ``EpisodeBatch.compute_weights``)"""
         return batch.compute_weights(
-            self.observation_space, self.gamma, self.gae_lambda, self.baseline, self.normalize_advantage
-        )
+            self.observation_space, self.gamma, self.gae_lambda, self.baseline, self.normalize_advantage,
+            self.discount_from_start,
+        )  # fmt: skip
 
 
 @dataclass
@@ -357,9 +359,15 @@ class Adaptation:
 
     def per_task_meta_gradient(self, sample: MetaSample, mode: GradientMode | None = None) -> Params:
         """
-        :param mode: a gradient mode to evaluate on the same samples, on a replayed graph of its own (see
-            ``MetaPolicyGradient.meta_gradient_on_samples``); None: the sample's own objective (whose graph
-            this consumes)
+        Another mode on the same samples: the inner batches were drawn with the parameters adapted by
+        ``sample``'s own mode; where ``mode``'s inner step has a different value (``lsf`` against the
+        advantage-weighted modes, ``loaded_dice`` with lambda < 1), the samples of later inner steps and the outer
+        samples are slightly off-policy for it. Its magic boxes and LVC ratios then weigh the later inner samples
+        by their importance weights (taken against the stored sampling log-likelihoods); the policy-gradient terms
+        get no correction. With one inner step the inner samples are on-policy for every mode.
+
+        :param mode: a gradient mode to evaluate on the same samples, on a replayed graph of its own; None: the
+            sample's own objective (whose graph this consumes)
         :return: parameter name -> (B, ...) per-task ascent directions of the meta-objective
         """
         if mode is None:

@@ -73,12 +73,12 @@ def test_trpo_step_is_the_same_with_the_layered_product(mode):
     steps, stats, params = {}, {}, {}
     for path in ("layered", "double backward", "double backward, rounded differently"):
         model, adaptation, sample = _model_and_sample(mode, meta_optimizer="trpo")
-        model.meta_updater.layered_hessian = path == "layered"
+        model.meta_optimizer.layered_hessian = path == "layered"
         if path.endswith("differently"):
             adaptation.kl_hessian_product = _rounded_differently(adaptation.kl_hessian_product)
-        natural = model.meta_updater.search_direction(adaptation, sample)
+        natural = model.meta_optimizer.search_direction(adaptation, sample)
         steps[path] = natural.full_step
-        stats[path] = model.meta_updater.line_search(adaptation, sample, natural, model.policy.optimizer)
+        stats[path] = model.meta_optimizer.line_search(adaptation, sample, natural, model.policy.optimizer)
         params[path] = th.cat([p.detach().flatten() for p in model.policy.parameters()])
     reference = steps["double backward"]
     rounding = (steps["double backward, rounded differently"] - reference).norm()

@@ -186,11 +186,18 @@ def test_published_run_stopped_anywhere_continues_bit_for_bit(tmp_path, monkeypa
 def test_published_suites_hold_the_papers_settings():
     module = _load("benchmarks/reproduce_published.py")
     (run,) = module["suite_runs"]("sgmrl-vel", ["sf"], [3])
-    assert run.kwargs["env_kwargs"] == dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0))
+    # SG-MRL's code (sgmrl_mujoco.json) on ProMP's normalized env: actions in [-10, 10], rllab's control cost
+    assert run.kwargs["env_kwargs"] == dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0), action_scale=10.0)
     assert (run.kwargs["meta_batch_size"], run.kwargs["inner_episodes"], run.kwargs["max_episode_steps"]) == (40, 20, 200)
+    assert run.kwargs["inner_lr"] * 200 == pytest.approx(0.1) and run.kwargs["gae_lambda"] == 0.997
+    assert run.kwargs["policy_kwargs"]["net_arch"]["pi"] == [100, 100] and run.kwargs["learning_rate"] == 1e-3
+    assert run.kwargs["discount_from_start"] is False and run.kwargs["normalize_advantage"] is True
     assert run.iterations * run.steps_per_iteration == 400 * 40 * 40 * 200 >= 1.2e8
+    # pytorch-maml-rl's configs: horizon 100 (max_episode_steps), normalization_scale 10, 500 batches
     (trpo,) = module["suite_runs"]("maml-trpo-ant-dir", ["maml"], [0])
     assert trpo.meta_optimizer == "trpo" and trpo.iterations == 500 and trpo.kwargs["meta_optimizer_kwargs"]["max_kl"] == 0.01
+    assert trpo.kwargs["max_episode_steps"] == 100 and trpo.kwargs["env_kwargs"]["action_scale"] == 10.0
+    assert trpo.kwargs["inner_lr"] * 100 == pytest.approx(0.1) and trpo.kwargs["discount_from_start"] is False
     with pytest.raises(ValueError, match="--suite"):
         module["suite_runs"]("nope", ["sf"], [0])
 

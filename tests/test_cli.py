@@ -39,7 +39,7 @@ def test_train_with_a_meta_optimizer(tmp_path, capsys):
     assert main([*args, "--no-progress-bar", "--save-path", path, "--hyperparams", *TINY]) == 0
     from sb3_metarl import MetaPolicyGradient
 
-    assert MetaPolicyGradient.load(path).meta_optimizer == "trpo"
+    assert MetaPolicyGradient.load(path).meta_optimizer.name == "trpo"
 
 
 def test_module_entry_point_help(capsys):

@@ -5,8 +5,7 @@ import pytest
 import torch as th
 
 from sb3_metarl import FixedTaskSampler, MetaPolicyGradient
-from sb3_metarl.diagnostics import make_tabular_model
-from sb3_metarl.exact import (
+from sb3_metarl.estimators.exact import (
     bandit_maml_gradient,
     bandit_pathwise_gradient,
     bandit_value,
@@ -14,6 +13,7 @@ from sb3_metarl.exact import (
     exact_value,
     tabular_values,
 )
+from sb3_metarl.estimators.setups import make_tabular_model
 
 
 def test_bandit_value_matches_monte_carlo():

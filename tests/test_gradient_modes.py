@@ -6,17 +6,17 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.functional import FunctionalPolicy
-from sb3_metarl.diagnostics import (
+from sb3_metarl.estimators.exact import bandit_maml_gradient, bandit_pathwise_gradient
+from sb3_metarl.estimators.setups import (
     BANDIT_INNER_LR,
     BANDIT_LOG_STD,
     BANDIT_MEAN,
     BANDIT_TARGET,
     bandit_estimates,
-    compare_with_exact,
     make_bandit_model,
     make_tabular_model,
 )
-from sb3_metarl.exact import bandit_maml_gradient, bandit_pathwise_gradient
+from sb3_metarl.estimators.study import compare_with_exact
 from sb3_metarl.gradient_modes import GRADIENT_MODES, LoadedDiCE, make_gradient_mode, policy_gradient_surrogate
 
 
@@ -29,8 +29,9 @@ def _inner_gradient(model, mode, params, batch):
 @pytest.mark.parametrize("env_id", ["sb3_metarl/Navigation2D-v0", "sb3_metarl/TabularMDP-v0"])
 def test_every_inner_step_equals_the_policy_gradient(env_id):
     """The magic box and the LVC ratio evaluate to 1: only second derivatives differ between modes."""
-    model = MetaPolicyGradient("MlpPolicy", env_id, meta_batch_size=2, inner_episodes=3, outer_episodes=3, seed=1)
-    tasks = model._task_sampler.sample(2, np.random.default_rng(0))
+    small = dict(meta_batch_size=2, inner_episodes=3, outer_episodes=3, inner_lr=0.1)
+    model = MetaPolicyGradient("MlpPolicy", env_id, **small, seed=1)
+    tasks = model.task_sampler.sample(2, np.random.default_rng(0))
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 2)
     batch = model.sample_episodes(tasks, params, 3)
     batch.log_probs = model.adaptation.log_prob(params, batch).detach()  # as collect_meta_sample does: boxes exactly 1
@@ -168,10 +169,11 @@ def test_sf_score_term_follows_the_standardized_advantages_scale():
         meta_batch_size=2,
         inner_episodes=3,
         outer_episodes=3,
+        inner_lr=0.1,
         seed=0,
     )
     params = FunctionalPolicy.expand(model.functional_policy.parameters(), 2)
-    tasks = model._task_sampler.sample(2, np.random.default_rng(0))
+    tasks = model.task_sampler.sample(2, np.random.default_rng(0))
     inner, outer = model.sample_episodes(tasks, params, 3), model.sample_episodes(tasks, params, 3)
     go = outer.rewards * (0.99 ** th.arange(outer.rewards.shape[-1]))
     scale = outer.advantage_scale

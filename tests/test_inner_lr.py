@@ -25,7 +25,7 @@ class _ScaledReward(gym.Wrapper):
 
 def _calibrated_kl(model):
     """The median over fresh tasks of the KL of a calibrated step along the reference direction."""
-    tasks = model._task_sampler.sample(model.meta_batch_size, np.random.default_rng(9))
+    tasks = model.task_sampler.sample(model.meta_batch_size, np.random.default_rng(9))
     params = model.initial_task_params(len(tasks))
     batch = model.sample_episodes(tasks, params, model.inner_episodes, generator=th.Generator().manual_seed(9))
     direction = reference_direction(model.functional_policy, params, batch, model.gamma)
@@ -47,7 +47,7 @@ def test_auto_step_does_not_grow_with_reward_scale_or_horizon(mode):
             inner_episodes=8,
             outer_episodes=1,
         )
-        rates[(scale, horizon)] = model.resolved_inner_lr()
+        rates[(scale, horizon)] = model.calibrate_inner_lr()
         # the KL-calibrated step is shortened by the signal fraction^p: its KL by fraction^(2p)
         kls[(scale, horizon)] = _calibrated_kl(model) / model.inner_signal_fraction ** (2 * AUTO_SIGNAL_POWER)
     # 100x the rewards: 100x smaller steps (the gradient is linear in the rewards)
@@ -104,6 +104,6 @@ def test_auto_steps_shrink_with_the_inner_gradient_s_noise():
     for episodes in (4, 40):
         model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_batch_size=4, inner_episodes=episodes,
                                    outer_episodes=episodes, seed=0)  # fmt: skip
-        etas[episodes], fractions[episodes] = model.resolved_inner_lr(), model.inner_signal_fraction
+        etas[episodes], fractions[episodes] = model.calibrate_inner_lr(), model.inner_signal_fraction
     assert etas[4] < 1e-3 < etas[40]
     assert fractions[4] < 0.3 < 0.6 < fractions[40] <= 1.0

@@ -9,7 +9,7 @@ import torch as th
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.functional import FunctionalPolicy, grad_params
 from sb3_metarl.gradient_modes import GRADIENT_MODES, MAML, GradientMode
-from sb3_metarl.meta_optimizers import META_OPTIMIZERS, PPO, TRPO, make_meta_optimizer
+from sb3_metarl.meta_optimizers import META_OPTIMIZERS, ProMP, TrustRegion, make_meta_optimizer
 from sb3_metarl.meta_optimizers.surrogates import clipped_surrogate, ratio_surrogate
 
 SMALL = dict(meta_batch_size=3, inner_episodes=4, outer_episodes=4, inner_lr=2e-3, policy_kwargs=dict(net_arch=[16]))
@@ -32,7 +32,7 @@ def _model(mode="lvc", meta_optimizer="trpo", inner_steps=1, seed=0, **kwargs):
 
 
 def _sample(model):
-    tasks = model._task_sampler.sample(model.meta_batch_size, np.random.default_rng(0))
+    tasks = model.task_sampler.sample(model.meta_batch_size, np.random.default_rng(0))
     return model.collect_meta_sample(tasks)
 
 
@@ -54,14 +54,14 @@ def test_trpo_step_respects_the_kl_bound_and_improves_the_surrogate(mode, inner_
     sample = _sample(model)
     old_adapted = {n: p.detach().clone() for n, p in sample.adapted.items()}
     before = _parameters(model)
-    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
+    stats = model.meta_optimizer.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["step_accepted"] == 1.0
     # measured independently: the adaptation re-run from the new parameters on the same inner samples
     replay = model.adaptation.replay(sample, create_graph=False)
     with th.no_grad():
         kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
-        objective = TRPO.surrogate(model.adaptation, replay, sample).item()
-        old_objective = TRPO.surrogate(model.adaptation, sample.replay, sample).item()
+        objective = TrustRegion.surrogate(model.adaptation, replay, sample).item()
+        old_objective = TrustRegion.surrogate(model.adaptation, sample.replay, sample).item()
     assert 0 < kl <= 0.01
     assert objective > old_objective
     assert stats["kl"] == pytest.approx(kl, rel=1e-4)
@@ -74,7 +74,7 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     """H v matches finite differences of the KL's gradient; the full step reaches about max_kl."""
     model = _model("lvc", inner_steps=inner_steps, meta_optimizer_kwargs=dict(max_kl=1e-3, cg_damping=0.0, cg_max_steps=20))
     sample = _sample(model)
-    natural = model.meta_updater.search_direction(model.adaptation, sample)
+    natural = model.meta_optimizer.search_direction(model.adaptation, sample)
     params, old_values = natural.params, [p.detach().clone() for p in natural.params]
     old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
     generator = th.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     product = natural.hessian_vector_product(vector).detach()  # before the parameters move
 
     def kl_gradient_at(offset):
-        TRPO.set_parameters(params, old_values, offset)
+        TrustRegion.set_parameters(params, old_values, offset)
         replay = model.adaptation.replay(sample)
         kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch)
         return th.cat([g.reshape(-1) for g in th.autograd.grad(kl, params)])
@@ -93,7 +93,7 @@ def test_trpo_hessian_vector_product_and_step_length(inner_steps):
     assert product.norm() == pytest.approx(finite_difference.norm().item(), rel=0.05)
     # the step is scaled so that the KL's quadratic model 0.5 s^T H s reaches max_kl at the full step;
     # check that model where it holds, at a fifth of the step (predicted KL: max_kl / 25)
-    TRPO.set_parameters(params, old_values, 0.2 * natural.full_step)
+    TrustRegion.set_parameters(params, old_values, 0.2 * natural.full_step)
     with th.no_grad():
         replay = model.adaptation.replay(sample, create_graph=False)
         kl = model.adaptation.mean_kl(old_adapted, replay.adapted, sample.outer_batch).item()
@@ -129,7 +129,7 @@ def test_trpo_rejects_every_step_when_the_surrogate_cannot_improve():
         batch.advantages = th.zeros_like(batch.advantages)  # a flat surrogate: no step improves it
     before = _parameters(model)
     sample.objective = sample.objective * 0 + 1e-3 * sum(p.sum() for p in sample.adapted.values())
-    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
+    stats = model.meta_optimizer.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["step_accepted"] == 0.0 and stats["surrogate_improvement"] == 0.0
     assert th.equal(before, _parameters(model))
 
@@ -144,7 +144,7 @@ def test_ppo_first_epoch_gradient_is_the_meta_gradient(mode):
         sample.objective.sum(), [sample.task_theta[n] for n in names], retain_graph=True, allow_unused=True
     )
     expected = {n: g.mean(0) for n, g in zip(names, grads) if g is not None}
-    objective, clip_fraction, inner_kls = model.meta_updater.objective(
+    objective, clip_fraction, inner_kls = model.meta_optimizer.objective(
         model.adaptation, sample.replay, sample, sample.inner_params
     )
     loss = objective - sum(inner_kls)
@@ -201,17 +201,17 @@ def test_outer_surrogates_at_the_sampling_parameters():
 def test_ppo_epochs_improve_the_surrogate_and_adapt_the_inner_kl_penalty():
     model = _model("lvc", "ppo", learning_rate=3e-3, meta_optimizer_kwargs=dict(n_epochs=4, inner_kl_coef=1.0))
     sample = _sample(model)
-    stats = model.meta_updater.step(model.adaptation, sample, model.policy.optimizer)
+    stats = model.meta_optimizer.step(model.adaptation, sample, model.policy.optimizer)
     assert stats["surrogate_improvement"] > 0
     assert 0 < stats["inner_kl"] < 0.01 / 1.5
-    assert model.meta_updater.inner_kl_coefs == [0.5]  # a small inner KL halves the penalty
+    assert model.meta_optimizer.inner_kl_coefs == [0.5]  # a small inner KL halves the penalty
     assert stats["meta_grad_norm"] > 0
 
 
 def test_ppo_inner_kl_penalty_doubles_when_the_pre_update_policy_moves_too_far():
     model = _model("lvc", "ppo", learning_rate=0.05, meta_optimizer_kwargs=dict(n_epochs=5, target_inner_kl=1e-6))
-    model.meta_updater.step(model.adaptation, _sample(model), model.policy.optimizer)
-    assert model.meta_updater.inner_kl_coefs == [2 * 5e-4]
+    model.meta_optimizer.step(model.adaptation, _sample(model), model.policy.optimizer)
+    assert model.meta_optimizer.inner_kl_coefs == [2 * 5e-4]
 
 
 @pytest.mark.parametrize("meta_optimizer", ["trpo", "ppo"])
@@ -276,11 +276,11 @@ def test_ppo_later_epoch_failure_restores_the_state_before_the_update():
 def test_save_load_keeps_the_meta_optimizer_and_its_state(tmp_path):
     model = _model("lvc", "ppo", meta_batch_size=2, inner_episodes=2, outer_episodes=2, meta_optimizer_kwargs=dict(n_epochs=2))
     model.learn(800)
-    coefs = list(model.meta_updater.inner_kl_coefs)
+    coefs = list(model.meta_optimizer.inner_kl_coefs)
     model.save(tmp_path / "ppo.zip")
     loaded = MetaPolicyGradient.load(tmp_path / "ppo.zip", env="sb3_metarl/Navigation2D-v0")
-    assert isinstance(loaded.meta_updater, PPO)
-    assert loaded.meta_updater.n_epochs == 2 and loaded.meta_updater.inner_kl_coefs == coefs
+    assert isinstance(loaded.meta_optimizer, ProMP)
+    assert loaded.meta_optimizer.n_epochs == 2 and loaded.meta_optimizer.inner_kl_coefs == coefs
     loaded.learn(800, reset_num_timesteps=False)
     assert loaded._n_updates == model._n_updates + 1
 
@@ -293,7 +293,7 @@ def test_save_load_keeps_the_meta_optimizer_and_its_state(tmp_path):
         (dict(meta_optimizer="trpo", meta_optimizer_kwargs=dict(n_epochs=3)), "meta_optimizer_kwargs"),
         (dict(meta_optimizer="ppo", meta_optimizer_kwargs=dict(clip_range=-1)), "clip_range"),
         (dict(meta_optimizer="ppo", meta_optimizer_kwargs=dict(n_epochs=0)), "n_epochs"),
-        (dict(meta_optimizer=PPO(), meta_optimizer_kwargs=dict(n_epochs=3)), "meta_optimizer_kwargs"),
+        (dict(meta_optimizer=ProMP(), meta_optimizer_kwargs=dict(n_epochs=3)), "meta_optimizer_kwargs"),
         (dict(meta_optimizer="ppo", policy_kwargs=dict(optimizer_class=th.optim.SGD)), "optimizer_class"),
     ],
 )
@@ -303,7 +303,7 @@ def test_bad_meta_optimizer_arguments(kwargs, match):
 
 
 def test_make_meta_optimizer_returns_instances_as_is():
-    trpo = TRPO(max_kl=0.05)
+    trpo = TrustRegion(max_kl=0.05)
     assert make_meta_optimizer(trpo) is trpo
     assert make_meta_optimizer("ppo", dict(n_epochs=3)).n_epochs == 3
     assert isinstance(FunctionalPolicy, type)

@@ -12,8 +12,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metarl import EnvTaskSampler, FixedTaskSampler, MetaEvalCallback, MetaPolicyGradient
-from sb3_metarl.diagnostics import flat_gradient
-from sb3_metarl.exact import exact_meta_gradient
+from sb3_metarl.estimators.exact import exact_meta_gradient
+from sb3_metarl.estimators.study import flat_gradient
 
 TINY = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[16]))
 
@@ -415,8 +415,8 @@ def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit():
 
 def test_trpo_with_no_finite_line_search_point_raises():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="trpo", seed=0, **TINY)
-    original = model.meta_updater.surrogate
-    model.meta_updater.surrogate = lambda m, replay, sample: original(m, replay, sample) * (
+    original = model.meta_optimizer.surrogate
+    model.meta_optimizer.surrogate = lambda m, replay, sample: original(m, replay, sample) * (
         float("nan") if not th.is_grad_enabled() else 1.0
     )
     before = _parameters(model)
@@ -448,7 +448,7 @@ class _InnerBatches(BaseCallback):
 
 
 def test_inner_sample_reuse_appends_truncated_importance_weighted_earlier_batches():
-    from sb3_metarl.diagnostics import make_tabular_model
+    from sb3_metarl.estimators.setups import make_tabular_model
 
     model, _ = make_tabular_model(
         "lvc", inner_episodes=3, meta_batch_size=2, inner_sample_reuse=2, reuse_importance_clip=1.01, learning_rate=0.05
@@ -614,9 +614,33 @@ def test_acting_runs_on_one_torch_thread_and_the_update_on_the_caller_s():
             return sample(*args, **kwargs)
 
         sampler.sample = recording_sample
-        step = model.meta_updater.step
-        model.meta_updater.step = lambda *args: while_updating.append(th.get_num_threads()) or step(*args)
+        step = model.meta_optimizer.step
+        model.meta_optimizer.step = lambda *args: while_updating.append(th.get_num_threads()) or step(*args)
         model.learn(1)
         assert set(while_sampling) == {1} and while_updating == [2] and th.get_num_threads() == 2
     finally:
         th.set_num_threads(threads)
+
+
+def test_discount_from_start_chooses_between_gamma_t_weights_and_the_papers_advantage_weights(tmp_path):
+    """True: Psi_t = gamma^t A_t (the spec); False: Psi_t = A_t (rllab / ProMP / pytorch-maml-rl); old zips keep gamma^t."""
+    common = dict(meta_batch_size=2, inner_episodes=3, outer_episodes=3, inner_lr=0.05, gamma=0.9, seed=0)
+    spec = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **common)
+    papers = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", discount_from_start=False, **common)
+    tasks = spec.task_sampler.sample(2, np.random.default_rng(0))
+    batch = spec.sample_episodes(tasks, None, 3)
+    weighted_spec = spec.weighting(batch.samples()).advantages
+    weighted_papers = papers.weighting(batch.samples()).advantages
+    steps = 0.9 ** th.arange(batch.masks.shape[-1], dtype=th.float32)
+    th.testing.assert_close(weighted_spec, weighted_papers * steps)
+    assert not th.allclose(weighted_spec, weighted_papers)
+    with pytest.raises(ValueError, match="discount_from_start"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="dice", discount_from_start=False)
+    with pytest.raises(ValueError, match="discount_from_start"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", discount_from_start=1)
+    papers.save(tmp_path / "papers.zip")
+    assert MetaPolicyGradient.load(tmp_path / "papers.zip").discount_from_start is False
+    del spec.__dict__["discount_from_start"]  # a zip saved before the argument existed
+    spec.save(tmp_path / "old.zip")
+    old = MetaPolicyGradient.load(tmp_path / "old.zip", env="sb3_metarl/Navigation2D-v0")
+    th.testing.assert_close(old.weighting(batch.samples()).advantages, weighted_spec)

@@ -180,3 +180,29 @@ def test_half_cheetah_loads_without_settotalmass_and_keeps_the_base_model_exactl
     for field in ["body_mass", "body_inertia", "body_subtreemass", "dof_invweight0", "body_invweight0", "dof_M0"]:
         np.testing.assert_array_equal(getattr(ours.model, field), getattr(base.model, field))
     assert abs(ours.model.body_mass.sum() - 14.0) < 1e-9
+
+
+@pytest.mark.parametrize("env_id", MUJOCO_TASK_ENVS)
+def test_action_scale_maps_the_policy_s_range_onto_the_actuators(env_id):
+    """action_scale=10 (rllab / ProMP / pytorch-maml-rl): a in [-10, 10] steps the env as a / 10 does unscaled."""
+    scaled, plain = gym.make(env_id, action_scale=10.0), gym.make(env_id)
+    assert np.all(scaled.action_space.high == 10.0) and np.all(scaled.action_space.low == -10.0)
+    task = plain.unwrapped.sample_tasks(1, np.random.default_rng(0))[0]
+    for env in (scaled, plain):
+        env.unwrapped.set_task(task)
+        env.reset(seed=3)
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        action = np.clip(rng.normal(size=plain.action_space.shape), -1.2, 1.2)  # past the range: clipped by both
+        first, second = scaled.step(10.0 * action), plain.step(np.clip(action, -1.0, 1.0))
+        # (a + 10) * 2 / 20 - 1 and a / 10 differ by float rounding
+        np.testing.assert_allclose(first[0], second[0], rtol=1e-9, atol=1e-9)
+        assert first[1] == pytest.approx(second[1], rel=1e-9, abs=1e-9) and first[2:4] == second[2:4]
+    copied = pickle.loads(pickle.dumps(scaled.unwrapped))
+    assert copied.action_scale == 10.0 and np.all(copied.action_space.high == 10.0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "10", True])
+def test_a_bad_action_scale_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="action_scale"):
+        gym.make("sb3_metarl/HalfCheetahDir-v0", action_scale=bad)

@@ -1,4 +1,5 @@
-"""Every code block of the README runs as written, with the budgets made small (training steps, task counts)."""
+"""Every code block of the README and of the docs' pages runs as written, with the budgets made small (training steps,
+task counts), and every file they link exists."""
 
 import os
 import re
@@ -10,12 +11,19 @@ import sb3_metarl
 import sb3_metarl.tasks.meta_world as meta_world
 from sb3_metarl import MetaPolicyGradient, cli
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+README = os.path.join(ROOT, "README.md")
+#: the pages a user reads: the README and the docs' Markdown pages (the result pages are generated reports)
+PAGES = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))]
 
 
-def _blocks(language):
-    with open(README) as handle:
+def _blocks(language, page="README.md"):
+    with open(os.path.join(ROOT, page)) as handle:
         return re.findall(rf"```{language}\n(.*?)```", handle.read(), flags=re.S)
+
+
+def _all_blocks(language):
+    return [(page, index, block) for page in PAGES for index, block in enumerate(_blocks(language, page))]
 
 
 class _SmallBudget(MetaPolicyGradient):
@@ -45,26 +53,31 @@ def _small_metaworld_evaluation(model, benchmark="ML1", env_name="reach-v3", **k
 _original_metaworld_evaluation = meta_world.metaworld_evaluation
 
 
-@pytest.mark.parametrize("index", range(len(_blocks("python"))))
-def test_python_blocks_run_as_written(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page, index", [(page, index) for page, index, _ in _all_blocks("python")])
+def test_python_blocks_run_as_written(page, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sb3_metarl, "MetaPolicyGradient", _SmallBudget)
     monkeypatch.setattr(meta_world, "metaworld_evaluation", _small_metaworld_evaluation)
     namespace = {}
     if index > 0:  # later blocks continue the first one's session (its imports), as a reader's would
         namespace["MetaPolicyGradient"] = _SmallBudget
-    exec(compile(_blocks("python")[index], f"README.md python block {index}", "exec"), namespace)
+    exec(compile(_blocks("python", page)[index], f"{page} python block {index}", "exec"), namespace)
 
 
-def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _commands(page):
     commands = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", page):
         for line in block.replace("\\\n", " ").splitlines():
             for command in line.split("#")[0].split("&&"):
                 if command.strip().startswith("python -m sb3_metarl"):
                     commands.append(shlex.split(command)[3:])
-    assert [c[0] for c in commands] == ["train", "train", "evaluate"]  # the quick start's and the CLI section's
+    return commands
+
+
+def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert [c[0] for c in _commands("README.md")] == ["train", "train", "evaluate"]  # the quick start's and the CLI's
+    commands = [command for page in PAGES for command in _commands(page)]
     small = ["--hyperparams", "meta_batch_size=2", "inner_episodes=2", "outer_episodes=2", "n_envs=4"]
     for arguments in commands:
         if arguments[0] == "train":
@@ -79,22 +92,33 @@ def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
         assert cli.main(arguments) == 0
 
 
-def test_the_readme_links_only_files_of_the_repository_and_speaks_of_the_library():
-    with open(README) as handle:
+@pytest.mark.parametrize("page", PAGES)
+def test_the_pages_link_only_files_of_the_repository_and_speak_of_the_library(page):
+    with open(os.path.join(ROOT, page)) as handle:
         text = handle.read()
-    root = os.path.join(os.path.dirname(__file__), os.pardir)
-    linked = re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+)\)", text)
-    named = re.findall(r"`((?:docs|examples|benchmarks)/[\w/.-]+\.(?:md|py|png|csv|jsonl))`", text)
-    assert linked and named
-    missing = [path for path in {*linked, *named} if not os.path.exists(os.path.join(root, path))]
+    linked = [path for path in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text) if not path.startswith("http")]
+    named = re.findall(r"`((?:docs|examples|benchmarks|sb3_metarl)/[\w/.-]+\.(?:md|py|png|csv|jsonl))`", text)
+    folder = os.path.dirname(os.path.join(ROOT, page))
+    missing = [path for path in linked if not os.path.exists(os.path.join(folder, path))]
+    missing += [path for path in named if not os.path.exists(os.path.join(ROOT, path))]
     assert missing == []
     assert "shared docs" not in text and not re.search(r"\bissues? \d+", text)
-    assert os.path.exists(os.path.join(root, "docs", "meta-gradients.md"))
+    if page == "README.md":
+        assert linked and os.path.exists(os.path.join(ROOT, "docs", "meta-gradients.md"))
 
 
 def _readme():
     with open(README) as handle:
         return handle.read()
+
+
+def _user_docs():
+    """:return: the README and the docs' pages, one text"""
+    texts = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as handle:
+            texts.append(handle.read())
+    return "\n".join(texts)
 
 
 def test_the_install_text_says_how_to_get_the_cpu_build_and_tensorboard():
@@ -107,7 +131,7 @@ def test_the_install_text_says_how_to_get_the_cpu_build_and_tensorboard():
 
 
 def test_the_metaworld_block_is_a_first_try_with_each_call_s_cost():
-    (block,) = [block for block in _blocks("python") if "MetaWorldML10" in block]
+    (block,) = [block for _, _, block in _all_blocks("python") if "MetaWorldML10" in block]
     assert re.search(r"model\.learn\((\d[\d_]*)\)", block) and int(re.search(r"model\.learn\(([\d_]+)\)", block)[1]) <= 20_000
     assert "meta_batch_size=10" in block and "inner_episodes=2" in block and "num_evals=1" in block
     calls = ["MetaPolicyGradient(", "model.learn(", "evaluate_adaptation(", "metaworld_evaluation("]
@@ -115,5 +139,5 @@ def test_the_metaworld_block_is_a_first_try_with_each_call_s_cost():
 
 
 def test_the_readme_names_the_one_backend_that_is_not_bit_identical():
-    text = " ".join(_readme().split())
+    text = " ".join(_user_docs().split())
     assert "The exception is `vec_env_cls=SubprocVecEnv`" in text and "not bit-identical" in text

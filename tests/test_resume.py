@@ -99,7 +99,7 @@ def test_evaluation_during_training_does_not_change_the_run():
     evaluated = _model("sb3_metarl/TabularMDP-v0", "adam", "lvc")
     evaluated.learn(480)
     evaluated.evaluate_adaptation(n_tasks=3, inner_steps=1, seed=5)
-    evaluated.adapt(evaluated._task_sampler.sample(1, np.random.default_rng(0))[0], seed=1)
+    evaluated.adapt(evaluated.task_sampler.sample(1, np.random.default_rng(0))[0], seed=1)
     evaluated.learn(480, reset_num_timesteps=False)
     assert th.equal(_parameters(plain), _parameters(evaluated))
 
@@ -254,3 +254,22 @@ def test_an_interrupted_evaluation_leaves_the_run_unchanged_in_the_same_process(
     sampler.sample = sample
     model.learn(160, reset_num_timesteps=False)
     assert th.equal(_parameters(model), _parameters(uninterrupted))
+
+
+@pytest.mark.parametrize("name", ["trpo_lvc", "adam_lsf_reuse", "ppo_maml_auto"])
+def test_a_zip_saved_by_version_0_1_0_loads_and_continues_exactly(name):
+    """
+    tests/data/v0_1_0 holds zips saved before the restructuring (the meta-optimizer then saved as ``meta_updater``,
+    its classes named Adam / TRPO / PPO, no ``discount_from_start``), with the parameters that 0.1.0 reached one
+    meta-iteration later: the current code continues them to the same parameters, bit for bit.
+    """
+    import warnings
+
+    folder = os.path.join(os.path.dirname(__file__), "data", "v0_1_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the old class names resolve through deprecated aliases
+        model = MetaPolicyGradient.load(os.path.join(folder, f"{name}.zip"), env="sb3_metarl/Navigation2D-v0")
+    assert model.meta_optimizer.name == name.split("_")[0]
+    model.learn(model.max_steps_per_iteration, reset_num_timesteps=False)
+    expected = np.load(os.path.join(folder, f"{name}_next.npy"))
+    np.testing.assert_array_equal(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach().numpy(), expected)

@@ -243,7 +243,7 @@ def test_an_episode_sampler_instance_is_used_and_gives_the_default_samples():
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     sampler = _CountingSampler(venv, 4)
     custom = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=sampler, **SMALL)
-    custom.resolved_inner_lr()
+    custom.calibrate_inner_lr()
     assert sampler.calls == 8  # inner_lr="auto" calibrates on 16 tasks: 4 x 2 independent batches of 4
     custom.learn(1)
     assert sampler.calls == 10  # the iteration's inner and outer batch
@@ -277,7 +277,7 @@ def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     sampler = _PlainSampler(venv, 4)
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=sampler, **SMALL)
-    model.resolved_inner_lr()
+    model.calibrate_inner_lr()
     sampler.steps_returned = 0  # count the iteration's batches only, not the inner-lr calibration's
     model.learn(1)
     assert model.n_updates == 1

@@ -215,6 +215,7 @@ class EpisodeBatch:
         gae_lambda: float,
         baseline: Baseline | None,
         normalize_advantage: bool = False,
+        discount_from_start: bool = True,
     ) -> "EpisodeBatch":
         """
         Fill the weight tensors. The baseline is fitted per task on this batch.
@@ -224,6 +225,8 @@ class EpisodeBatch:
         :param gae_lambda: GAE's lambda (1: return-to-go minus baseline)
         :param baseline: the baseline, or None (then A_t is the return-to-go)
         :param normalize_advantage: standardize A_t and the trajectory advantages per task
+        :param discount_from_start: weigh step t's advantage by gamma^t (Psi_t = gamma^t A_t: the gradient of the
+            discounted return from t = 0); False: Psi_t = A_t (the papers' implementations' weights)
         :return: self
         """
         go = returns_to_go(self.rewards, self.masks, gamma)
@@ -241,7 +244,7 @@ class EpisodeBatch:
             advantages, self.advantage_scale = _standardize(advantages, self.masks)
             trajectory_advantages, _ = _standardize(trajectory_advantages, th.ones_like(trajectory_advantages))
         discounts = step_discounts(self.masks.shape[-1], gamma, self.masks.device)
-        self.advantages = discounts * advantages * self.masks
+        self.advantages = (discounts * advantages if discount_from_start else advantages) * self.masks
         self.discounted_rewards = discounts * self.rewards
         self.discounted_baseline = discounts * values * self.masks
         self.discounted_returns = returns

@@ -11,7 +11,7 @@ from sb3_metarl.common.buffers import TaskRolloutBuffer
 
 #: obs (n_envs, *obs_shape) -> (actions as sampled, log-likelihoods), both numpy, n_envs rows
 ActFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-#: (number of valid transitions in this step, the step's variables) -> continue?
+#: (number of valid transitions since the last call, the step's variables) -> continue? (every sampler calls it so)
 StepCallback = Callable[[int, dict[str, Any]], bool]
 
 

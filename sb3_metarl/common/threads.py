@@ -6,9 +6,8 @@ from collections.abc import Iterator
 import torch as th
 
 #: intra-op threads while sampling: a task group's policy call is a few small matmuls, which more threads only slow
-#: down (OpenMP's spinning threads compete with the envs and, on a loaded machine, with other processes: measured on
-#: 2 cores with the other core busy, ``python -m sb3_metarl train --timesteps 400000`` took 16 s with 2 threads, 5 s
-#: with 1)
+#: down (OpenMP's spinning threads compete with the envs and, on a loaded machine, with other processes; measured in
+#: the getting-started page's "Threads" section)
 ACTING_THREADS = 1
 
 

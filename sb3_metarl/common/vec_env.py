@@ -382,9 +382,8 @@ class PrototypeCopies:
 
 def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
     """
-    Module-level (picklable) factory: importing sb3_metarl first registers the built-in ids, also
-    inside ``SubprocVecEnv`` workers.
+    Module-level (picklable) factory. A worker that unpickles it imports this module, and with it the
+    ``sb3_metarl`` package, whose ``__init__`` registers the built-in ids: no import of ``sb3_metarl.tasks`` here
+    (it would run up a floor).
     """
-    import sb3_metarl.tasks  # noqa: F401
-
     return gym.make(env_id, **(env_kwargs or {}))

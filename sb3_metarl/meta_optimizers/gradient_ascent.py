@@ -1,5 +1,6 @@
 """Plain meta-gradient ascent with a torch optimizer (Algorithm 1 of the seeds)."""
 
+import warnings
 from typing import ClassVar
 
 import torch as th
@@ -42,14 +43,14 @@ class GradientAscent(MetaOptimizer):
         return f"{type(self).__name__}(max_grad_norm={self.max_grad_norm})"
 
 
-class Adam(GradientAscent):
+class AdamAscent(GradientAscent):
     """Meta-gradient ascent with Adam."""
 
     name = "adam"
     torch_optimizer_class: ClassVar[type[th.optim.Optimizer]] = th.optim.Adam
 
 
-class SGD(GradientAscent):
+class SGDAscent(GradientAscent):
     """
     Meta-gradient ascent with (momentum-free by default) SGD. Its step is proportional to the
     meta-gradient, whose scale grows with the horizon and the rewards, so by default the gradient's
@@ -61,3 +62,12 @@ class SGD(GradientAscent):
 
     def __init__(self, max_grad_norm: float | None = 0.5):
         super().__init__(max_grad_norm)
+
+
+def __getattr__(name: str) -> type:
+    # the classes' names before 0.2 (a zip saved then pickles them by those names): kept for one release
+    new = {"Adam": AdamAscent, "SGD": SGDAscent}.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"sb3_metarl.meta_optimizers.{name} is deprecated; use {new.__name__}.", DeprecationWarning, stacklevel=2)
+    return new

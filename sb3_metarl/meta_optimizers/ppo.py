@@ -1,5 +1,7 @@
 """ProMP's meta-update: several epochs of a clipped post-adaptation surrogate with an inner-KL penalty."""
 
+import warnings
+
 import torch as th
 
 from sb3_metarl.adaptation import Adaptation, MetaSample, Replay
@@ -9,7 +11,7 @@ from sb3_metarl.meta_optimizers.base import MetaOptimizer, check_finite_gradient
 from sb3_metarl.meta_optimizers.surrogates import clipped_surrogate
 
 
-class PPO(MetaOptimizer):
+class ProMP(MetaOptimizer):
     """
     ProMP (Rothfuss et al. 2019): ``n_epochs`` steps of the policy's Adam optimizer (at
     ``learning_rate``) on
@@ -112,4 +114,12 @@ class PPO(MetaOptimizer):
         }
 
     def __repr__(self) -> str:
-        return f"PPO(n_epochs={self.n_epochs}, clip_range={self.clip_range}, target_inner_kl={self.target_inner_kl})"
+        return f"{type(self).__name__}(n_epochs={self.n_epochs}, clip_range={self.clip_range}, target_inner_kl={self.target_inner_kl})"
+
+
+def __getattr__(name: str) -> type:
+    # the class's name before 0.2 (a zip saved then pickles it by that name): kept for one release
+    if name == "PPO":
+        warnings.warn("sb3_metarl.meta_optimizers.PPO is deprecated; use ProMP.", DeprecationWarning, stacklevel=2)
+        return ProMP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

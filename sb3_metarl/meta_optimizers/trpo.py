@@ -1,6 +1,7 @@
 """TRPO meta-updates (MAML, pytorch-maml-rl): a trust region on the KL of the adapted policies."""
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ class NaturalStep:
     hessian_vector_product: Callable[[th.Tensor], th.Tensor]
 
 
-class TRPO(MetaOptimizer):
+class TrustRegion(MetaOptimizer):
     """
     Maximize the meta-objective with the outer surrogate ``r_t Psi_t`` (r: the adapted policy's
     likelihood ratio against the outer samples' sampling policy) subject to
@@ -86,8 +87,9 @@ class TRPO(MetaOptimizer):
     :param line_search_shrinking_factor: step shrinking factor of the line search
     :param line_search_max_iter: step sizes tried by the line search
     :param layered_hessian: for SB3's default MLP actor, write the update's derivatives out layer by layer:
-        the products with the KL's Hessian (one inner step) from cached activations (the same products, about
-        2.5x faster) and the line search's points (:meth:`Adaptation.evaluate`); False: double backward
+        the products with the KL's Hessian (one inner step) from cached activations (the same products; the
+        speed-up is measured in docs/results/profile_update.md) and the line search's points
+        (:meth:`Adaptation.evaluate`); False: double backward
         through the adaptation's graph and autograd replays (as pytorch-maml-rl), for comparison
     """
 
@@ -229,6 +231,14 @@ class TRPO(MetaOptimizer):
 
     def __repr__(self) -> str:
         return (
-            f"TRPO(max_kl={self.max_kl}, cg_max_steps={self.cg_max_steps}, cg_damping={self.cg_damping}, "
+            f"{type(self).__name__}(max_kl={self.max_kl}, cg_max_steps={self.cg_max_steps}, cg_damping={self.cg_damping}, "
             f"layered_hessian={self.layered_hessian})"
         )
+
+
+def __getattr__(name: str) -> type:
+    # the class's name before 0.2 (a zip saved then pickles it by that name): kept for one release
+    if name == "TRPO":
+        warnings.warn("sb3_metarl.meta_optimizers.TRPO is deprecated; use TrustRegion.", DeprecationWarning, stacklevel=2)
+        return TrustRegion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

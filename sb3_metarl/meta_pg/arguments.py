@@ -1,5 +1,6 @@
 """Early, named errors for ``MetaPolicyGradient``'s arguments."""
 
+import importlib.util
 import inspect
 import math
 from numbers import Integral, Real
@@ -9,7 +10,9 @@ import torch as th
 
 from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode
+from sb3_metarl.meta_optimizers import MetaOptimizer
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
+from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS, check_runner_arguments
 
 #: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
 #: algorithm sets (the sub-envs, the groups, the horizon and the backend)
@@ -17,8 +20,15 @@ SHARDED_SAMPLER_ARGUMENTS = tuple(inspect.signature(ShardedVecEnv.__init__).para
 #: the ``sampler_kwargs`` of ``sampler="vec_env"`` with ``vec_env_cls=SubprocVecEnv`` (bounded waits)
 SUBPROC_VEC_ENV_ARGUMENTS = ("timeout", "close_timeout")
 
-#: ``inner_lr="auto"``: calibrate the inner step size on the first batch (see ``MetaPolicyGradient.resolved_inner_lr``)
+#: ``inner_lr="auto"``: calibrate the inner step size on the first batch (see ``MetaPolicyGradient.calibrate_inner_lr``)
 AUTO = "auto"
+
+
+#: how a user with Dict observations gets a model that runs
+DICT_OBSERVATION_HINT = (
+    "flatten them into a Box with gymnasium.wrappers.FlattenObservation (e.g. env=lambda: "
+    "FlattenObservation(gym.make(env_id))) and use 'MlpPolicy'."
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -40,6 +50,7 @@ def check_arguments(
     gamma: Any,
     gae_lambda: Any,
     normalize_advantage: Any,
+    discount_from_start: Any,
     n_envs: Any,
     max_episode_steps: Any,
     seed: Any,
@@ -69,6 +80,8 @@ def check_arguments(
         raise ValueError(f"gae_lambda: must be a number in [0, 1], got {gae_lambda!r}.")
     if not isinstance(normalize_advantage, bool):
         raise ValueError(f"normalize_advantage: must be True or False, got {normalize_advantage!r}.")
+    if not isinstance(discount_from_start, bool):
+        raise ValueError(f"discount_from_start: must be True or False, got {discount_from_start!r}.")
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed: must be None or an integer, got {seed!r}.")
     check_device(device)
@@ -113,13 +126,15 @@ def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
     if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
         raise ValueError(f"sampler_kwargs: must be a dict or None, got {sampler_kwargs!r}.")
     subproc_vec_env = resolve_vec_env_cls(vec_env_cls) is GuardedSubprocVecEnv
-    bounded_waits_only = subproc_vec_env and set(sampler_kwargs or {}) <= set(SUBPROC_VEC_ENV_ARGUMENTS)
-    if sampler == "vec_env" and sampler_kwargs and not bounded_waits_only:
-        takes = f"only {list(SUBPROC_VEC_ENV_ARGUMENTS)} with vec_env_cls=SubprocVecEnv" if subproc_vec_env else "none"
+    allowed = set(RUNNER_ARGUMENTS) | (set(SUBPROC_VEC_ENV_ARGUMENTS) if subproc_vec_env else set())
+    if sampler == "vec_env" and not set(sampler_kwargs or {}) <= allowed:
+        takes = list(RUNNER_ARGUMENTS) + (list(SUBPROC_VEC_ENV_ARGUMENTS) if subproc_vec_env else [])
         raise ValueError(
-            f"sampler_kwargs: sampler='vec_env' takes {takes} (got {sorted(sampler_kwargs)}); use sampler='subproc' or "
-            "'ray' for num_workers."
+            f"sampler_kwargs: sampler='vec_env' takes only {takes} (got {sorted(sampler_kwargs)}); use sampler='subproc' "
+            "or 'ray' for num_workers."
         )
+    if sampler_kwargs:
+        check_runner_arguments(sampler_kwargs.get("batched_physics", True), sampler_kwargs.get("num_threads", 1))
     for name in ("timeout", "close_timeout"):
         if name in (sampler_kwargs or {}):
             check_timeout(name, sampler_kwargs[name], allow_none=name == "timeout")
@@ -133,3 +148,64 @@ def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
         raise ValueError(
             f"vec_env_cls: sampler={sampler!r} builds the sub-envs in its own workers; leave vec_env_cls unset."
         )
+
+
+def check_model_choices(
+    *,
+    policy: Any,
+    mode: GradientMode,
+    normalize_advantage: bool,
+    discount_from_start: bool,
+    n_envs: int | None,
+    meta_batch_size: int,
+    task_sampler: Any,
+    tensorboard_log: str | None,
+) -> None:
+    """:raises ValueError: (ImportError for TensorBoard) on choices that do not go together or cannot run here"""
+    if normalize_advantage and not mode.supports_normalized_advantage:
+        raise ValueError(
+            f"normalize_advantage: mode {mode.name!r} uses raw rewards and cannot standardize them; "
+            "use normalize_advantage=False, or 'loaded_dice' with gradient_mode_kwargs=dict(dice_lambda=1) "
+            "(DiCE with a baseline)."
+        )
+    if not discount_from_start and not mode.supports_normalized_advantage:
+        raise ValueError(
+            f"discount_from_start: mode {mode.name!r} weighs raw discounted rewards, not advantages; use "
+            "discount_from_start=True, or 'loaded_dice' with gradient_mode_kwargs=dict(dice_lambda=1)."
+        )
+    if n_envs is not None and n_envs % meta_batch_size != 0:
+        raise ValueError(f"n_envs: must be a positive multiple of meta_batch_size={meta_batch_size}, got {n_envs}.")
+    if task_sampler is not None and not callable(getattr(task_sampler, "sample", None)):
+        raise ValueError(
+            f"task_sampler: must be a TaskSampler (with sample(n, rng)), got {type(task_sampler).__name__}; for a "
+            "fixed list of tasks use sb3_metarl.FixedTaskSampler(tasks)."
+        )
+    if tensorboard_log is not None and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            'tensorboard_log: TensorBoard is not installed; pip install "sb3_metarl[tensorboard]" (or pip install '
+            "tensorboard), or leave tensorboard_log=None."
+        )
+    if policy == "MultiInputPolicy":
+        raise ValueError(f"policy: 'MultiInputPolicy' (Dict observations) is not supported; {DICT_OBSERVATION_HINT}")
+
+
+def policy_kwargs_for(
+    policy_kwargs: dict[str, Any] | None, meta_updater: MetaOptimizer, meta_optimizer: Any
+) -> dict[str, Any]:
+    """
+    :return: the policy's arguments with the meta-optimizer's torch optimizer class (Adam with eps 1e-5, as
+        SB3's on-policy algorithms)
+    :raises ValueError: if ``policy_kwargs`` asks for another optimizer class, or for gSDE
+    """
+    policy_kwargs = dict(policy_kwargs or {})
+    optimizer_class = meta_updater.torch_optimizer_class
+    if policy_kwargs.setdefault("optimizer_class", optimizer_class) is not optimizer_class:
+        raise ValueError(
+            f"policy_kwargs: optimizer_class={policy_kwargs['optimizer_class'].__name__} conflicts with "
+            f"meta_optimizer={meta_optimizer!r}; set only one of them."
+        )
+    if optimizer_class is th.optim.Adam:
+        policy_kwargs.setdefault("optimizer_kwargs", {"eps": 1e-5})
+    if policy_kwargs.get("use_sde", False):
+        raise ValueError("policy_kwargs: use_sde=True is not supported (the inner step needs plain Gaussian actions).")
+    return policy_kwargs

@@ -2,7 +2,9 @@
 
 import math
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch as th
 
 from sb3_metarl.adaptation import masked_log_prob, per_task_norm
@@ -10,6 +12,17 @@ from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
 from sb3_metarl.common.returns import returns_to_go, step_discounts
 from sb3_metarl.gradient_modes import GradientMode
+
+#: the mean KL(pi_theta || pi_theta') of a step along a task's plain policy gradient that ``inner_lr="auto"`` aims at
+#: (median over tasks); the modes' own, baselined inner steps move less
+AUTO_INNER_KL = 0.5
+#: ``inner_lr="auto"`` calibrates on at least this many (task, batch) pairs
+AUTO_CALIBRATION_TASKS = 16
+#: ``inner_lr="auto"`` clips each task's inner gradient at this multiple of the calibration's median norm
+AUTO_INNER_CLIP_FACTOR = 4.0
+#: ``inner_lr="auto"`` multiplies the KL-calibrated step by the inner gradient's signal fraction to this power
+#: (measured, docs/results/auto_inner_lr_defaults.md: with power 1 a step at N = 10 still made adaptation worse)
+AUTO_SIGNAL_POWER = 2.0
 
 
 def per_task_step_kl(
@@ -115,8 +128,8 @@ def step_sizes_for_kl(
 def signal_fraction(first: Params, second: Params) -> float:
     """
     The fraction of an inner gradient's squared norm that is signal, from two independent gradients of the
-    same tasks on batches of the same size: E<g1, g2> = |grad J|^2 and E|g|^2 = |grad J|^2 + noise / N, so
-    ``sum_tasks <g1, g2> / sum_tasks (|g1|^2 + |g2|^2) / 2`` estimates |grad J|^2 / E|g|^2 at that batch size
+    same tasks on batches of the same size: ``E<g1, g2> = |grad J|^2`` and ``E|g|^2 = |grad J|^2 + noise / N``, so
+    ``sum_tasks <g1, g2> / sum_tasks (|g1|^2 + |g2|^2) / 2`` estimates ``|grad J|^2 / E|g|^2`` at that batch size
     (pooled over tasks; clipped to [0, 1]).
 
     :param first: per-task gradients (B, ...) on one batch
@@ -141,7 +154,7 @@ def calibrate_inner_lr(
     signal_power: float = 1.0,
 ) -> tuple[float, float | None, float]:
     """
-    ``inner_lr="auto"`` on calibration batches of the initial policy (see ``MetaPolicyGradient.resolved_inner_lr``):
+    ``inner_lr="auto"`` on calibration batches of the initial policy (see ``MetaPolicyGradient.calibrate_inner_lr``):
     the median over tasks of the step size whose step along the reference direction has a mean KL of
     ``target_kl``, times the signal fraction of the inner gradient at this batch size. A noisy gradient's
     step should be shorter: in a quadratic model of the return, the best step along a gradient of which a
@@ -175,3 +188,48 @@ def calibrate_inner_lr(
     fraction = signal_fraction(*({n: th.cat([d[n] for d in group]) for n in group[0]} for group in (firsts, seconds)))
     fraction = max(fraction, min_signal_fraction)
     return float(step_sizes[moving].median()) * fraction**signal_power, clip_factor * float(norms.median()), fraction
+
+
+def calibrate_model(model: Any) -> None:
+    """
+    ``inner_lr="auto"``: set ``model.inner_lr``, ``inner_grad_clip`` and ``inner_signal_fraction``.
+
+    On at least ``AUTO_CALIBRATION_TASKS`` (16) tasks, ``inner_episodes`` episodes each of the initial policy
+    (drawn from streams of their own, so training's samples are not changed), it finds per task the eta at which a
+    step along the task's policy gradient (returns-to-go minus their mean over the task's episodes: the same for
+    every mode, and never degenerate as a fitted baseline on a small batch can be) moves the policy by a mean
+    KL(pi_theta || pi_theta') of ``AUTO_INNER_KL`` (0.5) on the batch's states, and takes the median, times the
+    square (``AUTO_SIGNAL_POWER``) of the inner gradient's signal fraction at N episodes, measured on a second,
+    independent batch of N episodes per task (``signal_fraction``): a noisy small-N gradient takes a shorter step.
+    Because sampled inner gradients are heavy-tailed, every inner step then clips each task's gradient at
+    ``AUTO_INNER_CLIP_FACTOR`` (4) times its median norm on the calibration batches. The rule depends neither on
+    the horizon nor on the reward scale, both of which the sum-over-time gradient grows with.
+
+    :param model: a ``MetaPolicyGradient`` with an env
+    """
+    seed = None if model.seed is None else int(np.random.SeedSequence([2, model.seed]).generate_state(1)[0])
+    batches = []
+    with model.env_streams.isolated(model.env, seed) as generator:
+        task_rng = np.random.default_rng(seed)
+        for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / model.meta_batch_size)):
+            tasks = model.sample_tasks(model.meta_batch_size, task_rng)
+            params = model.initial_task_params(len(tasks))
+            # two independent batches of N episodes per task: the noise of an N-episode inner gradient
+            pair = [model.sample_episodes(tasks, params, model.inner_episodes, generator=generator) for _ in range(2)]
+            assert pair[0] is not None and pair[1] is not None
+            batches.append((params, *pair))
+    model.inner_lr, model.inner_grad_clip, model.inner_signal_fraction = calibrate_inner_lr(
+        model.functional_policy,
+        model.gradient_mode,
+        model.gamma,
+        batches,
+        AUTO_INNER_KL,
+        AUTO_INNER_CLIP_FACTOR,
+        signal_power=AUTO_SIGNAL_POWER,
+    )
+    if model.verbose >= 1:
+        print(
+            f"inner_lr='auto': calibrated to {model.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}, times the "
+            f"inner gradient's signal fraction {model.inner_signal_fraction:.3g} at N={model.inner_episodes}), "
+            f"inner gradient norm clipped at {model.inner_grad_clip}"
+        )

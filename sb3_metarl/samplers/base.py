@@ -18,9 +18,7 @@ from torch.nn import functional as F
 
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params, sample_actions
-
-#: (number of valid transitions since the last call, the step's variables) -> continue?
-StepCallback = Callable[[int, dict[str, Any]], bool]
+from sb3_metarl.common.task_vec_env import StepCallback
 
 
 def group_generators(seeds: Sequence[int]) -> list[th.Generator]:

@@ -11,6 +11,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, PrototypeCopies, make_task_env
 from sb3_metarl.samplers.base import EpisodeSampler
+from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
 
@@ -65,7 +66,8 @@ def make_sub_envs(
     if sharded:
         return ShardedVecEnv([factory] * n_envs, n_groups, max_episode_steps, sampler, **(sampler_kwargs or {}))
     if vec_env_cls is GuardedSubprocVecEnv:  # its bounded waits are set like the samplers' (sampler_kwargs)
-        return GuardedSubprocVecEnv([factory] * n_envs, **(sampler_kwargs or {}))
+        waits = {key: value for key, value in (sampler_kwargs or {}).items() if key not in RUNNER_ARGUMENTS}
+        return GuardedSubprocVecEnv([factory] * n_envs, **waits)
     return (vec_env_cls or DummyVecEnv)([factory] * n_envs)
 
 
@@ -75,6 +77,7 @@ def make_episode_sampler(
     policy: ActorCriticPolicy,
     sampler: str | EpisodeSampler = "vec_env",
     max_episode_steps: int | None = None,
+    sampler_kwargs: dict[str, Any] | None = None,
 ) -> EpisodeSampler:
     """
     :param env: the sub-envs (as ``make_sub_envs`` built them, possibly wrapped by SB3)
@@ -82,6 +85,7 @@ def make_episode_sampler(
     :param policy: the policy whose architecture the sampler acts with
     :param sampler: a name (the sub-envs decide: a ``ShardedVecEnv`` samples itself) or an ``EpisodeSampler``
     :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    :param sampler_kwargs: the in-process sampler takes ``batched_physics`` and ``num_threads`` from them
     :return: the episode sampler, with the policy attached
     """
     if isinstance(env.unwrapped, ShardedVecEnv):
@@ -94,7 +98,8 @@ def make_episode_sampler(
     elif isinstance(sampler, EpisodeSampler):
         episode_sampler = sampler
     else:
-        episode_sampler = VecEnvSampler(env, n_groups, max_episode_steps)
+        runner_kwargs = {key: value for key, value in (sampler_kwargs or {}).items() if key in RUNNER_ARGUMENTS}
+        episode_sampler = VecEnvSampler(env, n_groups, max_episode_steps, **runner_kwargs)
     if episode_sampler.n_groups < n_groups:
         raise ValueError(f"sampler: has {episode_sampler.n_groups} task groups, fewer than meta_batch_size={n_groups}.")
     episode_sampler.attach_policy(policy)

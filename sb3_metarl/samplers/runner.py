@@ -12,6 +12,19 @@ from sb3_metarl.common.buffers import TaskRolloutBuffer
 from sb3_metarl.common.functional import Params
 from sb3_metarl.common.task_vec_env import check_finite
 from sb3_metarl.samplers.base import GroupPolicies, StepCallback, check_finite_actions, group_generators
+from sb3_metarl.tasks.mujoco_batched import batched_stepper
+
+#: the ``sampler_kwargs`` that every backend passes on to its runners: the batched physics switch and its threads
+RUNNER_ARGUMENTS = ("batched_physics", "num_threads")
+
+
+def check_runner_arguments(batched_physics: Any, num_threads: Any) -> None:
+    """:raises ValueError: naming ``batched_physics`` (not a bool) or ``num_threads`` (not a positive integer)"""
+    if not isinstance(batched_physics, bool):
+        raise ValueError(f"sampler_kwargs: batched_physics must be True or False, got {batched_physics!r}.")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"sampler_kwargs: num_threads must be a positive integer, got {num_threads!r}.")
+
 
 #: wrappers whose step adds nothing the runner needs: it counts episode steps itself and resets before stepping
 _BOOKKEEPING_WRAPPERS = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
@@ -48,6 +61,10 @@ class GroupRunner:
     :param observation_space: the envs' observation space
     :param action_space: the envs' action space
     :param first_env_index: the model-wide index of ``envs[0]`` (errors name sub-envs by it)
+    :param batched_physics: step the sub-envs with their family's batched twin where there is one
+        (``sb3_metarl.tasks.mujoco_batched``: the same trajectories, bit for bit, without the per-env Python step);
+        False: always one ``step`` per sub-env
+    :param num_threads: threads that advance the batched twin's physics (the samples do not depend on it)
     """
 
     def __init__(
@@ -58,15 +75,23 @@ class GroupRunner:
         observation_space: spaces.Space,
         action_space: spaces.Space,
         first_env_index: int = 0,
+        batched_physics: bool = True,
+        num_threads: int = 1,
     ):
         if len(envs) % envs_per_group != 0:
             raise ValueError(f"envs: {len(envs)} sub-envs do not split into groups of {envs_per_group}.")
+        check_runner_arguments(batched_physics, num_threads)
         self.envs = list(envs)
         # each sub-env is reset through all its wrappers but stepped below the bookkeeping ones; their time limit,
         # counted here from the wave's reset, ends an episode as the wrapper would (truncated)
         stepping = [step_without_bookkeeping(env) for env in self.envs]
         self.step_functions = [step for step, _ in stepping]
         self.time_limits = [limit for _, limit in stepping]
+        # the twin replaces exactly the step the per-env path calls: only where nothing sits between it and the env
+        direct = all(getattr(step, "__self__", None) is env.unwrapped for env, step in zip(self.envs, self.step_functions))
+        unwrapped = [env.unwrapped for env in self.envs]
+        self.batched = batched_stepper(unwrapped, num_threads) if batched_physics and direct else None
+        self.limits = np.array([np.inf if limit is None else limit for limit in self.time_limits])
         self.envs_per_group = envs_per_group
         self.n_groups = len(envs) // envs_per_group
         self.horizon = horizon
@@ -125,7 +150,10 @@ class GroupRunner:
                 rewards = np.zeros(len(rows), dtype=np.float32)
                 dones = np.zeros(len(rows), dtype=bool)
                 infos: list[dict[str, Any]] = []
-                for j, index in enumerate(rows):
+                if self.batched is not None:
+                    obs[rows], rewards[:], terminated, infos = self.batched.step(rows, env_actions[rows])
+                    dones[:] = terminated | (step + 1 >= self.limits[rows])
+                for j, index in enumerate(rows if self.batched is None else ()):
                     obs[index], rewards[j], terminated, truncated, info = self.step_functions[index](env_actions[index])
                     limit = self.time_limits[index]
                     dones[j] = terminated or truncated or (limit is not None and step + 1 >= limit)

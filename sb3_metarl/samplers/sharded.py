@@ -37,7 +37,7 @@ from sb3_metarl.common.vec_env import (
     stop_processes,
 )
 from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, fresh_noise_seeds
-from sb3_metarl.samplers.runner import GroupRunner
+from sb3_metarl.samplers.runner import GroupRunner, check_runner_arguments
 
 #: the per-step arrays of a sampled batch a worker sends back, only at the steps the masks mark valid (the
 #: learner recomputes every log-likelihood)
@@ -54,11 +54,19 @@ class Shard:
     :param first_env_index: the model-wide index of the block's first sub-env
     """
 
-    def __init__(self, env_fns: list[Callable[[], gym.Env]], envs_per_group: int, first_env_index: int = 0):
+    def __init__(
+        self,
+        env_fns: list[Callable[[], gym.Env]],
+        envs_per_group: int,
+        first_env_index: int = 0,
+        batched_physics: bool = True,
+        num_threads: int = 1,
+    ):
         # one thread per worker: k workers share the machine's cores
         th.set_num_threads(1)
         self.venv = DummyVecEnv(env_fns)
         self.envs_per_group, self.first_env_index = envs_per_group, first_env_index
+        self.batched_physics, self.num_threads = batched_physics, num_threads
         self.policies: GroupPolicies | None = None
         self.runner: GroupRunner | None = None
 
@@ -79,6 +87,8 @@ class Shard:
             self.venv.observation_space,
             self.venv.action_space,
             self.first_env_index,
+            self.batched_physics,
+            self.num_threads,
         )
 
     def sample(
@@ -256,6 +266,9 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     :param address: Ray cluster address for ``ray.init`` when Ray is not yet initialized (None: a local Ray)
     :param ray_init_kwargs: further arguments of ``ray.init`` (e.g. ``num_cpus``)
     :param close_timeout: seconds ``close`` waits for the workers (all together) to exit before terminating them
+    :param batched_physics: each worker steps its block with the family's batched twin where there is one
+        (``GroupRunner``: the same samples, bit for bit)
+    :param num_threads: threads per worker that advance the batched twin's physics
     """
 
     def __init__(
@@ -270,7 +283,10 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         address: str | None = None,
         ray_init_kwargs: dict[str, Any] | None = None,
         close_timeout: float = 5.0,
+        batched_physics: bool = True,
+        num_threads: int = 1,
     ):
+        check_runner_arguments(batched_physics, num_threads)
         if backend not in ("subproc", "ray"):
             raise ValueError(f"backend: 'subproc' or 'ray', got {backend!r}.")
         if len(env_fns) % n_groups != 0:
@@ -304,7 +320,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         context = mp.get_context(start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"))
         per_group = self.envs_per_group
         for index, (first, last) in enumerate(self.group_blocks):
-            shard_args = (env_fns[first * per_group : last * per_group], per_group, first * per_group)
+            block = env_fns[first * per_group : last * per_group]
+            shard_args = (block, per_group, first * per_group, batched_physics, num_threads)
             envs = f"sub-envs {first * per_group}-{last * per_group - 1}"
             name = f"sampler worker {index} ({backend}; task groups {first}-{last - 1}, {envs})"
             if backend == "ray":

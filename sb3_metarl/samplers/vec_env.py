@@ -34,17 +34,32 @@ class VecEnvSampler(EpisodeSampler):
     :param venv: the sub-envs
     :param n_groups: task groups B (divides ``venv.num_envs``)
     :param max_episode_steps: the horizon H (default: the sub-envs' own)
+    :param batched_physics: step the sub-envs with their family's batched twin where there is one (``GroupRunner``)
+    :param num_threads: threads that advance the batched twin's physics (the samples do not depend on it)
     """
 
-    def __init__(self, venv: VecEnv, n_groups: int, max_episode_steps: int | None = None):
+    def __init__(
+        self,
+        venv: VecEnv,
+        n_groups: int,
+        max_episode_steps: int | None = None,
+        batched_physics: bool = True,
+        num_threads: int = 1,
+    ):
         self.task_env = TaskVecEnv(venv, n_groups, max_episode_steps)
         self.venv = venv
         self.n_groups, self.envs_per_group, self.horizon = n_groups, self.task_env.envs_per_group, self.task_env.horizon
-        self.runner = (
-            GroupRunner(venv.envs, self.envs_per_group, self.horizon, venv.observation_space, venv.action_space)
-            if type(venv) is DummyVecEnv
-            else None
-        )
+        self.runner = None
+        if type(venv) is DummyVecEnv:
+            self.runner = GroupRunner(
+                venv.envs,
+                self.envs_per_group,
+                self.horizon,
+                venv.observation_space,
+                venv.action_space,
+                batched_physics=batched_physics,
+                num_threads=num_threads,
+            )
         self.policies: GroupPolicies | None = None
 
     def attach_policy(self, policy: ActorCriticPolicy) -> None:

@@ -12,7 +12,7 @@ class GaussianBanditEnv(TaskEnv):
     """
     One-step episodes with a constant (zero) observation; the reward of action ``a`` is
     ``-(a - g)^2`` for the task's target ``g``. With a Gaussian policy N(mu, sigma^2) the value is
-    ``-(mu - g)^2 - sigma^2`` in closed form (see :mod:`sb3_metarl.exact`).
+    ``-(mu - g)^2 - sigma^2`` in closed form (see :mod:`sb3_metarl.estimators.exact`).
 
     Task: the target ``g``, a float uniform in ``[task_low, task_high]``.
     The observation is zero so that a linear policy's mean is its bias alone.

@@ -278,6 +278,7 @@ class MetaWorldAgent:
         return self.model.weighting(buffer.to_batch())
 
     def adapt(self) -> None:
+        self.model.calibrate_inner_lr()
         self.params = self.model.adaptation.adapt(self.params, self._batch(), self.model.gradient_mode)
         self._clear()
 

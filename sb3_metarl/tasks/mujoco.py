@@ -4,7 +4,9 @@ MuJoCo locomotion task families on Gymnasium's v5 environments.
 Each family subclasses the Gymnasium env, so ``set_task`` lives on ``env.unwrapped``. The reward
 is recomputed from the base env's ``info`` terms: the task term replaces the forward reward, and the
 base env's own control cost (and, where it has them, contact cost and alive bonus) is kept.
-``info["reward_task"]`` holds the task term.
+``info["reward_task"]`` holds the task term. ``action_scale=s`` (every family) lets the policy act in
+[-s, s] per dimension, mapped linearly onto the actuators' range, as rllab's, ProMP's and pytorch-maml-rl's
+normalized envs do (scale 10 in all three).
 """
 
 import re
@@ -12,6 +14,7 @@ from typing import Any
 
 import mujoco
 import numpy as np
+from gymnasium import spaces
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
@@ -56,7 +59,40 @@ class _ModelLoading:
         return model, mujoco.MjData(model)
 
 
-class _TaskRewardMixin(_ModelLoading, TaskEnv):
+class _ScaledActions:
+    """
+    ``action_scale=s``: the action space is [-s, s] per dimension, mapped linearly onto the actuators' control
+    range (``low + (a + s) (high - low) / 2s``, then clipped to it) before the base env steps, so the control cost
+    is charged on the actuators' controls. The meta-RL papers' envs act this way with s = 10 (rllab's, ProMP's and
+    pytorch-maml-rl's ``normalization_scale``): an initial policy with standard deviation 1 then moves the
+    actuators by 0.1 of their half-range, where with s = 1 it saturates them at random and the inner gradient of
+    HalfCheetahDir at N = 20 episodes is almost pure noise (see ``docs/results/reproduce_published.md``).
+
+    :param action_scale: s > 0 (1: the actuators' own range, Gymnasium's)
+    """
+
+    action_scale = 1.0
+
+    def __init__(self, *args: Any, action_scale: float = 1.0, **kwargs: Any):
+        if isinstance(action_scale, bool) or not isinstance(action_scale, (int, float)) or not 0 < action_scale < np.inf:
+            raise ValueError(f"action_scale: must be a finite number > 0, got {action_scale!r}.")
+        super().__init__(*args, **kwargs)
+        if action_scale != 1.0:
+            # Gymnasium's EzPickle rebuilds the env from its constructor arguments (copies, pickles)
+            self._ezpickle_kwargs = {**self._ezpickle_kwargs, "action_scale": action_scale}
+            self.action_scale = float(action_scale)
+            self._control_low, self._control_high = self.action_space.low.copy(), self.action_space.high.copy()
+            shape, dtype = self.action_space.shape, self.action_space.dtype
+            self.action_space = spaces.Box(-self.action_scale, self.action_scale, shape, dtype)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.action_scale != 1.0:
+            low, high, scale = self._control_low, self._control_high, self.action_scale
+            action = np.clip(low + (np.asarray(action) + scale) * (high - low) / (2 * scale), low, high)
+        return super().step(action)  # type: ignore[misc]
+
+
+class _TaskRewardMixin(_ScaledActions, _ModelLoading, TaskEnv):
     """Replaces the base env's forward reward by a task term computed from ``info``."""
 
     kept_terms: tuple[str, ...] = CONTROL_TERMS
@@ -194,9 +230,12 @@ class AntGoalEnv(_TaskRewardMixin, AntEnv):
 
     kept_terms = ANT_TERMS
 
-    def __init__(self, goal_radius: float = 3.0, **kwargs: Any):
-        kwargs.setdefault("exclude_current_positions_from_observation", False)
-        super().__init__(**kwargs)
+    def __init__(self, *args: Any, goal_radius: float = 3.0, **kwargs: Any):
+        if not args:  # (a copy or unpickling rebuilds the env from AntEnv's positional arguments, this one included)
+            kwargs.setdefault("exclude_current_positions_from_observation", False)
+        super().__init__(*args, **kwargs)
+        if goal_radius != 3.0:
+            self._ezpickle_kwargs = {**self._ezpickle_kwargs, "goal_radius": goal_radius}
         self.goal_radius = goal_radius
         self._goal = np.zeros(2)
 
@@ -232,7 +271,7 @@ class SwimmerVelEnv(_TargetVelocity, SwimmerEnv):
     _target = 0.25
 
 
-class _RandomParameters(TaskEnv):
+class _RandomParameters(_ScaledActions, TaskEnv):
     """
     Task: multiplicative factors on the compiled model's body masses, body inertias, joint damping
     and geom friction, each ``1.5 ** u`` with ``u ~ U[-log_scale_limit, log_scale_limit]`` per element

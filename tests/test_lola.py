@@ -7,7 +7,7 @@ import torch as th
 from gymnasium.utils.env_checker import check_env
 
 import sb3_metarl  # noqa: F401  (registers the envs)
-from sb3_metarl.opponent_shaping import LOLADiCE, ipd_exact_value
+from sb3_metarl.lola import LOLADiCE, ipd_exact_value
 from sb3_metarl.tasks.ipd import play
 
 GAMMA = 0.96

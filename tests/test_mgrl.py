@@ -11,7 +11,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from sb3_metarl import MetaGradientA2C
-from sb3_metarl.meta_gradient_rl import rollout_advantages
+from sb3_metarl.mgrl import rollout_advantages
 
 
 class SharedExtractor(BaseFeaturesExtractor):
@@ -114,7 +114,7 @@ def test_meta_gradient_through_optimizer_steps_matches_finite_differences():
 
 @pytest.mark.parametrize("optimizer_class", [th.optim.RMSprop, th.optim.Adam, th.optim.SGD])
 def test_virtual_optimizer_step_is_torch_s_step_and_differentiable_at_zero_statistics(optimizer_class):
-    from sb3_metarl.meta_gradient_rl import VirtualOptimizerStep
+    from sb3_metarl.mgrl import VirtualOptimizerStep
 
     param = th.nn.Parameter(th.tensor([0.5, -1.0, 2.0]))
     optimizer = optimizer_class([param], lr=0.1, weight_decay=0.01)

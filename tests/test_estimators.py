@@ -4,22 +4,18 @@ import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.diagnostics import (
-    BANDIT_LOG_STD,
-    BANDIT_MEAN,
-    MetaGradientDiagnosticsCallback,
-    bandit_estimates,
+from sb3_metarl.estimators.callbacks import MetaGradientDiagnosticsCallback
+from sb3_metarl.estimators.decomposition import decomposed_meta_gradient
+from sb3_metarl.estimators.exact import exact_meta_gradient
+from sb3_metarl.estimators.setups import BANDIT_LOG_STD, BANDIT_MEAN, bandit_estimates, make_bandit_model, make_tabular_model
+from sb3_metarl.estimators.study import (
     compare_with_exact,
-    decomposed_meta_gradient,
     exact_reference,
     flat_gradient,
     flat_per_task_gradient,
-    make_bandit_model,
-    make_tabular_model,
     measure_estimators,
     write_csv,
 )
-from sb3_metarl.exact import exact_meta_gradient
 
 
 def test_bandit_model_starts_at_the_reference_point_and_gives_independent_estimates():

@@ -1,0 +1,109 @@
+"""One meta-iteration's samples: tasks, weighted episodes, and the meta-objective's graph built over them."""
+
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_metarl.adaptation import MetaSample, masked_log_prob
+from sb3_metarl.common.buffers import EpisodeBatch
+from sb3_metarl.common.functional import Params
+from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
+from sb3_metarl.meta_pg import reuse
+from sb3_metarl.samplers import EpisodeSampler, StepCallback, draw_noise_seeds, sampler_options
+from sb3_metarl.tasks import TaskSampler
+
+
+def sample_tasks(task_sampler: TaskSampler, n_tasks: int, rng: np.random.Generator) -> list[Any]:
+    """
+    :param task_sampler: the task distribution
+    :param n_tasks: the number of tasks
+    :param rng: the task stream to draw from
+    :return: ``n_tasks`` tasks, checked (a short or empty list is an error, not a smaller batch)
+    """
+    tasks = task_sampler.sample(n_tasks, rng)
+    if tasks is None or len(tasks) != n_tasks:
+        got = "None" if tasks is None else f"{len(tasks)}"
+        raise ValueError(
+            f"task_sampler: {type(task_sampler).__name__}.sample({n_tasks}, rng) returned {got} tasks; "
+            f"it must return a list of exactly {n_tasks} tasks."
+        )
+    return list(tasks)
+
+
+def sample_episodes(
+    model: Any,
+    tasks: list[Any],
+    task_params: Params | None,
+    n_episodes: int,
+    step_callback: StepCallback | None = None,
+    generator: th.Generator | None = None,
+    sampler: EpisodeSampler | None = None,
+) -> EpisodeBatch | None:
+    """
+    Sample ``n_episodes`` episodes per task with the given per-task parameters, and weigh them.
+
+    :param model: a ``MetaPolicyGradient``
+    :param tasks: at most ``meta_batch_size`` tasks
+    :param task_params: per-task parameters (leading dim ``len(tasks)``; detached here); None: the current policy
+    :param step_callback: receives the transition counts (after every step or once, as the sampler can)
+    :param generator: the action noise's stream (default: training's); one seed per task is drawn from it
+    :param sampler: the episode sampler (default: the model's)
+    :return: the episodes with their policy-gradient weights, or None if a callback stopped training
+    """
+    # the model's own sub-envs: their streams are the run's (a model loaded without an env has none)
+    own = sampler is None or (model.env is not None and sampler is model.episode_sampler)
+    sampler = sampler or model.episode_sampler
+    if own:
+        model.env_streams.refresh(model.env)
+    if task_params is None:
+        task_params = model.initial_task_params(len(tasks))
+    noise_seeds = draw_noise_seeds(generator or model.torch_generator, len(tasks))
+    model.policy.set_training_mode(False)
+    params = {n: p.detach() for n, p in task_params.items()}
+    options = sampler_options(sampler, noise_seeds, step_callback)
+    with torch_threads(ACTING_THREADS):
+        batch = sampler.sample(tasks, params, n_episodes, **options)
+    if batch is None:
+        return None
+    if own:
+        model.env_streams.record(model.env, sampler)
+    if step_callback is not None and "step_callback" not in options:  # a sampler that does not count: per batch
+        if not step_callback(int(batch.masks.sum().item()), {}):
+            return None
+    # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
+    with th.no_grad():
+        batch.log_probs = masked_log_prob(model.functional_policy, params, batch)
+    return model.weighting(batch)
+
+
+def collect_meta_sample(model: Any, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
+    """
+    Sample the inner and outer episodes of ``tasks`` (adapting between them) and build the meta-objective's graph.
+
+    :param model: a ``MetaPolicyGradient`` (its inner step size calibrated)
+    :param tasks: at most ``meta_batch_size`` tasks
+    :param step_callback: receives the transition counts
+    :return: the samples and objective, or None if a callback stopped training
+    """
+    adaptation, mode = model.adaptation, model.gradient_mode
+
+    def inner_batch(step: int, params: Params) -> EpisodeBatch | None:
+        batch = sample_episodes(model, tasks, params, model.inner_episodes, step_callback)
+        if step == 0 and batch is not None and model.inner_sample_reuse:
+            batch = reuse.with_reused_episodes(model, tasks, params, batch)
+        return batch
+
+    unrolled = adaptation.unroll(
+        adaptation.task_parameters(len(tasks)), model.inner_steps, inner_batch, mode, create_graph=True, at_sampling=True
+    )
+    if unrolled is None:
+        return None
+    replay, inner_batches, inner_norms = unrolled
+    outer_batch = sample_episodes(model, tasks, replay.adapted, model.outer_episodes, step_callback)
+    if outer_batch is None:
+        return None
+    replay.outer_log_prob = adaptation.log_prob(replay.adapted, outer_batch)
+    outer_batch.log_probs = replay.outer_log_prob.detach()
+    objective = adaptation.objective(replay, inner_batches, outer_batch, mode)
+    return MetaSample(mode, replay, objective, inner_batches, outer_batch, float(np.mean(inner_norms)))

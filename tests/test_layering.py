@@ -1,0 +1,120 @@
+"""The package's floors: every import runs downward (or stays in its room), and there is no cycle."""
+
+import ast
+import pathlib
+
+import sb3_metarl
+
+PACKAGE = pathlib.Path(sb3_metarl.__file__).parent
+
+#: room (a top-level module or folder of the package) -> floor. The ground (common, gradient modes, tasks) knows no
+#: algorithm; the engines (the differentiable adaptation, the samplers) are shared by systems; the meta-policy-gradient
+#: system's meta-optimizers sit below it; the systems (meta_pg, mgrl, lola) do not import each other; the estimators
+#: wing studies meta_pg's estimators, so it stands on it.
+FLOORS = {
+    "common": 0,
+    "gradient_modes": 1,
+    "tasks": 1,
+    "adaptation": 2,
+    "samplers": 2,
+    "meta_optimizers": 3,
+    "meta_pg": 4,
+    "mgrl": 4,
+    "lola": 4,
+    "estimators": 5,
+    "hyperparams": 5,
+    "cli": 6,
+    # the old import paths, kept for one release: deprecated re-exports of the wings
+    "diagnostics": 6,
+    "exact": 6,
+    "opponent_shaping": 6,
+    "meta_gradient_rl": 6,
+    "__main__": 7,
+    "__init__": 7,
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports() -> dict[str, set[tuple[str, int]]]:
+    """:return: module -> the package modules it imports (anywhere in its body, lazily too), with the line"""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(("sb3_metarl", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            imported |= {(name, node.lineno) for name in names if name.split(".")[0] == "sb3_metarl"}
+        found[module] = imported
+    return found
+
+
+def test_every_room_has_a_floor():
+    rooms = {_room(module) for module in _imports()}
+    assert rooms == set(FLOORS), f"rooms without a floor: {sorted(rooms - set(FLOORS))}; gone: {sorted(set(FLOORS) - rooms)}"
+
+
+def test_imports_only_run_down_or_stay_in_their_room():
+    upward = []
+    for module, imported in _imports().items():
+        room = _room(module)
+        for name, line in imported:
+            target = _room(name)
+            if target != room and FLOORS[target] >= FLOORS[room]:
+                upward.append(f"{module}:{line} imports {name} ({room} on floor {FLOORS[room]}, {target} on {FLOORS[target]})")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_import_cycle_between_modules():
+    graph = {module: {name for name, _ in imported} for module, imported in _imports().items()}
+    # a package import also runs its __init__: `import sb3_metarl.a.b` depends on sb3_metarl.a
+    for module, targets in graph.items():
+        graph[module] = {t for target in targets for t in _with_parents(target) if t in graph and t != module}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if target.startswith(module + ".") or module.startswith(target + "."):
+                continue  # a package and its own modules (its __init__ re-exports them)
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(target) :], target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def _with_parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+
+
+def test_the_old_import_paths_still_work_and_say_where_things_moved():
+    import importlib
+    import sys
+    import warnings
+
+    for old, new, name in [
+        ("sb3_metarl.diagnostics", "sb3_metarl.estimators", "measure_estimators"),
+        ("sb3_metarl.exact", "sb3_metarl.estimators.exact", "exact_meta_gradient"),
+        ("sb3_metarl.opponent_shaping", "sb3_metarl.lola", "LOLADiCE"),
+        ("sb3_metarl.meta_gradient_rl", "sb3_metarl.mgrl", "MetaGradientA2C"),
+    ]:
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert getattr(module, name) is getattr(importlib.import_module(new), name)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old

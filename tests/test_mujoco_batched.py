@@ -1,0 +1,96 @@
+"""The batched twin of the MuJoCo task families: the per-env step's trajectories, bit for bit, on every backend."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
+from sb3_metarl.tasks.mujoco_batched import BatchedHalfCheetah, batched_stepper
+
+CHEETAHS = [
+    ("sb3_metarl/HalfCheetahDir-v0", {}),
+    ("sb3_metarl/HalfCheetahDir-v0", dict(action_scale=10.0, ctrl_cost_weight=0.05)),
+    ("sb3_metarl/HalfCheetahVel-v0", dict(velocity_range=(0.0, 3.0), action_scale=10.0)),
+]
+
+
+@pytest.mark.parametrize("env_id, kwargs", CHEETAHS)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threads):
+    """1000 steps (5 episodes of 200, each from a seeded reset) of 12 sub-envs, a random subset stepped each time."""
+    n = 12
+    per_env = [gym.make(env_id, **kwargs) for _ in range(n)]
+    batched = [gym.make(env_id, **kwargs) for _ in range(n)]
+    rng = np.random.default_rng(0)
+    tasks = per_env[0].unwrapped.sample_tasks(n, rng)
+    for first, second, task in zip(per_env, batched, tasks):
+        first.unwrapped.set_task(task)
+        second.unwrapped.set_task(task)
+    twin = batched_stepper([env.unwrapped for env in batched], num_threads)
+    assert isinstance(twin, BatchedHalfCheetah)
+    steps = [step_without_bookkeeping(env)[0] for env in per_env]
+    high = per_env[0].action_space.high
+    for episode in range(5):
+        for index in range(n):
+            first_obs, _ = per_env[index].reset(seed=100 * episode + index)
+            second_obs, _ = batched[index].reset(seed=100 * episode + index)
+            assert np.array_equal(first_obs, second_obs)
+        for _ in range(200):
+            actions = np.clip(1.5 * rng.normal(size=(n, *high.shape)) * high, -high, high).astype(np.float32)
+            rows = np.flatnonzero(rng.uniform(size=n) < 0.8)
+            observations, rewards, terminated, infos = twin.step(rows, actions[rows])
+            for k, index in enumerate(rows):
+                obs, reward, done, truncated, info = steps[index](actions[index])
+                assert np.array_equal(obs, observations[k]) and obs.dtype == observations.dtype
+                assert reward == rewards[k] and done == terminated[k] and not truncated
+                assert info == infos[k] and info["reward_task"] == infos[k]["reward_task"]
+    twin.close()
+
+
+def test_only_what_the_twin_steps_exactly_is_batched():
+    cheetah = gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped
+    assert BatchedHalfCheetah.supports(cheetah)
+    assert not BatchedHalfCheetah.supports(gym.make("sb3_metarl/HalfCheetahDir-v0", render_mode="rgb_array").unwrapped)
+    assert batched_stepper([cheetah, gym.make("sb3_metarl/AntDir-v0").unwrapped]) is None  # a family with no twin
+    # a wrapper between the runner and the env would be bypassed: the runner keeps the per-env step there
+    wrapped = [gym.wrappers.TransformReward(gym.make("sb3_metarl/HalfCheetahDir-v0"), lambda r: 2 * r) for _ in range(2)]
+    plain = [gym.make("sb3_metarl/HalfCheetahDir-v0") for _ in range(2)]
+    space = plain[0].observation_space, plain[0].action_space
+    assert GroupRunner(wrapped, 1, 10, *space).batched is None
+    assert GroupRunner(plain, 1, 10, *space).batched is not None
+    assert GroupRunner(plain, 1, 10, *space, batched_physics=False).batched is None
+
+
+def _trained_parameters(**kwargs):
+    model = MetaPolicyGradient(
+        "MlpPolicy",
+        "sb3_metarl/HalfCheetahDir-v0",
+        meta_batch_size=2,
+        inner_episodes=2,
+        outer_episodes=2,
+        inner_lr=1e-4,
+        max_episode_steps=30,
+        env_kwargs=dict(action_scale=10.0),
+        policy_kwargs=dict(net_arch=[16]),
+        seed=5,
+        **kwargs,
+    )
+    model.learn(2 * model.max_steps_per_iteration)
+    parameters = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach().clone()
+    model.get_env().close()
+    return parameters
+
+
+def test_training_with_the_twin_gives_the_per_env_step_s_parameters_on_every_backend():
+    reference = _trained_parameters(sampler_kwargs=dict(batched_physics=False))
+    assert th.equal(_trained_parameters(), reference)
+    assert th.equal(_trained_parameters(sampler_kwargs=dict(num_threads=2)), reference)
+    assert th.equal(_trained_parameters(sampler="subproc", sampler_kwargs=dict(num_workers=2)), reference)
+
+
+@pytest.mark.parametrize("bad", [dict(batched_physics=1), dict(num_threads=0), dict(num_threads=1.5)])
+def test_bad_runner_arguments_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"batched_physics|num_threads"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahDir-v0", meta_batch_size=2, sampler_kwargs=bad)
