@@ -2,7 +2,7 @@
 Liu et al. (2022) Fig. 1 (a, b) and Fig. 2 (a-c), in spirit, on random tabular MDPs (their Table 2: 20 states,
 5 actions, horizon 20, gamma 0.8, inner lr 10, uniform initial policy): the meta-gradient assembled from the
 inner policy gradient (I), the Hessian (II) and the outer policy gradient (III), each sampled (S) or exact (E)
-(``sb3_metarl.diagnostics.decomposed_meta_gradient``).
+(``sb3_metarl.estimators.decomposed_meta_gradient``).
 
 - correlation (Pearson, per estimate, averaged) with the exact meta-gradient against the sample size N,
   for the eight S/E combinations, with ``lvc`` and with ``maml`` (plain autodiff) as the Hessian estimator;
@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch as th
 
-from sb3_metarl.diagnostics import decomposed_meta_gradient, make_tabular_model, write_csv
-from sb3_metarl.exact import exact_meta_gradient
+from sb3_metarl.estimators.decomposition import decomposed_meta_gradient
+from sb3_metarl.estimators.exact import exact_meta_gradient
+from sb3_metarl.estimators.setups import make_tabular_model
+from sb3_metarl.estimators.study import write_csv
 
 COMBINATIONS = ["".join(c) for c in itertools.product("SE", repeat=3)]  # (I, II, III)
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from sb3_metarl.diagnostics import make_bandit_model, make_tabular_model, measure_estimators, write_csv
+from sb3_metarl.estimators.setups import make_bandit_model, make_tabular_model
+from sb3_metarl.estimators.study import measure_estimators, write_csv
 
 ALL_MODES = ["sf", "lsf", "dice", "lvc", "loaded_dice", "maml", "fomaml"]
 BANDIT_MODES = ["sf", "lsf", "dice", "lvc", "maml"]

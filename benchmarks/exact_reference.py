@@ -13,22 +13,23 @@ into the mean's noise (its standard error) and the bias that remains once the no
 
 import numpy as np
 
-from sb3_metarl.diagnostics import (
+from sb3_metarl.estimators.exact import bandit_maml_gradient, bandit_pathwise_gradient
+from sb3_metarl.estimators.setups import (
     BANDIT_INNER_LR,
     BANDIT_LOG_STD,
     BANDIT_MEAN,
     BANDIT_TARGET,
     bandit_estimates,
-    compare_with_exact,
     make_bandit_model,
     make_tabular_model,
 )
-from sb3_metarl.exact import bandit_maml_gradient, bandit_pathwise_gradient
+from sb3_metarl.estimators.study import compare_with_exact
 
 MODES = ["sf", "lsf", "dice", "lvc", "loaded_dice", "maml", "fomaml"]
 
 
 def main() -> None:
+    print("# Exact references\n")
     print("## Gaussian bandit: against the path-wise gradient of L_N\n")
     maml_gradient = bandit_maml_gradient(BANDIT_MEAN, BANDIT_LOG_STD, BANDIT_TARGET, BANDIT_INNER_LR)
     print(f"closed-form MAML gradient (N -> infinity): {np.round(maml_gradient, 4)}\n")

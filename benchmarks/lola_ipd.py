@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sb3_metarl.diagnostics import write_csv
+from sb3_metarl.estimators.study import write_csv
 
 CONFIGS = {
     "DiCE, batch 128": dict(batch_size=128),
@@ -40,7 +40,7 @@ def run(job: tuple[str, int, int]) -> tuple[str, int, np.ndarray, float]:
     import torch as th
 
     th.set_num_threads(1)
-    from sb3_metarl.opponent_shaping import LOLADiCE
+    from sb3_metarl.lola import LOLADiCE
 
     name, seed, updates = job
     start = time.perf_counter()

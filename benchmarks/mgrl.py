@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sb3_metarl.diagnostics import write_csv
+from sb3_metarl.estimators.study import write_csv
 
 ALGORITHMS = ("a2c", "mgrl", "mgrl_lvc")
 

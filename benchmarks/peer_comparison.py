@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from sb3_metarl.diagnostics import write_csv
+from sb3_metarl.estimators.study import write_csv
 
 SYSTEMS = ("peer-trpo", "ours-trpo", "ours-trpo-subproc", "ours-ppo", "ours-adam")
 PEER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "peer"

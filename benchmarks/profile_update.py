@@ -1,10 +1,10 @@
 """
-Where a meta-update's time goes: one TRPO and one PPO meta-update on the same meta-sample, split into
+Where a meta-update's time goes: one TrustRegion and one ProMP meta-update on the same meta-sample, split into
 phases and timed, next to the sampling of that meta-sample; plus torch's profiler table of the busiest
-operators of the TRPO update.
+operators of the TrustRegion update.
 
 The setting is issue 11's, matched to pytorch-maml-rl's configs/maml/2d-navigation.yaml: Navigation2D,
-20 tasks x 20 episodes, horizon 100, one inner step, hidden [64, 64], TRPO with max_kl 0.01, 10 CG steps,
+20 tasks x 20 episodes, horizon 100, one inner step, hidden [64, 64], TrustRegion with max_kl 0.01, 10 CG steps,
 damping 1e-5.
 
     python benchmarks/profile_update.py                 # writes docs/results/profile_update.md
@@ -25,7 +25,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.adaptation import Adaptation, MetaSample
-from sb3_metarl.meta_optimizers import PPO, TRPO
+from sb3_metarl.meta_optimizers import ProMP, TrustRegion
 from sb3_metarl.meta_optimizers.trpo import conjugate_gradient
 
 
@@ -62,8 +62,8 @@ def make_model(seed: int) -> MetaPolicyGradient:
     )
 
 
-def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, timer: Timer) -> dict[str, float]:
-    """TRPO.step, phase by phase (the same computations in the same order)."""
+def timed_trpo_step(trpo: TrustRegion, adaptation: Adaptation, sample: MetaSample, timer: Timer) -> dict[str, float]:
+    """TrustRegion.step, phase by phase (the same computations in the same order)."""
     all_params = adaptation.parameters()
     old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
     with timer("surrogate (forward, on the sample's graph)"):
@@ -109,8 +109,8 @@ def timed_trpo_step(trpo: TRPO, adaptation: Adaptation, sample: MetaSample, time
     return {"accepted": float(accepted), "coefficient": coefficient}
 
 
-def timed_ppo_step(ppo: PPO, adaptation: Adaptation, sample: MetaSample, optimizer: Any, timer: Timer) -> None:
-    """PPO.step, phase by phase."""
+def timed_ppo_step(ppo: ProMP, adaptation: Adaptation, sample: MetaSample, optimizer: Any, timer: Timer) -> None:
+    """ProMP.step, phase by phase."""
     old_inner_params = sample.inner_params
     ppo.inner_kl_coefs = ppo.inner_kl_coefs or [ppo.inner_kl_coef] * len(old_inner_params)
     for epoch in range(ppo.n_epochs):
@@ -136,7 +136,7 @@ def fresh_sample(model: MetaPolicyGradient, timer: Timer) -> MetaSample:
 
 def table(title: str, timer: Timer) -> list[str]:
     total = sum(timer.seconds.values())  # the phases do not overlap
-    lines = [f"### {title}", "", "| phase | calls | seconds | share |", "|---|---:|---:|---:|"]
+    lines = [f"## {title}", "", "| phase | calls | seconds | share |", "|---|---:|---:|---:|"]
     for phase, seconds in timer.seconds.items():
         lines.append(f"| {phase} | {timer.calls[phase]} | {seconds:.3f} | {seconds / total:.0%} |")
     lines.append(f"| total | | {total:.3f} | |")
@@ -159,19 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         th.set_num_threads(args.threads)
     model = make_model(seed=0)
-    model.meta_updater.layered_hessian = not args.double_backward
+    model.meta_optimizer.layered_hessian = not args.double_backward
     model.learn(1)  # warm-up
     trpo_timer, ppo_timer = Timer(), Timer()
     for _ in range(args.repeats):
         sample = fresh_sample(model, trpo_timer)
-        timed_trpo_step(model.meta_updater, model.adaptation, sample, trpo_timer)
-    ppo = PPO(n_epochs=5, clip_range=0.3)
+        timed_trpo_step(model.meta_optimizer, model.adaptation, sample, trpo_timer)
+    ppo = ProMP(n_epochs=5, clip_range=0.3)
     for _ in range(args.repeats):
         sample = fresh_sample(model, ppo_timer)
         timed_ppo_step(ppo, model.adaptation, sample, model.policy.optimizer, ppo_timer)
-    # the PPO epochs moved the parameters; the TRPO profile below starts from them, which is fine for timing
+    # the ProMP epochs moved the parameters; the TrustRegion profile below starts from them, which is fine for timing
     sample = fresh_sample(model, Timer())
-    operators = profile(lambda: timed_trpo_step(model.meta_updater, model.adaptation, sample, Timer()))
+    operators = profile(lambda: timed_trpo_step(model.meta_optimizer, model.adaptation, sample, Timer()))
     lines = [
         "# Profile of one meta-update (issue 11's setting)",
         "",
@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.machine()}, torch {th.__version__}, {th.get_num_threads()} threads; Navigation2D, 20 tasks x 20 "
         f"episodes x 100 steps, one inner step, [64, 64], lsf; {args.repeats} meta-samples per optimizer (sums).",
         "",
-        *table("TRPO (max_kl 0.01, 10 CG steps, damping 1e-5)", trpo_timer),
-        *table("PPO (ProMP: 5 epochs, clip 0.3)", ppo_timer),
-        "### Busiest operators of one TRPO update (torch profiler, self CPU time)",
+        *table("TrustRegion (max_kl 0.01, 10 CG steps, damping 1e-5)", trpo_timer),
+        *table("ProMP (ProMP: 5 epochs, clip 0.3)", ppo_timer),
+        "## Busiest operators of one TrustRegion update (torch profiler, self CPU time)",
         "",
         "```",
         operators,

@@ -20,8 +20,9 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_metarl.diagnostics import flat_per_task_gradient, make_tabular_model, write_csv
-from sb3_metarl.exact import exact_meta_gradient
+from sb3_metarl.estimators.exact import exact_meta_gradient
+from sb3_metarl.estimators.setups import make_tabular_model
+from sb3_metarl.estimators.study import flat_per_task_gradient, write_csv
 
 REUSE = (0, 1, 3, 7)
 
