@@ -5,13 +5,15 @@ command is run again (after a stop at any moment, on this machine or another one
 
 Suites (the papers' settings; what differs from them is listed in docs/results/reproduce_published.md):
 
-* ``sgmrl-dir``: SG-MRL (Fallah et al. 2021) Table 2, HalfCheetah random direction: 40 tasks x 20
-  episodes, horizon 200, one inner step, vanilla policy-gradient outer updates (Adam at 1e-3, as ProMP's
-  VPG-MAML that SG-MRL's code builds on), rllab's control cost 0.05, 400 meta-iterations (the paper does
-  not state its budget; 1.28e8 env steps).
+* ``sgmrl-dir``: SG-MRL (Fallah et al. 2021) Table 2, HalfCheetah random direction, at its code's
+  ``sgmrl_configs/sgmrl_mujoco.json``: 40 tasks x 20 episodes, horizon 200, one inner step (0.1 on the
+  mean over steps), 100 x 100 tanh policy, GAE lambda 0.997, standardized advantages without the gamma^t
+  step weights (``discount_from_start=False``), Adam at 1e-3 on the meta-gradient, 400 meta-iterations
+  (1.28e8 env steps), ProMP's normalized env (``action_scale=10``) and rllab's control cost 0.05.
 * ``sgmrl-vel``: the same on HalfCheetah random velocity, targets U[0, 3] (SG-MRL's range).
 * ``maml-trpo-dir`` / ``maml-trpo-vel`` / ``maml-trpo-ant-dir``: pytorch-maml-rl's configs
-  (halfcheetah-dir.yaml, halfcheetah-vel.yaml, ant-dir.yaml): 40 x 20 x 200, TRPO (max KL 0.01), 500 batches.
+  (halfcheetah-dir.yaml, halfcheetah-vel.yaml, ant-dir.yaml): 40 x 20 episodes, horizon 100, actions
+  normalized with scale 10, 64 x 64 tanh, TRPO (max KL 0.01), 500 batches (6.4e7 env steps).
 
 A run lives in ``<out>/runs/<name>/``: ``model.zip`` (the last checkpoint, a small SB3 zip with every
 random stream), ``curve.jsonl`` (one line per meta-iteration: env steps, pre- and post-adaptation return
@@ -79,7 +81,10 @@ class PublishedRun:
 
 
 def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
-    """40 tasks x 20 episodes, inner lr 0.1 in the papers' per-step-mean convention (0.1 / H on our per-episode sum)."""
+    """
+    40 tasks x 20 episodes, inner lr 0.1 in the papers' per-step-mean convention (0.1 / H on our per-episode sum),
+    standardized advantages weighted as the papers' code weighs them (no gamma^t factor).
+    """
     return dict(
         meta_batch_size=40,
         inner_episodes=20,
@@ -87,6 +92,7 @@ def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
         inner_steps=inner_steps,
         inner_lr=0.1 / horizon,
         normalize_advantage=True,
+        discount_from_start=False,
         max_episode_steps=horizon,
     )
 
@@ -105,7 +111,8 @@ def suite_runs(
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown suite {suite!r}; use one of {sorted(SUITES)}.")
     env_id, optimizer, default_iterations, extra = SUITES[suite]
-    kwargs = {**_paper_kwargs(200, inner_steps), **extra}
+    horizon = 200 if suite.startswith("sgmrl") else 100  # SG-MRL's max_path_length; pytorch-maml-rl's max_episode_steps
+    kwargs = {**_paper_kwargs(horizon, inner_steps), **extra}
     if optimizer == "trpo":
         kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
     else:
@@ -118,24 +125,42 @@ def suite_runs(
 
 
 #: suite -> (env id, meta-optimizer, meta-iterations, extra MetaPolicyGradient arguments)
+#: SG-MRL's code (sgmrl_configs/sgmrl_mujoco.json): 100 x 100 tanh policy, GAE lambda 0.997
+SGMRL_POLICY = dict(policy_kwargs=dict(net_arch=dict(pi=[100, 100], vf=[100, 100])), gae_lambda=0.997)
 SUITES: dict[str, tuple[str, str, int, dict[str, Any]]] = {
-    "sgmrl-dir": ("sb3_metarl/HalfCheetahDir-v0", "adam", 400, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
+    "sgmrl-dir": (
+        "sb3_metarl/HalfCheetahDir-v0",
+        "adam",
+        400,
+        dict(env_kwargs=dict(ctrl_cost_weight=0.05, action_scale=10.0), **SGMRL_POLICY),
+    ),
     "sgmrl-vel": (
         "sb3_metarl/HalfCheetahVel-v0",
         "adam",
         400,
-        dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0))),
+        dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0), action_scale=10.0), **SGMRL_POLICY),
     ),
     # pytorch-maml-rl's envs: HalfCheetah's control cost 0.5 * 1e-1 |a|^2; Ant's 0.5 * 1e-2 |a|^2, contact cost
-    # 0.5 * 1e-3 |clip(cfrc_ext, -1, 1)|^2, survive bonus 0.05, done outside z in [0.2, 1]
-    "maml-trpo-dir": ("sb3_metarl/HalfCheetahDir-v0", "trpo", 500, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
-    "maml-trpo-vel": ("sb3_metarl/HalfCheetahVel-v0", "trpo", 500, dict(env_kwargs=dict(ctrl_cost_weight=0.05))),
+    # 0.5 * 1e-3 |clip(cfrc_ext, -1, 1)|^2, survive bonus 0.05, done outside z in [0.2, 1]; actions in [-10, 10]
+    "maml-trpo-dir": (
+        "sb3_metarl/HalfCheetahDir-v0",
+        "trpo",
+        500,
+        dict(env_kwargs=dict(ctrl_cost_weight=0.05, action_scale=10.0)),
+    ),
+    "maml-trpo-vel": (
+        "sb3_metarl/HalfCheetahVel-v0",
+        "trpo",
+        500,
+        dict(env_kwargs=dict(ctrl_cost_weight=0.05, action_scale=10.0)),
+    ),
     "maml-trpo-ant-dir": (
         "sb3_metarl/AntDir-v0",
         "trpo",
         500,
         dict(
             env_kwargs=dict(
+                action_scale=10.0,
                 ctrl_cost_weight=0.005,
                 contact_cost_weight=5e-4,
                 contact_force_range=(-1.0, 1.0),
