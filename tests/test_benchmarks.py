@@ -225,3 +225,11 @@ def test_the_published_page_gets_the_table_between_its_markers(tmp_path):
     page.write_text(f"intro\n\n{module['TABLE_START']}\nold\n{module['TABLE_END']}\n\nafter\n")
     module["update_page"](str(page), "| new |")
     assert page.read_text() == f"intro\n\n{module['TABLE_START']}\n| new |\n{module['TABLE_END']}\n\nafter\n"
+
+
+def test_batched_physics_quick_run_writes_its_table(tmp_path):
+    _load("benchmarks/batched_physics.py")["main"](["--quick", "--out", str(tmp_path)])
+    table = (tmp_path / "batched_physics.md").read_text()
+    assert "| per_env_step | twin_1_thread | twin_2_threads | bare_mj_step |" in table and "(1.00)" in table
+    rows = [json.loads(line) for line in (tmp_path / "batched_physics.jsonl").read_text().splitlines()]
+    assert rows and all(value > 0 for value in rows[0]["stepping"].values())

@@ -114,7 +114,8 @@ class ProMP(MetaOptimizer):
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(n_epochs={self.n_epochs}, clip_range={self.clip_range}, target_inner_kl={self.target_inner_kl})"
+        settings = f"n_epochs={self.n_epochs}, clip_range={self.clip_range}, target_inner_kl={self.target_inner_kl}"
+        return f"{type(self).__name__}({settings})"
 
 
 def __getattr__(name: str) -> type:
