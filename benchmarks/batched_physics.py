@@ -32,7 +32,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedHalfCheetah
+from sb3_metarl.tasks.mujoco_batched import BatchedLocomotion
 
 ENV_ID, ENV_KWARGS = "sb3_metarl/HalfCheetahDir-v0", dict(action_scale=10.0, ctrl_cost_weight=0.05)
 
@@ -53,7 +53,7 @@ def _stepper(way: str, envs: list[gym.Env], actions: np.ndarray, threads: int) -
                 mujoco.mj_rnePostConstraint(model, data)
 
         return bare
-    twin = BatchedHalfCheetah([env.unwrapped for env in envs], 1 if way == "twin_1_thread" else threads)
+    twin = BatchedLocomotion([env.unwrapped for env in envs], 1 if way == "twin_1_thread" else threads)
     return lambda t: twin.step(rows, actions[t]) and None
 
 

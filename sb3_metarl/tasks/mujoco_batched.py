@@ -1,13 +1,15 @@
 """
 The MuJoCo task families stepped together: a batched twin of their per-env ``step``.
 
-``BatchedHalfCheetah`` steps many HalfCheetahVel / HalfCheetahDir sub-envs in one call: each sub-env's own
-``MjData`` advances by MuJoCo's ``mj_step`` exactly as Gymnasium's ``do_simulation`` does it (the same calls
-on the same data, so the trajectory is the per-env step's, warm start included), optionally on a few threads
-(MuJoCo releases the GIL inside ``mj_step``), and the observations, rewards and infos of all of them are computed
-at once in numpy, with the same operations in the same floating-point types as the per-env code: the results
-are bit-identical (tested against ``env.step`` over thousands of steps and resets). It skips the per-env Python
-work that makes Gymnasium's step far slower than MuJoCo's own stepping.
+``BatchedLocomotion`` steps many sub-envs of a planar family (HalfCheetah, Walker2d, Hopper, Swimmer) in one
+call: each sub-env's own ``MjData`` advances by MuJoCo's ``mj_step`` exactly as Gymnasium's ``do_simulation``
+does it (the same calls on the same data, so the trajectory is the per-env step's, warm start included),
+optionally on a few threads (MuJoCo releases the GIL inside ``mj_step``), and the observations, rewards,
+terminations and infos of all of them are computed at once in numpy, with the same operations in the same
+floating-point types as the per-env code (Gymnasium's v5 envs, read through their attributes, and this package's
+task terms): the results are bit-identical (tested against ``env.step`` over thousands of steps, resets and
+falls). It skips the per-env Python work that makes Gymnasium's step slower than MuJoCo's own stepping. Ant's
+families are not twinned yet (they step one by one).
 """
 
 from collections.abc import Sequence
@@ -16,30 +18,63 @@ from typing import Any
 
 import mujoco
 import numpy as np
+from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
+from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
+from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
-from sb3_metarl.tasks.mujoco import HalfCheetahDirEnv, HalfCheetahVelEnv
+from sb3_metarl.tasks.mujoco import (
+    HalfCheetahDirEnv,
+    HalfCheetahVelEnv,
+    HopperRandParamsEnv,
+    SwimmerVelEnv,
+    Walker2dRandParamsEnv,
+    Walker2dVelEnv,
+    _Direction,
+    _TargetVelocity,
+)
 
 
-class BatchedHalfCheetah:
+class BatchedLocomotion:
     """
-    HalfCheetahVel / HalfCheetahDir sub-envs (``env.unwrapped`` of each, in any mix of the two families and of
-    their arguments) stepped together.
+    Sub-envs of one planar locomotion family stepped together: HalfCheetahVel / HalfCheetahDir, Walker2dVel,
+    SwimmerVel, HopperRandParams and Walker2dRandParams (``env.unwrapped`` of each, all of one class; each keeps its
+    own arguments, task and, for the RandParams families, its own model).
 
     :param envs: the unwrapped sub-envs
     :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
     """
 
-    families = (HalfCheetahVelEnv, HalfCheetahDirEnv)
+    families = (
+        HalfCheetahVelEnv,
+        HalfCheetahDirEnv,
+        Walker2dVelEnv,
+        SwimmerVelEnv,
+        HopperRandParamsEnv,
+        Walker2dRandParamsEnv,
+    )
 
     def __init__(self, envs: Sequence[Any], num_threads: int = 1):
         self.envs = list(envs)
+        kind = type(self.envs[0])
+        #: Swimmer measures its velocity in the plane and leaves both coordinates out of the observation
+        self.planar = issubclass(kind, SwimmerEnv)
+        #: Walker2d and Hopper: a healthy range, an alive bonus, termination, velocities clipped in the observation
+        self.upright = issubclass(kind, (Walker2dEnv, HopperEnv))
+        self.hopper = issubclass(kind, HopperEnv)
+        #: the task term the family adds to the base env's control (and alive) terms; None: the base env's reward
+        self.task_term = None
+        if issubclass(kind, _Direction):
+            self.task_term = "direction"
+        elif issubclass(kind, _TargetVelocity):
+            self.task_term = "velocity"
+        self.kept_terms = getattr(kind, "kept_terms", ())
         self.models = [env.model for env in self.envs]
         self.datas = [env.data for env in self.envs]
         self.frame_skips = [env.frame_skip for env in self.envs]
         self.dts = np.array([env.dt for env in self.envs])
         self.forward_weights = np.array([env._forward_reward_weight for env in self.envs])
         self.ctrl_weights = [env._ctrl_cost_weight for env in self.envs]
-        self.exclude_x = [env._exclude_current_positions_from_observation for env in self.envs]
+        self.excluded = [env._exclude_current_positions_from_observation for env in self.envs]
         self.scales = [env.action_scale for env in self.envs]
         scaled = [env for env in self.envs if env.action_scale != 1.0]
         #: (low, high, scale) when every sub-env maps its actions the same way (then one elementwise op does all rows)
@@ -66,6 +101,29 @@ class BatchedHalfCheetah:
             mujoco.mj_step(model, data, nstep=self.frame_skips[index])
             mujoco.mj_rnePostConstraint(model, data)
 
+    def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
+        controls = np.array(actions)
+        if self.uniform_scale is not None:  # one elementwise op for all rows: each row's values are the same
+            low, high, scale = self.uniform_scale
+            return np.clip(low + (controls + scale) * (high - low) / (2 * scale), low, high)
+        for k, env in enumerate(envs):
+            if self.scales[indices[k]] != 1.0:
+                low, high, scale = env._control_low, env._control_high, env.action_scale
+                controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
+        return controls
+
+    def _healthy(self, envs: list[Any], qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        """:return: Walker2d's / Hopper's ``is_healthy`` per row"""
+        z, angle = qpos[:, 1], qpos[:, 2]
+        ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in envs])
+        healthy = (ranges[:, 0] < z) & (z < ranges[:, 1]) & (ranges[:, 2] < angle) & (angle < ranges[:, 3])
+        if self.hopper:
+            state = np.concatenate((qpos, qvel), axis=1)[:, 2:]
+            states = np.array([env._healthy_state_range for env in envs])
+            healthy &= np.all((states[:, :1] < state) & (state < states[:, 1:]), axis=1)
+        return healthy
+
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """
         Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
@@ -75,18 +133,12 @@ class BatchedHalfCheetah:
         :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos
         """
         envs = [self.envs[index] for index in indices]
-        for env in envs:
-            env.require_task()
-        controls = np.array(actions)
-        if self.uniform_scale is not None:  # _ScaledActions.step, in its float32 arithmetic, for all rows at once
-            low, high, scale = self.uniform_scale
-            controls = np.clip(low + (controls + scale) * (high - low) / (2 * scale), low, high)
-        else:
-            for k, env in enumerate(envs):
-                if self.scales[indices[k]] != 1.0:
-                    low, high, scale = env._control_low, env._control_high, env.action_scale
-                    controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
-        before = np.array([self.datas[index].qpos[0] for index in indices])
+        if self.task_term is not None:
+            for env in envs:
+                env.require_task()
+        controls = self._controls(envs, indices, actions)
+        coordinates = slice(0, 2) if self.planar else slice(0, 1)
+        before = np.array([self.datas[index].qpos[coordinates] for index in indices])
         if self.pool is None or len(indices) < 2 * self.num_threads:
             self._advance(indices, controls)
         else:
@@ -94,38 +146,60 @@ class BatchedHalfCheetah:
             list(self.pool.map(lambda chunk: self._advance(indices[chunk], controls[chunk]), chunks))
         qpos = np.stack([self.datas[index].qpos for index in indices])
         qvel = np.stack([self.datas[index].qvel for index in indices])
-        x_velocity = (qpos[:, 0] - before) / self.dts[indices]
+        velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
+        x_velocity = velocity[:, 0]
         forward_reward = self.forward_weights[indices] * x_velocity
-        squares = np.sum(np.square(controls), axis=1)  # each row as HalfCheetah's control_cost sums it
+        squares = np.sum(np.square(controls), axis=1)  # each row as the env's control_cost sums it
         ctrl_cost = [self.ctrl_weights[index] * squares[k] for k, index in enumerate(indices)]
-        task_terms = np.array(
+        n = len(indices)
+        terms: dict[str, Any] = {"reward_ctrl": [-cost for cost in ctrl_cost]}
+        terminated = np.zeros(n, dtype=bool)
+        if self.upright:
+            healthy = self._healthy(envs, qpos, qvel)
+            terms["reward_survive"] = healthy * np.array([env._healthy_reward for env in envs])
+            terminated = ~healthy & np.array([env._terminate_when_unhealthy for env in envs])
+        if self.task_term == "direction":
+            task_terms = np.array([env._direction for env in envs]) * x_velocity
+        elif self.task_term == "velocity":
+            task_terms = -np.abs(x_velocity - np.array([env._target for env in envs]))
+        if self.task_term is not None:
+            kept = np.zeros(n)
+            for term in self.kept_terms:  # the mixin's sum(float(info[term]) for term in kept_terms), in its order
+                kept = kept + np.array([float(value) for value in terms[term]])
+            rewards = task_terms + kept
+        else:  # the base env's reward: forward + alive - control cost
+            costs = np.array(ctrl_cost)
+            rewards = (forward_reward + terms["reward_survive"] if self.upright else forward_reward) - costs
+        observations = self._observations(indices, qpos, qvel)
+        infos = []
+        for k, index in enumerate(indices):
+            info = {"x_position": qpos[k, 0]}
+            if self.planar:
+                info.update(y_position=qpos[k, 1], distance_from_origin=np.linalg.norm(qpos[k, :2], ord=2))
+            if self.upright:
+                info["z_distance_from_origin"] = qpos[k, 1] - self.envs[index].init_qpos[1]
+            info["x_velocity"] = x_velocity[k]
+            if self.planar:
+                info["y_velocity"] = velocity[k, 1]
+            info.update(reward_forward=forward_reward[k], reward_ctrl=terms["reward_ctrl"][k])
+            if self.upright:
+                info["reward_survive"] = terms["reward_survive"][k]
+            if self.task_term is not None:
+                info["reward_task"] = task_terms[k]
+            infos.append(info)
+        return observations, rewards, terminated, infos
+
+    def _observations(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        velocities = np.clip(qvel, -10, 10) if self.upright else qvel
+        left_out = 2 if self.planar else 1
+        if all(self.excluded[index] for index in indices):
+            return np.concatenate((qpos[:, left_out:], velocities), axis=1)
+        return np.stack(
             [
-                env._direction * x_velocity[k] if isinstance(env, HalfCheetahDirEnv) else -abs(x_velocity[k] - env._target)
-                for k, env in enumerate(envs)
+                np.concatenate((qpos[k, left_out:] if self.excluded[index] else qpos[k], velocities[k]))
+                for k, index in enumerate(indices)
             ]
         )
-        rewards = task_terms + np.array([float(-cost) for cost in ctrl_cost])
-        positions = qpos[:, 1:] if all(self.exclude_x[index] for index in indices) else None
-        if positions is None:
-            observations = np.stack(
-                [
-                    np.concatenate((qpos[k, 1:] if self.exclude_x[index] else qpos[k], qvel[k]))
-                    for k, index in enumerate(indices)
-                ]
-            )
-        else:
-            observations = np.concatenate((positions, qvel), axis=1)
-        infos = [
-            {
-                "x_position": qpos[k, 0],
-                "x_velocity": x_velocity[k],
-                "reward_forward": forward_reward[k],
-                "reward_ctrl": -ctrl_cost[k],
-                "reward_task": task_terms[k],
-            }
-            for k in range(len(indices))
-        ]
-        return observations, rewards, np.zeros(len(indices), dtype=bool), infos
 
     def close(self) -> None:
         if self.pool is not None:
@@ -133,16 +207,16 @@ class BatchedHalfCheetah:
 
 
 #: the batched twins, tried in order
-BATCHED_FAMILIES = (BatchedHalfCheetah,)
+BATCHED_FAMILIES = (BatchedLocomotion,)
 
 
-def batched_stepper(envs: Sequence[Any], num_threads: int = 1) -> BatchedHalfCheetah | None:
+def batched_stepper(envs: Sequence[Any], num_threads: int = 1) -> BatchedLocomotion | None:
     """
     :param envs: unwrapped sub-envs
     :param num_threads: threads that advance the physics
     :return: a twin that steps all of ``envs`` exactly as their own ``step``, or None if none does
     """
     for twin in BATCHED_FAMILIES:
-        if envs and all(twin.supports(env) for env in envs):
+        if envs and all(twin.supports(env) for env in envs) and len({type(env) for env in envs}) == 1:
             return twin(envs, num_threads)
     return None
