@@ -291,7 +291,10 @@ def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
     "kwargs, match",
     [
         (dict(sampler="threads"), "sampler: unknown sampler 'threads'"),
-        (dict(sampler="vec_env", sampler_kwargs=dict(num_workers=2)), "sampler_kwargs: sampler='vec_env' takes none"),
+        (
+            dict(sampler="vec_env", sampler_kwargs=dict(num_workers=2)),
+            r"sampler_kwargs: sampler='vec_env' takes only \['batched_physics', 'num_threads'\]",
+        ),
         (dict(sampler="subproc", sampler_kwargs=[2]), "sampler_kwargs: must be a dict"),
         (dict(sampler="subproc", vec_env_cls="SubprocVecEnv"), "vec_env_cls: sampler='subproc' builds the sub-envs"),
         (dict(sampler="subproc", sampler_kwargs=dict(num_workers=0)), "num_workers must be a positive integer"),

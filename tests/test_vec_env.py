@@ -115,7 +115,8 @@ def test_sampler_kwargs_set_the_subproc_vec_env_s_waits():
         assert all(remote.timeout == 7.5 for remote in model.get_env().remotes)
     finally:
         model.get_env().close()
-    with pytest.raises(ValueError, match=r"sampler_kwargs: sampler='vec_env' takes only \['timeout', 'close_timeout'\]"):
+    takes = r"sampler_kwargs: sampler='vec_env' takes only \['batched_physics', 'num_threads', 'timeout', 'close_timeout'\]"
+    with pytest.raises(ValueError, match=takes):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", vec_env_cls=SubprocVecEnv, meta_batch_size=2,
                            sampler_kwargs=dict(num_workers=2))  # fmt: skip
 
