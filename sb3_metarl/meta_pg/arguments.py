@@ -114,8 +114,9 @@ def check_device(device: Any) -> None:
 
 def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
     """
-    :raises ValueError: on an unknown sampler, sampler_kwargs that are not a dict (or given to "vec_env", which
-        takes none), or ``vec_env_cls`` with a sampler whose workers build their own sub-envs
+    :raises ValueError: on an unknown sampler, sampler_kwargs that are not a dict (or that "vec_env" does not take: it
+        takes the runner's ``batched_physics`` and ``num_threads``, and with ``SubprocVecEnv`` its waits), bad runner
+        arguments, or ``vec_env_cls`` with a sampler whose workers build their own sub-envs
     """
     if isinstance(sampler, EpisodeSampler):
         if sampler_kwargs:
