@@ -510,10 +510,11 @@ def test_workers_ignore_the_terminal_s_sigint():
 
 def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
     script = (
-        "import sys\n"
+        "import faulthandler, signal, sys\n"
         "from sb3_metarl import MetaPolicyGradient\n"
         "from sb3_metarl.common.vec_env import SamplerClosedError, WorkerDiedError\n"
         "if __name__ == '__main__':\n"
+        "    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, should it ever hang\n"
         "    model = MetaPolicyGradient('MlpPolicy', 'sb3_metarl/Navigation2D-v0', meta_batch_size=4, inner_episodes=3,\n"
         "                               outer_episodes=3, inner_lr=1e-3, sampler='subproc',\n"
         "                               sampler_kwargs=dict(num_workers=2), seed=0)\n"
@@ -535,7 +536,14 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
             assert process.stdout.readline().strip() == "ready"
         time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole process group
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGUSR1)  # the learner's threads' stacks, into its stderr
+            time.sleep(2.0)
+            process.kill()
+            out, err = process.communicate()
+            raise AssertionError(f"no exit 60 s after Ctrl-C; stdout:\n{out}\nstderr (stacks last):\n{err[-6000:]}") from None
         assert "caught KeyboardInterrupt" in out and "saved" in out, out + err[-2000:]
         assert (tmp_path / "after_ctrl_c.zip").exists()
     finally:
