@@ -76,6 +76,12 @@ class BatchedLocomotion:
         self.ctrl_weights = [env._ctrl_cost_weight for env in self.envs]
         self.excluded = [env._exclude_current_positions_from_observation for env in self.envs]
         self.scales = [env.action_scale for env in self.envs]
+        if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
+            self.healthy_ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in self.envs])
+            self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
+            self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
+            if self.hopper:
+                self.healthy_state_ranges = np.array([env._healthy_state_range for env in self.envs])
         scaled = [env for env in self.envs if env.action_scale != 1.0]
         #: (low, high, scale) when every sub-env maps its actions the same way (then one elementwise op does all rows)
         self.uniform_scale = None
@@ -113,14 +119,14 @@ class BatchedLocomotion:
                 controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
         return controls
 
-    def _healthy(self, envs: list[Any], qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+    def _healthy(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """:return: Walker2d's / Hopper's ``is_healthy`` per row"""
         z, angle = qpos[:, 1], qpos[:, 2]
-        ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in envs])
+        ranges = self.healthy_ranges[indices]
         healthy = (ranges[:, 0] < z) & (z < ranges[:, 1]) & (ranges[:, 2] < angle) & (angle < ranges[:, 3])
         if self.hopper:
             state = np.concatenate((qpos, qvel), axis=1)[:, 2:]
-            states = np.array([env._healthy_state_range for env in envs])
+            states = self.healthy_state_ranges[indices]
             healthy &= np.all((states[:, :1] < state) & (state < states[:, 1:]), axis=1)
         return healthy
 
@@ -155,9 +161,9 @@ class BatchedLocomotion:
         terms: dict[str, Any] = {"reward_ctrl": [-cost for cost in ctrl_cost]}
         terminated = np.zeros(n, dtype=bool)
         if self.upright:
-            healthy = self._healthy(envs, qpos, qvel)
-            terms["reward_survive"] = healthy * np.array([env._healthy_reward for env in envs])
-            terminated = ~healthy & np.array([env._terminate_when_unhealthy for env in envs])
+            healthy = self._healthy(indices, qpos, qvel)
+            terms["reward_survive"] = healthy * self.healthy_rewards[indices]
+            terminated = ~healthy & self.terminate_when_unhealthy[indices]
         if self.task_term == "direction":
             task_terms = np.array([env._direction for env in envs]) * x_velocity
         elif self.task_term == "velocity":
