@@ -1,12 +1,13 @@
 """
-The batched twin of the HalfCheetah families against the per-env step, in one run with alternating rounds.
+The batched twins of the MuJoCo task families against the per-env step, in one run with alternating rounds.
 
-Two measurements, each as steps per second and as the ratio to the per-env step of the same round:
+Two measurements per family of ``--envs`` (default: HalfCheetahDir, AntDir, Walker2dVel, HopperRandParams, all with
+``action_scale=10``), each as steps per second and as the ratio to the per-env step of the same round:
 
-* stepping alone: ``--sub-envs`` HalfCheetahDir sub-envs (``action_scale=10``), random actions, stepped by each
+* stepping alone: ``--sub-envs`` sub-envs, random actions, stepped by each
   sub-env's own Gymnasium ``step`` (below the bookkeeping wrappers, as the sampler calls it), by the twin on 1 and on
   ``--threads`` threads, and by a bare ``mujoco.mj_step`` loop on the same data (MuJoCo's own speed, no rewards);
-* sampling: one meta-iteration's episodes of the published SG-MRL Rand Dir batch shape scaled by ``--tasks``
+* sampling: one phase's episodes of the published batch shape scaled by ``--tasks``
   (``--tasks`` x 20 episodes x horizon 200) through ``MetaPolicyGradient.sample_episodes``, with
   ``batched_physics`` True and False; the two batches are checked to be identical.
 
@@ -32,9 +33,19 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedLocomotion
+from sb3_metarl.tasks.mujoco_batched import batched_stepper
 
-ENV_ID, ENV_KWARGS = "sb3_metarl/HalfCheetahDir-v0", dict(action_scale=10.0, ctrl_cost_weight=0.05)
+#: family -> its arguments in the measurement (the papers' action scale; HalfCheetah at SG-MRL's control cost)
+FAMILIES = {
+    "HalfCheetahDir": dict(action_scale=10.0, ctrl_cost_weight=0.05),
+    "AntDir": dict(action_scale=10.0),
+    "Walker2dVel": dict(action_scale=10.0),
+    "HopperRandParams": dict(action_scale=10.0),
+}
+
+
+def _make(family: str) -> gym.Env:
+    return gym.make(f"sb3_metarl/{family}-v0", **FAMILIES[family])
 
 
 def _stepper(way: str, envs: list[gym.Env], actions: np.ndarray, threads: int) -> Callable[[int], None]:
@@ -44,28 +55,33 @@ def _stepper(way: str, envs: list[gym.Env], actions: np.ndarray, threads: int) -
         functions = [step_without_bookkeeping(env)[0] for env in envs]
         return lambda t: [function(actions[t, index]) for index, function in enumerate(functions)] and None
     if way == "bare_mj_step":
-        pairs = [(env.unwrapped.model, env.unwrapped.data) for env in envs]
+        unwrapped = [env.unwrapped for env in envs]
+        low, high, scale = unwrapped[0]._control_low, unwrapped[0]._control_high, unwrapped[0].action_scale
+        controls = low + (actions + scale) * (high - low) / (2 * scale)  # (mapped outside the timing)
 
         def bare(t: int) -> None:
-            for index, (model, data) in enumerate(pairs):
-                data.ctrl[:] = actions[t, index] / 10.0
-                mujoco.mj_step(model, data, nstep=5)
-                mujoco.mj_rnePostConstraint(model, data)
+            for index, env in enumerate(unwrapped):
+                env.data.ctrl[:] = controls[t, index]
+                mujoco.mj_step(env.model, env.data, nstep=env.frame_skip)
+                mujoco.mj_rnePostConstraint(env.model, env.data)
 
         return bare
-    twin = BatchedLocomotion([env.unwrapped for env in envs], 1 if way == "twin_1_thread" else threads)
+    twin = batched_stepper([env.unwrapped for env in envs], 1 if way == "twin_1_thread" else threads)
+    assert twin is not None
     return lambda t: twin.step(rows, actions[t]) and None
 
 
-def stepping_round(n_envs: int, steps: int, threads: int, seed: int) -> dict[str, float]:
+def stepping_round(family: str, n_envs: int, steps: int, threads: int, seed: int) -> dict[str, float]:
     """:return: steps per second of each way of stepping ``n_envs`` fresh sub-envs ``steps`` times"""
     rates = {}
     rng = np.random.default_rng(seed)
-    actions = rng.uniform(-10, 10, size=(steps, n_envs, 6)).astype(np.float32)
+    probe = _make(family)
+    tasks = probe.unwrapped.sample_tasks(n_envs, rng)
+    actions = rng.uniform(-10, 10, size=(steps, n_envs, *probe.action_space.shape)).astype(np.float32)
     for way in ["per_env_step", "twin_1_thread", f"twin_{threads}_threads", "bare_mj_step"]:
-        envs = [gym.make(ENV_ID, **ENV_KWARGS) for _ in range(n_envs)]
+        envs = [_make(family) for _ in range(n_envs)]
         for index, env in enumerate(envs):
-            env.unwrapped.set_task(1.0 if index % 2 else -1.0)
+            env.unwrapped.set_task(tasks[index])
             env.reset(seed=seed + index)
         step = _stepper(way, envs, actions, threads)
         step(0)
@@ -78,13 +94,14 @@ def stepping_round(n_envs: int, steps: int, threads: int, seed: int) -> dict[str
     return rates
 
 
-def sampling_round(n_tasks: int, horizon: int, seed: int) -> dict[str, float]:
+def sampling_round(family: str, n_tasks: int, horizon: int, threads: int, seed: int) -> dict[str, float]:
     """:return: env steps per second of one batch of 20 episodes per task, with and without the twin"""
     rates, batches = {}, {}
     for batched in (False, True):
         model = MetaPolicyGradient(
-            "MlpPolicy", ENV_ID, meta_batch_size=n_tasks, inner_episodes=20, outer_episodes=20, inner_lr=0.1 / horizon,
-            max_episode_steps=horizon, env_kwargs=ENV_KWARGS, sampler_kwargs=dict(batched_physics=batched), seed=seed,
+            "MlpPolicy", f"sb3_metarl/{family}-v0", meta_batch_size=n_tasks, inner_episodes=20, outer_episodes=20,
+            inner_lr=0.1 / horizon, max_episode_steps=horizon, env_kwargs=FAMILIES[family], seed=seed,
+            sampler_kwargs=dict(batched_physics=batched, num_threads=threads),
         )  # fmt: skip
         tasks = model.sample_tasks(n_tasks, np.random.default_rng(seed))
         start = time.perf_counter()
@@ -99,6 +116,7 @@ def sampling_round(n_tasks: int, horizon: int, seed: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--sub-envs", type=int, default=400)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -114,43 +132,45 @@ def main(argv: list[str] | None = None) -> None:
     th.set_num_threads(1)
     rows = []
     for round_index in range(args.rounds):
-        stepping = stepping_round(args.sub_envs, args.steps, args.threads, seed=round_index)
-        sampling = sampling_round(args.tasks, args.horizon, seed=round_index)
-        rows.append({"round": round_index, "stepping": stepping, "sampling": sampling, "load": os.getloadavg()[0]})
-        print(json.dumps(rows[-1]), flush=True)
+        for family in args.envs:
+            stepping = stepping_round(family, args.sub_envs, args.steps, args.threads, seed=round_index)
+            sampling = sampling_round(family, args.tasks, args.horizon, args.threads, seed=round_index)
+            row = {"round": round_index, "env": family, "stepping": stepping, "sampling": sampling}
+            rows.append({**row, "load": os.getloadavg()[0]})
+            print(json.dumps(rows[-1]), flush=True)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "batched_physics.jsonl"), "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     ways = list(rows[0]["stepping"])
     lines = [
-        "# Batched physics: the HalfCheetah twin against the per-env step",
+        "# Batched physics: the MuJoCo families' twins against the per-env step",
         "",
-        f"`python benchmarks/batched_physics.py --sub-envs {args.sub_envs} --steps {args.steps} --threads {args.threads} "
-        f"--tasks {args.tasks} --horizon {args.horizon} --rounds {args.rounds}` on {platform.node() or 'this machine'} "
-        f"({os.cpu_count()} cores; load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f} "
-        "during the rounds), torch on one thread. Steps per second; in brackets the ratio to the per-env step of the "
-        "same round.",
+        f"`python benchmarks/batched_physics.py --envs {' '.join(args.envs)} --sub-envs {args.sub_envs} --steps "
+        f"{args.steps} --threads {args.threads} --tasks {args.tasks} --horizon {args.horizon} --rounds {args.rounds}` on "
+        f"{platform.node() or 'this machine'} ({os.cpu_count()} cores; load average "
+        f"{min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f} during the rounds), torch on one thread. "
+        "Steps per second; in brackets the ratio to the per-env step of the same round.",
         "",
-        f"Stepping {args.sub_envs} HalfCheetahDir sub-envs (action_scale 10), random actions:",
+        f"Stepping {args.sub_envs} sub-envs (action_scale 10), random actions:",
         "",
-        "| round | " + " | ".join(ways) + " |",
-        "|---:|" + "---:|" * len(ways),
+        "| round | env | " + " | ".join(ways) + " |",
+        "|---:|---|" + "---:|" * len(ways),
     ]
     for row in rows:
         base = row["stepping"]["per_env_step"]
         cells = [f"{row['stepping'][w]:.0f} ({row['stepping'][w] / base:.2f})" for w in ways]
-        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['round']} | {row['env']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Sampling one batch of {args.tasks} tasks x 20 episodes x horizon {args.horizon} through "
-        "`sample_episodes` (the same episodes, checked, with and without the twin):",
+        f"Sampling one batch of {args.tasks} tasks x 20 episodes x horizon {args.horizon} through `sample_episodes` "
+        f"(the same episodes, checked, with and without the twin; the twin on {args.threads} threads):",
         "",
-        "| round | per-env step | twin |",
-        "|---:|---:|---:|",
+        "| round | env | per-env step | twin |",
+        "|---:|---|---:|---:|",
     ]
     for row in rows:
-        base = row["sampling"]["per_env_step"]
-        lines.append(f"| {row['round']} | {base:.0f} | {row['sampling']['twin']:.0f} ({row['sampling']['twin'] / base:.2f}) |")
+        base, twin = row["sampling"]["per_env_step"], row["sampling"]["twin"]
+        lines.append(f"| {row['round']} | {row['env']} | {base:.0f} | {twin:.0f} ({twin / base:.2f}) |")
     with open(os.path.join(out, "batched_physics.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"written to {out}")

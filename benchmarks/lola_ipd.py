@@ -44,7 +44,8 @@ def run(job: tuple[str, int, int]) -> tuple[str, int, np.ndarray, float]:
 
     name, seed, updates = job
     start = time.perf_counter()
-    learner = LOLADiCE(seed=seed, **CONFIGS[name]).learn(updates)
+    learner = LOLADiCE(seed=seed, **CONFIGS[name])
+    learner.learn(updates * learner.timesteps_per_update)
     curve = np.array([[record["average_reward_1"], record["average_reward_2"]] for record in learner.history])
     return name, seed, curve, time.perf_counter() - start
 

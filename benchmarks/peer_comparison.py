@@ -189,7 +189,7 @@ def write_results(args: argparse.Namespace, measurements: dict[tuple[str, int], 
         "as the peer samples in a worker. Peak memory: the peer's trainer process (its sampler worker apart), our main "
         "process (workers apart). "
         "Our TRPO update multiplies by the KL's Hessian layer by layer from cached activations "
-        "(`sb3_metarl/common/mlp_curvature.py`); `python benchmarks/profile_update.py` splits one update into "
+        "(`sb3_metarl/mlp/curvature.py`); `python benchmarks/profile_update.py` splits one update into "
         "phases (`docs/results/profile_update.md`; with `--double-backward` the same update with the products "
         "by double backward, as the peer computes them).",
     ]

@@ -64,6 +64,7 @@ def make_model(seed: int) -> MetaPolicyGradient:
 
 def timed_trpo_step(trpo: TrustRegion, adaptation: Adaptation, sample: MetaSample, timer: Timer) -> dict[str, float]:
     """TrustRegion.step, phase by phase (the same computations in the same order)."""
+    adaptation = adaptation if trpo.layered_hessian else adaptation.autograd()
     all_params = adaptation.parameters()
     old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
     with timer("surrogate (forward, on the sample's graph)"):
@@ -74,7 +75,7 @@ def timed_trpo_step(trpo: TrustRegion, adaptation: Adaptation, sample: MetaSampl
     params = [all_params[n] for n in names]
     policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
     with timer("KL Hessian set-up (activations and inner cotangents; double backward: the KL gradient's graph)"):
-        kl_hessian_product = adaptation.kl_hessian_product(sample, names, layered=trpo.layered_hessian)
+        kl_hessian_product = adaptation.kl_hessian_product(sample, names)
 
     def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
         with timer("Hessian-vector product of the KL through the inner step (10, for CG)"):
@@ -94,7 +95,7 @@ def timed_trpo_step(trpo: TrustRegion, adaptation: Adaptation, sample: MetaSampl
     for _ in range(trpo.line_search_max_iter):
         trpo.set_parameters(params, old_values, coefficient * full_step)
         with timer("line search: replay without graph (each)"):
-            replay = adaptation.evaluate(sample, layered=trpo.layered_hessian)
+            replay = adaptation.evaluate(sample)
         with timer("line search: surrogate and KL (each)"), th.no_grad():
             new_objective = trpo.surrogate(adaptation, replay, sample).item()
             new_kl = adaptation.mean_kl(

@@ -216,11 +216,17 @@ def machine() -> str:
 # ---------------------------------------------------------------------- running
 
 
-def make_model(run: PublishedRun, sampler: str, num_workers: int | None):
+def sampler_kwargs_for(sampler: str, num_workers: int | None, physics_threads: int) -> dict:
+    """:return: the runs' sampler arguments: the workers, and the batched physics' threads (per process, stated)"""
+    workers = {"num_workers": num_workers} if num_workers and sampler != "vec_env" else {}
+    return {**workers, "num_threads": physics_threads}
+
+
+def make_model(run: PublishedRun, sampler: str, num_workers: int | None, physics_threads: int = 1):
     from sb3_metarl import MetaPolicyGradient
 
     kwargs = dict(run.kwargs)
-    kwargs["sampler_kwargs"] = {"num_workers": num_workers} if num_workers and sampler != "vec_env" else None
+    kwargs["sampler_kwargs"] = sampler_kwargs_for(sampler, num_workers, physics_threads)
     kwargs["sampler"] = sampler
     return MetaPolicyGradient("MlpPolicy", run.env_id, gradient_mode=run.gradient_mode, meta_optimizer=run.meta_optimizer,
                               seed=run.seed, **kwargs)  # fmt: skip
@@ -232,7 +238,7 @@ def evaluate(model) -> list[float]:
     return [round(float(x), 4) for x in table["mean"]]
 
 
-def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None) -> tuple:
+def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None, physics_threads: int = 1) -> tuple:
     """:return: the run's file paths, its model (new, or loaded from the last checkpoint), state, curve and evaluations"""
     from sb3_metarl import MetaPolicyGradient
 
@@ -242,10 +248,10 @@ def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None)
     state = json.load(open(paths["run.json"])) if os.path.exists(paths["run.json"]) else None
     if state is None or not os.path.exists(paths["model.zip"]):
         state = {"config": asdict(run), "iterations_done": 0, "wall_seconds": 0.0, "machines": []}
-        return paths, make_model(run, sampler, num_workers), state, [], []
+        return paths, make_model(run, sampler, num_workers, physics_threads), state, [], []
     if state["config"] != json.loads(json.dumps(asdict(run))):
         raise ValueError(f"{paths['run.json']}: holds another configuration than {run.name}'s; move it away first.")
-    sampler_kwargs = {"num_workers": num_workers} if num_workers and sampler != "vec_env" else None
+    sampler_kwargs = sampler_kwargs_for(sampler, num_workers, physics_threads)
     model = MetaPolicyGradient.load(paths["model.zip"], env=run.env_id, sampler=sampler, sampler_kwargs=sampler_kwargs)
     # what ran after the checkpoint is run again, bit for bit: its lines are dropped
     curve = [row for row in read_jsonl(paths["curve.jsonl"]) if row["iteration"] <= state["iterations_done"]]
@@ -263,6 +269,7 @@ def run_sitting(
     sampler: str = "vec_env",
     num_workers: int | None = None,
     stop_after: int | None = None,
+    physics_threads: int = 1,
 ) -> dict[str, Any] | None:
     """
     Continue ``run`` from its last checkpoint (or start it) until its budget or ``stop_after`` iterations.
@@ -271,13 +278,14 @@ def run_sitting(
     :param eval_every: meta-iterations between held-out evaluations (a multiple of ``checkpoint_every``)
     :param sampler: "vec_env", "subproc" or "ray" (the samples are the same on every backend)
     :param stop_after: stop once this many iterations are done in total (a sitting's end; None: the budget)
+    :param physics_threads: threads of the batched physics per sampling process (the samples do not depend on it)
     :return: the finished run's record, or None if it stopped before its budget
     """
     from stable_baselines3.common.callbacks import BaseCallback
 
     if eval_every % checkpoint_every:
         raise ValueError(f"--eval-every ({eval_every}) must be a multiple of --checkpoint-every ({checkpoint_every}).")
-    paths, model, state, curve, evals = open_run(run, out, sampler, num_workers)
+    paths, model, state, curve, evals = open_run(run, out, sampler, num_workers, physics_threads)
     if machine() not in state["machines"]:
         state["machines"].append(machine())
     budget = run.iterations * run.steps_per_iteration
@@ -456,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="vec_env", choices=["vec_env", "subproc", "ray"])
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the learner")
+    parser.add_argument("--physics-threads", type=int, default=1, help="threads of the batched physics per process")
     parser.add_argument("--stop-after", type=int, default=None, help="end this sitting after this many iterations in all")
     parser.add_argument("--summarize-only", action="store_true", help="only rewrite the table and curves")
     parser.add_argument("--out", default="docs/results")
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             if any(row["name"] == run.name for row in read_jsonl(finished_path)):
                 continue
             finished = run_sitting(run, args.out, args.checkpoint_every, args.eval_every, args.sampler, args.num_workers,
-                                   args.stop_after)  # fmt: skip
+                                   args.stop_after, args.physics_threads)  # fmt: skip
             if finished is None:
                 break
             append_jsonl(finished_path, finished)

@@ -28,7 +28,7 @@ import numpy as np
 import torch as th
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.common.vec_env import make_task_env
+from sb3_metarl.samplers.factory import make_task_env
 
 FIELDS = [
     "env",

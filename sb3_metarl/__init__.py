@@ -5,6 +5,7 @@ import os
 import sb3_metarl.tasks  # noqa: F401  (registers the built-in task envs)
 from sb3_metarl.common.callbacks import MetaEvalCallback
 from sb3_metarl.gradient_modes import GRADIENT_MODES, GradientMode
+from sb3_metarl.lola import LOLADiCE
 from sb3_metarl.meta_pg import MetaPolicyGradient
 from sb3_metarl.mgrl import MetaGradientA2C
 from sb3_metarl.tasks import EnvTaskSampler, FixedTaskSampler, TaskSampler
@@ -17,6 +18,7 @@ __all__ = [
     "EnvTaskSampler",
     "FixedTaskSampler",
     "GradientMode",
+    "LOLADiCE",
     "MetaEvalCallback",
     "MetaGradientA2C",
     "MetaPolicyGradient",

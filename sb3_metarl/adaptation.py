@@ -8,26 +8,16 @@ not its job: :meth:`Adaptation.unroll` asks a callable for each inner batch, whi
 fresh episodes (a meta-iteration, meta-test adaptation) or returns stored ones (a replay).
 """
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
+from stable_baselines3.common.distributions import Distribution
 
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.buffers import EpisodeBatch
-from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
-from sb3_metarl.common.mlp_curvature import (
-    GaussianKLHessian,
-    GaussianLogLikelihoodHessian,
-    GaussianScore,
-    MlpActorLayout,
-    MlpActorPass,
-    Workspace,
-    gaussian_log_likelihood,
-)
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, inner_update, kl_divergence
 from sb3_metarl.gradient_modes import GradientMode, policy_gradient_surrogate
 
 #: (log-likelihoods (B, E, H) under the adapted parameters, the outer batch) -> outer surrogate per task (B,)
@@ -40,12 +30,6 @@ def masked_log_prob(policy: FunctionalPolicy, task_params: Params, batch: Episod
     """:return: log-likelihoods (B, E, H) of the batch's actions under ``task_params``, zero where masked"""
     log_prob = policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
     return log_prob.reshape(batch.masks.shape) * batch.masks
-
-
-def _flat_features(batch: EpisodeBatch) -> th.Tensor:
-    """:return: the batch's observations as a flattened-Box features extractor sees them (B, E*H, D)"""
-    obs = batch.flat_observations()
-    return obs.reshape(obs.shape[0], obs.shape[1], -1).float()
 
 
 def per_task_norm(grads: Params) -> th.Tensor:
@@ -142,8 +126,6 @@ class Adaptation:
         self.inner_lr = float(inner_lr)
         self.inner_grad_clip = inner_grad_clip
         self.weighting = weighting
-        #: the actor's layout when it is SB3's default MLP (its curvature products are then written out)
-        self.mlp_layout = MlpActorLayout.of(policy.policy)
 
     def parameters(self) -> Params:
         """:return: the meta-parameters theta (the live policy parameters) by name"""
@@ -181,17 +163,18 @@ class Adaptation:
         surrogate = mode.inner_surrogate(log_prob, batch)
         grads = grad_params(surrogate.sum(), task_params, create_graph=create_graph)
         norms = per_task_norm({n: g.detach() for n, g in grads.items()})
-        if self.inner_grad_clip is not None:
-            scale = self.clip_scale(norms)
-            grads = {n: g * scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
-        adapted = {n: task_params[n] + self.inner_lr * g for n, g in grads.items()}
-        return adapted, log_prob, norms
+        return inner_update(task_params, grads, self.inner_lr, self.clip_factor(norms)), log_prob, norms
+
+    def clip_factor(self, norms: th.Tensor) -> th.Tensor | None:
+        """:return: the per-task factor (B,) the inner gradients of norms ``norms`` are scaled by; None without clipping"""
+        if self.inner_grad_clip is None:
+            return None
+        return (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
 
     def clip_scale(self, norms: th.Tensor) -> th.Tensor:
-        """:return: the per-task factor (B,) the inner gradients of norms ``norms`` are scaled by (1 without clipping)"""
-        if self.inner_grad_clip is None:
-            return th.ones_like(norms)
-        return (self.inner_grad_clip / norms.clamp(min=1e-30)).clamp(max=1.0)
+        """:return: :meth:`clip_factor` as a tensor (B,): ones without clipping"""
+        factor = self.clip_factor(norms)
+        return th.ones_like(norms) if factor is None else factor
 
     def unroll(
         self,
@@ -244,89 +227,30 @@ class Adaptation:
         replay.outer_log_prob = self.log_prob(replay.adapted, sample.outer_batch)
         return replay
 
-    def has_layered_evaluation(self) -> bool:
-        """:return: whether :meth:`evaluate` runs layer by layer (SB3's default MLP actor), not through autograd"""
-        return self.mlp_layout is not None
-
-    def evaluate(self, sample: MetaSample, layered: bool = True) -> Replay:
+    def evaluate(self, sample: MetaSample) -> Replay:
         """
         The values of :meth:`replay` without any graph (a line search's points): the same adaptation, inner
-        log-likelihoods, gradient norms and outer log-likelihoods up to float rounding, and the outer batch's
-        action distribution. For SB3's default MLP actor the forward and backward passes are written out
-        layer by layer over cache-sized blocks of rows (``common/mlp_curvature.py``); otherwise it is
-        :meth:`replay` with ``create_graph=False``, detached.
+        log-likelihoods, gradient norms and outer log-likelihoods. The layered twin of SB3's default MLP actor
+        (``sb3_metarl.mlp.LayeredAdaptation``) computes them layer by layer, with the outer batch's action
+        distribution.
 
-        :param layered: write the passes out where possible; False: always :meth:`replay`
         :return: a replay whose tensors are all detached
         """
-        if not (layered and self.has_layered_evaluation()):
-            with th.no_grad():
-                replay = self.replay(sample, create_graph=False)
+        with th.no_grad():
+            replay = self.replay(sample, create_graph=False)
 
-            def detach(params: Params) -> Params:
-                return {n: p.detach() for n, p in params.items()}
+        def detach(params: Params) -> Params:
+            return {n: p.detach() for n, p in params.items()}
 
-            return Replay(
-                detach(replay.task_theta), [detach(params) for params in replay.inner_params],
-                [log_prob.detach() for log_prob in replay.inner_log_probs], detach(replay.adapted),
-                replay.inner_grad_norms, replay.outer_log_prob.detach(),
-            )  # fmt: skip
-        n_tasks = sample.outer_batch.n_tasks
-        theta = self.task_parameters(n_tasks, detach=True)
-        params, inner_params, log_probs, norms = theta, [], [], []
-        for batch in sample.inner_batches:
-            inner_params.append(params)
-            params, log_prob, norm = self._layered_inner_step(params, batch, sample.mode)
-            log_probs.append(log_prob)
-            norms.append(norm)
-        assert self.mlp_layout is not None
-        means, outer_log_prob = self._layered_log_prob(params, sample.outer_batch)
-        log_std = params[self.mlp_layout.log_std]
-        std = th.exp(log_std).unsqueeze(1).expand_as(means).reshape(-1, means.shape[-1])
-        distribution = DiagGaussianDistribution(means.shape[-1])
-        distribution.distribution = th.distributions.Normal(means.reshape(-1, means.shape[-1]), std, validate_args=False)
-        return Replay(theta, inner_params, log_probs, params, norms, outer_log_prob, distribution)
+        return Replay(
+            detach(replay.task_theta), [detach(params) for params in replay.inner_params],
+            [log_prob.detach() for log_prob in replay.inner_log_probs], detach(replay.adapted),
+            replay.inner_grad_norms, replay.outer_log_prob.detach(),
+        )  # fmt: skip
 
-    def _layered_passes(self, task_params: Params, batch: EpisodeBatch) -> Iterator[tuple[slice, MlpActorPass]]:
-        """:return: forward passes of the MLP actor over blocks of ``batch``'s rows (block, pass), one at a time"""
-        assert self.mlp_layout is not None
-        n_tasks, features = batch.n_tasks, _flat_features(batch)
-        width = _hidden_width(self.mlp_layout, task_params)
-        workspace = Workspace()
-        for rows in _row_blocks(features.shape[1], n_tasks * width):
-            yield rows, MlpActorPass(self.mlp_layout, task_params, features[:, rows], workspace)
-
-    def _layered_log_prob(self, task_params: Params, batch: EpisodeBatch) -> tuple[th.Tensor, th.Tensor]:
-        """:return: the actor's means (B, E*H, A) on ``batch`` and the actions' log-likelihoods (B, E, H), zero where masked"""
-        actions, masks = batch.flat_actions().float(), batch.masks.reshape(batch.n_tasks, -1)
-        means, log_probs = [], []
-        for rows, forward in self._layered_passes(task_params, batch):
-            means.append(forward.mean)
-            log_probs.append(gaussian_log_likelihood(forward, actions[:, rows]))
-        log_prob = th.cat(log_probs, 1) * masks
-        return th.cat(means, 1), log_prob.reshape(batch.masks.shape)
-
-    def _layered_inner_step(
-        self, task_params: Params, batch: EpisodeBatch, mode: GradientMode
-    ) -> tuple[Params, th.Tensor, th.Tensor]:
-        """:meth:`inner_step`'s values (no graph), layer by layer: the new parameters, the log-likelihoods, the norms"""
-        assert self.mlp_layout is not None
-        _, log_prob = self._layered_log_prob(task_params, batch)
-        weights, _ = _log_likelihood_weights(mode, log_prob, batch, create_graph=False)
-        masks = batch.masks.reshape(batch.n_tasks, -1)
-        weights = (weights.reshape(masks.shape) * masks).unsqueeze(-1)
-        actions = batch.flat_actions().float()
-        grads: Params = {}
-        # the gradient is a sum over rows, weighted by dS/dlog pi, which needs every log-likelihood first: the forward
-        # pass is run again per block rather than keeping every block's activations (they would leave the cache)
-        for rows, forward in self._layered_passes(task_params, batch):
-            score = GaussianScore.of(forward, actions[:, rows], masks[:, rows], weights[:, rows])
-            block, _ = forward.backward(score.mean_cotangent, score.log_std_cotangent)
-            grads = block if not grads else {n: grads[n] + block[n] for n in grads}
-        norms = per_task_norm(grads)
-        step = self.inner_lr * self.clip_scale(norms)
-        adapted = {n: p + step.view(-1, *[1] * (p.dim() - 1)) * grads[n] if n in grads else p for n, p in task_params.items()}
-        return adapted, log_prob, norms
+    def autograd(self) -> "Adaptation":
+        """:return: this adaptation computed through autograd only (itself; a twin returns its reference)"""
+        return self
 
     @staticmethod
     def objective(
@@ -404,7 +328,7 @@ class Adaptation:
         masks = batch.masks.reshape(-1)
         return (kl_divergence(old_distribution, new) * masks).sum() / masks.sum()
 
-    def kl_hessian_product(self, sample: MetaSample, names: list[str], layered: bool = True) -> Callable[[Params], Params]:
+    def kl_hessian_product(self, sample: MetaSample, names: list[str]) -> Callable[[Params], Params]:
         """
         Products with the Hessian H, at the sampling parameters, of the adapted policies' mean KL
         ``mean_kl(theta'_old, theta'(theta), outer batch)``, theta' the adaptation replayed on the stored
@@ -412,19 +336,12 @@ class Adaptation:
 
         At the sampling parameters the KL's gradient with respect to theta' is exactly zero, so
         ``H = sum_b J_b^T G_b J_b``, with ``J_b`` the inner step's Jacobian and ``G_b`` the KL's
-        Hessian in theta'_b (the outer Fisher information). With one inner step ``J_b = I + eta s_b
-        Hess S_b`` is symmetric (the clip factor s_b is a constant); for SB3's default MLP actor the
-        products are then written out layer by layer (``common/mlp_curvature.py``), reusing the
-        activations across products. Otherwise H is differentiated twice through the sample's graph
-        (double backward). Both are the same H up to float rounding.
+        Hessian in theta'_b (the outer Fisher information). Here H is differentiated twice through the
+        sample's graph (double backward); the layered twin writes the products out (``sb3_metarl.mlp``).
 
         :param names: the parameters of the tangents (those the meta-objective depends on)
-        :param layered: write the products out where possible (:meth:`has_layered_kl_hessian`); False: always
-            double backward, which needs the sample's graph
         :return: v (shared tangents by name) -> H v (by name)
         """
-        if layered and self.has_layered_kl_hessian(sample) and self.mlp_layout and set(names) <= set(self.mlp_layout.names):
-            return self._layered_kl_hessian_product(sample, names)
         params = self.parameters()
         old_adapted = {n: p.detach() for n, p in sample.adapted.items()}
         kl = self.mean_kl(old_adapted, sample.adapted, sample.outer_batch)
@@ -436,65 +353,9 @@ class Adaptation:
 
         return product
 
-    def has_layered_kl_hessian(self, sample: MetaSample) -> bool:
-        """
-        :return: whether :meth:`kl_hessian_product` writes the products out for ``sample`` (SB3's default MLP
-            actor, one inner step): they then do not need the sample's graph
-        """
-        return self.mlp_layout is not None and len(sample.inner_batches) == 1
-
-    def _layered_kl_hessian_product(self, sample: MetaSample, names: list[str]) -> Callable[[Params], Params]:
-        layout = self.mlp_layout
-        assert layout is not None
-        batch, outer, mode = sample.inner_batches[0], sample.outer_batch, sample.mode
-        n_tasks = outer.n_tasks
-        theta = self.task_parameters(n_tasks, detach=True)
-        masks = batch.masks.reshape(n_tasks, -1)
-        weights, log_likelihoods = _log_likelihood_weights(mode, sample.replay.inner_log_probs[0], batch, create_graph=True)
-        weights_tangent = None
-        if weights.requires_grad:  # S is not linear in the log-likelihoods (DiCE's magic boxes)
-
-            def weights_tangent(tangent: th.Tensor) -> th.Tensor:
-                product = th.autograd.grad(weights, log_likelihoods, tangent.reshape(weights.shape), retain_graph=True)[0]
-                return product.reshape(masks.shape) * masks
-
-        workspace = Workspace()  # the inner and outer products alternate: one set of buffers
-        width = _hidden_width(layout, theta)
-        features, actions = _flat_features(batch), batch.flat_actions().float()
-        row_weights = weights.detach().reshape(masks.shape) * masks
-        # every product is a sum over rows: a linear S (no weights tangent) is taken in blocks of rows whose
-        # (B, rows, width) intermediates stay in cache (a non-linear one couples an episode's rows: one block)
-        inner_blocks = _row_blocks(masks.shape[1], n_tasks * width) if weights_tangent is None else [slice(None)]
-        inner_hessians = [
-            GaussianLogLikelihoodHessian(layout, theta, features[:, rows], actions[:, rows], masks[:, rows],
-                                         row_weights[:, rows], weights_tangent, workspace)
-            for rows in inner_blocks
-        ]  # fmt: skip
-        step = self.inner_lr * self.clip_scale(sample.replay.inner_grad_norms[0])
-        outer_masks = outer.masks.reshape(n_tasks, -1)
-        outer_features, outer_total = _flat_features(outer), outer_masks.sum().item()
-        outer_fishers = [
-            GaussianKLHessian(layout, sample.adapted, outer_features[:, rows], outer_masks[:, rows], outer_total, workspace)
-            for rows in _row_blocks(outer_masks.shape[1], n_tasks * width)
-        ]
-
-        def jacobian(tangent: Params) -> Params:
-            if not mode.differentiate_inner_step:
-                return tangent
-            curvature = _summed([hessian.product(tangent) for hessian in inner_hessians])
-            return {n: tangent[n] + step.view(-1, *[1] * (t.dim() - 1)) * curvature[n] for n, t in tangent.items()}
-
-        # the actor's parameters outside ``names`` are held fixed: a zero tangent
-        fixed = {n: th.zeros_like(p) for n, p in self.parameters().items() if n in layout.names and n not in names}
-
-        def product(vector: Params) -> Params:
-            shared = {**fixed, **{n: vector[n] for n in names}}
-            per_task = {n: v.unsqueeze(0).expand(n_tasks, *v.shape) for n, v in shared.items()}
-            adapted_tangent = jacobian(per_task)
-            result = jacobian(_summed([fisher.product(adapted_tangent) for fisher in outer_fishers]))
-            return {n: result[n].sum(0) for n in names}
-
-        return product
+    def kl_hessian_needs_graph(self, sample: MetaSample) -> bool:
+        """:return: whether :meth:`kl_hessian_product` differentiates ``sample``'s graph (keep it until then)"""
+        return True
 
     def adapt(self, task_params: Params, batch: EpisodeBatch, mode: GradientMode) -> Params:
         """
@@ -509,41 +370,3 @@ class Adaptation:
         with th.enable_grad():
             adapted, _, _ = self.inner_step(leaves, batch, mode, create_graph=False, at_sampling=True)
         return {n: p.detach() for n, p in adapted.items()}
-
-
-#: elements of a (B, rows, width) intermediate of the layered products that stay in cache on common CPUs (2 MB)
-_BLOCK_ELEMENTS = 2**19
-
-
-def _hidden_width(layout: MlpActorLayout, task_params: Params) -> int:
-    """:return: the widest hidden layer of the MLP actor (1 without hidden layers), the width of the passes' intermediates"""
-    return max((task_params[weight].shape[1] for weight, _, _ in layout.hidden), default=1)
-
-
-def _log_likelihood_weights(
-    mode: GradientMode, log_prob: th.Tensor, batch: EpisodeBatch, create_graph: bool
-) -> tuple[th.Tensor, th.Tensor]:
-    """
-    :return: the inner surrogate's derivative in each log-likelihood, ``dS/dlog pi`` (shaped as ``log_prob``), taken
-        on a small graph of its own (DiCE's boxes are not linear in them), and the log-likelihood leaves it was taken at
-        (with ``create_graph``, the weights stay differentiable in them: S's own curvature)
-    """
-    leaves = log_prob.detach().requires_grad_(True)
-    with th.enable_grad():
-        weights = th.autograd.grad(mode.inner_surrogate(leaves, batch).sum(), leaves, create_graph=create_graph)[0]
-    return weights, leaves
-
-
-def _row_blocks(n_rows: int, elements_per_row: int) -> list[slice]:
-    """:return: about equal blocks of ``n_rows`` rows of at most about ``_BLOCK_ELEMENTS`` elements each"""
-    n_blocks = max(1, math.ceil(n_rows * elements_per_row / _BLOCK_ELEMENTS))
-    size = math.ceil(n_rows / n_blocks)
-    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
-
-
-def _summed(products: list[Params]) -> Params:
-    """:return: the sum of per-block products, by name"""
-    total = products[0]
-    for product in products[1:]:
-        total = {name: total[name] + product[name] for name in total}
-    return total

@@ -36,16 +36,17 @@ def _scaled_error(actual, expected):
 @pytest.mark.parametrize("block_elements", [2**19, 200])
 def test_layered_kl_hessian_product_equals_double_backward(mode, block_elements, monkeypatch):
     """Also in blocks of rows (200 elements: 60 blocks of 5 rows of 3 tasks x 16 units)."""
-    import sb3_metarl.adaptation
+    import sb3_metarl.mlp.adaptation
+    from sb3_metarl.mlp import LayeredAdaptation
 
-    monkeypatch.setattr(sb3_metarl.adaptation, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(sb3_metarl.mlp.adaptation, "_BLOCK_ELEMENTS", block_elements)
     _, adaptation, sample = _model_and_sample(mode)
     scales = adaptation.clip_scale(sample.replay.inner_grad_norms[0])
-    assert adaptation.mlp_layout is not None and (scales < 1).any() and (scales == 1).any()
-    names = adaptation.mlp_layout.names
+    assert isinstance(adaptation, LayeredAdaptation) and (scales < 1).any() and (scales == 1).any()
+    assert not adaptation.kl_hessian_needs_graph(sample) and adaptation.autograd().kl_hessian_needs_graph(sample)
+    names = adaptation.layout.names
     layered = adaptation.kl_hessian_product(sample, names)
-    adaptation.mlp_layout = None
-    double_backward = adaptation.kl_hessian_product(sample, names)
+    double_backward = adaptation.autograd().kl_hessian_product(sample, names)
     generator = th.Generator().manual_seed(1)
     for _ in range(2):  # the second product reuses the first one's workspace
         vector = {n: th.randn(p.shape, generator=generator) for n, p in adaptation.parameters().items() if n in names}
@@ -99,11 +100,12 @@ def test_layered_evaluation_is_the_replay_s_values(mode, block_elements, monkeyp
     weights cancel, 1.2e-5 after the first step, 9e-5 after the second and 1.8e-4 on the outer batch.
     Tolerances: 1e-4 and 1e-3.
     """
-    import sb3_metarl.adaptation
+    import sb3_metarl.mlp.adaptation
+    from sb3_metarl.mlp import LayeredAdaptation
 
-    monkeypatch.setattr(sb3_metarl.adaptation, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(sb3_metarl.mlp.adaptation, "_BLOCK_ELEMENTS", block_elements)
     _, adaptation, sample = _model_and_sample(mode, inner_steps=2, inner_lr=0.005)
-    assert adaptation.has_layered_evaluation()
+    assert isinstance(adaptation, LayeredAdaptation)
     assert (adaptation.clip_scale(sample.replay.inner_grad_norms[0]) < 1).any()
     with th.no_grad():  # away from the sampling parameters, where every term of the inner gradient counts
         for param in adaptation.parameters().values():
@@ -124,11 +126,24 @@ def test_layered_evaluation_is_the_replay_s_values(mode, block_elements, monkeyp
     assert not any(t.requires_grad for t in [evaluated.outer_log_prob, *evaluated.adapted.values()])
 
 
-def test_layered_evaluation_falls_back_to_the_replay_for_other_actors():
-    _, adaptation, sample = _model_and_sample("lvc")
-    adaptation.mlp_layout = None
-    assert not adaptation.has_layered_evaluation()
+def test_the_autograd_reference_evaluates_by_replay():
+    _, layered, sample = _model_and_sample("lvc")
+    adaptation = layered.autograd()
+    assert type(adaptation).__name__ == "Adaptation" and adaptation.autograd() is adaptation
     with th.no_grad():
         expected = adaptation.replay(sample, create_graph=False)
     evaluated = adaptation.evaluate(sample)
     assert th.equal(evaluated.outer_log_prob, expected.outer_log_prob) and evaluated.outer_distribution is None
+
+
+def test_the_layered_twin_is_chosen_by_the_one_detector():
+    """SB3's default MLP actor gets the twin, in training and in sampling; an activation the twin does not write out
+    (ELU) gets the autograd adaptation and the policy's own modules when acting."""
+    from sb3_metarl.mlp import LayeredAdaptation, MlpActorLayout
+
+    for activation, layered in ((th.nn.Tanh, True), (th.nn.ReLU, True), (th.nn.ELU, False)):
+        kwargs = {**SMALL, "policy_kwargs": dict(net_arch=[8], activation_fn=activation)}
+        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.05, seed=0, **kwargs)
+        assert isinstance(model.adaptation, LayeredAdaptation) is layered
+        assert (MlpActorLayout.of(model.policy) is not None) is layered
+        assert (model.episode_sampler.policies.layout is not None) is layered

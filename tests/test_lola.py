@@ -127,16 +127,18 @@ def test_dice_estimates_the_exact_inner_gradient_and_lola_meta_gradient():
 
 
 def test_lola_exact_cooperates_where_naive_learners_defect():
-    lola = LOLADiCE(inner="exact", outer="exact").learn(300)
-    naive = LOLADiCE(inner="exact", outer="exact", opponent_shaping=False).learn(300)
+    lola, naive = LOLADiCE(inner="exact", outer="exact"), LOLADiCE(inner="exact", outer="exact", opponent_shaping=False)
+    for learner in (lola, naive):
+        learner.learn(300 * learner.timesteps_per_update)
+    assert len(lola.history) == len(naive.history) == 300
     for player in (1, 2):
         assert lola.history[-1][f"average_reward_{player}"] > -1.3
         assert naive.history[-1][f"average_reward_{player}"] < -1.9
 
 
 def test_sampled_learning_is_reproducible_and_arguments_are_checked():
-    first = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3)
-    second = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3)
+    first = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3 * 640)
+    second = LOLADiCE(batch_size=16, rollout_length=10, seed=3).learn(3 * 640)
     assert first.history == second.history
     np.testing.assert_array_equal(first.cooperation_probabilities(), second.cooperation_probabilities())
     with pytest.raises(ValueError, match="inner"):
@@ -214,11 +216,11 @@ def test_off_policy_inner_step_takes_its_value_and_its_derivative_from_the_chose
 
 
 def test_off_policy_buffer_keeps_the_most_recent_games_and_arguments_are_checked():
-    learner = LOLADiCE(batch_size=16, rollout_length=10, buffer_size=40, off_policy_value=True, seed=0).learn(1)
+    learner = LOLADiCE(batch_size=16, rollout_length=10, buffer_size=40, off_policy_value=True, seed=0).learn(640)
     # one update: both players' virtual steps played 16 games each at the initial (uniform) policies
     assert len(learner.replay_games) == 32
     th.testing.assert_close(learner.replay_games.behaviour_log_probs, th.full((32, 10), 2 * np.log(0.5)))
-    learner.learn(1)
+    learner.learn(640)
     assert len(learner.replay_games) == 40
     for kwargs in (dict(off_policy_value=True), dict(off_policy_hessian=True, buffer_size=8, batch_size=16)):
         with pytest.raises(ValueError, match="buffer_size"):
@@ -227,3 +229,43 @@ def test_off_policy_buffer_keeps_the_most_recent_games_and_arguments_are_checked
         LOLADiCE(inner="exact", buffer_size=1024, off_policy_value=True)
     with pytest.raises(ValueError, match="buffer_size"):
         LOLADiCE(buffer_size=-1)
+
+
+def test_learn_counts_rounds_as_sb3_timesteps_and_takes_sb3_callbacks(tmp_path):
+    """One update counts both players' outer and inner games' rounds; an SB3 CheckpointCallback saves the learner."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    learner = LOLADiCE(batch_size=16, inner_batch_size=8, rollout_length=10, seed=0)
+    assert learner.timesteps_per_update == 2 * (16 + 8) * 10
+    with pytest.raises(ValueError, match="total_timesteps: counts rounds of the IPD"):
+        learner.learn(3)  # (before 0.2 the argument counted updates)
+    checkpoints = CheckpointCallback(save_freq=2, save_path=str(tmp_path), name_prefix="lola")
+    learner.learn(5 * learner.timesteps_per_update - 1, callback=[checkpoints])
+    assert learner.n_updates == 5 and learner.num_timesteps == 5 * 480
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lola_1920_steps.zip", "lola_960_steps.zip"]
+    stops = []
+    learner.learn(10 * 480, callback=lambda model, record: stops.append(record["update"]) or len(stops) < 3)
+    assert stops == [6.0, 7.0, 8.0] and learner.num_timesteps == 3 * 480
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(buffer_size=48, off_policy_value=True, off_policy_hessian=True)])
+def test_save_load_continue_is_bit_identical_to_not_stopping(tmp_path, kwargs):
+    """Logits, baselines, both Adams, the games' stream, the off-policy buffer and the counters are saved."""
+    def make():
+        return LOLADiCE(batch_size=16, rollout_length=10, seed=4, **kwargs)
+
+    straight = make().learn(5 * 640)
+    first = make().learn(2 * 640)
+    first.save(tmp_path / "lola")
+    resumed = LOLADiCE.load(tmp_path / "lola.zip")
+    assert resumed.n_updates == 2 and resumed.num_timesteps == 2 * 640 and resumed.buffer_size == first.buffer_size
+    resumed.learn(3 * 640, reset_num_timesteps=False)
+    assert resumed.history == straight.history and resumed.num_timesteps == straight.num_timesteps
+    for mine, theirs in zip([*resumed.thetas, *resumed.values], [*straight.thetas, *straight.values]):
+        assert th.equal(mine, theirs)
+    with pytest.raises(ValueError, match="does not hold a LOLADiCE learner"):
+        from sb3_metarl import MetaPolicyGradient
+
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_batch_size=2, inner_episodes=2,
+                           outer_episodes=2, inner_lr=0.1).save(tmp_path / "other")  # fmt: skip
+        LOLADiCE.load(tmp_path / "other.zip")

@@ -7,7 +7,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
 from sb3_metarl.common.functional import FunctionalPolicy, grad_params, kl_divergence
-from sb3_metarl.common.mlp_curvature import GaussianKLHessian, GaussianLogLikelihoodHessian, MlpActorLayout
+from sb3_metarl.mlp import MlpActorLayout
+from sb3_metarl.mlp.curvature import GaussianKLHessian, GaussianLogLikelihoodHessian
 
 N_TASKS, N_ROWS = 3, 11
 ARCHITECTURES = [([], nn.Tanh), ([6], nn.Tanh), ([5, 4], nn.Tanh), ([5, 4], nn.ReLU)]
@@ -96,7 +97,7 @@ def test_kl_hessian_is_the_fisher_information(net_arch, activation_fn):
 
 def test_mean_matches_the_policy():
     functional, layout, task_params, obs, *_ = _setup([5, 4], nn.Tanh)
-    from sb3_metarl.common.mlp_curvature import MlpActorPass
+    from sb3_metarl.mlp.curvature import MlpActorPass
 
     mean = MlpActorPass(layout, task_params, obs).mean
     th.testing.assert_close(mean.reshape(-1, 2), functional.distribution(task_params, obs).distribution.loc)

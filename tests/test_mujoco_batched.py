@@ -7,7 +7,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedLocomotion, batched_stepper
+from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, batched_stepper
 
 FAMILIES = [
     ("sb3_metarl/HalfCheetahDir-v0", {}),
@@ -17,6 +17,10 @@ FAMILIES = [
     ("sb3_metarl/SwimmerVel-v0", dict(action_scale=10.0)),
     ("sb3_metarl/HopperRandParams-v0", {}),
     ("sb3_metarl/Walker2dRandParams-v0", dict(action_scale=10.0)),
+    ("sb3_metarl/AntDir-v0", {}),
+    ("sb3_metarl/AntVel-v0", dict(action_scale=10.0)),
+    ("sb3_metarl/AntDir2D-v0", dict(healthy_z_range=(0.3, 1.0))),
+    ("sb3_metarl/AntGoal-v0", dict(contact_cost_weight=1e-3, include_cfrc_ext_in_observation=False)),
 ]
 
 
@@ -36,7 +40,7 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
         first.unwrapped.set_task(task)
         second.unwrapped.set_task(task)
     twin = batched_stepper([env.unwrapped for env in batched], num_threads)
-    assert isinstance(twin, BatchedLocomotion)
+    assert isinstance(twin, BatchedAnt if "Ant" in env_id else BatchedLocomotion)
     steps = [step_without_bookkeeping(env)[0] for env in per_env]
     high = per_env[0].action_space.high
     falls = 0
@@ -59,7 +63,7 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
                 assert list(info) == list(infos[k]) and info == infos[k]
             running[rows[terminated]] = False
             falls += int(terminated.sum())
-    if "Walker" in env_id or "Hopper" in env_id:
+    if "Walker" in env_id or "Hopper" in env_id or "Ant" in env_id:
         assert falls > 0  # the comparison covered terminations
     twin.close()
 
@@ -68,7 +72,8 @@ def test_only_what_the_twin_steps_exactly_is_batched():
     cheetah = gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped
     assert BatchedLocomotion.supports(cheetah)
     assert not BatchedLocomotion.supports(gym.make("sb3_metarl/HalfCheetahDir-v0", render_mode="rgb_array").unwrapped)
-    assert batched_stepper([gym.make("sb3_metarl/AntDir-v0").unwrapped]) is None  # a family with no twin (yet)
+    assert batched_stepper([gym.make("sb3_metarl/Navigation2D-v0").unwrapped]) is None  # a family with no twin
+    assert isinstance(batched_stepper([gym.make("sb3_metarl/AntGoal-v0").unwrapped]), BatchedAnt)
     assert batched_stepper([cheetah, gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped]) is None  # one class per batch
     # a wrapper between the runner and the env would be bypassed: the runner keeps the per-env step there
     wrapped = [gym.wrappers.TransformReward(gym.make("sb3_metarl/HalfCheetahDir-v0"), lambda r: 2 * r) for _ in range(2)]
@@ -99,7 +104,7 @@ def _trained_parameters(env_id, **kwargs):
     return parameters
 
 
-TRAINED = ["sb3_metarl/HalfCheetahDir-v0", "sb3_metarl/Walker2dVel-v0", "sb3_metarl/HopperRandParams-v0"]
+TRAINED = [f"sb3_metarl/{family}-v0" for family in ("HalfCheetahDir", "Walker2dVel", "HopperRandParams", "AntDir")]
 
 
 @pytest.mark.parametrize("env_id", TRAINED)
@@ -114,3 +119,13 @@ def test_training_with_the_twin_gives_the_per_env_step_s_parameters_on_every_bac
 def test_bad_runner_arguments_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=r"batched_physics|num_threads"):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahDir-v0", meta_batch_size=2, sampler_kwargs=bad)
+
+
+def test_the_physics_threads_default_to_the_cores_available_divided_among_workers(monkeypatch):
+    import sb3_metarl.samplers.runner as runner
+
+    monkeypatch.setattr(runner, "available_cores", lambda: 6)
+    assert runner.physics_threads(None) == 6 and runner.physics_threads(None, 4) == 1 and runner.physics_threads(3, 4) == 3
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahDir-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=0.1)  # fmt: skip
+    assert model.episode_sampler.runner.batched.num_threads == 6

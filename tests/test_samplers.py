@@ -14,8 +14,8 @@ from conftest import deadline  # the tests' directory is on sys.path (pytest's d
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.common.vec_env import SamplerClosedError, WorkerDiedError
 from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, VecEnvSampler
+from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError
 from sb3_metarl.tasks import TaskEnv
 
 SMALL = dict(meta_batch_size=4, inner_episodes=3, outer_episodes=3, seed=3)
@@ -238,7 +238,7 @@ class _CountingSampler(EpisodeSampler):
 def test_an_episode_sampler_instance_is_used_and_gives_the_default_samples():
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_metarl.common.vec_env import make_task_env
+    from sb3_metarl.samplers.factory import make_task_env
 
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     sampler = _CountingSampler(venv, 4)
@@ -272,7 +272,7 @@ class _PlainSampler(EpisodeSampler):
 def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_metarl.common.vec_env import make_task_env
+    from sb3_metarl.samplers.factory import make_task_env
 
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     sampler = _PlainSampler(venv, 4)
@@ -309,7 +309,7 @@ def test_bad_sampler_arguments_fail_early_with_the_argument_named(kwargs, match)
 def test_a_sharded_sampler_needs_a_factory_not_a_vec_env():
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_metarl.common.vec_env import make_task_env
+    from sb3_metarl.samplers.factory import make_task_env
 
     venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
     with pytest.raises(ValueError, match="env: sampler='subproc' builds the sub-envs in its workers"):
@@ -317,7 +317,7 @@ def test_a_sharded_sampler_needs_a_factory_not_a_vec_env():
 
 
 @pytest.mark.parametrize("activation", [th.nn.Tanh, th.nn.ReLU])
-def test_plain_mlp_acting_is_the_policy_s_own_gaussian_sample(activation):
+def test_layered_acting_is_the_policy_s_own_gaussian_sample(activation):
     """The layer-by-layer path (layers and std read once per load) samples bit for bit what the policy's modules do."""
     from gymnasium import spaces
     from stable_baselines3.common.policies import ActorCriticPolicy
@@ -330,8 +330,8 @@ def test_plain_mlp_acting_is_the_policy_s_own_gaussian_sample(activation):
     generator = th.Generator().manual_seed(0)
     task_params = {n: p.detach() + 0.3 * th.randn(4, *p.shape, generator=generator) for n, p in policy.named_parameters()}
     plain, generic = GroupPolicies(policy), GroupPolicies(policy)
-    generic.plain_mlp = False
-    assert plain.plain_mlp
+    generic.layout = None
+    assert plain.layout is not None
     observations = th.randn(4 * 5, 3, generator=generator).numpy()
     for policies in (plain, generic):
         policies.load(task_params)
@@ -355,7 +355,7 @@ def test_stepping_below_the_bookkeeping_wrappers_samples_what_the_wrapped_envs_d
     from stable_baselines3.common.policies import ActorCriticPolicy
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from sb3_metarl.common.vec_env import make_task_env
+    from sb3_metarl.samplers.factory import make_task_env
     from sb3_metarl.samplers.runner import step_without_bookkeeping
 
     def make():
@@ -512,7 +512,7 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
     script = (
         "import faulthandler, signal, sys\n"
         "from sb3_metarl import MetaPolicyGradient\n"
-        "from sb3_metarl.common.vec_env import SamplerClosedError, WorkerDiedError\n"
+        "from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError\n"
         "if __name__ == '__main__':\n"
         "    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, should it ever hang\n"
         "    # a terminal's interpreter turns SIGINT into KeyboardInterrupt; one started from a background job of a\n"
@@ -580,3 +580,27 @@ def test_closing_after_ray_shut_down_does_not_start_ray_again():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "initialized after close: False" in result.stdout and "exiting without close" in result.stdout
+
+
+def test_acting_uses_cpu_copies_whatever_the_learner_s_device():
+    """The per-group copies live on the CPU and take parameters from any device (one transfer per phase); the
+    batches are built on the learner's device."""
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", device="cpu", **SMALL)
+    tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng(0))
+    batch = model.sample_episodes(tasks, None, 2)
+    policies = model.episode_sampler.policies
+    assert policies.copies and all(p.device.type == "cpu" for copy in policies.copies for p in copy.parameters())
+    assert all(copy.optimizer is None for copy in policies.copies)
+    assert batch.observations.device == model.device
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_learner_samples_the_cpu_learner_s_episodes():
+    batches = []
+    for device in ("cpu", "cuda"):
+        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", device=device, **SMALL)
+        tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng(0))
+        batches.append(model.sample_episodes(tasks, None, 4))
+    assert batches[1].observations.device.type == "cuda"
+    for field in ("observations", "actions", "rewards", "masks"):
+        assert th.equal(getattr(batches[0], field), getattr(batches[1], field).cpu()), field

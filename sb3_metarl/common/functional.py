@@ -199,6 +199,40 @@ def grad_params(output: th.Tensor, params: Params, create_graph: bool = False, r
     return {n: th.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
 
 
+def inner_update(
+    params: Params,
+    gradient: Params,
+    step_size: float,
+    scale: th.Tensor | None = None,
+    derivative: Params | None = None,
+) -> Params:
+    """
+    The inner step, written once for every inner loop (the adaptation, its layered twin, the ``inner_lr="auto"``
+    calibration, the bias decomposition, LOLA): ``theta' = theta + eta * s * g`` per task.
+
+    :param params: per-task parameters theta (leading dim: the tasks)
+    :param gradient: the ascent direction g by name (parameters without one keep their value)
+    :param step_size: eta
+    :param scale: a per-task factor s (B,) (a clip factor, or per-task step sizes with ``step_size=1``); None: 1
+    :param derivative: where given, the step takes its value from ``gradient`` and its derivatives from
+        ``derivative``: ``g = stop(gradient) + derivative - stop(derivative)`` (Liu et al.'s decomposition of the
+        meta-gradient, LOLA's off-policy Hessian)
+    :return: the new per-task parameters (graph-carrying where ``params``, ``gradient`` or ``derivative`` are)
+    """
+    stepped = {}
+    for name, param in params.items():
+        if name not in gradient:
+            stepped[name] = param
+            continue
+        direction = gradient[name]
+        if derivative is not None:
+            direction = direction.detach() + derivative[name] - derivative[name].detach()
+        if scale is not None:
+            direction = direction * scale.view(-1, *[1] * (direction.dim() - 1)).to(direction)
+        stepped[name] = param + step_size * direction
+    return stepped
+
+
 def kl_divergence(dist_p: Distribution, dist_q: Distribution) -> th.Tensor:
     """:return: KL(p || q) per sample (summed over action dimensions) for two distributions of the same kind"""
     if isinstance(dist_p.distribution, list):

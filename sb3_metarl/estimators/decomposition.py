@@ -5,7 +5,7 @@ from typing import Any
 
 import torch as th
 
-from sb3_metarl.common.functional import FunctionalPolicy, grad_params
+from sb3_metarl.common.functional import FunctionalPolicy, grad_params, inner_update
 from sb3_metarl.estimators.exact import tabular_value_function
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode, policy_gradient_surrogate
 from sb3_metarl.meta_pg import MetaPolicyGradient
@@ -76,10 +76,7 @@ def decomposed_meta_gradient(
         else:
             surrogate = hessian_mode.inner_surrogate(adaptation.log_prob(params, batch), batch)
             derivative = grad_params(surrogate.sum(), params, create_graph=True)
-        params = {
-            n: params[n] + inner_lr * (inner_value[n].detach() + derivative[n] - derivative[n].detach())
-            for n in params
-        }
+        params = inner_update(params, inner_value, inner_lr, derivative=derivative)
     if outer == "exact":
         objective = values(params).sum()
     else:

@@ -16,15 +16,23 @@ stop-gradient decomposition the value of the inner step and its derivative (the 
 buffer (off) or from the fresh games alone (on).
 """
 
+import inspect
+import io
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.save_util import load_from_zip_file, save_to_zip_file
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.utils import configure_logger
 
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.buffers import EpisodeBatch
+from sb3_metarl.common.functional import inner_update
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.tasks.ipd import Games, ipd_exact_value, play
 
@@ -73,6 +81,8 @@ class LOLADiCE:
     :param off_policy_hessian: the inner step's derivative in the shaping player's parameters (the Hessian term)
         is estimated on the buffer; else on the fresh games
     :param seed: seed of the games' random stream
+    :param verbose: 0 no output, 1 the ``train/`` logs every ``log_interval`` updates
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
     """
 
     def __init__(
@@ -93,6 +103,8 @@ class LOLADiCE:
         off_policy_value: bool = False,
         off_policy_hessian: bool = False,
         seed: int = 0,
+        verbose: int = 0,
+        tensorboard_log: str | None = None,
     ):
         for name, value in (("inner", inner), ("outer", outer)):
             if value not in ESTIMATES:
@@ -130,6 +142,10 @@ class LOLADiCE:
         self.theta_optimizers = [th.optim.Adam([theta], lr=outer_lr) for theta in self.thetas]
         self.value_optimizers = [th.optim.Adam([values], lr=value_lr) for values in self.values]
         self.n_updates = 0
+        #: rounds of the IPD counted so far (SB3's timesteps; ``timesteps_per_update`` per update)
+        self.num_timesteps = 0
+        self.outer_lr, self.value_lr, self.seed = outer_lr, value_lr, seed
+        self.verbose, self.tensorboard_log = verbose, tensorboard_log
         #: one record per update: the exact average reward per round of each player ((1 - gamma) V), sampled means
         self.history: list[dict[str, float]] = []
 
@@ -185,9 +201,11 @@ class LOLADiCE:
                 self.remember(games)
             if not (self.off_policy_value or self.off_policy_hessian):
                 (gradient,) = th.autograd.grad(objective, theta_other, create_graph=True)
+                derivative = None
             else:
-                gradient = self._off_policy_inner_gradient(other, pair, theta_other, objective)
-            theta_other = theta_other + self.inner_lr * gradient
+                gradient, derivative = self._off_policy_inner_gradient(other, pair, theta_other, objective)
+            stepped = inner_update({"theta": theta_other}, {"theta": gradient}, self.inner_lr, derivative=derivative)
+            theta_other = stepped["theta"]
         return theta_other
 
     def remember(self, games: Games) -> None:
@@ -197,10 +215,11 @@ class LOLADiCE:
 
     def _off_policy_inner_gradient(
         self, other: int, pair: tuple[th.Tensor, th.Tensor], theta_other: th.Tensor, on_policy: th.Tensor
-    ) -> th.Tensor:
+    ) -> tuple[th.Tensor, dict[str, th.Tensor] | None]:
         """
-        :return: ``other``'s inner gradient with its value from the buffer or the fresh games (``off_policy_value``)
-            and its derivatives from one or the other (``off_policy_hessian``): ``stop(g_value) + g_hess - stop(g_hess)``
+        :return: ``other``'s inner gradient with its value from the buffer or the fresh games (``off_policy_value``),
+            and where its derivatives come from the other source (``off_policy_hessian``), the gradient that gives
+            them (``inner_update``'s ``derivative``: ``stop(g_value) + g_hess - stop(g_hess)``), else None
         """
         assert self.replay_games is not None
         off_policy = self.surrogate(other, self.replay_games, *pair, off_policy=True)
@@ -208,9 +227,9 @@ class LOLADiCE:
         hessian_source = off_policy if self.off_policy_hessian else on_policy
         (hessian_gradient,) = th.autograd.grad(hessian_source, theta_other, create_graph=True)
         if value_source is hessian_source:
-            return hessian_gradient
+            return hessian_gradient, None
         (value_gradient,) = th.autograd.grad(value_source, theta_other, retain_graph=True)
-        return value_gradient + hessian_gradient - hessian_gradient.detach()
+        return value_gradient, {"theta": hessian_gradient}
 
     # ------------------------------------------------------------------ training
 
@@ -251,18 +270,124 @@ class LOLADiCE:
         loss.backward()
         self.value_optimizers[player].step()
 
-    def learn(self, n_updates: int, callback: Callable[["LOLADiCE", dict[str, float]], Any] | None = None) -> "LOLADiCE":
+    @property
+    def timesteps_per_update(self) -> int:
         """
-        :param n_updates: simultaneous updates of both players
-        :param callback: called after each update with the learner and its record; returning False stops
+        Env steps (rounds of the IPD, SB3's timesteps) one update counts: both players' outer games and, with
+        opponent shaping, the games of each virtual inner step. A piece computed exactly counts the games its
+        sampled counterpart plays, so a budget is the same number of updates in every configuration.
+        """
+        games = self.batch_size + (self.lookahead_steps * self.inner_batch_size if self.opponent_shaping else 0)
+        return 2 * games * self.rollout_length
+
+    def get_env(self) -> None:
+        """:return: None: the game is played in closed form (no VecEnv; SB3 callbacks read this)"""
+        return None
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback | Callable[["LOLADiCE", dict[str, float]], Any] = None,
+        log_interval: int = 100,
+        tb_log_name: str = "LOLADiCE",
+        reset_num_timesteps: bool = True,
+    ) -> "LOLADiCE":
+        """
+        Update both players until ``total_timesteps`` rounds were counted (``timesteps_per_update`` per update).
+
+        :param total_timesteps: rounds of the IPD to learn from; at least one update's
+        :param callback: SB3 callback(s) (``on_step`` after each update, with ``record`` in ``locals``; e.g. a
+            ``CheckpointCallback``), or a function of the learner and the update's record (returning False stops)
+        :param log_interval: updates between log dumps (``train/`` keys: each player's average reward per round)
+        :param tb_log_name: the name of the run for TensorBoard logging
+        :param reset_num_timesteps: count from zero (False: continue a loaded learner's count)
         :return: self
         """
-        for _ in range(n_updates):
+        if not isinstance(total_timesteps, (int, np.integer)) or total_timesteps < self.timesteps_per_update:
+            raise ValueError(
+                f"total_timesteps: counts rounds of the IPD (SB3's timesteps; since 0.2) and must cover at least one "
+                f"update ({self.timesteps_per_update} rounds), got {total_timesteps!r}; for N updates pass "
+                "N * learner.timesteps_per_update."
+            )
+        if reset_num_timesteps or not hasattr(self, "logger"):
+            self.logger = configure_logger(self.verbose, self.tensorboard_log, tb_log_name, reset_num_timesteps)
+        if reset_num_timesteps:
+            self.num_timesteps = 0
+        total_timesteps += 0 if reset_num_timesteps else self.num_timesteps
+        if not isinstance(callback, BaseCallback) and callable(callback):
+            callback = _RecordCallback(callback)
+        callback = CallbackList(callback) if isinstance(callback, list) else callback or CallbackList([])
+        callback.init_callback(self)  # type: ignore[arg-type]
+        callback.on_training_start(locals(), globals())
+        while self.num_timesteps < total_timesteps:
             record = self.step()
-            if callback is not None and callback(self, record) is False:
+            self.num_timesteps += self.timesteps_per_update
+            for key, value in record.items():
+                if key != "update":
+                    self.logger.record(f"train/{key}", value)
+            self.logger.record("train/n_updates", self.n_updates, exclude="tensorboard")
+            if log_interval and self.n_updates % log_interval == 0:
+                self.logger.dump(step=self.num_timesteps)
+            callback.update_locals(locals())
+            if not callback.on_step():
                 break
+        callback.on_training_end()
         return self
+
+    def save(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """
+        Save the learner in SB3's zip format with everything a resumed run needs to continue exactly: both players'
+        logits and baselines, their Adam states, the games' random stream, the off-policy buffer and the counters.
+
+        :param path: where to save (".zip" is added to a path without it)
+        """
+        data = {name: getattr(self, name) for name in _arguments()}
+        data |= {"n_updates": self.n_updates, "num_timesteps": self.num_timesteps, "history": self.history}
+        data |= {"replay_games": self.replay_games}
+        params = {f"theta_{i}": {"theta": theta.detach()} for i, theta in enumerate(self.thetas)}
+        params |= {f"values_{i}": {"values": values.detach()} for i, values in enumerate(self.values)}
+        params |= {f"theta_optimizer_{i}": opt.state_dict() for i, opt in enumerate(self.theta_optimizers)}
+        params |= {f"value_optimizer_{i}": opt.state_dict() for i, opt in enumerate(self.value_optimizers)}
+        params["generator"] = {"state": self.generator.get_state()}
+        save_to_zip_file(path, data=data, params=params)
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path | io.BufferedIOBase) -> "LOLADiCE":
+        """
+        :param path: a zip written by :meth:`save`
+        :return: the learner as saved: ``learn(..., reset_num_timesteps=False)`` continues the saved run exactly
+        """
+        data, params, _ = load_from_zip_file(path, device="cpu")
+        if data is None or "off_policy_hessian" not in data:
+            raise ValueError(f"path: {path!r} does not hold a LOLADiCE learner.")
+        learner = cls(**{name: data[name] for name in _arguments() if name in data})
+        learner.n_updates, learner.num_timesteps, learner.history = data["n_updates"], data["num_timesteps"], data["history"]
+        learner.replay_games = data["replay_games"]
+        with th.no_grad():
+            for i in range(2):
+                learner.thetas[i].copy_(params[f"theta_{i}"]["theta"])
+                learner.values[i].copy_(params[f"values_{i}"]["values"])
+                learner.theta_optimizers[i].load_state_dict(params[f"theta_optimizer_{i}"])
+                learner.value_optimizers[i].load_state_dict(params[f"value_optimizer_{i}"])
+        learner.generator.set_state(params["generator"]["state"])
+        return learner
 
     def cooperation_probabilities(self) -> np.ndarray:
         """:return: (2, 5) each player's probability to cooperate at the start and after CC, CD, DC, DD"""
         return th.sigmoid(th.stack([theta.detach() for theta in self.thetas])).numpy()
+
+
+def _arguments() -> list[str]:
+    """:return: the names of ``LOLADiCE``'s arguments (its attributes of the same names are saved; ``load`` passes them)"""
+    return list(inspect.signature(LOLADiCE.__init__).parameters)[1:]
+
+
+class _RecordCallback(BaseCallback):
+    """A function of the learner and each update's record, as an SB3 callback (returning False stops)."""
+
+    def __init__(self, function: Callable[[LOLADiCE, dict[str, float]], Any]):
+        super().__init__()
+        self.function = function
+
+    def _on_step(self) -> bool:
+        return self.function(self.model, self.locals["record"]) is not False

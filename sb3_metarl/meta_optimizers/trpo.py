@@ -89,7 +89,7 @@ class TrustRegion(MetaOptimizer):
     :param layered_hessian: for SB3's default MLP actor, write the update's derivatives out layer by layer:
         the products with the KL's Hessian (one inner step) from cached activations (the same products; the
         speed-up is measured in docs/results/profile_update.md) and the line search's points
-        (:meth:`Adaptation.evaluate`); False: double backward
+        (``sb3_metarl.mlp.LayeredAdaptation``); False: double backward
         through the adaptation's graph and autograd replays (as pytorch-maml-rl), for comparison
     """
 
@@ -139,7 +139,7 @@ class TrustRegion(MetaOptimizer):
         # the sample's own graph is the adaptation at the current parameters: reuse it (and free it where
         # the KL's Hessian does not need it)
         objective = self.surrogate(adaptation, sample.replay, sample)
-        keep_graph = not (self.layered_hessian and adaptation.has_layered_kl_hessian(sample))
+        keep_graph = adaptation.kl_hessian_needs_graph(sample)
         grads = th.autograd.grad(objective, list(all_params.values()), retain_graph=keep_graph, allow_unused=True)
         check_finite_gradient({n: g for n, g in zip(all_params, grads) if g is not None})
         # the policy's parameters: the value head receives no gradient and stays out of the solve
@@ -148,7 +148,7 @@ class TrustRegion(MetaOptimizer):
         policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
         # the KL's gradient is 0 at the old parameters; its Hessian (through the inner steps) is the
         # Fisher information of the adapted policies pulled back to theta
-        kl_hessian_product = adaptation.kl_hessian_product(sample, names, layered=self.layered_hessian)
+        kl_hessian_product = adaptation.kl_hessian_product(sample, names)
 
         def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
             product = kl_hessian_product(_unflat(vector, names, params))
@@ -168,6 +168,8 @@ class TrustRegion(MetaOptimizer):
         return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
 
     def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
+        # the layered twin (SB3's default MLP actor) or, for comparison, its autograd reference
+        adaptation = adaptation if self.layered_hessian else adaptation.autograd()
         return self.line_search(adaptation, sample, self.search_direction(adaptation, sample), optimizer)
 
     def line_search(
@@ -191,7 +193,7 @@ class TrustRegion(MetaOptimizer):
             for _ in range(self.line_search_max_iter):
                 self.set_parameters(params, old_values, coefficient * natural.full_step)
                 # no graph: the points are only compared (layer by layer for SB3's default MLP actor)
-                replay = adaptation.evaluate(sample, layered=self.layered_hessian)
+                replay = adaptation.evaluate(sample)
                 with th.no_grad():
                     new_objective = self.surrogate(adaptation, replay, sample).item()
                     new_kl = adaptation.mean_kl(

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch as th
 
-from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 from sb3_metarl.gradient_modes import GradientMode
 from sb3_metarl.meta_optimizers import MetaOptimizer
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
 from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS, check_runner_arguments
+from sb3_metarl.samplers.workers import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 
 #: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
 #: algorithm sets (the sub-envs, the groups, the horizon and the backend)
@@ -135,7 +135,7 @@ def check_sampler(sampler: Any, sampler_kwargs: Any, vec_env_cls: Any) -> None:
             "or 'ray' for num_workers."
         )
     if sampler_kwargs:
-        check_runner_arguments(sampler_kwargs.get("batched_physics", True), sampler_kwargs.get("num_threads", 1))
+        check_runner_arguments(sampler_kwargs.get("batched_physics", True), sampler_kwargs.get("num_threads"))
     for name in ("timeout", "close_timeout"):
         if name in (sampler_kwargs or {}):
             check_timeout(name, sampler_kwargs[name], allow_none=name == "timeout")

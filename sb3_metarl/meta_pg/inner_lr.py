@@ -9,7 +9,7 @@ import torch as th
 
 from sb3_metarl.adaptation import masked_log_prob, per_task_norm
 from sb3_metarl.common.buffers import EpisodeBatch
-from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, kl_divergence
+from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, inner_update, kl_divergence
 from sb3_metarl.common.returns import returns_to_go, step_discounts
 from sb3_metarl.gradient_modes import GradientMode
 
@@ -40,9 +40,7 @@ def per_task_step_kl(
     masks = batch.masks.reshape(batch.n_tasks, -1)
     with th.no_grad():
         old = policy.distribution(task_params, obs)
-        moved = {
-            n: task_params[n] + step_sizes.view(-1, *[1] * (p.dim() - 1)).to(p) * direction[n] for n, p in task_params.items()
-        }
+        moved = inner_update(task_params, direction, 1.0, scale=step_sizes)
         kl = kl_divergence(old, policy.distribution(moved, obs)).reshape(batch.n_tasks, -1)
         return (kl * masks).sum(1) / masks.sum(1).clamp(min=1)
 

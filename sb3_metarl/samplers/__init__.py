@@ -18,6 +18,7 @@ from sb3_metarl.samplers.base import (
 from sb3_metarl.samplers.runner import GroupRunner
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
+from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError
 
 #: the names ``sampler=`` accepts
 SAMPLER_NAMES = ("vec_env", "subproc", "ray")
@@ -27,9 +28,11 @@ __all__ = [
     "EpisodeSampler",
     "GroupPolicies",
     "GroupRunner",
+    "SamplerClosedError",
     "ShardedVecEnv",
     "StepCallback",
     "VecEnvSampler",
+    "WorkerDiedError",
     "draw_noise_seeds",
     "group_generators",
     "sampler_options",

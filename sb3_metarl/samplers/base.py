@@ -3,67 +3,67 @@
 import copy
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch as th
-from gymnasium import spaces
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.utils import obs_as_tensor
-from torch import nn
-from torch.nn import functional as F
 
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params, sample_actions
-from sb3_metarl.common.task_vec_env import StepCallback
+from sb3_metarl.mlp import LayeredActor, MlpActorLayout
+from sb3_metarl.samplers.collection import StepCallback, check_finite_actions, group_generators  # noqa: F401 (re-exported)
 
 
-def group_generators(seeds: Sequence[int]) -> list[th.Generator]:
-    """:return: one CPU generator per task group, seeded with the group's noise seed for this sampling phase"""
-    return [th.Generator().manual_seed(int(seed)) for seed in seeds]
+def cpu_copy(policy: ActorCriticPolicy) -> ActorCriticPolicy:
+    """:return: a copy of ``policy`` on the CPU, without its optimizer (acting only evaluates it)"""
+    cpu_policy = copy.deepcopy(policy).to("cpu")
+    cpu_policy.optimizer = None
+    return cpu_policy
 
 
 class GroupPolicies:
     """
-    One copy of the policy per task group, loaded with the group's parameters once per sampling
+    One CPU copy of the policy per task group, loaded with the group's parameters once per sampling
     phase, so that acting is a plain call of the SB3 policy (no per-step parameter substitution).
     Acting is per group, not batched over groups: a batched matmul's last bits depend on the batch it
     is part of, so a process holding other groups would sample other actions; per group, a group's
     actions depend only on its parameters, its observations and its noise stream, and every backend
     samples the same episodes for the same seed.
 
-    :param policy: the policy whose architecture the copies have (they live on its device)
+    :param policy: the policy whose architecture the copies have (the copies live on the CPU: sampling is the same on
+        every device, and never slower on a GPU learner than on a CPU one)
     """
 
     def __init__(self, policy: ActorCriticPolicy):
         self.policy = policy
         self.copies: list[ActorCriticPolicy] = []
-        #: SB3's default MLP actor (flattened Box observations, Linear/activation layers, Gaussian actions) is
-        #: evaluated layer by layer: small networks cost their Python calls, not their arithmetic
-        self.plain_mlp = _is_plain_mlp_actor(policy)
-        #: per group, for the plain MLP: its layers as (function, weight, bias) and its action std (read once per load)
-        self.plain_layers: list[list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]]] = []
-        self.plain_stds: list[th.Tensor] = []
+        #: SB3's default MLP actor acts through its layered twin (``sb3_metarl.mlp``): small networks cost their
+        #: Python calls, not their arithmetic; None: the policy's own modules
+        self.layout = MlpActorLayout.of(policy)
+        #: per group, the layered twin of its copy (rebuilt at every load: it reads the std once)
+        self.layered: list[LayeredActor] = []
 
     def load(self, task_params: Params) -> None:
         """:param task_params: per-group parameters (leading dim: the groups) of the policy's trainable parameters"""
         n_groups = next(iter(task_params.values())).shape[0]
         while len(self.copies) < n_groups:
-            clone = copy.deepcopy(self.policy)
-            clone.optimizer = None  # only evaluated
+            clone = cpu_copy(self.policy) if not self.copies else copy.deepcopy(self.copies[0])
             clone.set_training_mode(False)
             self.copies.append(clone)
         with th.no_grad():
+            # one transfer per phase: acting is on the CPU whatever the learner's device (a GPU policy would make
+            # every group's step a few tiny kernel launches; measured slower than the CPU in docs/results/scaling.md)
+            cpu_params = {name: param.detach().to("cpu") for name, param in task_params.items()}
             for group in range(n_groups):
                 for name, param in self.copies[group].named_parameters():
-                    if name in task_params:
-                        param.copy_(task_params[name][group])
-            if self.plain_mlp:
-                self.plain_layers = [_plain_layers(clone) for clone in self.copies]
-                self.plain_stds = [clone.log_std.exp() for clone in self.copies]
+                    if name in cpu_params:
+                        param.copy_(cpu_params[name][group])
+            if self.layout is not None:
+                self.layered = [LayeredActor(self.layout, clone) for clone in self.copies]
 
     def act(
         self,
@@ -85,8 +85,8 @@ class GroupPolicies:
         with th.no_grad():
             for group in groups:
                 rows = slice(group * envs_per_group, (group + 1) * envs_per_group)
-                if self.plain_mlp:
-                    actions = self._sample_plain_mlp(group, obs[rows], generators[group]).cpu().numpy()
+                if self.layout is not None:
+                    actions = self.layered[group].sample(obs[rows], generators[group]).cpu().numpy()
                 else:
                     actions = self._sample(self.copies[group], obs[rows], generators[group]).cpu().numpy()
                 if out is None:
@@ -105,59 +105,6 @@ class GroupPolicies:
             noise = th.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
             return mean + th.ones_like(mean) * policy.log_std.exp() * noise
         return sample_actions(policy.action_dist.proba_distribution(action_logits=mean), generator)
-
-
-    def _sample_plain_mlp(self, group: int, obs: np.ndarray, generator: th.Generator) -> th.Tensor:
-        # what extract_features -> mlp_extractor.forward_actor -> action_net -> a Gaussian sample compute for this
-        # architecture, with the layers and the std read once per load: per lock-step this call is the sampler's
-        # own cost on cheap envs
-        # the layers' device (SB3's policy.device walks the parameters on every call)
-        latent = th.as_tensor(obs, device=self.plain_stds[group].device)
-        if latent.dtype != th.float32:
-            latent = latent.float()
-        if latent.dim() != 2:
-            latent = latent.flatten(1)
-        for function, weight, bias in self.plain_layers[group]:
-            latent = function(latent) if weight is None else function(latent, weight, bias)
-        noise = th.randn(latent.shape, generator=generator, dtype=latent.dtype).to(latent.device)
-        return latent + self.plain_stds[group] * noise
-
-
-#: activations evaluated by their functions (the same arithmetic as the module's forward, without the module call)
-_ACTIVATION_FUNCTIONS: dict[type, Callable[[th.Tensor], th.Tensor]] = {nn.Tanh: th.tanh, nn.ReLU: th.relu}
-
-
-def _plain_layers(policy: ActorCriticPolicy) -> list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]]:
-    """:return: the plain MLP actor's layers to the action mean, as (function, weight, bias); weight None: an activation"""
-    layers: list[tuple[Callable[..., th.Tensor], th.Tensor | None, th.Tensor | None]] = []
-    for layer in [*policy.mlp_extractor.policy_net, policy.action_net]:
-        if isinstance(layer, nn.Linear):
-            layers.append((F.linear, layer.weight, layer.bias))
-        else:
-            layers.append((_ACTIVATION_FUNCTIONS.get(type(layer), layer), None, None))
-    return layers
-
-
-def _is_plain_mlp_actor(policy: ActorCriticPolicy) -> bool:
-    """:return: whether the policy's actor is SB3's default MLP on flattened Box observations with Gaussian actions"""
-    layers = getattr(policy.mlp_extractor, "policy_net", None)
-    return (
-        isinstance(policy.pi_features_extractor, FlattenExtractor)
-        and isinstance(policy.observation_space, spaces.Box)
-        and isinstance(policy.action_dist, DiagGaussianDistribution)
-        and isinstance(policy.action_net, nn.Linear)
-        and isinstance(layers, nn.Sequential)
-        and all(isinstance(layer, nn.Linear) or not any(True for _ in layer.parameters()) for layer in layers)
-    )
-
-
-def check_finite_actions(actions: np.ndarray) -> None:
-    """:raises FloatingPointError: if a sampled action is not finite (the policy's parameters are broken)"""
-    if not np.isfinite(actions).all():
-        raise FloatingPointError(
-            "policy: non-finite actions sampled (the current or adapted parameters are not finite or too large); "
-            "lower inner_lr or learning_rate."
-        )
 
 
 def fresh_noise_seeds(noise_seeds: Sequence[int] | None, n_tasks: int) -> list[int]:

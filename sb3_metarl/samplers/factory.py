@@ -1,19 +1,55 @@
 """Building the sub-envs and the episode sampler from what a user passes (``env=``, ``sampler=``)."""
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_metarl.common.vec_env import GuardedSubprocVecEnv, PrototypeCopies, make_task_env
 from sb3_metarl.samplers.base import EpisodeSampler
 from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
+from sb3_metarl.samplers.workers import GuardedSubprocVecEnv
+
+
+class PrototypeCopies:
+    """
+    A picklable factory of deep copies of one env instance (the prototype), each with a fresh random
+    generator (the model reseeds them from its seed when it has one).
+
+    :param env: the prototype
+    :raises ValueError: if the env cannot be copied
+    """
+
+    def __init__(self, env: gym.Env):
+        try:
+            copy.deepcopy(env)
+        except Exception as error:
+            raise ValueError(
+                f"env: the env instance {env!r:.80} cannot be copied into the sub-envs ({type(error).__name__}: {error}); "
+                "pass its registered id or a factory (a callable returning a new env) instead."
+            ) from None
+        self.env = env
+
+    def __call__(self) -> gym.Env:
+        env = copy.deepcopy(self.env)
+        env.np_random = np.random.default_rng()
+        return env
+
+
+def make_task_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
+    """
+    Module-level (picklable) factory. A worker that unpickles it imports this module, and with it the
+    ``sb3_metarl`` package, whose ``__init__`` registers the built-in ids: no import of ``sb3_metarl.tasks`` here
+    (it would run up a floor).
+    """
+    return gym.make(env_id, **(env_kwargs or {}))
 
 
 def env_factory(env: gym.Env | str | Callable[[], gym.Env], env_kwargs: dict[str, Any] | None = None) -> Callable[[], gym.Env]:

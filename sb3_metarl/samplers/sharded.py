@@ -6,7 +6,6 @@ locally (``GroupRunner``) and returns them.
 """
 
 import contextlib
-import copy
 import multiprocessing as mp
 import os
 import time
@@ -24,8 +23,10 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params
-from sb3_metarl.common.task_vec_env import episode_horizon
-from sb3_metarl.common.vec_env import (
+from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, cpu_copy, fresh_noise_seeds
+from sb3_metarl.samplers.collection import collect_episodes, episode_horizon
+from sb3_metarl.samplers.runner import GroupRunner, check_runner_arguments, physics_threads
+from sb3_metarl.samplers.workers import (
     GuardedPipe,
     SamplerClosedError,
     TaggedConnection,
@@ -36,8 +37,6 @@ from sb3_metarl.common.vec_env import (
     starting,
     stop_processes,
 )
-from sb3_metarl.samplers.base import EpisodeSampler, GroupPolicies, StepCallback, fresh_noise_seeds
-from sb3_metarl.samplers.runner import GroupRunner, check_runner_arguments
 
 #: the per-step arrays of a sampled batch a worker sends back, only at the steps the masks mark valid (the
 #: learner recomputes every log-likelihood)
@@ -98,7 +97,7 @@ class Shard:
         if self.runner is None or self.policies is None:
             raise RuntimeError("sampler worker: configure(horizon, policy) must come before sample.")
         params = {name: th.tensor(value) for name, value in task_params.items()}  # Ray gives read-only arrays
-        buffer = self.runner.run(self.policies, tasks, params, n_episodes, noise_seeds)
+        buffer = collect_episodes(self.runner, self.policies, tasks, params, n_episodes, noise_seeds)
         assert buffer is not None  # no step callback: never stopped
         valid = buffer.masks > 0
         # the steps after an episode's end are zeros: not sent (an Ant's episodes fill a fraction of the horizon)
@@ -268,7 +267,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     :param close_timeout: seconds ``close`` waits for the workers (all together) to exit before terminating them
     :param batched_physics: each worker steps its block with the family's batched twin where there is one
         (``GroupRunner``: the same samples, bit for bit)
-    :param num_threads: threads per worker that advance the batched twin's physics
+    :param num_threads: threads per worker that advance the batched twin's physics (default: "subproc", the cores
+        available divided among the workers; "ray", 1, the CPU each actor holds)
     """
 
     def __init__(
@@ -284,7 +284,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         ray_init_kwargs: dict[str, Any] | None = None,
         close_timeout: float = 5.0,
         batched_physics: bool = True,
-        num_threads: int = 1,
+        num_threads: int | None = None,
     ):
         check_runner_arguments(batched_physics, num_threads)
         if backend not in ("subproc", "ray"):
@@ -314,6 +314,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         else:
             default_workers = os.cpu_count() or 1
         n_workers = min(num_workers or default_workers, n_groups)
+        # by default each "subproc" worker gets its share of this machine's cores; a Ray actor holds one CPU
+        num_threads = num_threads or (1 if backend == "ray" else physics_threads(None, n_workers))
         #: the task groups [first, last) of each worker
         self.group_blocks = [(int(b[0]), int(b[-1]) + 1) for b in np.array_split(np.arange(n_groups), n_workers)]
         self.workers: list[_ProcessWorker | _RayWorker] = []
@@ -385,7 +387,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     # ------------------------------------------------------------------ the episode sampler
 
     def attach_policy(self, policy: ActorCriticPolicy) -> None:
-        cpu_policy = cloudpickle.dumps(_cpu_copy(policy))
+        cpu_policy = cloudpickle.dumps(cpu_copy(policy))
         #: what the workers need of the parameters: the actor's (the value head does not act)
         self.actor_names = FunctionalPolicy(policy).actor_names
         self._broadcast("configure", lambda _: (self.horizon, cpu_policy))
@@ -558,12 +560,6 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             self.close()
         except Exception:
             pass
-
-
-def _cpu_copy(policy: ActorCriticPolicy) -> ActorCriticPolicy:
-    cpu_policy = copy.deepcopy(policy).to("cpu")
-    cpu_policy.optimizer = None  # the workers only evaluate it
-    return cpu_policy
 
 
 def _import_ray() -> Any:

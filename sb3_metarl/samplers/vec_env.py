@@ -3,23 +3,19 @@
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import torch as th
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
+from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params
 from sb3_metarl.common.rng import get_env_rng_states
-from sb3_metarl.common.task_vec_env import TaskVecEnv
 from sb3_metarl.samplers.base import (
     EpisodeSampler,
     GroupPolicies,
     StepCallback,
-    check_finite_actions,
     fresh_noise_seeds,
-    group_generators,
 )
+from sb3_metarl.samplers.collection import VecEnvStepper, collect_episodes
 from sb3_metarl.samplers.runner import GroupRunner
 
 
@@ -29,13 +25,15 @@ class VecEnvSampler(EpisodeSampler):
     step. On a plain ``DummyVecEnv`` it steps the sub-envs itself (``GroupRunner``: finished episodes
     are not stepped, and the samples are bit-identical to the ``"subproc"`` and ``"ray"`` backends for
     the same seed and sub-env layout); on any other VecEnv (a ``SubprocVecEnv``, a wrapper such as
-    SB3's image transposition) it goes through the VecEnv API, stepping every sub-env until the wave ends.
+    SB3's image transposition) it goes through the VecEnv API (``VecEnvStepper``), stepping every sub-env
+    until the wave ends. Both run the one collection loop (``collection.collect_episodes``).
 
     :param venv: the sub-envs
     :param n_groups: task groups B (divides ``venv.num_envs``)
     :param max_episode_steps: the horizon H (default: the sub-envs' own)
     :param batched_physics: step the sub-envs with their family's batched twin where there is one (``GroupRunner``)
-    :param num_threads: threads that advance the batched twin's physics (the samples do not depend on it)
+    :param num_threads: threads that advance the batched twin's physics (the samples do not depend on it); None: the
+        cores available to this process
     """
 
     def __init__(
@@ -44,11 +42,12 @@ class VecEnvSampler(EpisodeSampler):
         n_groups: int,
         max_episode_steps: int | None = None,
         batched_physics: bool = True,
-        num_threads: int = 1,
+        num_threads: int | None = None,
     ):
-        self.task_env = TaskVecEnv(venv, n_groups, max_episode_steps)
+        self.vec_env_stepper = VecEnvStepper(venv, n_groups, max_episode_steps)
         self.venv = venv
-        self.n_groups, self.envs_per_group, self.horizon = n_groups, self.task_env.envs_per_group, self.task_env.horizon
+        self.n_groups, self.envs_per_group = n_groups, self.vec_env_stepper.envs_per_group
+        self.horizon = self.vec_env_stepper.horizon
         self.runner = None
         if type(venv) is DummyVecEnv:
             self.runner = GroupRunner(
@@ -76,37 +75,10 @@ class VecEnvSampler(EpisodeSampler):
         if self.policies is None:
             raise RuntimeError("sampler: attach_policy(policy) must be called before sample.")
         noise_seeds = fresh_noise_seeds(noise_seeds, len(tasks))
-        if self.runner is not None:
-            buffer = self.runner.run(self.policies, tasks, task_params, n_episodes, noise_seeds, step_callback)
-        else:
-            buffer = self._sample_through_vec_env(tasks, task_params, n_episodes, noise_seeds, step_callback)
+        stepper = self.runner if self.runner is not None else self.vec_env_stepper
+        buffer = collect_episodes(stepper, self.policies, tasks, task_params, n_episodes, noise_seeds, step_callback)
         return None if buffer is None else buffer.to_batch()
 
     def env_rng_states(self) -> list[dict[str, Any]]:
         # in this process (or, through SubprocVecEnv, from workers that have just answered)
         return get_env_rng_states(self.venv)
-
-    def _sample_through_vec_env(
-        self,
-        tasks: Sequence[Any],
-        task_params: Params,
-        n_episodes: int,
-        noise_seeds: Sequence[int],
-        step_callback: StepCallback | None,
-    ) -> TaskRolloutBuffer | None:
-        n_groups, per_group, n_tasks = self.n_groups, self.envs_per_group, len(tasks)
-        # spare groups (fewer tasks than groups) run the last task's parameters; their actions are not stored
-        order = th.tensor([min(g, n_tasks - 1) for g in range(n_groups)])
-        policies = self.policies
-        policies.load({name: p.detach()[order.to(p.device)] for name, p in task_params.items()})
-        generators = group_generators([*noise_seeds[:n_tasks], *[0] * (n_groups - n_tasks)])
-        groups = np.arange(n_groups)
-
-        def act(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            actions = policies.act(obs, per_group, groups, generators)
-            check_finite_actions(actions)
-            return actions, np.zeros(len(obs), dtype=np.float32)
-
-        observation_space, action_space, device = self.venv.observation_space, self.venv.action_space, policies.policy.device
-        buffer = TaskRolloutBuffer(self.horizon, n_tasks, n_episodes, observation_space, action_space, device)
-        return buffer if self.task_env.collect(tasks, act, buffer, step_callback) else None

@@ -8,8 +8,8 @@ optionally on a few threads (MuJoCo releases the GIL inside ``mj_step``), and th
 terminations and infos of all of them are computed at once in numpy, with the same operations in the same
 floating-point types as the per-env code (Gymnasium's v5 envs, read through their attributes, and this package's
 task terms): the results are bit-identical (tested against ``env.step`` over thousands of steps, resets and
-falls). It skips the per-env Python work that makes Gymnasium's step slower than MuJoCo's own stepping. Ant's
-families are not twinned yet (they step one by one).
+falls). It skips the per-env Python work that makes Gymnasium's step slower than MuJoCo's own stepping.
+``BatchedAnt`` does the same for the Ant families, contact forces included.
 """
 
 from collections.abc import Sequence
@@ -23,6 +23,10 @@ from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
 from sb3_metarl.tasks.mujoco import (
+    AntDir2DEnv,
+    AntDirEnv,
+    AntGoalEnv,
+    AntVelEnv,
     HalfCheetahDirEnv,
     HalfCheetahVelEnv,
     HopperRandParamsEnv,
@@ -34,40 +38,19 @@ from sb3_metarl.tasks.mujoco import (
 )
 
 
-class BatchedLocomotion:
+class _BatchedMujoco:
     """
-    Sub-envs of one planar locomotion family stepped together: HalfCheetahVel / HalfCheetahDir, Walker2dVel,
-    SwimmerVel, HopperRandParams and Walker2dRandParams (``env.unwrapped`` of each, all of one class; each keeps its
-    own arguments, task and, for the RandParams families, its own model).
+    What every twin shares: each sub-env's own model and data, its control mapping (``_ScaledActions``) and the
+    physics advanced by ``mj_step`` as Gymnasium's ``do_simulation`` calls it, on ``num_threads`` threads.
 
-    :param envs: the unwrapped sub-envs
+    :param envs: the unwrapped sub-envs (all of one class)
     :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
     """
 
-    families = (
-        HalfCheetahVelEnv,
-        HalfCheetahDirEnv,
-        Walker2dVelEnv,
-        SwimmerVelEnv,
-        HopperRandParamsEnv,
-        Walker2dRandParamsEnv,
-    )
+    families: tuple[type, ...] = ()
 
     def __init__(self, envs: Sequence[Any], num_threads: int = 1):
         self.envs = list(envs)
-        kind = type(self.envs[0])
-        #: Swimmer measures its velocity in the plane and leaves both coordinates out of the observation
-        self.planar = issubclass(kind, SwimmerEnv)
-        #: Walker2d and Hopper: a healthy range, an alive bonus, termination, velocities clipped in the observation
-        self.upright = issubclass(kind, (Walker2dEnv, HopperEnv))
-        self.hopper = issubclass(kind, HopperEnv)
-        #: the task term the family adds to the base env's control (and alive) terms; None: the base env's reward
-        self.task_term = None
-        if issubclass(kind, _Direction):
-            self.task_term = "direction"
-        elif issubclass(kind, _TargetVelocity):
-            self.task_term = "velocity"
-        self.kept_terms = getattr(kind, "kept_terms", ())
         self.models = [env.model for env in self.envs]
         self.datas = [env.data for env in self.envs]
         self.frame_skips = [env.frame_skip for env in self.envs]
@@ -76,12 +59,7 @@ class BatchedLocomotion:
         self.ctrl_weights = [env._ctrl_cost_weight for env in self.envs]
         self.excluded = [env._exclude_current_positions_from_observation for env in self.envs]
         self.scales = [env.action_scale for env in self.envs]
-        if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
-            self.healthy_ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in self.envs])
-            self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
-            self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
-            if self.hopper:
-                self.healthy_state_ranges = np.array([env._healthy_state_range for env in self.envs])
+        self.kept_terms = getattr(type(self.envs[0]), "kept_terms", ())
         scaled = [env for env in self.envs if env.action_scale != 1.0]
         #: (low, high, scale) when every sub-env maps its actions the same way (then one elementwise op does all rows)
         self.uniform_scale = None
@@ -107,6 +85,13 @@ class BatchedLocomotion:
             mujoco.mj_step(model, data, nstep=self.frame_skips[index])
             mujoco.mj_rnePostConstraint(model, data)
 
+    def _advance_all(self, indices: np.ndarray, controls: np.ndarray) -> None:
+        if self.pool is None or len(indices) < 2 * self.num_threads:
+            self._advance(indices, controls)
+        else:
+            chunks = np.array_split(np.arange(len(indices)), self.num_threads)
+            list(self.pool.map(lambda chunk: self._advance(indices[chunk], controls[chunk]), chunks))
+
     def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
         controls = np.array(actions)
@@ -118,6 +103,68 @@ class BatchedLocomotion:
                 low, high, scale = env._control_low, env._control_high, env.action_scale
                 controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
         return controls
+
+    def _with_kept_terms(self, task_terms: np.ndarray, terms: dict[str, Any]) -> np.ndarray:
+        """:return: the mixin's ``reward_task + sum(float(info[term]) for term in kept_terms)``, in its order"""
+        kept = np.zeros(len(task_terms))
+        for term in self.kept_terms:
+            kept = kept + np.array([float(value) for value in terms[term]])
+        return task_terms + kept
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """
+        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
+
+        :param indices: positions in ``envs`` (distinct)
+        :param actions: their actions (len(indices), action_dim), in each env's action space
+        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+
+class BatchedLocomotion(_BatchedMujoco):
+    """
+    Sub-envs of one planar locomotion family stepped together: HalfCheetahVel / HalfCheetahDir, Walker2dVel,
+    SwimmerVel, HopperRandParams and Walker2dRandParams (``env.unwrapped`` of each, all of one class; each keeps its
+    own arguments, task and, for the RandParams families, its own model).
+
+    :param envs: the unwrapped sub-envs
+    :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
+    """
+
+    families = (
+        HalfCheetahVelEnv,
+        HalfCheetahDirEnv,
+        Walker2dVelEnv,
+        SwimmerVelEnv,
+        HopperRandParamsEnv,
+        Walker2dRandParamsEnv,
+    )
+
+    def __init__(self, envs: Sequence[Any], num_threads: int = 1):
+        super().__init__(envs, num_threads)
+        kind = type(self.envs[0])
+        #: Swimmer measures its velocity in the plane and leaves both coordinates out of the observation
+        self.planar = issubclass(kind, SwimmerEnv)
+        #: Walker2d and Hopper: a healthy range, an alive bonus, termination, velocities clipped in the observation
+        self.upright = issubclass(kind, (Walker2dEnv, HopperEnv))
+        self.hopper = issubclass(kind, HopperEnv)
+        #: the task term the family adds to the base env's control (and alive) terms; None: the base env's reward
+        self.task_term = None
+        if issubclass(kind, _Direction):
+            self.task_term = "direction"
+        elif issubclass(kind, _TargetVelocity):
+            self.task_term = "velocity"
+        if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
+            self.healthy_ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in self.envs])
+            self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
+            self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
+            if self.hopper:
+                self.healthy_state_ranges = np.array([env._healthy_state_range for env in self.envs])
 
     def _healthy(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """:return: Walker2d's / Hopper's ``is_healthy`` per row"""
@@ -131,13 +178,6 @@ class BatchedLocomotion:
         return healthy
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-        """
-        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
-
-        :param indices: positions in ``envs`` (distinct)
-        :param actions: their actions (len(indices), action_dim), in each env's action space
-        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos
-        """
         envs = [self.envs[index] for index in indices]
         if self.task_term is not None:
             for env in envs:
@@ -145,11 +185,7 @@ class BatchedLocomotion:
         controls = self._controls(envs, indices, actions)
         coordinates = slice(0, 2) if self.planar else slice(0, 1)
         before = np.array([self.datas[index].qpos[coordinates] for index in indices])
-        if self.pool is None or len(indices) < 2 * self.num_threads:
-            self._advance(indices, controls)
-        else:
-            chunks = np.array_split(np.arange(len(indices)), self.num_threads)
-            list(self.pool.map(lambda chunk: self._advance(indices[chunk], controls[chunk]), chunks))
+        self._advance_all(indices, controls)
         qpos = np.stack([self.datas[index].qpos for index in indices])
         qvel = np.stack([self.datas[index].qvel for index in indices])
         velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
@@ -169,10 +205,7 @@ class BatchedLocomotion:
         elif self.task_term == "velocity":
             task_terms = -np.abs(x_velocity - np.array([env._target for env in envs]))
         if self.task_term is not None:
-            kept = np.zeros(n)
-            for term in self.kept_terms:  # the mixin's sum(float(info[term]) for term in kept_terms), in its order
-                kept = kept + np.array([float(value) for value in terms[term]])
-            rewards = task_terms + kept
+            rewards = self._with_kept_terms(task_terms, terms)
         else:  # the base env's reward: forward + alive - control cost
             costs = np.array(ctrl_cost)
             rewards = (forward_reward + terms["reward_survive"] if self.upright else forward_reward) - costs
@@ -207,16 +240,95 @@ class BatchedLocomotion:
             ]
         )
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+class BatchedAnt(_BatchedMujoco):
+    """
+    Sub-envs of one Ant family stepped together: AntVel, AntDir, AntDir2D and AntGoal (Ant-v5 with a task term),
+    with Ant-v5's contact forces (``cfrc_ext``, clipped) in the contact cost and the observation, its closed
+    healthy-height interval, the alive bonus and termination, computed from the state arrays as Ant-v5 computes
+    them per env.
+
+    :param envs: the unwrapped sub-envs
+    :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
+    """
+
+    families = (AntVelEnv, AntDirEnv, AntDir2DEnv, AntGoalEnv)
+
+    def __init__(self, envs: Sequence[Any], num_threads: int = 1):
+        super().__init__(envs, num_threads)
+        self.kind = type(self.envs[0])
+        self.main_bodies = [env._main_body for env in self.envs]
+        self.contact_weights = [env._contact_cost_weight for env in self.envs]
+        self.contact_ranges = [env._contact_force_range for env in self.envs]
+        self.healthy_ranges = np.array([env._healthy_z_range for env in self.envs], dtype=float)
+        self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
+        self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
+        self.with_contact_forces = [env._include_cfrc_ext_in_observation for env in self.envs]
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        envs = [self.envs[index] for index in indices]
+        for env in envs:
+            env.require_task()
+        controls = self._controls(envs, indices, actions)
+        before = np.array([self.datas[index].xpos[self.main_bodies[index], :2] for index in indices])
+        self._advance_all(indices, controls)
+        after = np.array([self.datas[index].xpos[self.main_bodies[index], :2] for index in indices])
+        qpos = np.stack([self.datas[index].qpos for index in indices])
+        qvel = np.stack([self.datas[index].qvel for index in indices])
+        velocity = (after - before) / self.dts[indices][:, None]
+        x_velocity, y_velocity = velocity[:, 0], velocity[:, 1]
+        # per sub-env, as Ant-v5 sums them: its (n_bodies, 6) contact forces and its action, each array on its own
+        contact_forces = [np.clip(self.datas[index].cfrc_ext, *self.contact_ranges[index]) for index in indices]
+        contact_cost = [self.contact_weights[index] * np.sum(np.square(contact_forces[k])) for k, index in enumerate(indices)]
+        ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(indices)]
+        state = np.concatenate((qpos, qvel), axis=1)
+        ranges = self.healthy_ranges[indices]
+        healthy = np.isfinite(state).all(axis=1) & (ranges[:, 0] <= state[:, 2]) & (state[:, 2] <= ranges[:, 1])
+        forward_reward = x_velocity * self.forward_weights[indices]
+        terms = {
+            "reward_forward": forward_reward,
+            "reward_ctrl": [-cost for cost in ctrl_cost],
+            "reward_contact": [-cost for cost in contact_cost],
+            "reward_survive": healthy * self.healthy_rewards[indices],
+        }
+        terminated = ~healthy & self.terminate_when_unhealthy[indices]
+        task_terms = self._task_terms(envs, qpos, x_velocity, y_velocity)
+        rewards = self._with_kept_terms(task_terms, terms)
+        observations, infos = [], []
+        for k, index in enumerate(indices):
+            parts = [qpos[k, 2:] if self.excluded[index] else qpos[k], qvel[k]]
+            if self.with_contact_forces[index]:
+                parts.append(contact_forces[k][1:].flatten())
+            observations.append(np.concatenate(parts))
+            info = {
+                "x_position": qpos[k, 0],
+                "y_position": qpos[k, 1],
+                "distance_from_origin": np.linalg.norm(qpos[k, 0:2], ord=2),
+                "x_velocity": x_velocity[k],
+                "y_velocity": y_velocity[k],
+                **{term: values[k] for term, values in terms.items()},
+                "reward_task": task_terms[k],
+            }
+            infos.append(info)
+        return np.stack(observations), rewards, terminated, infos
+
+    def _task_terms(self, envs: list[Any], qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray) -> np.ndarray:
+        """:return: each family's ``_task_reward``, in its float64 arithmetic"""
+        if self.kind is AntDirEnv:
+            return np.array([env._direction for env in envs]) * x_velocity
+        if self.kind is AntVelEnv:
+            return -np.abs(x_velocity - np.array([env._target for env in envs]))
+        # (the transcendental functions per row, as scalars: numpy's vectorised loops may round differently)
+        if self.kind is AntDir2DEnv:
+            terms = [np.cos(env._angle) * x_velocity[k] + np.sin(env._angle) * y_velocity[k] for k, env in enumerate(envs)]
+            return np.array(terms)
+        return np.array([-np.hypot(qpos[k, 0] - env._goal[0], qpos[k, 1] - env._goal[1]) for k, env in enumerate(envs)])
 
 
 #: the batched twins, tried in order
-BATCHED_FAMILIES = (BatchedLocomotion,)
+BATCHED_FAMILIES = (BatchedLocomotion, BatchedAnt)
 
 
-def batched_stepper(envs: Sequence[Any], num_threads: int = 1) -> BatchedLocomotion | None:
+def batched_stepper(envs: Sequence[Any], num_threads: int = 1) -> _BatchedMujoco | None:
     """
     :param envs: unwrapped sub-envs
     :param num_threads: threads that advance the physics

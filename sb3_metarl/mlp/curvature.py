@@ -14,62 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch as th
-from gymnasium import spaces
-from stable_baselines3.common.distributions import DiagGaussianDistribution
-from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.preprocessing import is_image_space
-from stable_baselines3.common.torch_layers import FlattenExtractor
-from torch import nn
 
 from sb3_metarl.common.functional import Params
-
-#: activations whose first and second derivatives are written out below
-_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
-
-
-@dataclass(frozen=True)
-class MlpActorLayout:
-    """Parameter names of an MLP Gaussian actor: ``Linear -> activation`` blocks, a linear mean, a state-free log std."""
-
-    #: (weight name, bias name, activation) per hidden block, input to output
-    hidden: tuple[tuple[str, str, str], ...]
-    #: weight and bias names of the mean's linear layer
-    output: tuple[str, str]
-    log_std: str = "log_std"
-
-    @property
-    def names(self) -> list[str]:
-        """:return: every actor parameter name"""
-        return [self.log_std, *[name for weight, bias, _ in self.hidden for name in (weight, bias)], *self.output]
-
-    @staticmethod
-    def of(policy: ActorCriticPolicy) -> "MlpActorLayout | None":
-        """
-        :return: the layout of ``policy``'s actor if it is SB3's default MLP (flattened non-image Box
-            observations, ``Linear``/``Tanh`` or ``ReLU`` blocks, unsquashed diagonal Gaussian actions),
-            else None
-        """
-        layers = getattr(policy.mlp_extractor, "policy_net", None)
-        if not (
-            type(policy.action_dist) is DiagGaussianDistribution
-            and isinstance(policy.pi_features_extractor, FlattenExtractor)
-            and isinstance(policy.observation_space, spaces.Box)
-            and not is_image_space(policy.observation_space, check_channels=False)
-            and isinstance(policy.action_net, nn.Linear)
-            and isinstance(layers, nn.Sequential)
-            and len(layers) % 2 == 0
-        ):
-            return None
-        hidden = []
-        for index in range(0, len(layers), 2):
-            linear, activation = layers[index], layers[index + 1]
-            if not (isinstance(linear, nn.Linear) and linear.bias is not None and type(activation) in _ACTIVATIONS):
-                return None
-            prefix = f"mlp_extractor.policy_net.{index}"
-            hidden.append((f"{prefix}.weight", f"{prefix}.bias", _ACTIVATIONS[type(activation)]))
-        if policy.action_net.bias is None:
-            return None
-        return MlpActorLayout(tuple(hidden), ("action_net.weight", "action_net.bias"))
+from sb3_metarl.mlp.layout import MlpActorLayout
 
 
 @dataclass
@@ -147,13 +94,8 @@ class MlpActorPass:
         hidden = features
         for weight, bias, activation in layout.hidden:
             pre = _linear(hidden, self.params[weight], self.params[bias])
-            if activation == "tanh":
-                hidden = th.tanh(pre)
-                slope = 1.0 - hidden * hidden
-            else:
-                hidden = th.relu(pre)
-                slope = (pre > 0).to(pre.dtype)
-            self.slopes.append(slope)
+            hidden = activation.function(pre)
+            self.slopes.append(activation.slope(pre, hidden))
             self.activations.append(hidden)
         weight, bias = layout.output
         self.mean = _linear(hidden, self.params[weight], self.params[bias])
@@ -255,10 +197,9 @@ class MlpActorPass:
         return grads
 
     def _curvature_product(self, upstream: th.Tensor, index: int) -> th.Tensor | None:
-        """:return: ``d/dh_i * act''(a_i)`` (tanh'' = -2 tanh tanh'), None for ReLU (zero)"""
-        if self.layout.hidden[index][2] != "tanh":
-            return None
-        return -2.0 * upstream * self.activations[index + 1] * self.slopes[index]
+        """:return: ``d/dh_i * act''(a_i)``, None where act'' is zero (ReLU)"""
+        curvature = self.layout.hidden[index][2].curvature
+        return None if curvature is None else curvature(upstream, self.activations[index + 1], self.slopes[index])
 
 
 def gaussian_log_likelihood(forward: MlpActorPass, actions: th.Tensor) -> th.Tensor:
