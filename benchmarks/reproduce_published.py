@@ -13,7 +13,7 @@ Suites (the papers' settings; what differs from them is listed in docs/results/r
 * ``sgmrl-vel``: the same on HalfCheetah random velocity, targets U[0, 3] (SG-MRL's range).
 * ``maml-trpo-dir`` / ``maml-trpo-vel`` / ``maml-trpo-ant-dir``: pytorch-maml-rl's configs
   (halfcheetah-dir.yaml, halfcheetah-vel.yaml, ant-dir.yaml): 40 x 20 episodes, horizon 100, actions
-  normalized with scale 10, 64 x 64 tanh, TRPO (max KL 0.01), 500 batches (6.4e7 env steps).
+  normalized with scale 10, 64 x 64 tanh, TRPO (max KL 0.01), 500 batches (8e7 env steps).
 
 A run lives in ``<out>/runs/<name>/``: ``model.zip`` (the last checkpoint, a small SB3 zip with every
 random stream), ``curve.jsonl`` (one line per meta-iteration: env steps, pre- and post-adaptation return

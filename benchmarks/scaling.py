@@ -2,14 +2,18 @@
 Throughput of a full meta-iteration against the number of sampler workers, for each backend, next to
 bare stepping of the same sub-envs in the same run.
 
-For each family and backend (``vec_env``: this process; ``subproc`` and ``ray`` with k = 1, 2, ...
-workers) it runs ``--iterations`` meta-iterations (after one warm-up iteration, which also calibrates
-``inner_lr="auto"``) and reports env steps per second of sampling alone and of the whole iteration
-(sampling and the meta-update), and the same sub-envs stepped bare (random actions, no policy, no
-learner) in k processes. Written as CSV rows as they finish, then as a Markdown table.
+For each family and backend (``vec_env``: this process, its batched physics on each of ``--threads``;
+``subproc`` and ``ray`` with k = 1, 2, ... workers, one physics thread each), each physics (``per_env``:
+Gymnasium's step per sub-env; ``batched``: the family's batched twin, where it has one) and each meta-optimizer it
+runs ``--iterations`` meta-iterations (after one warm-up iteration, which also calibrates ``inner_lr="auto"``)
+and reports env steps per second of sampling alone and of the whole iteration (sampling and the meta-update),
+and the same sub-envs stepped bare with the same physics (random actions, no policy, no learner) in the same
+number of processes and threads. Written as CSV rows as they finish, then as a Markdown table.
 
     python benchmarks/scaling.py                         # B = 40, N = M = 20, horizon 200, lsf, trpo
-    python benchmarks/scaling.py --workers 1 2 4 8 16    # on a machine with the cores
+    python benchmarks/scaling.py --envs sb3_metarl/HalfCheetahVel-v0 sb3_metarl/AntDir-v0 sb3_metarl/Walker2dVel-v0 \
+        sb3_metarl/HopperRandParams-v0 --meta-optimizers adam trpo --threads 1 2     # the engine's rows here
+    python benchmarks/scaling.py --workers 1 2 4 8 16 --threads 1 2 4 8 16           # on a 16-core machine
     python benchmarks/scaling.py --quick                 # a smoke run (tests)
 """
 
@@ -29,11 +33,15 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.factory import make_task_env
+from sb3_metarl.tasks.mujoco_batched import batched_stepper
 
 FIELDS = [
     "env",
     "backend",
     "workers",
+    "physics",
+    "threads",
+    "meta_optimizer",
     "sub_envs",
     "steps_per_iteration",
     "sampling_steps_per_s",
@@ -47,7 +55,9 @@ FIELDS = [
 ]
 
 
-def _bare_worker(env_id: str, n_envs: int, horizon: int, steps: int, seed: int, queue: Any) -> None:
+def _bare_worker(
+    env_id: str, n_envs: int, horizon: int, steps: int, seed: int, physics: str, threads: int, queue: Any
+) -> None:
     th.set_num_threads(1)
     envs = [make_task_env(env_id, None) for _ in range(n_envs)]
     rng = np.random.default_rng(seed)
@@ -55,9 +65,19 @@ def _bare_worker(env_id: str, n_envs: int, horizon: int, steps: int, seed: int, 
         env.unwrapped.set_task(env.unwrapped.sample_tasks(1, rng)[0])  # a task env refuses to step without one
         env.reset(seed=seed + i)
     actions = rng.uniform(-1, 1, (horizon, n_envs, *envs[0].action_space.shape)).astype(np.float32)
+    twin = batched_stepper([env.unwrapped for env in envs], threads) if physics == "batched" else None
     taken, t = 0, np.zeros(n_envs, dtype=int)
+    rows = np.arange(n_envs)
     start = time.perf_counter()
     while taken < steps:
+        if twin is not None:
+            _, _, terminated, _ = twin.step(rows, actions[t % horizon, rows])
+            taken += n_envs
+            t += 1
+            for i in np.flatnonzero(terminated | (t >= horizon)):
+                envs[i].reset()
+                t[i] = 0
+            continue
         for i, env in enumerate(envs):
             _, _, terminated, truncated, _ = env.step(actions[t[i] % horizon, i])
             taken += 1
@@ -68,13 +88,17 @@ def _bare_worker(env_id: str, n_envs: int, horizon: int, steps: int, seed: int, 
     queue.put((taken, time.perf_counter() - start))
 
 
-def bare_steps_per_second(env_id: str, n_envs: int, horizon: int, workers: int, steps: int) -> float:
+def bare_steps_per_second(
+    env_id: str, n_envs: int, horizon: int, workers: int, steps: int, physics: str = "per_env", threads: int = 1
+) -> float:
     """:return: env steps per second of ``n_envs`` sub-envs stepped with random actions in ``workers`` processes"""
     context = mp.get_context("forkserver")
     queue = context.Queue()
     blocks = np.array_split(np.arange(n_envs), workers)
     processes = [
-        context.Process(target=_bare_worker, args=(env_id, len(b), horizon, steps // workers, i, queue))
+        context.Process(
+            target=_bare_worker, args=(env_id, len(b), horizon, steps // workers, i, physics, threads, queue)
+        )
         for i, b in enumerate(blocks)
     ]
     for process in processes:
@@ -86,15 +110,24 @@ def bare_steps_per_second(env_id: str, n_envs: int, horizon: int, workers: int, 
     return sum(taken for taken, _ in results) / max(seconds for _, seconds in results)
 
 
-def measure(env_id: str, backend: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    sampler_kwargs = None if backend == "vec_env" else dict(num_workers=workers)
+def has_twin(env_id: str) -> bool:
+    """:return: whether the family has a batched physics twin (else its rows are per-env only)"""
+    return batched_stepper([make_task_env(env_id, None).unwrapped]) is not None
+
+
+def measure(
+    env_id: str, backend: str, workers: int, physics: str, threads: int, meta_optimizer: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    sampler_kwargs: dict[str, Any] = dict(batched_physics=physics == "batched", num_threads=threads)
+    if backend != "vec_env":
+        sampler_kwargs["num_workers"] = workers
     if backend == "ray":
         sampler_kwargs["ray_init_kwargs"] = dict(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
     model = MetaPolicyGradient(
         "MlpPolicy",
         env_id,
         gradient_mode="lsf",
-        meta_optimizer="trpo",
+        meta_optimizer=meta_optimizer,
         meta_batch_size=args.meta_batch_size,
         inner_episodes=args.episodes,
         outer_episodes=args.episodes,
@@ -131,6 +164,9 @@ def measure(env_id: str, backend: str, workers: int, args: argparse.Namespace) -
         "env": env_id.split("/")[-1],
         "backend": backend,
         "workers": workers,
+        "physics": physics,
+        "threads": threads,
+        "meta_optimizer": meta_optimizer,
         "sub_envs": model.n_envs,
         "steps_per_iteration": steps // args.iterations,
         "sampling_steps_per_s": round(steps / (elapsed - update)),
@@ -145,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--envs", nargs="+", default=["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/AntDir-v0"])
     parser.add_argument("--backends", nargs="+", default=["vec_env", "subproc", "ray"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--physics", nargs="+", default=["per_env", "batched"], choices=["per_env", "batched"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1], help="physics threads of the vec_env backend")
+    parser.add_argument("--meta-optimizers", nargs="+", default=["trpo"], choices=["adam", "sgd", "trpo", "ppo"])
     parser.add_argument("--meta-batch-size", type=int, default=40)
     parser.add_argument("--episodes", type=int, default=20, help="N = M")
     parser.add_argument("--horizon", type=int, default=200)
@@ -169,16 +208,29 @@ def main(argv: list[str] | None = None) -> None:
         for env_id in args.envs:
             n_envs = args.meta_batch_size * args.episodes
             per_iteration = 2 * n_envs * args.horizon
-            bare = {
-                k: bare_steps_per_second(env_id, n_envs, args.horizon, k, per_iteration) for k in sorted({1, *args.workers})
-            }
-            for backend in args.backends:
-                for workers in [1] if backend == "vec_env" else args.workers:
-                    row = measure(env_id, backend, workers, args)
-                    row["bare_steps_per_s"] = round(bare[workers])
-                    row["sampling_vs_bare"] = round(row["sampling_steps_per_s"] / bare[workers], 2)
-                    row["iteration_vs_bare"] = round(row["iteration_steps_per_s"] / bare[workers], 2)
-                    same = [r for r in rows if r["env"] == row["env"] and r["backend"] == backend and r["workers"] == 1]
+            physics_options = args.physics if has_twin(env_id) else ["per_env"]
+            settings = [
+                (backend, workers, physics, threads)
+                for physics in physics_options
+                for backend in args.backends
+                for workers in ([1] if backend == "vec_env" else args.workers)
+                for threads in (args.threads if backend == "vec_env" and physics == "batched" else [1])
+            ]
+            bare = {}
+            for _, workers, physics, threads in settings:
+                if (workers, physics, threads) not in bare:
+                    bare[workers, physics, threads] = bare_steps_per_second(
+                        env_id, n_envs, args.horizon, workers, per_iteration, physics, threads
+                    )
+            for backend, workers, physics, threads in settings:
+                for meta_optimizer in args.meta_optimizers:
+                    row = measure(env_id, backend, workers, physics, threads, meta_optimizer, args)
+                    floor = bare[workers, physics, threads]
+                    row["bare_steps_per_s"] = round(floor)
+                    row["sampling_vs_bare"] = round(row["sampling_steps_per_s"] / floor, 2)
+                    row["iteration_vs_bare"] = round(row["iteration_steps_per_s"] / floor, 2)
+                    key = (row["env"], backend, 1, physics, meta_optimizer, 1)  # the same setting on 1 worker, 1 thread
+                    same = [r for r in rows if tuple(r[f] for f in [*FIELDS[:4], "meta_optimizer", "threads"]) == key]
                     one = same[0] if same else row
                     row["speedup_vs_1_worker"] = round(row["sampling_steps_per_s"] / one["sampling_steps_per_s"], 2)
                     rows.append(row)
@@ -193,15 +245,19 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {th.__version__}, "
         f"{th.get_num_threads()} torch threads in the learner. B = {args.meta_batch_size}, N = M = {args.episodes}, "
-        f"horizon {args.horizon}, lsf + trpo, {args.iterations} timed iterations after a warm-up.",
+        f"horizon {args.horizon}, lsf, {args.iterations} timed iterations after a warm-up. Physics: `per_env` "
+        "(Gymnasium's step per sub-env) or `batched` (the family's twin, on `threads` threads per process); bare: the "
+        "same sub-envs, physics, processes and threads with random actions.",
         "",
-        "| env | backend | workers | sampling steps/s | iteration steps/s | update s | bare steps/s (same processes) "
-        "| sampling / bare | iteration / bare | sampling speed-up vs 1 worker | bytes / iteration |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| env | backend | workers | physics | threads | meta-optimizer | sampling steps/s | iteration steps/s | update s "
+        "| bare steps/s (same processes) | sampling / bare | iteration / bare | sampling speed-up vs 1 worker "
+        "| bytes / iteration |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['env']} | {r['backend']} | {r['workers']} | {r['sampling_steps_per_s']} | {r['iteration_steps_per_s']} "
+            f"| {r['env']} | {r['backend']} | {r['workers']} | {r['physics']} | {r['threads']} | {r['meta_optimizer']} "
+            f"| {r['sampling_steps_per_s']} | {r['iteration_steps_per_s']} "
             f"| {r['update_s']} | {r['bare_steps_per_s']} | {r['sampling_vs_bare']} | {r['iteration_vs_bare']} "
             f"| {r['speedup_vs_1_worker']} | {r['bytes_per_iteration'] if r['bytes_per_iteration'] is not None else '-'} |"
         )
