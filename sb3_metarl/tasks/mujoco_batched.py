@@ -53,6 +53,11 @@ class _BatchedMujoco:
         self.envs = list(envs)
         self.models = [env.model for env in self.envs]
         self.datas = [env.data for env in self.envs]
+        # views of each MjData's arrays, taken once: reading ``data.qpos`` builds a new view at every access (a third
+        # of the twin's own time for 200 sub-envs); the arrays live as long as the data, which the envs keep
+        self.qpos = [data.qpos for data in self.datas]
+        self.qvel = [data.qvel for data in self.datas]
+        self.ctrl = [data.ctrl for data in self.datas]
         self.frame_skips = [env.frame_skip for env in self.envs]
         self.dts = np.array([env.dt for env in self.envs])
         self.forward_weights = np.array([env._forward_reward_weight for env in self.envs])
@@ -81,7 +86,7 @@ class _BatchedMujoco:
     def _advance(self, indices: np.ndarray, controls: np.ndarray) -> None:
         for k, index in enumerate(indices):
             model, data = self.models[index], self.datas[index]
-            data.ctrl[:] = controls[k]
+            self.ctrl[index][:] = controls[k]
             mujoco.mj_step(model, data, nstep=self.frame_skips[index])
             mujoco.mj_rnePostConstraint(model, data)
 
@@ -184,10 +189,10 @@ class BatchedLocomotion(_BatchedMujoco):
                 env.require_task()
         controls = self._controls(envs, indices, actions)
         coordinates = slice(0, 2) if self.planar else slice(0, 1)
-        before = np.array([self.datas[index].qpos[coordinates] for index in indices])
+        before = np.array([self.qpos[index][coordinates] for index in indices])
         self._advance_all(indices, controls)
-        qpos = np.stack([self.datas[index].qpos for index in indices])
-        qvel = np.stack([self.datas[index].qvel for index in indices])
+        qpos = np.array([self.qpos[index] for index in indices])
+        qvel = np.array([self.qvel[index] for index in indices])
         velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
         x_velocity = velocity[:, 0]
         forward_reward = self.forward_weights[indices] * x_velocity
@@ -263,21 +268,23 @@ class BatchedAnt(_BatchedMujoco):
         self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
         self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
         self.with_contact_forces = [env._include_cfrc_ext_in_observation for env in self.envs]
+        self.xpos = [data.xpos for data in self.datas]
+        self.cfrc_ext = [data.cfrc_ext for data in self.datas]
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         envs = [self.envs[index] for index in indices]
         for env in envs:
             env.require_task()
         controls = self._controls(envs, indices, actions)
-        before = np.array([self.datas[index].xpos[self.main_bodies[index], :2] for index in indices])
+        before = np.array([self.xpos[index][self.main_bodies[index], :2] for index in indices])
         self._advance_all(indices, controls)
-        after = np.array([self.datas[index].xpos[self.main_bodies[index], :2] for index in indices])
-        qpos = np.stack([self.datas[index].qpos for index in indices])
-        qvel = np.stack([self.datas[index].qvel for index in indices])
+        after = np.array([self.xpos[index][self.main_bodies[index], :2] for index in indices])
+        qpos = np.array([self.qpos[index] for index in indices])
+        qvel = np.array([self.qvel[index] for index in indices])
         velocity = (after - before) / self.dts[indices][:, None]
         x_velocity, y_velocity = velocity[:, 0], velocity[:, 1]
         # per sub-env, as Ant-v5 sums them: its (n_bodies, 6) contact forces and its action, each array on its own
-        contact_forces = [np.clip(self.datas[index].cfrc_ext, *self.contact_ranges[index]) for index in indices]
+        contact_forces = [np.clip(self.cfrc_ext[index], *self.contact_ranges[index]) for index in indices]
         contact_cost = [self.contact_weights[index] * np.sum(np.square(contact_forces[k])) for k, index in enumerate(indices)]
         ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(indices)]
         state = np.concatenate((qpos, qvel), axis=1)
