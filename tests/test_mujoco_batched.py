@@ -129,3 +129,18 @@ def test_the_physics_threads_default_to_the_cores_available_divided_among_worker
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahDir-v0", meta_batch_size=2, inner_episodes=2,
                                outer_episodes=2, inner_lr=0.1)  # fmt: skip
     assert model.episode_sampler.runner.batched.num_threads == 6
+
+
+def test_the_twin_trains_the_same_on_ray_actors():
+    """The Ray backend's actors step their blocks with the twin too: the per-env step's parameters, bit for bit."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        env_id = "sb3_metarl/HalfCheetahDir-v0"
+        reference = _trained_parameters(env_id, sampler_kwargs=dict(batched_physics=False))
+        assert th.equal(_trained_parameters(env_id, sampler="ray", sampler_kwargs=dict(num_workers=2)), reference)
+    finally:
+        if started:
+            ray.shutdown()
