@@ -26,6 +26,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.save_util import load_from_zip_file, save_to_zip_file
 from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import configure_logger
@@ -146,6 +147,8 @@ class LOLADiCE:
         self.num_timesteps = 0
         self.outer_lr, self.value_lr, self.seed = outer_lr, value_lr, seed
         self.verbose, self.tensorboard_log = verbose, tensorboard_log
+        #: SB3's logger, configured by ``learn``
+        self.logger: Logger | None = None
         #: one record per update: the exact average reward per round of each player ((1 - gamma) V), sampled means
         self.history: list[dict[str, float]] = []
 
@@ -309,7 +312,7 @@ class LOLADiCE:
                 f"update ({self.timesteps_per_update} rounds), got {total_timesteps!r}; for N updates pass "
                 "N * learner.timesteps_per_update."
             )
-        if reset_num_timesteps or not hasattr(self, "logger"):
+        if reset_num_timesteps or self.logger is None:
             self.logger = configure_logger(self.verbose, self.tensorboard_log, tb_log_name, reset_num_timesteps)
         if reset_num_timesteps:
             self.num_timesteps = 0
