@@ -5,7 +5,9 @@ import os
 import runpy
 import sys
 
+import numpy as np
 import pytest
+import torch as th
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,3 +235,18 @@ def test_batched_physics_quick_run_writes_its_table(tmp_path):
     assert "| per_env_step | twin_1_thread | twin_2_threads | bare_mj_step |" in table and "(1.00)" in table
     rows = [json.loads(line) for line in (tmp_path / "batched_physics.jsonl").read_text().splitlines()]
     assert rows and all(value > 0 for value in rows[0]["stepping"].values())
+
+
+def test_meta_gradient_signal_share_is_the_expected_gradient_s_share_of_the_mean(tmp_path, restore_threads):
+    module = _load("benchmarks/meta_gradient_signal.py")
+    same = module["signal"](th.ones(4, 3, dtype=th.float64))
+    assert same["noise"] == 0.0 and same["signal_share"] == 1.0
+    assert module["signal"](th.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=th.float64))["signal_share"] == 0.0
+    # a known mean under known noise: E|g|^2 = |mu|^2 + d sigma^2 / B = 5 + 12.5, so the share is about 5 / 17.5
+    rng = np.random.default_rng(0)
+    n_tasks, dim, mu = 40, 500, np.full(500, 0.1)
+    shares = [module["signal"](th.tensor(mu + rng.normal(size=(n_tasks, dim))))["signal_share"] for _ in range(50)]
+    assert abs(np.mean(shares) - 5 / 17.5) < 0.03  # (0.006 standard error over the 50 draws)
+    module["main"](["--quick", "--out", str(tmp_path)])
+    table = (tmp_path / "meta_gradient_signal.md").read_text()
+    assert all(f"| initial | 0 | {mode} |" in table for mode in ("sf", "maml", "lvc", "lsf"))

@@ -51,6 +51,41 @@ def test_linear_baseline_fits_per_task_and_respects_masks():
     assert th.all(predictions[..., 4] == 0)
 
 
+def test_the_linear_baseline_fits_wide_features_on_any_thread_count():
+    """
+    Ant's 107 observation features make a 218-column ridge system: MKL's threaded batched LU failed on it on 2 threads
+    on an AMD EPYC (a false "singular"). The fit matches numpy's least squares per task, on 1 and 2 threads, bit for
+    bit between the two.
+    """
+    rng = np.random.default_rng(0)
+    features = th.tensor(rng.normal(size=(2, 4, 60, 107)), dtype=th.float32)
+    features[..., 50:] = 0.0  # contact forces that stay zero: columns that only the ridge keeps regular
+    returns = th.tensor(rng.normal(size=(2, 4, 60)), dtype=th.float32)
+    masks = th.ones(2, 4, 60)
+    baseline = LinearFeatureBaseline()
+    previous = th.get_num_threads()
+    try:
+        th.set_num_threads(1)
+        one_thread = baseline.fit_predict(features, returns, masks)
+        th.set_num_threads(2)
+        two_threads = baseline.fit_predict(features, returns, masks)
+    finally:
+        th.set_num_threads(previous)
+    assert th.equal(one_thread, two_threads)
+    x = LinearFeatureBaseline.design_matrix(features.double()).numpy()
+    for task in range(2):
+        design = x[task].reshape(-1, x.shape[-1])
+        ridge = design.T @ design + 1e-5 * np.eye(design.shape[1])
+        expected = design @ np.linalg.solve(ridge, design.T @ returns[task].double().numpy().reshape(-1))
+        np.testing.assert_allclose(one_thread[task].double().numpy().reshape(-1), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_singular_baseline_regression_is_an_error_naming_the_baseline():
+    features = th.zeros(1, 2, 5, 3)  # constant features and no ridge: singular at every ridge it tries
+    with pytest.raises(FloatingPointError, match=r"baseline.*singular"):
+        LinearFeatureBaseline(reg_coeff=0.0).fit_predict(features, th.ones(1, 2, 5), th.ones(1, 2, 5))
+
+
 def test_make_baseline_rejects_unknown_names():
     assert make_baseline(None) is None
     assert isinstance(make_baseline("linear"), LinearFeatureBaseline)

@@ -4,6 +4,8 @@ from abc import ABC, abstractmethod
 
 import torch as th
 
+from sb3_metarl.common.threads import torch_threads
+
 
 class Baseline(ABC):
     """A state-value baseline fitted per task on the episodes it is then applied to."""
@@ -23,7 +25,8 @@ class LinearFeatureBaseline(Baseline):
     The linear feature baseline of rllab / MAML (Duan et al. 2016): ridge regression of the
     returns-to-go on ``[o, o^2, t, t^2, t^3, 1]`` (t = step / 100), fitted separately per task.
 
-    :param reg_coeff: initial ridge coefficient; multiplied by 10 (up to 5 times) if the solve is not finite
+    :param reg_coeff: initial ridge coefficient; multiplied by 10 (up to 5 times) while the system is singular or
+        its solution not finite
     """
 
     def __init__(self, reg_coeff: float = 1e-5):
@@ -47,10 +50,22 @@ class LinearFeatureBaseline(Baseline):
         eye = th.eye(n_features, dtype=gram.dtype, device=gram.device)
         reg = self.reg_coeff
         for _ in range(5):
-            weights = th.linalg.solve(gram + reg * eye, target)
-            if th.isfinite(weights).all():
+            # on one thread: MKL's threaded batched LU (torch 2.13's MKL 2024.2) fails on some CPUs for systems of 150
+            # or more features (measured on an AMD EPYC with AVX-512 on 2 threads: "DLASWP parameter 6 incorrect" and a
+            # false "singular"), and one thread makes the fit's bits independent of the thread count
+            with torch_threads(1):
+                try:
+                    weights = th.linalg.solve(gram + reg * eye, target)
+                except th.linalg.LinAlgError:  # singular at this ridge: a larger one
+                    weights = None
+            if weights is not None and th.isfinite(weights).all():
                 break
             reg *= 10
+        if weights is None:
+            raise FloatingPointError(
+                "baseline: the linear feature baseline's regression stayed singular up to a ridge of "
+                f"{reg / 10:g}; check the observations (finite, not constant), or pass baseline=None."
+            )
         return (x @ weights.unsqueeze(1)).squeeze(-1).to(returns.dtype) * masks
 
 
