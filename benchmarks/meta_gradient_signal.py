@@ -2,14 +2,16 @@
 How much of one meta-batch's meta-gradient is signal, per gradient mode, at a published run's setting.
 
 At given parameters (the initial policy of a suite, or a run's checkpoint), each mode estimates the meta-gradient
-from one fresh meta-batch of the suite's size (40 tasks x 20 + 20 episodes for the SG-MRL suites), per task. With
-``G`` the per-task estimates (B x d) and ``g`` their mean (the update's direction):
+from ``--batches`` independent meta-batches of the suite's size (40 tasks x 20 + 20 episodes for the SG-MRL suites;
+other tasks and episodes in each batch, the same tasks for every mode), per task. With ``G`` one batch's per-task
+estimates (B x d) and ``g`` their mean (the update's direction):
 
-* ``noise = tr Cov(G) / B``: the expected squared distance of ``g`` from its expectation (task and episode sampling);
-* ``signal share = max(0, |g|^2 - noise) / |g|^2``: the share of ``|g|^2`` that is the expected meta-gradient, an
-  unbiased estimate of ``|E g|^2`` over ``|g|^2`` (near 0: the update is mostly noise, and Adam's normalised steps
-  become a random walk; 1: noise-free);
-* ``cosine to maml``: the cosine between the mode's ``g`` and ``maml``'s on the same tasks (other episodes).
+* ``between-batch cosine``: the cosine between two batches' ``g``. For independent ``g1 = m + e1``, ``g2 = m + e2``
+  it estimates ``|m|^2 / E|g|^2``, the share of an update that is the expected meta-gradient ``m`` (near 0: the
+  update is noise, and Adam's normalised steps are a random walk; 1: noise-free);
+* ``within-batch share = max(0, |g|^2 - tr Cov(G) / B) / |g|^2``, the same share from one batch's spread (noisier);
+* ``cosine to maml``: the cosine between the mode's ``g`` and ``maml``'s from the same tasks (other episodes),
+  averaged over the batches.
 
     python benchmarks/meta_gradient_signal.py --suite sgmrl-dir --points initial sgmrl-dir_sf_adam_s0 \
         --out docs/results                                   # writes meta_gradient_signal.md / .jsonl
@@ -48,23 +50,39 @@ def signal(per_task: th.Tensor) -> dict[str, float]:
     return {"norm": squared**0.5, "noise": noise, "signal_share": max(0.0, squared - noise) / max(squared, 1e-300)}
 
 
-def measure_point(model: MetaPolicyGradient, modes: list[str], seed: int) -> list[dict[str, Any]]:
-    """:return: one row per mode at ``model``'s parameters (the same tasks for every mode, fresh episodes)"""
-    tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng(seed))
+def measure_point(model: MetaPolicyGradient, modes: list[str], seed: int, batches: int = 2) -> list[dict[str, Any]]:
+    """:return: one row per mode at ``model``'s parameters (per batch, the same tasks for every mode, fresh episodes)"""
+    cosine = th.nn.functional.cosine_similarity
     saved = model.gradient_mode
-    rows, means = [], {}
+    means: dict[str, list[th.Tensor]] = {mode: [] for mode in modes}
+    within: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    seconds = dict.fromkeys(modes, 0.0)
     try:
-        for mode in modes:
-            model.gradient_mode = mode_named(saved, mode)
-            start = time.perf_counter()
-            per_task = flat_per_task_gradient(model.estimate_meta_gradient(tasks, per_task=True)).double().cpu()
-            means[mode] = per_task.mean(0)
-            rows.append({"mode": mode, **signal(per_task), "seconds": round(time.perf_counter() - start, 1)})
+        for batch in range(batches):
+            tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng([seed, batch]))
+            for mode in modes:
+                model.gradient_mode = mode_named(saved, mode)
+                start = time.perf_counter()
+                per_task = flat_per_task_gradient(model.estimate_meta_gradient(tasks, per_task=True)).double().cpu()
+                seconds[mode] += time.perf_counter() - start
+                means[mode].append(per_task.mean(0))
+                within[mode].append(signal(per_task))
     finally:
         model.gradient_mode = saved
-    for row in rows:
+    rows = []
+    for mode in modes:
+        row: dict[str, Any] = {
+            "mode": mode,
+            "norm": float(np.mean([batch["norm"] for batch in within[mode]])),
+            "within_batch_share": float(np.mean([batch["signal_share"] for batch in within[mode]])),
+            "seconds_per_batch": round(seconds[mode] / batches, 1),
+        }
+        if batches > 1:
+            pairs = [(i, j) for i in range(batches) for j in range(i + 1, batches)]
+            row["between_batch_cosine"] = float(np.mean([cosine(means[mode][i], means[mode][j], dim=0) for i, j in pairs]))
         if "maml" in means:
-            row["cosine_to_maml"] = float(th.nn.functional.cosine_similarity(means[row["mode"]], means["maml"], dim=0))
+            row["cosine_to_maml"] = float(np.mean([cosine(g, m, dim=0) for g, m in zip(means[mode], means["maml"])]))
+        rows.append(row)
     return rows
 
 
@@ -88,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", nargs="+", default=["initial"], help='"initial" and/or run names under <out>/runs')
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the tasks drawn at every point")
+    parser.add_argument("--batches", type=int, default=2, help="independent meta-batches per point and mode")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for point in args.points:
         model, iteration = load_point(point, args.suite, out, args.quick)
-        for row in measure_point(model, args.modes, args.seed):
+        for row in measure_point(model, args.modes, args.seed, args.batches):
             rows.append({"suite": args.suite, "point": point, "iteration": iteration, **row})
             print(json.dumps(rows[-1]), flush=True)
         model.get_env().close()
@@ -107,18 +126,23 @@ def main(argv: list[str] | None = None) -> None:
         "# How much of a meta-batch's meta-gradient is signal",
         "",
         f"`python benchmarks/meta_gradient_signal.py --suite {args.suite} --points {' '.join(args.points)} --modes "
-        f"{' '.join(args.modes)} --seed {args.seed}` (one torch thread, one physics thread). Per point and mode, one "
-        "meta-batch at the suite's setting, the same tasks for every mode: |g| (the mean of the per-task estimates), "
-        "the noise tr Cov / B, the signal share max(0, |g|^2 - noise) / |g|^2 and the cosine to maml's g.",
+        f"{' '.join(args.modes)} --seed {args.seed} --batches {args.batches}` (one torch thread, one physics thread). "
+        f"Per point and mode, {args.batches} independent meta-batches at the suite's setting (the same tasks for every "
+        "mode): |g| (the norm of a batch's mean estimate), the cosine between two batches' g (the share of an update "
+        "that is the expected meta-gradient), the same share from one batch's spread, max(0, |g|^2 - tr Cov / B) / "
+        "|g|^2, and the cosine to maml's g from the same tasks.",
         "",
-        "| point | iteration | mode | abs g | noise | signal share | cosine to maml |",
+        "| point | iteration | mode | abs g | between-batch cosine | within-batch share | cosine to maml |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "—"
+
     for row in rows:
-        cosine = f"{row['cosine_to_maml']:.3f}" if "cosine_to_maml" in row else "—"
         lines.append(
-            f"| {row['point']} | {row['iteration']} | {row['mode']} | {row['norm']:.4g} | {row['noise']:.4g} | "
-            f"{row['signal_share']:.3f} | {cosine} |"
+            f"| {row['point']} | {row['iteration']} | {row['mode']} | {row['norm']:.4g} | "
+            f"{cell(row, 'between_batch_cosine')} | {cell(row, 'within_batch_share')} | {cell(row, 'cosine_to_maml')} |"
         )
     with open(os.path.join(out, "meta_gradient_signal.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -250,3 +250,4 @@ def test_meta_gradient_signal_share_is_the_expected_gradient_s_share_of_the_mean
     module["main"](["--quick", "--out", str(tmp_path)])
     table = (tmp_path / "meta_gradient_signal.md").read_text()
     assert all(f"| initial | 0 | {mode} |" in table for mode in ("sf", "maml", "lvc", "lsf"))
+    assert "| between-batch cosine |" in table and "| initial | 0 | maml |" in table and "| 1.000 |" in table
