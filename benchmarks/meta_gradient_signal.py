@@ -88,15 +88,14 @@ def measure_point(model: MetaPolicyGradient, modes: list[str], seed: int, batche
 
 def load_point(point: str, suite: str, out: str, quick: bool) -> tuple[MetaPolicyGradient, int | None]:
     """:return: the model at ``point`` ("initial": the suite's initial policy, seed 0; else a run's checkpoint)"""
-    run = suite_runs(suite, ["maml"], [0])[0]
-    sampler_kwargs = dict(num_threads=1)
     if point == "initial":
+        run = suite_runs(suite, ["maml"], [0])[0]
         if quick:
             run.kwargs.update(meta_batch_size=2, inner_episodes=2, outer_episodes=2, max_episode_steps=10)
         return make_model(run, "vec_env", None), 0
     path = os.path.join(out, "runs", point, "model.zip")
     state = json.load(open(os.path.join(out, "runs", point, "run.json")))
-    model = MetaPolicyGradient.load(path, env=state["config"]["env_id"], sampler_kwargs=sampler_kwargs)
+    model = MetaPolicyGradient.load(path, env=state["config"]["env_id"], sampler_kwargs=dict(num_threads=1))
     return model, state["iterations_done"]
 
 

@@ -49,18 +49,18 @@ class LinearFeatureBaseline(Baseline):
         target = x_flat.transpose(1, 2) @ y_flat
         eye = th.eye(n_features, dtype=gram.dtype, device=gram.device)
         reg = self.reg_coeff
-        for _ in range(5):
-            # on one thread: MKL's threaded batched LU (torch 2.13's MKL 2024.2) fails on some CPUs for systems of 150
-            # or more features (measured on an AMD EPYC with AVX-512 on 2 threads: "DLASWP parameter 6 incorrect" and a
-            # false "singular"), and one thread makes the fit's bits independent of the thread count
-            with torch_threads(1):
+        # on one thread: MKL's threaded batched LU (torch 2.13's MKL 2024.2) fails on some CPUs for systems of 150 or
+        # more features (measured on an AMD EPYC with AVX-512 on 2 threads: "DLASWP parameter 6 incorrect" and a false
+        # "singular"), and one thread makes the fit's bits independent of the thread count
+        with torch_threads(1):
+            for _ in range(5):
                 try:
                     weights = th.linalg.solve(gram + reg * eye, target)
                 except th.linalg.LinAlgError:  # singular at this ridge: a larger one
                     weights = None
-            if weights is not None and th.isfinite(weights).all():
-                break
-            reg *= 10
+                if weights is not None and th.isfinite(weights).all():
+                    break
+                reg *= 10
         if weights is None:
             raise FloatingPointError(
                 "baseline: the linear feature baseline's regression stayed singular up to a ridge of "
