@@ -4,10 +4,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, batched_stepper
+from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, RowInfos, batched_stepper
 
 FAMILIES = [
     ("sb3_metarl/HalfCheetahDir-v0", {}),
@@ -82,6 +83,51 @@ def test_only_what_the_twin_steps_exactly_is_batched():
     assert GroupRunner(wrapped, 1, 10, *space).batched is None
     assert GroupRunner(plain, 1, 10, *space).batched is not None
     assert GroupRunner(plain, 1, 10, *space, batched_physics=False).batched is None
+
+
+def test_row_infos_build_each_row_once_when_read():
+    built = []
+
+    def build(k):
+        built.append(k)
+        return {"row": k}
+
+    infos = RowInfos(4, build)
+    assert len(infos) == 4 and built == []  # nothing is built until read
+    first = infos[1]
+    assert first == {"row": 1} and infos[1] is first and built == [1]  # kept: a callback's edits stay
+    assert infos[-1] == {"row": 3} and infos[1:3] == [{"row": 1}, {"row": 2}] and built == [1, 3, 2]
+    assert infos == [{"row": k} for k in range(4)] and [info["row"] for info in infos] == [0, 1, 2, 3]
+    assert built == [1, 3, 2, 0]
+    with pytest.raises(IndexError):
+        infos[4]
+
+
+class _RecordInfos(BaseCallback):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def _on_step(self):
+        self.rows.extend(dict(info) for info in self.locals["infos"])
+        return True
+
+
+@pytest.mark.parametrize("env_id", ["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/AntGoal-v0"])
+def test_a_callback_reads_the_per_env_step_s_infos_from_the_twin(env_id):
+    """The twin builds its infos when read: a callback reading ``locals["infos"]`` gets the per-env step's dicts."""
+    recorded = {}
+    for batched in (False, True):
+        model = MetaPolicyGradient("MlpPolicy", env_id, meta_batch_size=2, inner_episodes=2, outer_episodes=2,
+                                   inner_lr=1e-4, max_episode_steps=10, policy_kwargs=dict(net_arch=[8]), seed=3,
+                                   sampler_kwargs=dict(batched_physics=batched))  # fmt: skip
+        assert (model.episode_sampler.runner.batched is not None) == batched
+        callback = _RecordInfos()
+        model.learn(model.max_steps_per_iteration, callback=callback)
+        recorded[batched] = callback.rows
+        model.get_env().close()
+    assert len(recorded[True]) == 2 * 2 * 2 * 10 and "reward_task" in recorded[True][0]
+    assert recorded[True] == recorded[False]
 
 
 def _trained_parameters(env_id, **kwargs):

@@ -12,9 +12,10 @@ falls). It skips the per-env Python work that makes Gymnasium's step slower than
 ``BatchedAnt`` does the same for the Ant families, contact forces included.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from itertools import pairwise
+from typing import Any, overload
 
 import mujoco
 import numpy as np
@@ -36,6 +37,44 @@ from sb3_metarl.tasks.mujoco import (
     _Direction,
     _TargetVelocity,
 )
+
+
+class RowInfos(Sequence[dict[str, Any]]):
+    """
+    The infos of one batched step, one dict per stepped sub-env, each built when it is first read (and then kept):
+    the sampler reads none of them and a callback few, while building all of them was a tenth of the twin's own time.
+
+    :param n: the number of stepped sub-envs
+    :param build: row -> that sub-env's info, as its own ``step`` returns it
+    """
+
+    def __init__(self, n: int, build: Callable[[int], dict[str, Any]]):
+        self._build = build
+        self._rows: list[dict[str, Any] | None] = [None] * n
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, k: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, k: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        k = range(len(self))[k]  # a negative row counts from the end; IndexError outside
+        row = self._rows[k]
+        if row is None:
+            row = self._rows[k] = self._build(k)
+        return row
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class _BatchedMujoco:
@@ -63,6 +102,7 @@ class _BatchedMujoco:
         self.forward_weights = np.array([env._forward_reward_weight for env in self.envs])
         self.ctrl_weights = [env._ctrl_cost_weight for env in self.envs]
         self.excluded = [env._exclude_current_positions_from_observation for env in self.envs]
+        self.all_excluded = all(self.excluded)
         self.scales = [env.action_scale for env in self.envs]
         self.kept_terms = getattr(type(self.envs[0]), "kept_terms", ())
         scaled = [env for env in self.envs if env.action_scale != 1.0]
@@ -83,19 +123,31 @@ class _BatchedMujoco:
         """:return: whether ``env`` (unwrapped) is a family this twin steps exactly, with nothing that it would skip"""
         return type(env) in cls.families and env.render_mode is None
 
-    def _advance(self, indices: np.ndarray, controls: np.ndarray) -> None:
-        for k, index in enumerate(indices):
-            model, data = self.models[index], self.datas[index]
-            self.ctrl[index][:] = controls[k]
-            mujoco.mj_step(model, data, nstep=self.frame_skips[index])
-            mujoco.mj_rnePostConstraint(model, data)
+    def _advance(self, rows: list[int], controls: np.ndarray) -> None:
+        # (bound once: this loop runs once per sub-env and control step, and its Python is what the physics threads
+        # wait for the GIL over)
+        models, datas, ctrls, frame_skips = self.models, self.datas, self.ctrl, self.frame_skips
+        step, post_constraint = mujoco.mj_step, mujoco.mj_rnePostConstraint
+        for index, control in zip(rows, controls):
+            ctrls[index][:] = control
+            model, data = models[index], datas[index]
+            step(model, data, nstep=frame_skips[index])
+            post_constraint(model, data)
 
-    def _advance_all(self, indices: np.ndarray, controls: np.ndarray) -> None:
-        if self.pool is None or len(indices) < 2 * self.num_threads:
-            self._advance(indices, controls)
+    def _advance_all(self, rows: list[int], controls: np.ndarray) -> None:
+        """:param rows: positions in ``envs``, as Python ints (a list indexed by numpy ints is slower)"""
+        if self.pool is None or len(rows) < 2 * self.num_threads:
+            self._advance(rows, controls)
         else:
-            chunks = np.array_split(np.arange(len(indices)), self.num_threads)
-            list(self.pool.map(lambda chunk: self._advance(indices[chunk], controls[chunk]), chunks))
+            bounds = [len(rows) * thread // self.num_threads for thread in range(self.num_threads + 1)]
+            chunks = [(rows[start:stop], controls[start:stop]) for start, stop in pairwise(bounds)]
+            list(self.pool.map(lambda chunk: self._advance(*chunk), chunks))
+
+    def _require_tasks(self, envs: list[Any]) -> None:
+        """Raise the family's own error if a sub-env has no task (checked in one pass: all of them have one)."""
+        if not all(env.task_is_set for env in envs):
+            for env in envs:
+                env.require_task()
 
     def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
@@ -116,13 +168,14 @@ class _BatchedMujoco:
             kept = kept + np.array([float(value) for value in terms[term]])
         return task_terms + kept
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
         """
         Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
 
         :param indices: positions in ``envs`` (distinct)
         :param actions: their actions (len(indices), action_dim), in each env's action space
-        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos
+        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos (one dict per
+            row, built when read)
         """
         raise NotImplementedError
 
@@ -182,66 +235,69 @@ class BatchedLocomotion(_BatchedMujoco):
             healthy &= np.all((states[:, :1] < state) & (state < states[:, 1:]), axis=1)
         return healthy
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-        envs = [self.envs[index] for index in indices]
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        rows = np.asarray(indices).tolist()
+        envs = [self.envs[index] for index in rows]
         if self.task_term is not None:
-            for env in envs:
-                env.require_task()
+            self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
         coordinates = slice(0, 2) if self.planar else slice(0, 1)
-        before = np.array([self.qpos[index][coordinates] for index in indices])
-        self._advance_all(indices, controls)
-        qpos = np.array([self.qpos[index] for index in indices])
-        qvel = np.array([self.qvel[index] for index in indices])
+        qpos_views, qvel_views = self.qpos, self.qvel
+        before = np.array([qpos_views[index] for index in rows])[:, coordinates]
+        self._advance_all(rows, controls)
+        qpos = np.array([qpos_views[index] for index in rows])
+        qvel = np.array([qvel_views[index] for index in rows])
         velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
         x_velocity = velocity[:, 0]
         forward_reward = self.forward_weights[indices] * x_velocity
         squares = np.sum(np.square(controls), axis=1)  # each row as the env's control_cost sums it
-        ctrl_cost = [self.ctrl_weights[index] * squares[k] for k, index in enumerate(indices)]
-        n = len(indices)
+        # per row, the env's own (weight * sum): the product's type follows NumPy's rules for a Python float and the sum
+        ctrl_cost = [self.ctrl_weights[index] * squares[k] for k, index in enumerate(rows)]
+        n = len(rows)
         terms: dict[str, Any] = {"reward_ctrl": [-cost for cost in ctrl_cost]}
         terminated = np.zeros(n, dtype=bool)
         if self.upright:
             healthy = self._healthy(indices, qpos, qvel)
             terms["reward_survive"] = healthy * self.healthy_rewards[indices]
             terminated = ~healthy & self.terminate_when_unhealthy[indices]
+        task_terms = None
         if self.task_term == "direction":
             task_terms = np.array([env._direction for env in envs]) * x_velocity
         elif self.task_term == "velocity":
             task_terms = -np.abs(x_velocity - np.array([env._target for env in envs]))
-        if self.task_term is not None:
+        if task_terms is not None:
             rewards = self._with_kept_terms(task_terms, terms)
         else:  # the base env's reward: forward + alive - control cost
-            costs = np.array(ctrl_cost)
-            rewards = (forward_reward + terms["reward_survive"] if self.upright else forward_reward) - costs
-        observations = self._observations(indices, qpos, qvel)
-        infos = []
-        for k, index in enumerate(indices):
-            info = {"x_position": qpos[k, 0]}
-            if self.planar:
-                info.update(y_position=qpos[k, 1], distance_from_origin=np.linalg.norm(qpos[k, :2], ord=2))
-            if self.upright:
-                info["z_distance_from_origin"] = qpos[k, 1] - self.envs[index].init_qpos[1]
-            info["x_velocity"] = x_velocity[k]
-            if self.planar:
-                info["y_velocity"] = velocity[k, 1]
-            info.update(reward_forward=forward_reward[k], reward_ctrl=terms["reward_ctrl"][k])
-            if self.upright:
-                info["reward_survive"] = terms["reward_survive"][k]
-            if self.task_term is not None:
-                info["reward_task"] = task_terms[k]
-            infos.append(info)
-        return observations, rewards, terminated, infos
+            rewards = (forward_reward + terms["reward_survive"] if self.upright else forward_reward) - np.array(ctrl_cost)
+        observations = self._observations(rows, qpos, qvel)
 
-    def _observations(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+        def info(k: int) -> dict[str, Any]:  # the per-env step's info, in its order
+            row = {"x_position": qpos[k, 0]}
+            if self.planar:
+                row.update(y_position=qpos[k, 1], distance_from_origin=np.linalg.norm(qpos[k, :2], ord=2))
+            if self.upright:
+                row["z_distance_from_origin"] = qpos[k, 1] - self.envs[rows[k]].init_qpos[1]
+            row["x_velocity"] = x_velocity[k]
+            if self.planar:
+                row["y_velocity"] = velocity[k, 1]
+            row.update(reward_forward=forward_reward[k], reward_ctrl=terms["reward_ctrl"][k])
+            if self.upright:
+                row["reward_survive"] = terms["reward_survive"][k]
+            if task_terms is not None:
+                row["reward_task"] = task_terms[k]
+            return row
+
+        return observations, rewards, terminated, RowInfos(n, info)
+
+    def _observations(self, rows: list[int], qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         velocities = np.clip(qvel, -10, 10) if self.upright else qvel
         left_out = 2 if self.planar else 1
-        if all(self.excluded[index] for index in indices):
+        if self.all_excluded or all(self.excluded[index] for index in rows):
             return np.concatenate((qpos[:, left_out:], velocities), axis=1)
         return np.stack(
             [
                 np.concatenate((qpos[k, left_out:] if self.excluded[index] else qpos[k], velocities[k]))
-                for k, index in enumerate(indices)
+                for k, index in enumerate(rows)
             ]
         )
 
@@ -271,22 +327,23 @@ class BatchedAnt(_BatchedMujoco):
         self.xpos = [data.xpos for data in self.datas]
         self.cfrc_ext = [data.cfrc_ext for data in self.datas]
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-        envs = [self.envs[index] for index in indices]
-        for env in envs:
-            env.require_task()
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        rows = np.asarray(indices).tolist()
+        envs = [self.envs[index] for index in rows]
+        self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
-        before = np.array([self.xpos[index][self.main_bodies[index], :2] for index in indices])
-        self._advance_all(indices, controls)
-        after = np.array([self.xpos[index][self.main_bodies[index], :2] for index in indices])
-        qpos = np.array([self.qpos[index] for index in indices])
-        qvel = np.array([self.qvel[index] for index in indices])
+        xpos, main_bodies = self.xpos, self.main_bodies
+        before = np.array([xpos[index][main_bodies[index], :2] for index in rows])
+        self._advance_all(rows, controls)
+        after = np.array([xpos[index][main_bodies[index], :2] for index in rows])
+        qpos = np.array([self.qpos[index] for index in rows])
+        qvel = np.array([self.qvel[index] for index in rows])
         velocity = (after - before) / self.dts[indices][:, None]
         x_velocity, y_velocity = velocity[:, 0], velocity[:, 1]
         # per sub-env, as Ant-v5 sums them: its (n_bodies, 6) contact forces and its action, each array on its own
-        contact_forces = [np.clip(self.cfrc_ext[index], *self.contact_ranges[index]) for index in indices]
-        contact_cost = [self.contact_weights[index] * np.sum(np.square(contact_forces[k])) for k, index in enumerate(indices)]
-        ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(indices)]
+        contact_forces = [np.clip(self.cfrc_ext[index], *self.contact_ranges[index]) for index in rows]
+        contact_cost = [self.contact_weights[index] * np.sum(np.square(contact_forces[k])) for k, index in enumerate(rows)]
+        ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(rows)]
         state = np.concatenate((qpos, qvel), axis=1)
         ranges = self.healthy_ranges[indices]
         healthy = np.isfinite(state).all(axis=1) & (ranges[:, 0] <= state[:, 2]) & (state[:, 2] <= ranges[:, 1])
@@ -300,13 +357,15 @@ class BatchedAnt(_BatchedMujoco):
         terminated = ~healthy & self.terminate_when_unhealthy[indices]
         task_terms = self._task_terms(envs, qpos, x_velocity, y_velocity)
         rewards = self._with_kept_terms(task_terms, terms)
-        observations, infos = [], []
-        for k, index in enumerate(indices):
+        observations = []
+        for k, index in enumerate(rows):
             parts = [qpos[k, 2:] if self.excluded[index] else qpos[k], qvel[k]]
             if self.with_contact_forces[index]:
                 parts.append(contact_forces[k][1:].flatten())
             observations.append(np.concatenate(parts))
-            info = {
+
+        def info(k: int) -> dict[str, Any]:  # Ant-v5's info with the task term, in its order
+            return {
                 "x_position": qpos[k, 0],
                 "y_position": qpos[k, 1],
                 "distance_from_origin": np.linalg.norm(qpos[k, 0:2], ord=2),
@@ -315,8 +374,8 @@ class BatchedAnt(_BatchedMujoco):
                 **{term: values[k] for term, values in terms.items()},
                 "reward_task": task_terms[k],
             }
-            infos.append(info)
-        return np.stack(observations), rewards, terminated, infos
+
+        return np.stack(observations), rewards, terminated, RowInfos(len(rows), info)
 
     def _task_terms(self, envs: list[Any], qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray) -> np.ndarray:
         """:return: each family's ``_task_reward``, in its float64 arithmetic"""
