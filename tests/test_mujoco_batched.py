@@ -1,5 +1,7 @@
 """The batched twin of the MuJoCo task families: the per-env step's trajectories, bit for bit, on every backend."""
 
+import pickle
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -101,6 +103,7 @@ def test_row_infos_build_each_row_once_when_read():
     assert built == [1, 3, 2, 0]
     with pytest.raises(IndexError):
         infos[4]
+    assert pickle.loads(pickle.dumps(infos)) == [{"row": k} for k in range(4)]  # as the list of its dicts
 
 
 class _RecordInfos(BaseCallback):

@@ -76,6 +76,10 @@ class RowInfos(Sequence[dict[str, Any]]):
     def __repr__(self) -> str:
         return repr(list(self))
 
+    def __reduce__(self) -> tuple[type, tuple[list[dict[str, Any]]]]:
+        # pickled (sent to another process, saved by a callback) as the plain list of its dicts
+        return list, (list(self),)
+
 
 class _BatchedMujoco:
     """
