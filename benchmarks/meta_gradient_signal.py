@@ -17,6 +17,15 @@ estimates (B x d) and ``g`` their mean (the update's direction):
         --out docs/results                                   # writes meta_gradient_signal.md / .jsonl
     python benchmarks/meta_gradient_signal.py --quick        # a smoke run (2 tasks, horizon 10), temporary folder
 
+With ``--inner`` it measures the inner step instead (``inner_gradient_signal.md`` / ``.jsonl``): per mode, the share
+of an N-episode inner gradient's squared norm that is signal (``sb3_metarl.meta_pg.inner_lr.signal_fraction`` of two
+independent N-episode batches of the same tasks at the point's parameters) and its norm. A mode's inner step is the
+plain policy gradient with its own weights (GAE advantages for ``maml``, ``lvc`` and ``sf``, the whole trajectory's
+return for ``lsf``, causal returns for ``dice``), so this is how much one step of that mode adapts toward its task:
+
+    python benchmarks/meta_gradient_signal.py --inner --suite sgmrl-dir --points initial sgmrl-dir_lsf_adam_s0 \
+        sgmrl-dir_maml_adam_s0 --modes maml lvc lsf dice --out docs/results
+
 Every process runs one torch thread and one physics thread; a point's checkpoint is read from
 ``<out>/runs/<run>/model.zip`` (read only: a run in progress is not disturbed).
 """
@@ -37,6 +46,7 @@ from reproduce_published import SUITES, make_model, suite_runs
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.estimators.study import flat_per_task_gradient, mode_named
+from sb3_metarl.meta_pg.inner_lr import inner_direction, signal_fraction
 
 MODES = ["sf", "maml", "lvc", "lsf"]
 
@@ -86,6 +96,26 @@ def measure_point(model: MetaPolicyGradient, modes: list[str], seed: int, batche
     return rows
 
 
+def measure_inner(model: MetaPolicyGradient, modes: list[str], seed: int) -> list[dict[str, Any]]:
+    """
+    :return: one row per mode: the signal share of its N-episode inner gradient at ``model``'s parameters (two
+        independent batches of the same tasks, drawn from streams of their own: a run's streams are not touched)
+        and the gradient's norm (root mean square over tasks)
+    """
+    tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng([seed, 0]))
+    params = model.initial_task_params(len(tasks))
+    stream_seed = int(np.random.SeedSequence([3, seed]).generate_state(1)[0])
+    with model.env_streams.isolated(model.env, stream_seed) as generator:
+        pair = [model.sample_episodes(tasks, params, model.inner_episodes, generator=generator) for _ in range(2)]
+    rows = []
+    for mode in modes:
+        gradient_mode = mode_named(model.gradient_mode, mode)
+        gradients = [inner_direction(model.functional_policy, gradient_mode, params, batch) for batch in pair]
+        squared = sum(float(g.double().pow(2).sum()) for g in gradients[0].values()) / len(tasks)
+        rows.append({"mode": mode, "inner_signal_share": signal_fraction(*gradients), "inner_norm": squared**0.5})
+    return rows
+
+
 def load_point(point: str, suite: str, out: str, quick: bool) -> tuple[MetaPolicyGradient, int | None]:
     """:return: the model at ``point`` ("initial": the suite's initial policy, seed 0; else a run's checkpoint)"""
     if point == "initial":
@@ -106,11 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--seed", type=int, default=0, help="seed of the tasks drawn at every point")
     parser.add_argument("--batches", type=int, default=2, help="independent meta-batches per point and mode")
+    parser.add_argument("--inner", action="store_true", help="measure the inner gradients (inner_gradient_signal.md)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     out = args.out or (tempfile.mkdtemp() if args.quick else "docs/results")
     th.set_num_threads(1)
+    if args.inner:
+        inner_main(args, out)
+        return
     rows = []
     for point in args.points:
         model, iteration = load_point(point, args.suite, out, args.quick)
@@ -144,6 +178,42 @@ def main(argv: list[str] | None = None) -> None:
             f"{cell(row, 'between_batch_cosine')} | {cell(row, 'within_batch_share')} | {cell(row, 'cosine_to_maml')} |"
         )
     with open(os.path.join(out, "meta_gradient_signal.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+def inner_main(args: argparse.Namespace, out: str) -> None:
+    rows = []
+    for point in args.points:
+        model, iteration = load_point(point, args.suite, out, args.quick)
+        for row in measure_inner(model, args.modes, args.seed):
+            rows.append({"suite": args.suite, "point": point, "iteration": iteration, **row})
+            print(json.dumps(rows[-1]), flush=True)
+        model.get_env().close()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "inner_gradient_signal.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    lines = [
+        "# How much of an inner gradient is signal",
+        "",
+        f"`python benchmarks/meta_gradient_signal.py --inner --suite {args.suite} --points {' '.join(args.points)} "
+        f"--modes {' '.join(args.modes)} --seed {args.seed}` (one torch thread, one physics thread). Per point, two "
+        "independent batches of the suite's N episodes for each of its B tasks at the point's parameters (the same "
+        "batches for every mode); per mode, the share of its inner gradient's squared norm that is signal (the "
+        "agreement of the two batches' per-task gradients over their mean squared norm) and the gradient's norm "
+        "(root mean square over tasks). A mode's inner step is a plain policy gradient with its own weights: GAE "
+        "advantages for maml, lvc and sf (the same inner step), the trajectory's return for lsf, causal returns for "
+        "dice.",
+        "",
+        "| point | iteration | mode | inner signal share | inner gradient norm |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['point']} | {row['iteration']} | {row['mode']} | {row['inner_signal_share']:.3f} | "
+            f"{row['inner_norm']:.4g} |"
+        )
+    with open(os.path.join(out, "inner_gradient_signal.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"written to {out}")
 

@@ -251,3 +251,14 @@ def test_meta_gradient_signal_share_is_the_expected_gradient_s_share_of_the_mean
     table = (tmp_path / "meta_gradient_signal.md").read_text()
     assert all(f"| initial | 0 | {mode} |" in table for mode in ("sf", "maml", "lvc", "lsf"))
     assert "| between-batch cosine |" in table and "| initial | 0 | maml |" in table and "| 1.000 |" in table
+
+
+def test_inner_gradient_signal_gives_the_modes_with_one_inner_step_one_row(tmp_path, restore_threads):
+    """maml, lvc and sf take the same inner step (GAE advantages), lsf another (the trajectory's return)."""
+    module = _load("benchmarks/meta_gradient_signal.py")
+    module["main"](["--inner", "--quick", "--modes", "maml", "lvc", "sf", "lsf", "--out", str(tmp_path)])
+    rows = {row["mode"]: row for row in map(json.loads, (tmp_path / "inner_gradient_signal.jsonl").read_text().splitlines())}
+    same = [(rows[mode]["inner_signal_share"], rows[mode]["inner_norm"]) for mode in ("maml", "lvc", "sf")]
+    assert same[0] == same[1] == same[2] and same[0][1] > 0
+    assert rows["lsf"]["inner_norm"] != rows["maml"]["inner_norm"]
+    assert "| initial | 0 | lsf |" in (tmp_path / "inner_gradient_signal.md").read_text()
