@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,30 @@ def load_point(point: str, suite: str, out: str, quick: bool) -> tuple[MetaPolic
     return model, state["iterations_done"]
 
 
+def rows_at_points(
+    args: argparse.Namespace, out: str, measure: Callable[[MetaPolicyGradient], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """:return: ``measure``'s rows at every point of ``args.points``, each with its suite, point and iteration"""
+    rows = []
+    for point in args.points:
+        model, iteration = load_point(point, args.suite, out, args.quick)
+        for row in measure(model):
+            rows.append({"suite": args.suite, "point": point, "iteration": iteration, **row})
+            print(json.dumps(rows[-1]), flush=True)
+        model.get_env().close()
+    return rows
+
+
+def write_results(out: str, stem: str, rows: list[dict[str, Any]], lines: list[str]) -> None:
+    """Write ``<out>/<stem>.jsonl`` (the rows) and ``<out>/<stem>.md`` (the page's lines)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(os.path.join(out, f"{stem}.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="sgmrl-dir", choices=sorted(SUITES))
@@ -145,16 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.inner:
         inner_main(args, out)
         return
-    rows = []
-    for point in args.points:
-        model, iteration = load_point(point, args.suite, out, args.quick)
-        for row in measure_point(model, args.modes, args.seed, args.batches):
-            rows.append({"suite": args.suite, "point": point, "iteration": iteration, **row})
-            print(json.dumps(rows[-1]), flush=True)
-        model.get_env().close()
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "meta_gradient_signal.jsonl"), "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    rows = rows_at_points(args, out, lambda model: measure_point(model, args.modes, args.seed, args.batches))
     lines = [
         "# How much of a meta-batch's meta-gradient is signal",
         "",
@@ -177,22 +193,11 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['point']} | {row['iteration']} | {row['mode']} | {row['norm']:.4g} | "
             f"{cell(row, 'between_batch_cosine')} | {cell(row, 'within_batch_share')} | {cell(row, 'cosine_to_maml')} |"
         )
-    with open(os.path.join(out, "meta_gradient_signal.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print(f"written to {out}")
+    write_results(out, "meta_gradient_signal", rows, lines)
 
 
 def inner_main(args: argparse.Namespace, out: str) -> None:
-    rows = []
-    for point in args.points:
-        model, iteration = load_point(point, args.suite, out, args.quick)
-        for row in measure_inner(model, args.modes, args.seed):
-            rows.append({"suite": args.suite, "point": point, "iteration": iteration, **row})
-            print(json.dumps(rows[-1]), flush=True)
-        model.get_env().close()
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "inner_gradient_signal.jsonl"), "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    rows = rows_at_points(args, out, lambda model: measure_inner(model, args.modes, args.seed))
     lines = [
         "# How much of an inner gradient is signal",
         "",
@@ -213,9 +218,7 @@ def inner_main(args: argparse.Namespace, out: str) -> None:
             f"| {row['point']} | {row['iteration']} | {row['mode']} | {row['inner_signal_share']:.3f} | "
             f"{row['inner_norm']:.4g} |"
         )
-    with open(os.path.join(out, "inner_gradient_signal.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print(f"written to {out}")
+    write_results(out, "inner_gradient_signal", rows, lines)
 
 
 if __name__ == "__main__":
