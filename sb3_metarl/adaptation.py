@@ -28,8 +28,7 @@ InnerBatchSource = Callable[[int, Params], EpisodeBatch | None]
 
 def masked_log_prob(policy: FunctionalPolicy, task_params: Params, batch: EpisodeBatch) -> th.Tensor:
     """:return: log-likelihoods (B, E, H) of the batch's actions under ``task_params``, zero where masked"""
-    log_prob = policy.log_prob(task_params, batch.flat_observations(), batch.flat_actions())
-    return log_prob.reshape(batch.masks.shape) * batch.masks
+    return batch.unpack_rows(policy.log_prob(task_params, batch.packed_observations(), batch.packed_actions()))
 
 
 def per_task_norm(grads: Params) -> th.Tensor:
@@ -301,8 +300,11 @@ class Adaptation:
         return grad_params(objective.sum(), replay.task_theta)
 
     def batch_distribution(self, task_params: Params, batch: EpisodeBatch) -> Distribution:
-        """:return: the per-task policies' action distribution on ``batch``'s observations (task-major, flattened)"""
-        return self.policy.distribution(task_params, batch.flat_observations())
+        """
+        :return: the per-task policies' action distribution on ``batch``'s observations (task-major, flattened), at its
+            packed rows (``EpisodeBatch.row_packing``)
+        """
+        return self.policy.distribution(task_params, batch.packed_observations())
 
     def mean_kl(
         self,
@@ -325,7 +327,7 @@ class Adaptation:
         if old_distribution is None:
             old_distribution = self.batch_distribution({n: p.detach() for n, p in old_params.items()}, batch)
         new = new_distribution if new_distribution is not None else self.batch_distribution(new_params, batch)
-        masks = batch.masks.reshape(-1)
+        masks = batch.packed_masks().reshape(-1)
         return (kl_divergence(old_distribution, new) * masks).sum() / masks.sum()
 
     def kl_hessian_product(self, sample: MetaSample, names: list[str]) -> Callable[[Params], Params]:

@@ -91,3 +91,24 @@ def test_make_baseline_rejects_unknown_names():
     assert isinstance(make_baseline("linear"), LinearFeatureBaseline)
     with pytest.raises(ValueError, match="baseline"):
         make_baseline("critic")
+
+
+def test_the_linear_baseline_fits_each_task_on_its_valid_steps_only():
+    """
+    Episodes of different lengths (every task has padding, so the fit runs over the packed valid steps): numpy's
+    ridge regression over each task's valid steps, with their steps within the episode as the time features.
+    """
+    rng = np.random.default_rng(1)
+    lengths = np.array([[25, 12, 30], [5, 30, 18]])
+    masks = th.tensor(np.arange(30) < lengths[..., None], dtype=th.float32)
+    features = th.tensor(rng.normal(size=(2, 3, 30, 4)), dtype=th.float32) * masks.unsqueeze(-1)
+    returns = th.tensor(rng.normal(size=(2, 3, 30)), dtype=th.float32) * masks
+    predictions = LinearFeatureBaseline().fit_predict(features, returns, masks)
+    assert th.all(predictions[masks == 0] == 0)
+    x = LinearFeatureBaseline.design_matrix(features.double()).numpy()
+    for task in range(2):
+        valid = masks[task].numpy().reshape(-1) > 0
+        design = x[task].reshape(-1, x.shape[-1])[valid]
+        ridge = design.T @ design + 1e-5 * np.eye(design.shape[1])
+        expected = design @ np.linalg.solve(ridge, design.T @ returns[task].double().numpy().reshape(-1)[valid])
+        np.testing.assert_allclose(predictions[task].double().numpy().reshape(-1)[valid], expected, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from abc import ABC, abstractmethod
 
 import torch as th
 
+from sb3_metarl.common.rows import RowPacking
 from sb3_metarl.common.threads import torch_threads
 
 
@@ -33,20 +34,35 @@ class LinearFeatureBaseline(Baseline):
         self.reg_coeff = reg_coeff
 
     @staticmethod
-    def design_matrix(features: th.Tensor) -> th.Tensor:
-        """:return: (B, E, H, 2F + 4) regression features"""
-        horizon = features.shape[2]
-        time = (th.arange(horizon, dtype=features.dtype, device=features.device) / 100.0).view(1, 1, horizon, 1)
-        time = time.expand(*features.shape[:3], 1)
+    def design_matrix(features: th.Tensor, steps: th.Tensor | None = None) -> th.Tensor:
+        """
+        :param features: observation features (B, E, H, F), or (..., F) at the given ``steps``
+        :param steps: each row's step within its episode (``features.shape[:-1]``); None: 0 .. H - 1 along dim 2
+        :return: (..., 2F + 4) regression features
+        """
+        if steps is None:
+            horizon = features.shape[2]
+            steps = th.arange(horizon, device=features.device).view(1, 1, horizon).expand(*features.shape[:3])
+        time = (steps.to(features.dtype) / 100.0).unsqueeze(-1)
         return th.cat([features, features**2, time, time**2, time**3, th.ones_like(time)], dim=-1)
 
     def fit_predict(self, features: th.Tensor, returns: th.Tensor, masks: th.Tensor) -> th.Tensor:
-        x = self.design_matrix(features.double()) * masks.double().unsqueeze(-1)
-        n_tasks, n_features = x.shape[0], x.shape[-1]
-        x_flat = x.reshape(n_tasks, -1, n_features)
-        y_flat = (returns.double() * masks.double()).reshape(n_tasks, -1, 1)
-        gram = x_flat.transpose(1, 2) @ x_flat
-        target = x_flat.transpose(1, 2) @ y_flat
+        n_tasks, horizon = features.shape[0], features.shape[2]
+        # where episodes end early, the regression runs over the valid steps only (packed): the padding rows are zero
+        # and add nothing to the normal equations
+        packing = RowPacking.of(masks.reshape(n_tasks, -1))
+        if packing is None:
+            row_masks = masks.double().reshape(n_tasks, -1, 1)
+            x = self.design_matrix(features.double()).reshape(n_tasks, -1, features.shape[-1] * 2 + 4) * row_masks
+            y = returns.double().reshape(n_tasks, -1, 1) * row_masks
+        else:
+            row_masks = packing.masks.double().unsqueeze(-1)
+            flat_features = packing.pack(features.double().reshape(n_tasks, -1, features.shape[-1]))
+            x = self.design_matrix(flat_features, packing.index % horizon) * row_masks
+            y = packing.pack(returns.double().reshape(n_tasks, -1, 1)) * row_masks
+        n_features = x.shape[-1]
+        gram = x.transpose(1, 2) @ x
+        target = x.transpose(1, 2) @ y
         eye = th.eye(n_features, dtype=gram.dtype, device=gram.device)
         reg = self.reg_coeff
         # on one thread: MKL's threaded batched LU (torch 2.13's MKL 2024.2) fails on some CPUs for systems of 150 or
@@ -66,7 +82,10 @@ class LinearFeatureBaseline(Baseline):
                 "baseline: the linear feature baseline's regression stayed singular up to a ridge of "
                 f"{reg / 10:g}; check the observations (finite, not constant), or pass baseline=None."
             )
-        return (x @ weights.unsqueeze(1)).squeeze(-1).to(returns.dtype) * masks
+        if packing is None:
+            x = x.reshape(*features.shape[:3], n_features)
+            return (x @ weights.unsqueeze(1)).squeeze(-1).to(returns.dtype) * masks
+        return packing.unpack((x @ weights).squeeze(-1).to(returns.dtype)).reshape(masks.shape)
 
 
 BASELINES = {"linear": LinearFeatureBaseline}

@@ -1,6 +1,7 @@
 """Episode storage for B tasks x E episodes on top of SB3's ``RolloutBuffer``."""
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -11,6 +12,7 @@ from stable_baselines3.common.preprocessing import preprocess_obs
 
 from sb3_metarl.common.baselines import Baseline
 from sb3_metarl.common.returns import generalized_advantages, returns_to_go, step_discounts
+from sb3_metarl.common.rows import RowPacking
 
 
 class TaskRolloutBuffer(RolloutBuffer):
@@ -59,7 +61,7 @@ class TaskRolloutBuffer(RolloutBuffer):
 
         :param step: time index t within the episodes
         :param columns: episode columns (task-major) receiving the transition
-        :param obs: observations (len(columns), *obs_shape)
+        :param obs: observations ``(len(columns), *obs_shape)``
         :param actions: actions as sampled (unclipped), (len(columns), ...)
         :param rewards: rewards (len(columns),)
         :param log_probs: sampling-time log-likelihoods (len(columns),)
@@ -201,12 +203,42 @@ class EpisodeBatch:
         return int(self.masks.sum().item())
 
     def flat_observations(self) -> th.Tensor:
-        """:return: observations (B, E*H, *obs_shape)"""
+        """:return: observations ``(B, E*H, *obs_shape)``"""
         return self.observations.reshape(self.n_tasks, -1, *self.observations.shape[3:])
 
     def flat_actions(self) -> th.Tensor:
         """:return: actions (B, E*H, ...)"""
         return self.actions.reshape(self.n_tasks, -1, *self.actions.shape[3:])
+
+    @cached_property
+    def row_packing(self) -> RowPacking | None:
+        """
+        The valid steps of each task packed to the front of its rows (computed once per batch; the samples are never
+        changed in place): where episodes end early, the learner's passes over (B, K) rows skip the padding of
+        (B, E*H). None where some task has no padding (then every pass runs over the E*H rows as stored).
+        """
+        return RowPacking.of(self.masks.reshape(self.n_tasks, -1))
+
+    def packed_observations(self) -> th.Tensor:
+        """:return: the observations of the packed rows ``(B, K, *obs_shape)`` (see :attr:`row_packing`)"""
+        return self.pack_rows(self.flat_observations())
+
+    def packed_actions(self) -> th.Tensor:
+        """:return: the actions of the packed rows (B, K, ...)"""
+        return self.pack_rows(self.flat_actions())
+
+    def packed_masks(self) -> th.Tensor:
+        """:return: 1 for a valid step, 0 for padding, per packed row (B, K)"""
+        return self.masks.reshape(self.n_tasks, -1) if self.row_packing is None else self.row_packing.masks
+
+    def pack_rows(self, values: th.Tensor) -> th.Tensor:
+        """:return: per-row values (B, E*H, ...) at the packed rows (B, K, ...)"""
+        return values if self.row_packing is None else self.row_packing.pack(values)
+
+    def unpack_rows(self, values: th.Tensor) -> th.Tensor:
+        """:return: per-row values (B, K) of the packed rows as per-step values (B, E, H), zero at the padding"""
+        flat = values * self.packed_masks() if self.row_packing is None else self.row_packing.unpack(values)
+        return flat.reshape(self.masks.shape)
 
     def compute_weights(
         self,

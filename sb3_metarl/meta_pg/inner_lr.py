@@ -36,8 +36,7 @@ def per_task_step_kl(
     :param batch: the inner episodes, whose states the KL is averaged over
     :return: per task, the mean over the batch's steps of KL(pi_theta || pi_{theta + eta g}) (B,)
     """
-    obs = batch.flat_observations()
-    masks = batch.masks.reshape(batch.n_tasks, -1)
+    obs, masks = batch.packed_observations(), batch.packed_masks()
     with th.no_grad():
         old = policy.distribution(task_params, obs)
         moved = inner_update(task_params, direction, 1.0, scale=step_sizes)

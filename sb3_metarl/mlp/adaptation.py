@@ -87,21 +87,23 @@ class LayeredAdaptation(Adaptation):
 
     def _layered_passes(self, task_params: Params, batch: EpisodeBatch) -> Iterator[tuple[slice, MlpActorPass]]:
         """:return: forward passes of the MLP actor over blocks of ``batch``'s rows (block, pass), one at a time"""
-        n_tasks, features = batch.n_tasks, _flat_features(batch)
+        n_tasks, features = batch.n_tasks, _packed_features(batch)
         width = _hidden_width(self.layout, task_params)
         workspace = Workspace()
         for rows in _row_blocks(features.shape[1], n_tasks * width):
             yield rows, MlpActorPass(self.layout, task_params, features[:, rows], workspace)
 
     def _layered_log_prob(self, task_params: Params, batch: EpisodeBatch) -> tuple[th.Tensor, th.Tensor]:
-        """:return: the actor's means (B, E*H, A) on ``batch`` and the actions' log-likelihoods (B, E, H), zero where masked"""
-        actions, masks = batch.flat_actions().float(), batch.masks.reshape(batch.n_tasks, -1)
+        """
+        :return: the actor's means (B, K, A) at ``batch``'s packed rows (``EpisodeBatch.row_packing``) and the actions'
+            log-likelihoods (B, E, H), zero where masked
+        """
+        actions = batch.packed_actions().float()
         means, log_probs = [], []
         for rows, forward in self._layered_passes(task_params, batch):
             means.append(forward.mean)
             log_probs.append(gaussian_log_likelihood(forward, actions[:, rows]))
-        log_prob = th.cat(log_probs, 1) * masks
-        return th.cat(means, 1), log_prob.reshape(batch.masks.shape)
+        return th.cat(means, 1), batch.unpack_rows(th.cat(log_probs, 1))
 
     def _layered_inner_step(
         self, task_params: Params, batch: EpisodeBatch, mode: GradientMode
@@ -109,9 +111,9 @@ class LayeredAdaptation(Adaptation):
         """:meth:`inner_step`'s values (no graph), layer by layer: the new parameters, the log-likelihoods, the norms"""
         _, log_prob = self._layered_log_prob(task_params, batch)
         weights, _ = _log_likelihood_weights(mode, log_prob, batch, create_graph=False)
-        masks = batch.masks.reshape(batch.n_tasks, -1)
-        weights = (weights.reshape(masks.shape) * masks).unsqueeze(-1)
-        actions = batch.flat_actions().float()
+        masks = batch.packed_masks()
+        weights = (batch.pack_rows(weights.reshape(batch.n_tasks, -1)) * masks).unsqueeze(-1)
+        actions = batch.packed_actions().float()
         grads: Params = {}
         # the gradient is a sum over rows, weighted by dS/dlog pi, which needs every log-likelihood first: the forward
         # pass is run again per block rather than keeping every block's activations (they would leave the cache)
@@ -134,19 +136,20 @@ class LayeredAdaptation(Adaptation):
         batch, outer, mode = sample.inner_batches[0], sample.outer_batch, sample.mode
         n_tasks = outer.n_tasks
         theta = self.task_parameters(n_tasks, detach=True)
-        masks = batch.masks.reshape(n_tasks, -1)
+        masks = batch.packed_masks()
         weights, log_likelihoods = _log_likelihood_weights(mode, sample.replay.inner_log_probs[0], batch, create_graph=True)
         weights_tangent = None
         if weights.requires_grad:  # S is not linear in the log-likelihoods (DiCE's magic boxes)
 
             def weights_tangent(tangent: th.Tensor) -> th.Tensor:
-                product = th.autograd.grad(weights, log_likelihoods, tangent.reshape(weights.shape), retain_graph=True)[0]
-                return product.reshape(masks.shape) * masks
+                per_step = batch.unpack_rows(tangent)
+                product = th.autograd.grad(weights, log_likelihoods, per_step, retain_graph=True)[0]
+                return batch.pack_rows(product.reshape(n_tasks, -1)) * masks
 
         workspace = Workspace()  # the inner and outer products alternate: one set of buffers
         width = _hidden_width(layout, theta)
-        features, actions = _flat_features(batch), batch.flat_actions().float()
-        row_weights = weights.detach().reshape(masks.shape) * masks
+        features, actions = _packed_features(batch), batch.packed_actions().float()
+        row_weights = batch.pack_rows(weights.detach().reshape(n_tasks, -1)) * masks
         # every product is a sum over rows: a linear S (no weights tangent) is taken in blocks of rows whose
         # (B, rows, width) intermediates stay in cache (a non-linear one couples an episode's rows: one block)
         inner_blocks = _row_blocks(masks.shape[1], n_tasks * width) if weights_tangent is None else [slice(None)]
@@ -156,8 +159,8 @@ class LayeredAdaptation(Adaptation):
             for rows in inner_blocks
         ]  # fmt: skip
         step = self.inner_lr * self.clip_scale(sample.replay.inner_grad_norms[0])
-        outer_masks = outer.masks.reshape(n_tasks, -1)
-        outer_features, outer_total = _flat_features(outer), outer_masks.sum().item()
+        outer_masks = outer.packed_masks()
+        outer_features, outer_total = _packed_features(outer), outer_masks.sum().item()
         outer_fishers = [
             GaussianKLHessian(layout, sample.adapted, outer_features[:, rows], outer_masks[:, rows], outer_total, workspace)
             for rows in _row_blocks(outer_masks.shape[1], n_tasks * width)
@@ -220,7 +223,7 @@ def _summed(products: list[Params]) -> Params:
     return total
 
 
-def _flat_features(batch: EpisodeBatch) -> th.Tensor:
-    """:return: the batch's observations as a flattened-Box features extractor sees them (B, E*H, D)"""
-    obs = batch.flat_observations()
+def _packed_features(batch: EpisodeBatch) -> th.Tensor:
+    """:return: the batch's observations at its packed rows as a flattened-Box features extractor sees them (B, K, D)"""
+    obs = batch.packed_observations()
     return obs.reshape(obs.shape[0], obs.shape[1], -1).float()
