@@ -87,7 +87,8 @@ class _BatchedMujoco:
     physics advanced by ``mj_step`` as Gymnasium's ``do_simulation`` calls it, on ``num_threads`` threads.
 
     :param envs: the unwrapped sub-envs (all of one class)
-    :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
+    :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
+        depend on it
     """
 
     families: tuple[type, ...] = ()
@@ -120,7 +121,7 @@ class _BatchedMujoco:
         ):
             self.uniform_scale = (scaled[0]._control_low, scaled[0]._control_high, scaled[0].action_scale)
         self.num_threads = int(num_threads)
-        self.pool = ThreadPoolExecutor(self.num_threads) if self.num_threads > 1 else None
+        self.pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
 
     @classmethod
     def supports(cls, env: Any) -> bool:
@@ -145,7 +146,12 @@ class _BatchedMujoco:
         else:
             bounds = [len(rows) * thread // self.num_threads for thread in range(self.num_threads + 1)]
             chunks = [(rows[start:stop], controls[start:stop]) for start, stop in pairwise(bounds)]
-            list(self.pool.map(lambda chunk: self._advance(*chunk), chunks))
+            futures = [self.pool.submit(self._advance, *chunk) for chunk in chunks[1:]]
+            try:  # this thread advances the first chunk rather than waiting idle for the pool's
+                self._advance(*chunks[0])
+            finally:
+                for future in futures:
+                    future.result()
 
     def _require_tasks(self, envs: list[Any]) -> None:
         """Raise the family's own error if a sub-env has no task (checked in one pass: all of them have one)."""
@@ -195,7 +201,8 @@ class BatchedLocomotion(_BatchedMujoco):
     own arguments, task and, for the RandParams families, its own model).
 
     :param envs: the unwrapped sub-envs
-    :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
+    :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
+        depend on it
     """
 
     families = (
@@ -313,7 +320,8 @@ class BatchedAnt(_BatchedMujoco):
     them per env.
 
     :param envs: the unwrapped sub-envs
-    :param num_threads: threads that advance the physics (1: this thread only); the results do not depend on it
+    :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
+        depend on it
     """
 
     families = (AntVelEnv, AntDirEnv, AntDir2DEnv, AntGoalEnv)
