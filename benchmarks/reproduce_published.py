@@ -209,8 +209,20 @@ def append_jsonl(path: str, row: dict[str, Any]) -> None:
         file.flush()
 
 
+def cpu_model() -> str:
+    """:return: the CPU's model name (CPUs round differently: a run continued on another kind is not the same bits)"""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{name}{', AVX-512' if 'avx512f' in flags else ''}"
+
+
 def machine() -> str:
-    return f"{socket.gethostname()} ({platform.machine()}, {os.cpu_count()} cores)"
+    return f"{socket.gethostname()} ({platform.machine()}, {os.cpu_count()} cores, {cpu_model()})"
 
 
 # ---------------------------------------------------------------------- running
@@ -286,8 +298,8 @@ def run_sitting(
     if eval_every % checkpoint_every:
         raise ValueError(f"--eval-every ({eval_every}) must be a multiple of --checkpoint-every ({checkpoint_every}).")
     paths, model, state, curve, evals = open_run(run, out, sampler, num_workers, physics_threads)
-    if machine() not in state["machines"]:
-        state["machines"].append(machine())
+    if not any(entry.startswith(machine()) for entry in state["machines"]):
+        state["machines"].append(f"{machine()} from iteration {state['iterations_done']}")
     budget = run.iterations * run.steps_per_iteration
     sitting_start, wall_at_start = time.time(), state["wall_seconds"]
 

@@ -262,3 +262,20 @@ def test_inner_gradient_signal_gives_the_modes_with_one_inner_step_one_row(tmp_p
     assert same[0] == same[1] == same[2] and same[0][1] > 0
     assert rows["lsf"]["inner_norm"] != rows["maml"]["inner_norm"]
     assert "| initial | 0 | lsf |" in (tmp_path / "inner_gradient_signal.md").read_text()
+
+
+def test_gil_overlap_runs_every_measurement_and_leaves_the_switch_interval_as_it_found_it(capsys, restore_threads):
+    interval = sys.getswitchinterval()
+    module = _load("benchmarks/gil_overlap.py")
+    module["main"](["--sub-envs", "8", "--groups", "2", "--steps", "1", "--repeats", "1", "--switch-interval", "0.001"])
+    assert sys.getswitchinterval() == interval
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| what")]
+    assert [row.split("|")[1].strip() for row in rows][:4] == [
+        "physics loop, this thread",
+        "physics split over two threads",
+        "physics thread + this thread sleeping 0.1 s",
+        "physics thread + this thread running 0.1 s of Python",
+    ]
+    # the sleeping thread's row includes its 0.1 s (the physics thread was joined after it, not before)
+    assert float(rows[2].split("|")[2]) >= 0.1 and len(rows) == 7

@@ -64,7 +64,11 @@ def test_trpo_step_respects_the_kl_bound_and_improves_the_surrogate(mode, inner_
         old_objective = TrustRegion.surrogate(model.adaptation, sample.replay, sample).item()
     assert 0 < kl <= 0.01
     assert objective > old_objective
-    assert stats["kl"] == pytest.approx(kl, rel=1e-4)
+    # the line search's KL comes from the layered adaptation, this one from autograd's replay: the same adapted
+    # parameters up to rounding, which DiCE's cumulative-score inner gradient amplifies (layered against autograd,
+    # measured on an AVX-512 Xeon, seeds 0-2: KL within 3e-6 relative at one inner step and 1.6e-4 at two for dice,
+    # 1e-6 for the other modes)
+    assert stats["kl"] == pytest.approx(kl, rel=1e-3 if mode == "dice" else 1e-4)
     assert stats["surrogate_improvement"] == pytest.approx(objective - old_objective, rel=1e-3, abs=1e-6)
     assert not th.equal(before, _parameters(model))
 

@@ -12,6 +12,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_metarl import EnvTaskSampler, FixedTaskSampler, MetaEvalCallback, MetaPolicyGradient
+from sb3_metarl.adaptation import masked_log_prob
 from sb3_metarl.estimators.exact import exact_meta_gradient
 from sb3_metarl.estimators.study import flat_gradient
 
@@ -157,6 +158,29 @@ def test_estimate_meta_gradient_makes_no_update_and_covers_all_parameters(tiny_n
     per_task = model.estimate_meta_gradient(per_task=True)
     assert per_task["log_std"].shape == (2, *model.policy.log_std.shape)
     assert flat_gradient(grads).abs().sum() > 0
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_a_meta_sample_s_batches_carry_the_learner_s_log_likelihoods_under_their_sampling_parameters(inner_steps):
+    """The sampling log-likelihoods are computed once, with the graph, and stored detached (inner and outer)."""
+    model = MetaPolicyGradient(
+        "MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.05, inner_steps=inner_steps, max_episode_steps=10, seed=1, **TINY
+    )
+    tasks = model.task_sampler.sample(2, np.random.default_rng(0))
+    sample = model.collect_meta_sample(tasks)
+    replay = sample.replay
+    points = [*replay.inner_params, replay.adapted]
+    for params, batch in zip(points, [*sample.inner_batches, sample.outer_batch]):
+        expected = masked_log_prob(model.functional_policy, {n: p.detach() for n, p in params.items()}, batch)
+        assert batch.log_probs.abs().sum() > 1.0  # not left at the sampler's zeros
+        assert th.allclose(batch.log_probs, expected, rtol=0, atol=1e-5)
+        assert not batch.log_probs.requires_grad
+    for log_prob, batch in zip(replay.inner_log_probs, sample.inner_batches):
+        assert th.equal(batch.log_probs, log_prob.detach())
+    # the public sampling method computes them itself
+    batch = model.sample_episodes(tasks, None, 2)
+    expected = masked_log_prob(model.functional_policy, model.initial_task_params(2), batch)
+    assert th.allclose(batch.log_probs, expected, rtol=0, atol=1e-6) and batch.log_probs.abs().sum() > 1.0
 
 
 def test_adapt_returns_a_policy_of_the_same_class(tiny_navigation_model):

@@ -3,6 +3,7 @@
 import pickle
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import pytest
 import torch as th
@@ -25,6 +26,13 @@ FAMILIES = [
     ("sb3_metarl/AntDir2D-v0", dict(healthy_z_range=(0.3, 1.0))),
     ("sb3_metarl/AntGoal-v0", dict(contact_cost_weight=1e-3, include_cfrc_ext_in_observation=False)),
 ]
+
+
+def _integration_state(env) -> np.ndarray:
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(env.model, spec))
+    mujoco.mj_getState(env.model, env.data, state, spec)
+    return state
 
 
 @pytest.mark.parametrize("env_id, kwargs", FAMILIES)
@@ -66,6 +74,9 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
                 assert list(info) == list(infos[k]) and info == infos[k]
             running[rows[terminated]] = False
             falls += int(terminated.sum())
+        # the whole integration state (warm start included) is the per-env step's, not only what it returns
+        for first, second in zip(per_env, batched):
+            assert np.array_equal(_integration_state(first.unwrapped), _integration_state(second.unwrapped))
     if "Walker" in env_id or "Hopper" in env_id or "Ant" in env_id:
         assert falls > 0  # the comparison covered terminations
     twin.close()

@@ -1,5 +1,6 @@
 """Exact resume: save -> load -> learn, and a checkpoint written during learn, continue the run bit for bit."""
 
+import glob
 import os
 
 import numpy as np
@@ -261,7 +262,9 @@ def test_a_zip_saved_by_version_0_1_0_loads_and_continues_exactly(name):
     """
     tests/data/v0_1_0 holds zips saved before the restructuring (the meta-optimizer then saved as ``meta_updater``,
     its classes named Adam / TRPO / PPO, no ``discount_from_start``), with the parameters that 0.1.0 reached one
-    meta-iteration later: the current code continues them to the same parameters, bit for bit.
+    meta-iteration later on each CPU it was run on (an AMD EPYC, an AVX-512 Xeon: their kernels round differently,
+    by about 1e-3 after an iteration): the current code continues them to one of those, bit for bit (on a CPU of a new
+    kind, tests/data/v0_1_0/continue_zips.py writes 0.1.0's).
     """
     import warnings
 
@@ -271,5 +274,9 @@ def test_a_zip_saved_by_version_0_1_0_loads_and_continues_exactly(name):
         model = MetaPolicyGradient.load(os.path.join(folder, f"{name}.zip"), env="sb3_metarl/Navigation2D-v0")
     assert model.meta_optimizer.name == name.split("_")[0]
     model.learn(model.max_steps_per_iteration, reset_num_timesteps=False)
-    expected = np.load(os.path.join(folder, f"{name}_next.npy"))
-    np.testing.assert_array_equal(th.nn.utils.parameters_to_vector(model.policy.parameters()).detach().numpy(), expected)
+    reached = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach().numpy()
+    continuations = sorted(glob.glob(os.path.join(folder, f"{name}_next_*.npy")))
+    assert len(continuations) >= 2
+    same = [os.path.basename(path) for path in continuations if np.array_equal(reached, np.load(path))]
+    nearest = min(np.abs(reached - np.load(path)).max() for path in continuations)
+    assert len(same) == 1, f"matches none of 0.1.0's continuations (nearest: {nearest:.3g} away)"

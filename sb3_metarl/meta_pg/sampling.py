@@ -39,6 +39,7 @@ def sample_episodes(
     step_callback: StepCallback | None = None,
     generator: th.Generator | None = None,
     sampler: EpisodeSampler | None = None,
+    with_log_probs: bool = True,
 ) -> EpisodeBatch | None:
     """
     Sample ``n_episodes`` episodes per task with the given per-task parameters, and weigh them.
@@ -49,6 +50,8 @@ def sample_episodes(
     :param step_callback: receives the transition counts (after every step or once, as the sampler can)
     :param generator: the action noise's stream (default: training's); one seed per task is drawn from it
     :param sampler: the episode sampler (default: the model's)
+    :param with_log_probs: recompute the batch's sampling log-likelihoods under ``task_params`` here; False: they are
+        left zero for a caller that computes them with a graph and stores them before anything reads them
     :return: the episodes with their policy-gradient weights, or None if a callback stopped training
     """
     # the model's own sub-envs: their streams are the run's (a model loaded without an env has none)
@@ -71,9 +74,9 @@ def sample_episodes(
     if step_callback is not None and "step_callback" not in options:  # a sampler that does not count: per batch
         if not step_callback(int(batch.masks.sum().item()), {}):
             return None
-    # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
-    with th.no_grad():
-        batch.log_probs = masked_log_prob(model.functional_policy, params, batch)
+    if with_log_probs:  # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
+        with th.no_grad():
+            batch.log_probs = masked_log_prob(model.functional_policy, params, batch)
     return model.weighting(batch)
 
 
@@ -88,8 +91,11 @@ def collect_meta_sample(model: Any, tasks: list[Any], step_callback: StepCallbac
     """
     adaptation, mode = model.adaptation, model.gradient_mode
 
+    # (each batch's sampling log-likelihoods are the graph-carrying ones computed below, detached: the inner steps
+    # store them at sampling, and the outer ones are stored after the adaptation; computing them twice cost a sixteenth
+    # of a HalfCheetah iteration)
     def inner_batch(step: int, params: Params) -> EpisodeBatch | None:
-        batch = sample_episodes(model, tasks, params, model.inner_episodes, step_callback)
+        batch = sample_episodes(model, tasks, params, model.inner_episodes, step_callback, with_log_probs=False)
         if step == 0 and batch is not None and model.inner_sample_reuse:
             batch = reuse.with_reused_episodes(model, tasks, params, batch)
         return batch
@@ -100,7 +106,7 @@ def collect_meta_sample(model: Any, tasks: list[Any], step_callback: StepCallbac
     if unrolled is None:
         return None
     replay, inner_batches, inner_norms = unrolled
-    outer_batch = sample_episodes(model, tasks, replay.adapted, model.outer_episodes, step_callback)
+    outer_batch = sample_episodes(model, tasks, replay.adapted, model.outer_episodes, step_callback, with_log_probs=False)
     if outer_batch is None:
         return None
     replay.outer_log_prob = adaptation.log_prob(replay.adapted, outer_batch)
