@@ -3,7 +3,8 @@ The MuJoCo task families stepped together: a batched twin of their per-env ``ste
 
 ``BatchedLocomotion`` steps many sub-envs of a planar family (HalfCheetah, Walker2d, Hopper, Swimmer) in one
 call: each sub-env's own ``MjData`` advances by MuJoCo's ``mj_step`` exactly as Gymnasium's ``do_simulation``
-does it (the same calls on the same data, so the trajectory is the per-env step's, warm start included),
+does it (the same ``mj_step`` calls on the same data, so the trajectory is the per-env step's, warm start included;
+the post-step force pass, ``mj_rnePostConstraint``, only where the family reads its output: Ant),
 optionally on a few threads (MuJoCo releases the GIL inside ``mj_step``), and the observations, rewards,
 terminations and infos of all of them are computed at once in numpy, with the same operations in the same
 floating-point types as the per-env code (Gymnasium's v5 envs, read through their attributes, and this package's
