@@ -298,8 +298,9 @@ def run_sitting(
     if eval_every % checkpoint_every:
         raise ValueError(f"--eval-every ({eval_every}) must be a multiple of --checkpoint-every ({checkpoint_every}).")
     paths, model, state, curve, evals = open_run(run, out, sampler, num_workers, physics_threads)
-    if not any(entry.startswith(machine()) for entry in state["machines"]):
-        state["machines"].append(f"{machine()} from iteration {state['iterations_done']}")
+    here = machine()
+    if not any(entry.startswith(here) for entry in state["machines"]):
+        state["machines"].append(f"{here} from iteration {state['iterations_done']}")
     budget = run.iterations * run.steps_per_iteration
     sitting_start, wall_at_start = time.time(), state["wall_seconds"]
 

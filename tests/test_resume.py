@@ -275,8 +275,8 @@ def test_a_zip_saved_by_version_0_1_0_loads_and_continues_exactly(name):
     assert model.meta_optimizer.name == name.split("_")[0]
     model.learn(model.max_steps_per_iteration, reset_num_timesteps=False)
     reached = th.nn.utils.parameters_to_vector(model.policy.parameters()).detach().numpy()
-    continuations = sorted(glob.glob(os.path.join(folder, f"{name}_next_*.npy")))
+    continuations = [np.load(path) for path in sorted(glob.glob(os.path.join(folder, f"{name}_next_*.npy")))]
     assert len(continuations) >= 2
-    same = [os.path.basename(path) for path in continuations if np.array_equal(reached, np.load(path))]
-    nearest = min(np.abs(reached - np.load(path)).max() for path in continuations)
+    same = [expected for expected in continuations if np.array_equal(reached, expected)]
+    nearest = min(np.abs(reached - expected).max() for expected in continuations)
     assert len(same) == 1, f"matches none of 0.1.0's continuations (nearest: {nearest:.3g} away)"

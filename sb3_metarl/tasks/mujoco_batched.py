@@ -139,17 +139,13 @@ class _BatchedMujoco:
         # wait for the GIL over)
         models, datas, ctrls, frame_skips = self.models, self.datas, self.ctrl, self.frame_skips
         step = mujoco.mj_step
-        if not self.reads_contact_forces:
-            for index, control in zip(rows, controls):
-                ctrls[index][:] = control
-                step(models[index], datas[index], nstep=frame_skips[index])
-            return
-        post_constraint = mujoco.mj_rnePostConstraint
+        post_constraint = mujoco.mj_rnePostConstraint if self.reads_contact_forces else None
         for index, control in zip(rows, controls):
             ctrls[index][:] = control
             model, data = models[index], datas[index]
             step(model, data, nstep=frame_skips[index])
-            post_constraint(model, data)
+            if post_constraint is not None:
+                post_constraint(model, data)
 
     def _advance_all(self, rows: list[int], controls: np.ndarray) -> None:
         """:param rows: positions in ``envs``, as Python ints (a list indexed by numpy ints is slower)"""
