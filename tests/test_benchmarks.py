@@ -277,5 +277,6 @@ def test_gil_overlap_runs_every_measurement_and_leaves_the_switch_interval_as_it
         "physics thread + this thread sleeping 0.1 s",
         "physics thread + this thread running 0.1 s of Python",
     ]
-    # the sleeping thread's row includes its 0.1 s (the physics thread was joined after it, not before)
-    assert float(rows[2].split("|")[2]) >= 0.1 and len(rows) == 7
+    # the sleeping thread's row includes its 0.1 s (the physics thread was joined after it, not before), with the
+    # Python loop and with the compiled one
+    assert [float(cell) >= 0.1 for cell in rows[2].split("|")[2:4]] == [True, True] and len(rows) == 7

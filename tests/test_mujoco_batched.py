@@ -35,9 +35,14 @@ def _integration_state(env) -> np.ndarray:
     return state
 
 
+#: (physics threads, compiled loop, each step started and finished apart): the Python loop on one and two threads,
+#: and the compiled loop with its physics running beside this thread (what the sampler's two lanes do)
+WAYS = [(1, False, False), (2, False, False), (2, True, True)]
+
+
 @pytest.mark.parametrize("env_id, kwargs", FAMILIES)
-@pytest.mark.parametrize("num_threads", [1, 2])
-def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threads):
+@pytest.mark.parametrize("num_threads, compiled, started", WAYS)
+def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threads, compiled, started):
     """
     1000 steps (5 waves of 200, each from a seeded reset) of 12 sub-envs, a random subset of the running ones stepped
     each time; a sub-env that terminates (a Walker or Hopper that falls) is not stepped again until its reset.
@@ -50,8 +55,9 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
     for first, second, task in zip(per_env, batched, tasks):
         first.unwrapped.set_task(task)
         second.unwrapped.set_task(task)
-    twin = batched_stepper([env.unwrapped for env in batched], num_threads)
+    twin = batched_stepper([env.unwrapped for env in batched], num_threads, compiled)
     assert isinstance(twin, BatchedAnt if "Ant" in env_id else BatchedLocomotion)
+    assert (twin.kernel is not None) == compiled and twin.overlaps == started
     steps = [step_without_bookkeeping(env)[0] for env in per_env]
     high = per_env[0].action_space.high
     falls = 0
@@ -66,9 +72,14 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
             rows = np.flatnonzero(running & (rng.uniform(size=n) < 0.8))
             if len(rows) == 0:
                 continue
-            observations, rewards, terminated, infos = twin.step(rows, actions[rows])
-            for k, index in enumerate(rows):
-                obs, reward, done, truncated, info = steps[index](actions[index])
+            if started:  # the physics runs on the pool while this thread steps the per-env twins
+                pending = twin.start(rows, actions[rows])
+                outcomes = [steps[index](actions[index]) for index in rows]
+                observations, rewards, terminated, infos = twin.finish(pending)
+            else:
+                observations, rewards, terminated, infos = twin.step(rows, actions[rows])
+                outcomes = [steps[index](actions[index]) for index in rows]
+            for k, (obs, reward, done, truncated, info) in enumerate(outcomes):
                 assert np.array_equal(obs, observations[k]) and obs.dtype == observations.dtype
                 assert reward == rewards[k] and done == terminated[k] and not truncated
                 assert list(info) == list(infos[k]) and info == infos[k]
@@ -204,3 +215,21 @@ def test_the_twin_trains_the_same_on_ray_actors():
     finally:
         if started:
             ray.shutdown()
+
+
+def test_without_numba_the_twin_keeps_its_python_loop_and_the_lock_step_loop(monkeypatch):
+    import sb3_metarl.tasks.mujoco_batched as mujoco_batched
+
+    envs = [gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped for _ in range(4)]
+    compiled = batched_stepper(envs, 2)
+    assert compiled.overlaps  # numba is installed here (a dependency)
+    for env in envs:
+        env.set_task(1.0)
+        env.reset(seed=0)
+    with pytest.raises(ValueError, match="actions: expected 6 values"):  # checked before the loop copies them
+        compiled.start(np.arange(4), np.zeros((4, 5), dtype=np.float32))
+    monkeypatch.setattr(mujoco_batched, "nogil_kernel", lambda: None)
+    twin = batched_stepper(envs, 2)
+    assert twin.kernel is None and not twin.overlaps  # the sampler then runs the lock-step loop
+    with pytest.raises(ValueError, match="compiled"):
+        batched_stepper(envs, 2, compiled=True)

@@ -604,3 +604,103 @@ def test_a_cuda_learner_samples_the_cpu_learner_s_episodes():
     assert batches[1].observations.device.type == "cuda"
     for field in ("observations", "actions", "rewards", "masks"):
         assert th.equal(getattr(batches[0], field), getattr(batches[1], field).cpu()), field
+
+
+class _RecordingRunner:
+    """Builds a GroupRunner that records the steps it starts and settles (finished or abandoned)."""
+
+    @staticmethod
+    def make(env_id: str, n_groups: int, per_group: int, horizon: int, num_threads: int):
+        from sb3_metarl.samplers.runner import GroupRunner
+
+        class Recording(GroupRunner):
+            def start_step(self, rows, env_actions):
+                pending = super().start_step(rows, env_actions)
+                self.started.append((pending, list(pending.physics)))
+                return pending
+
+            def finish_step(self, obs, pending, step):
+                self.settled.append(pending)
+                return super().finish_step(obs, pending, step)
+
+            def abandon_step(self, pending):
+                self.settled.append(pending)
+                super().abandon_step(pending)
+
+        envs = [gym.make(env_id) for _ in range(n_groups * per_group)]
+        for index, env in enumerate(envs):
+            env.reset(seed=index)  # (each sub-env's stream seeded; its resets draw from it)
+        runner = Recording(envs, per_group, horizon, envs[0].observation_space, envs[0].action_space, num_threads=num_threads)
+        runner.started, runner.settled = [], []
+        return runner
+
+
+def _collect_lanes(num_threads: int, step_callback=None, n_tasks: int = 3, runners: list | None = None):
+    """
+    Walker2dVel, 3 tasks (lanes of 1 and 2 groups) x 2 sub-envs, 4 episodes of up to 20 steps (falls end some).
+
+    :param runners: the runner is appended there before sampling (read it when sampling raised)
+    """
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    from sb3_metarl.samplers.base import GroupPolicies
+    from sb3_metarl.samplers.collection import collect_episodes
+
+    runner = _RecordingRunner.make("sb3_metarl/Walker2dVel-v0", n_tasks, 2, 20, num_threads)
+    if runners is not None:
+        runners.append(runner)
+    th.manual_seed(0)
+    policy = ActorCriticPolicy(runner.observation_space, runner.action_space, lambda _: 1e-3, net_arch=[8])
+    generator = th.Generator().manual_seed(1)
+    params = {n: p.detach() + 0.1 * th.randn(n_tasks, *p.shape, generator=generator) for n, p in policy.named_parameters()}
+    tasks = runner.envs[0].unwrapped.sample_tasks(n_tasks, np.random.default_rng(2))
+    buffer = collect_episodes(runner, GroupPolicies(policy), tasks, params, 4, [11, 12, 13][:n_tasks], step_callback)
+    return runner, buffer
+
+
+def test_two_lanes_sample_what_the_lock_step_loop_samples():
+    """
+    With the compiled physics on two threads the loop runs two lanes of task groups (one lane's physics beside this
+    thread's acting for the other): the same episodes, bit for bit, with lanes of unequal size and falls.
+    """
+    plain_runner, plain = _collect_lanes(1)
+    lanes_runner, lanes = _collect_lanes(2)
+    assert not plain_runner.overlaps_physics and lanes_runner.overlaps_physics
+    assert lanes_runner.started and all(physics for _, physics in lanes_runner.started)  # each step ran on the pool
+    for name in ("observations", "actions", "rewards", "masks"):
+        np.testing.assert_array_equal(getattr(lanes, name), getattr(plain, name))
+    lengths = plain.masks.sum(axis=0)
+    assert lengths.min() < 20 and lengths.max() == 20  # some episodes fell, some ran to the horizon
+    # the step callback saw each lock-step once, with both lanes' rows in the lock-step loop's order
+    seen = {1: [], 2: []}
+    for threads in (1, 2):
+        calls = seen[threads]
+        _collect_lanes(threads, lambda n, step_vars, calls=calls: calls.append((n, step_vars["rewards"].copy())) or True)
+    assert len(seen[2]) == len(seen[1]) and all(
+        n == m and np.array_equal(a, b) for (n, a), (m, b) in zip(seen[2], seen[1])
+    )
+
+
+@pytest.mark.parametrize("stop", ["returns False", "raises"])
+def test_a_stopped_or_failed_lane_loop_leaves_no_physics_running(stop):
+    """However sampling ends, every started step's physics has run before the loop returns or raises."""
+    calls = []
+
+    def callback(n, step_vars):
+        calls.append(n)
+        if len(calls) == 5:
+            if stop == "raises":
+                raise RuntimeError("stop here")
+            return False
+        return True
+
+    runners = []
+    if stop == "raises":
+        with pytest.raises(RuntimeError, match="stop here"):
+            _collect_lanes(2, callback, runners=runners)
+    else:
+        assert _collect_lanes(2, callback, runners=runners)[1] is None
+    runner = runners[0]
+    assert len(calls) == 5
+    assert len(runner.started) > 10 and {id(p) for p, _ in runner.started} == {id(p) for p in runner.settled}
+    assert all(future.done() for _, physics in runner.started for future in physics)

@@ -2,11 +2,13 @@
 The one episode-collection loop: whole episodes of B tasks in waves of lock-steps, an episode that ends masked
 out until the wave's longest one ends. Every backend runs it; what differs is how the sub-envs are reset and
 stepped (a :class:`Stepper`): directly, below their bookkeeping wrappers or with a batched physics twin
-(``GroupRunner``), or through any SB3 VecEnv (:class:`VecEnvStepper`).
+(``GroupRunner``), or through any SB3 VecEnv (:class:`VecEnvStepper`). Where a step's physics can run beside this
+thread's Python (an :class:`OverlappingStepper`: the twin's compiled loop on two or more threads), the loop runs the
+task groups in two lanes, acting and recording for one while the other's physics runs: the same samples.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch as th
@@ -17,6 +19,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_metarl.common.buffers import TaskRolloutBuffer
 from sb3_metarl.common.functional import Params
+from sb3_metarl.tasks.mujoco_batched import RowInfos
 
 #: a lock-step's outcome per stepped row: the rewards, whether the episode ended (terminated or truncated), the infos
 StepResult = tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]
@@ -89,42 +92,167 @@ def collect_episodes(
         raise ValueError(f"tasks: expected 1 to {stepper.num_envs // per_group} tasks, got {n_tasks}.")
     stepper.set_tasks(tasks)
     policies.load(task_params)
-    generators = group_generators(noise_seeds[:n_tasks])
-    observation_space, action_space = stepper.observation_space, stepper.action_space
-    buffer = TaskRolloutBuffer(stepper.horizon, n_tasks, n_episodes, observation_space, action_space, policies.policy.device)
-    n_used, first = n_tasks * per_group, stepper.first_env_index
-    group = np.arange(stepper.num_envs) // per_group
-    slot = np.arange(stepper.num_envs) % per_group
-    obs = np.zeros((stepper.num_envs, *get_obs_shape(observation_space)), dtype=observation_space.dtype)
-    clip = isinstance(action_space, spaces.Box)
-    actions = None
-    zeros = np.zeros(n_used, dtype=np.float32)  # the log-likelihoods: the learner recomputes them
+    collection = _Collection(stepper, policies, tasks, n_episodes, group_generators(noise_seeds[:n_tasks]))
+    overlapped = getattr(stepper, "overlaps_physics", False) and n_tasks > 1  # (an OverlappingStepper)
     for wave_start in range(0, n_episodes, per_group):
-        episode = wave_start + slot
-        active = (group < n_tasks) & (episode < n_episodes)
-        columns = group * n_episodes + episode
-        stepper.reset(obs, active)
-        check_finite(obs[active], "observation", tasks, per_group, np.flatnonzero(active), first)
-        for step in range(stepper.horizon):
-            running = np.flatnonzero(active[:n_used].reshape(n_tasks, per_group).any(axis=1))
-            actions = policies.act(obs, per_group, running, generators, actions)
-            rows = np.flatnonzero(active)
-            check_finite_actions(actions[rows])
-            env_actions = np.clip(actions, action_space.low, action_space.high) if clip else actions
-            step_obs = obs[rows].copy()
-            rewards, dones, infos = stepper.step(obs, rows, env_actions, step)
-            check_finite(rewards, "reward", tasks, per_group, rows, first)
-            buffer.add_step(step, columns[rows], step_obs, actions[rows], rewards, zeros[: len(rows)])
-            if infos and "success" in infos[0]:
-                buffer.add_successes(columns[rows], np.array([info["success"] for info in infos]))
-            active[rows[dones]] = False
-            step_vars = {"new_obs": obs[rows], "rewards": rewards, "dones": dones, "infos": infos}
+        collection.start_wave(wave_start)
+        if overlapped:
+            finished = collection.run_wave_overlapped(step_callback)
+        else:
+            finished = collection.run_wave(step_callback)
+        if not finished:
+            return None
+    return collection.buffer
+
+
+class OverlappingStepper(Stepper, Protocol):
+    """A stepper whose steps can be started and finished apart, their physics running beside the caller's Python."""
+
+    overlaps_physics: bool
+
+    def start_step(self, rows: np.ndarray, env_actions: np.ndarray) -> Any:
+        """Start stepping the sub-envs ``rows`` with their rows of ``env_actions``; :return: the step in flight"""
+
+    def finish_step(self, obs: np.ndarray, pending: Any, step: int) -> StepResult:
+        """Finish a started step (the ``step``-th of the wave), writing its rows' next observations into ``obs``."""
+
+    def abandon_step(self, pending: Any) -> None:
+        """Wait for a started step whose outcome is not wanted."""
+
+
+class _Collection:
+    """The state of one sampling phase's loop: the observations, the running episodes, the actions, the episodes."""
+
+    def __init__(
+        self, stepper: Stepper, policies: GroupActor, tasks: Sequence[Any], n_episodes: int, generators: list[th.Generator]
+    ):
+        self.stepper, self.policies, self.tasks, self.generators = stepper, policies, tasks, generators
+        self.n_tasks, self.per_group, self.n_episodes = len(tasks), stepper.envs_per_group, n_episodes
+        observation_space, self.action_space = stepper.observation_space, stepper.action_space
+        self.buffer = TaskRolloutBuffer(
+            stepper.horizon, self.n_tasks, n_episodes, observation_space, self.action_space, policies.policy.device
+        )
+        self.n_used = self.n_tasks * self.per_group
+        self.group = np.arange(stepper.num_envs) // self.per_group
+        self.slot = np.arange(stepper.num_envs) % self.per_group
+        self.obs = np.zeros((stepper.num_envs, *get_obs_shape(observation_space)), dtype=observation_space.dtype)
+        self.clip = isinstance(self.action_space, spaces.Box)
+        self.actions: np.ndarray | None = None
+        self.zeros = np.zeros(self.n_used, dtype=np.float32)  # the log-likelihoods: the learner recomputes them
+        self.active = np.zeros(stepper.num_envs, dtype=bool)
+        self.columns = np.zeros(stepper.num_envs, dtype=np.int64)
+
+    def check(self, values: np.ndarray, what: str, rows: np.ndarray) -> None:
+        check_finite(values, what, self.tasks, self.per_group, rows, self.stepper.first_env_index)
+
+    def start_wave(self, wave_start: int) -> None:
+        """Reset the sub-envs that run an episode of the wave starting at episode ``wave_start`` of each task."""
+        episode = wave_start + self.slot
+        self.active = (self.group < self.n_tasks) & (episode < self.n_episodes)
+        self.columns = self.group * self.n_episodes + episode
+        self.stepper.reset(self.obs, self.active)
+        self.check(self.obs[self.active], "observation", np.flatnonzero(self.active))
+
+    def act(self, lane: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """
+        Act for the running sub-envs among the rows ``lane`` (whole groups).
+
+        :return: those rows, their observations before the step, the actions to step them with (clipped to a box)
+        """
+        active = self.active[lane]
+        rows = np.flatnonzero(active) + lane.start
+        first_group = lane.start // self.per_group
+        running = np.flatnonzero(active.reshape(-1, self.per_group).any(axis=1)) + first_group
+        self.actions = self.policies.act(self.obs, self.per_group, running, self.generators, self.actions)
+        check_finite_actions(self.actions[rows])
+        env_actions = np.clip(self.actions, self.action_space.low, self.action_space.high) if self.clip else self.actions
+        return rows, self.obs[rows].copy(), env_actions
+
+    def record(self, step: int, rows: np.ndarray, step_obs: np.ndarray, outcome: StepResult) -> None:
+        """Store the lock-step's transitions of ``rows`` and end the episodes that ended."""
+        rewards, dones, infos = outcome
+        self.check(rewards, "reward", rows)
+        assert self.actions is not None
+        self.buffer.add_step(step, self.columns[rows], step_obs, self.actions[rows], rewards, self.zeros[: len(rows)])
+        if infos and "success" in infos[0]:
+            self.buffer.add_successes(self.columns[rows], np.array([info["success"] for info in infos]))
+        self.active[rows[dones]] = False
+
+    def run_wave(self, step_callback: StepCallback | None) -> bool:
+        """Run the wave's lock-steps; :return: False if ``step_callback`` stopped sampling"""
+        every = slice(0, self.n_used)
+        for step in range(self.stepper.horizon):
+            rows, step_obs, env_actions = self.act(every)
+            outcome = self.stepper.step(self.obs, rows, env_actions, step)
+            self.record(step, rows, step_obs, outcome)
+            rewards, dones, infos = outcome
+            step_vars = {"new_obs": self.obs[rows], "rewards": rewards, "dones": dones, "infos": infos}
             if step_callback is not None and not step_callback(len(rows), step_vars):
-                return None
-            if not active.any():
+                return False
+            if not self.active.any():
                 break
-            check_finite(obs[rows], "observation", tasks, per_group, rows, first)
-    return buffer
+            self.check(self.obs[rows], "observation", rows)
+        return True
+
+    def run_wave_overlapped(self, step_callback: StepCallback | None) -> bool:
+        """
+        Run the wave's lock-steps in two lanes of task groups, each lane's physics running while this thread acts
+        and records for the other (the same samples as :meth:`run_wave`: a group's actions depend on its own
+        observations and noise only, and each sub-env's physics on its own data).
+
+        :return: False if ``step_callback`` stopped sampling
+        """
+        stepper = cast(OverlappingStepper, self.stepper)
+        half = self.n_tasks // 2 * self.per_group
+        lanes = (slice(0, half), slice(half, self.n_used))
+        in_flight: list[tuple[np.ndarray, np.ndarray, Any] | None] = [None, None]
+
+        def start(lane: int) -> None:
+            if self.active[lanes[lane]].any():
+                rows, step_obs, env_actions = self.act(lanes[lane])
+                in_flight[lane] = (rows, step_obs, stepper.start_step(rows, env_actions))
+
+        try:
+            start(0)
+            start(1)
+            for step in range(stepper.horizon):
+                finished = []
+                for lane in (0, 1):
+                    started, in_flight[lane] = in_flight[lane], None
+                    if started is None:
+                        continue
+                    rows, step_obs, pending = started
+                    outcome = stepper.finish_step(self.obs, pending, step)
+                    self.record(step, rows, step_obs, outcome)
+                    finished.append((rows, outcome))
+                    if step + 1 < stepper.horizon:  # its next step runs while this thread finishes the other lane
+                        self.check(self.obs[rows], "observation", rows)
+                        start(lane)
+                if step_callback is not None and not step_callback(*self.joined(finished)):
+                    return False
+                if not self.active.any():
+                    break
+        finally:  # stopped or failed: no physics may still run on the sub-envs when this returns
+            for started in in_flight:
+                if started is not None:
+                    stepper.abandon_step(started[2])
+        return True
+
+    def joined(self, finished: list[tuple[np.ndarray, StepResult]]) -> tuple[int, dict[str, Any]]:
+        """:return: the lanes' outcomes of one lock-step as ``step_callback`` receives the lock-step's"""
+        rows = np.concatenate([rows for rows, _ in finished])
+        rewards = np.concatenate([outcome[0] for _, outcome in finished])
+        dones = np.concatenate([outcome[1] for _, outcome in finished])
+        parts = [outcome[2] for _, outcome in finished]
+        bounds = np.cumsum([0] + [len(part) for part in parts])
+
+        def info(k: int) -> dict[str, Any]:
+            lane = int(np.searchsorted(bounds, k, side="right")) - 1
+            return parts[lane][k - bounds[lane]]
+
+        infos = RowInfos(len(rows), info)
+        return len(rows), {"new_obs": self.obs[rows], "rewards": rewards, "dones": dones, "infos": infos}
+
 
 def group_generators(seeds: Sequence[int]) -> list[th.Generator]:
     """:return: one CPU generator per task group, seeded with the group's noise seed for this sampling phase"""

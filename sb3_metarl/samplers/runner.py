@@ -9,7 +9,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_metarl.samplers.collection import StepResult
-from sb3_metarl.tasks.mujoco_batched import batched_stepper
+from sb3_metarl.tasks.mujoco_batched import PendingStep, batched_stepper
 
 #: the ``sampler_kwargs`` that every backend passes on to its runners: the batched physics switch and its threads
 RUNNER_ARGUMENTS = ("batched_physics", "num_threads")
@@ -120,17 +120,48 @@ class GroupRunner:
         for index in np.flatnonzero(active):
             obs[index] = self.envs[index].reset()[0]
 
+    @property
+    def overlaps_physics(self) -> bool:
+        """Whether a step's physics can run beside this thread's Python (:meth:`start_step`, :meth:`finish_step`)."""
+        return self.batched is not None and self.batched.overlaps
+
     def step(self, obs: np.ndarray, rows: np.ndarray, env_actions: np.ndarray, step: int) -> StepResult:
+        if self.batched is not None:
+            return self.finish_step(obs, self.start_step(rows, env_actions), step)
         rewards = np.zeros(len(rows), dtype=np.float32)
         dones = np.zeros(len(rows), dtype=bool)
         infos: list[dict[str, Any]] = []
-        if self.batched is not None:
-            obs[rows], rewards[:], terminated, infos = self.batched.step(rows, env_actions[rows])
-            dones[:] = terminated | (step + 1 >= self.limits[rows])
-            return rewards, dones, infos
         for j, index in enumerate(rows):
             obs[index], rewards[j], terminated, truncated, info = self.step_functions[index](env_actions[index])
             limit = self.time_limits[index]
             dones[j] = terminated or truncated or (limit is not None and step + 1 >= limit)
             infos.append(info)
         return rewards, dones, infos
+
+    def start_step(self, rows: np.ndarray, env_actions: np.ndarray) -> PendingStep:
+        """
+        Start stepping the sub-envs ``rows`` with their rows of ``env_actions`` on the batched twin; where
+        :attr:`overlaps_physics`, their physics runs on the twin's threads until :meth:`finish_step`.
+
+        :return: the step in flight
+        """
+        assert self.batched is not None, "only the batched twin starts a step"
+        return self.batched.start(rows, env_actions[rows])
+
+    def finish_step(self, obs: np.ndarray, pending: PendingStep, step: int) -> StepResult:
+        """
+        Finish a step started by :meth:`start_step` (the ``step``-th of the wave), writing the next observations of
+        its rows into ``obs``.
+
+        :return: per row: the rewards, whether the episode ended (terminated or truncated), the infos
+        """
+        assert self.batched is not None, "only the batched twin finishes a step"
+        rows = pending.indices
+        rewards = np.zeros(len(rows), dtype=np.float32)
+        obs[rows], rewards[:], terminated, infos = self.batched.finish(pending)
+        return rewards, terminated | (step + 1 >= self.limits[rows]), infos
+
+    def abandon_step(self, pending: PendingStep) -> None:
+        """Wait for the physics of a started step whose outcome is not wanted (sampling stopped or failed)."""
+        assert self.batched is not None, "only the batched twin starts a step"
+        self.batched.wait(pending)

@@ -5,16 +5,20 @@ The MuJoCo task families stepped together: a batched twin of their per-env ``ste
 call: each sub-env's own ``MjData`` advances by MuJoCo's ``mj_step`` exactly as Gymnasium's ``do_simulation``
 does it (the same ``mj_step`` calls on the same data, so the trajectory is the per-env step's, warm start included;
 the post-step force pass, ``mj_rnePostConstraint``, only where the family reads its output: Ant),
-optionally on a few threads (MuJoCo releases the GIL inside ``mj_step``), and the observations, rewards,
+optionally on a few threads (by the compiled loop of ``mujoco_kernel``, which holds no GIL, where numba is installed;
+else by a Python loop, MuJoCo releasing the GIL inside each ``mj_step``), and the observations, rewards,
 terminations and infos of all of them are computed at once in numpy, with the same operations in the same
 floating-point types as the per-env code (Gymnasium's v5 envs, read through their attributes, and this package's
 task terms): the results are bit-identical (tested against ``env.step`` over thousands of steps, resets and
 falls). It skips the per-env Python work that makes Gymnasium's step slower than MuJoCo's own stepping.
-``BatchedAnt`` does the same for the Ant families, contact forces included.
+``BatchedAnt`` does the same for the Ant families, contact forces included. ``start`` and ``finish`` split a step
+so that its physics runs on the threads while the caller does other work (the sampler's two lanes).
 """
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_all
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, overload
 
@@ -38,6 +42,7 @@ from sb3_metarl.tasks.mujoco import (
     _Direction,
     _TargetVelocity,
 )
+from sb3_metarl.tasks.mujoco_kernel import addresses, nogil_kernel
 
 
 class RowInfos(Sequence[dict[str, Any]]):
@@ -82,6 +87,29 @@ class RowInfos(Sequence[dict[str, Any]]):
         return list, (list(self),)
 
 
+def settle(futures: list[Future]) -> None:
+    """Wait for all of ``futures`` (none is left running), then raise the first one's error if one failed."""
+    wait_for_all(futures)
+    for future in futures:
+        future.result()
+
+
+@dataclass
+class PendingStep:
+    """A batched step between its start and its outcome (``_BatchedMujoco.start``)."""
+
+    #: the stepped sub-envs' positions, as an array and as Python ints
+    indices: np.ndarray
+    rows: list[int]
+    envs: list[Any]
+    #: the actuators' controls, one row per stepped sub-env
+    controls: np.ndarray
+    #: what the family reads before the physics (the positions its velocities are measured from)
+    before: np.ndarray
+    #: the physics still running on the pool's threads
+    physics: list[Future] = field(default_factory=list)
+
+
 class _BatchedMujoco:
     """
     What every twin shares: each sub-env's own model and data, its control mapping (``_ScaledActions``) and the
@@ -90,6 +118,8 @@ class _BatchedMujoco:
     :param envs: the unwrapped sub-envs (all of one class)
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+        None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
     families: tuple[type, ...] = ()
@@ -99,7 +129,7 @@ class _BatchedMujoco:
     #: the same trajectories, a thirteenth less physics (HalfCheetah); those three arrays of its data are then stale
     reads_contact_forces = True
 
-    def __init__(self, envs: Sequence[Any], num_threads: int = 1):
+    def __init__(self, envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None):
         self.envs = list(envs)
         self.models = [env.model for env in self.envs]
         self.datas = [env.data for env in self.envs]
@@ -127,7 +157,21 @@ class _BatchedMujoco:
         ):
             self.uniform_scale = (scaled[0]._control_low, scaled[0]._control_high, scaled[0].action_scale)
         self.num_threads = int(num_threads)
-        self.pool = ThreadPoolExecutor(self.num_threads - 1) if self.num_threads > 1 else None
+        self.kernel = nogil_kernel() if compiled is not False else None
+        if compiled and self.kernel is None:
+            raise ValueError("compiled: the compiled physics loop needs numba and MuJoCo's shared library; pass None.")
+        if self.kernel is not None:
+            #: the controls per sub-env (the compiled loop copies this many, so it is checked before each copy)
+            self.control_size = self.models[0].nu
+            if any(model.nu != self.control_size for model in self.models):
+                raise ValueError("envs: the sub-envs' models have different numbers of actuators.")
+            self.model_addresses, self.data_addresses = addresses(self.models), addresses(self.datas)
+            self.ctrl_addresses = np.array([ctrl.ctypes.data for ctrl in self.ctrl], dtype=np.uint64)
+            self.frame_skip_array = np.array(self.frame_skips, dtype=np.int64)
+        #: whether physics started by :meth:`start` runs beside this thread's Python (then the pool has all the threads)
+        self.overlaps = self.kernel is not None and self.num_threads > 1
+        pool_threads = self.num_threads if self.overlaps else self.num_threads - 1
+        self.pool = ThreadPoolExecutor(pool_threads) if pool_threads > 0 else None
 
     @classmethod
     def supports(cls, env: Any) -> bool:
@@ -135,6 +179,16 @@ class _BatchedMujoco:
         return type(env) in cls.families and env.render_mode is None
 
     def _advance(self, rows: list[int], controls: np.ndarray) -> None:
+        if self.kernel is not None:  # one call without the GIL (controls as the float64 that ctrl holds: an exact cast)
+            self.kernel(
+                self.model_addresses[rows],
+                self.data_addresses[rows],
+                self.ctrl_addresses[rows],
+                np.ascontiguousarray(controls, dtype=np.float64),
+                self.frame_skip_array[rows],
+                self.reads_contact_forces,
+            )
+            return
         # (bound once: this loop runs once per sub-env and control step, and its Python is what the physics threads
         # wait for the GIL over)
         models, datas, ctrls, frame_skips = self.models, self.datas, self.ctrl, self.frame_skips
@@ -147,19 +201,71 @@ class _BatchedMujoco:
             if post_constraint is not None:
                 post_constraint(model, data)
 
+    def _chunks(self, rows: list[int], controls: np.ndarray, n_chunks: int) -> list[tuple[list[int], np.ndarray]]:
+        bounds = [len(rows) * chunk // n_chunks for chunk in range(n_chunks + 1)]
+        return [(rows[start:stop], controls[start:stop]) for start, stop in pairwise(bounds)]
+
     def _advance_all(self, rows: list[int], controls: np.ndarray) -> None:
         """:param rows: positions in ``envs``, as Python ints (a list indexed by numpy ints is slower)"""
         if self.pool is None or len(rows) < 2 * self.num_threads:
             self._advance(rows, controls)
         else:
-            bounds = [len(rows) * thread // self.num_threads for thread in range(self.num_threads + 1)]
-            chunks = [(rows[start:stop], controls[start:stop]) for start, stop in pairwise(bounds)]
+            chunks = self._chunks(rows, controls, self.num_threads)
             futures = [self.pool.submit(self._advance, *chunk) for chunk in chunks[1:]]
             try:  # this thread advances the first chunk rather than waiting idle for the pool's
                 self._advance(*chunks[0])
             finally:
-                for future in futures:
-                    future.result()
+                settle(futures)
+
+    def start(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
+        """
+        Start stepping the sub-envs ``indices`` with ``actions``: their physics runs on the pool's threads, beside
+        whatever this thread does until :meth:`finish` (only where :attr:`overlaps`; else it has run on return). The
+        sub-envs being stepped must not be touched until then.
+
+        :param indices: positions in ``envs`` (distinct)
+        :param actions: their actions (len(indices), action_dim), in each env's action space
+        :return: the step in flight, for :meth:`finish`
+        """
+        pending = self._prepare(np.asarray(indices), actions)
+        if not self.overlaps:
+            self._advance_all(pending.rows, pending.controls)
+        elif pending.rows:
+            assert self.pool is not None
+            chunks = self._chunks(pending.rows, pending.controls, min(self.num_threads, len(pending.rows)))
+            pending.physics = [self.pool.submit(self._advance, *chunk) for chunk in chunks]
+        return pending
+
+    def wait(self, pending: PendingStep) -> None:
+        """Wait until the physics of ``pending`` has run (it raises what the physics raised)."""
+        physics, pending.physics = pending.physics, []
+        settle(physics)
+
+    def finish(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        """:return: the outcome of the step ``pending`` (see :meth:`step`), once its physics has run"""
+        self.wait(pending)
+        return self._outcome(pending)
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        """
+        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
+
+        :param indices: positions in ``envs`` (distinct)
+        :param actions: their actions (len(indices), action_dim), in each env's action space
+        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos (one dict per
+            row, built when read)
+        """
+        pending = self._prepare(np.asarray(indices), actions)
+        self._advance_all(pending.rows, pending.controls)
+        return self._outcome(pending)
+
+    def _prepare(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
+        """:return: the step before its physics: the rows, their controls and what the family reads before it"""
+        raise NotImplementedError
+
+    def _outcome(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        """:return: the step's outcome from the sub-envs' state after its physics"""
+        raise NotImplementedError
 
     def _require_tasks(self, envs: list[Any]) -> None:
         """Raise the family's own error if a sub-env has no task (checked in one pass: all of them have one)."""
@@ -170,6 +276,8 @@ class _BatchedMujoco:
     def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
         controls = np.array(actions)
+        if self.kernel is not None and controls.shape[-1] != self.control_size:  # (the compiled loop copies that many)
+            raise ValueError(f"actions: expected {self.control_size} values per sub-env, got {controls.shape[-1]}.")
         if self.uniform_scale is not None:  # one elementwise op for all rows: each row's values are the same
             low, high, scale = self.uniform_scale
             return np.clip(low + (controls + scale) * (high - low) / (2 * scale), low, high)
@@ -186,17 +294,6 @@ class _BatchedMujoco:
             kept = kept + np.array([float(value) for value in terms[term]])
         return task_terms + kept
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
-        """
-        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
-
-        :param indices: positions in ``envs`` (distinct)
-        :param actions: their actions (len(indices), action_dim), in each env's action space
-        :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos (one dict per
-            row, built when read)
-        """
-        raise NotImplementedError
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
@@ -211,6 +308,8 @@ class BatchedLocomotion(_BatchedMujoco):
     :param envs: the unwrapped sub-envs
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+        None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
     reads_contact_forces = False
@@ -223,11 +322,13 @@ class BatchedLocomotion(_BatchedMujoco):
         Walker2dRandParamsEnv,
     )
 
-    def __init__(self, envs: Sequence[Any], num_threads: int = 1):
-        super().__init__(envs, num_threads)
+    def __init__(self, envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None):
+        super().__init__(envs, num_threads, compiled)
         kind = type(self.envs[0])
         #: Swimmer measures its velocity in the plane and leaves both coordinates out of the observation
         self.planar = issubclass(kind, SwimmerEnv)
+        #: the position coordinates that the velocities are measured on
+        self.coordinates = slice(0, 2) if self.planar else slice(0, 1)
         #: Walker2d and Hopper: a healthy range, an alive bonus, termination, velocities clipped in the observation
         self.upright = issubclass(kind, (Walker2dEnv, HopperEnv))
         self.hopper = issubclass(kind, HopperEnv)
@@ -255,16 +356,20 @@ class BatchedLocomotion(_BatchedMujoco):
             healthy &= np.all((states[:, :1] < state) & (state < states[:, 1:]), axis=1)
         return healthy
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
-        rows = np.asarray(indices).tolist()
+    def _prepare(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
+        rows = indices.tolist()
         envs = [self.envs[index] for index in rows]
         if self.task_term is not None:
             self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
-        coordinates = slice(0, 2) if self.planar else slice(0, 1)
+        qpos_views = self.qpos
+        before = np.array([qpos_views[index] for index in rows])[:, self.coordinates]
+        return PendingStep(indices, rows, envs, controls, before)
+
+    def _outcome(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        indices, rows, envs, controls, before = pending.indices, pending.rows, pending.envs, pending.controls, pending.before
+        coordinates = self.coordinates
         qpos_views, qvel_views = self.qpos, self.qvel
-        before = np.array([qpos_views[index] for index in rows])[:, coordinates]
-        self._advance_all(rows, controls)
         qpos = np.array([qpos_views[index] for index in rows])
         qvel = np.array([qvel_views[index] for index in rows])
         velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
@@ -331,12 +436,14 @@ class BatchedAnt(_BatchedMujoco):
     :param envs: the unwrapped sub-envs
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+        None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
     families = (AntVelEnv, AntDirEnv, AntDir2DEnv, AntGoalEnv)
 
-    def __init__(self, envs: Sequence[Any], num_threads: int = 1):
-        super().__init__(envs, num_threads)
+    def __init__(self, envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None):
+        super().__init__(envs, num_threads, compiled)
         self.kind = type(self.envs[0])
         self.main_bodies = [env._main_body for env in self.envs]
         self.contact_weights = [env._contact_cost_weight for env in self.envs]
@@ -347,24 +454,38 @@ class BatchedAnt(_BatchedMujoco):
         self.with_contact_forces = [env._include_cfrc_ext_in_observation for env in self.envs]
         self.xpos = [data.xpos for data in self.datas]
         self.cfrc_ext = [data.cfrc_ext for data in self.datas]
+        #: (clip range, contact weight, control weight) when every sub-env has the same: then one elementwise op and one
+        #: row-wise sum do all rows (each row's values as its own env computes them); None: row by row
+        first = self.envs[0]
+        self.uniform_costs = None
+        if all(
+            tuple(env._contact_force_range) == tuple(first._contact_force_range)
+            and env._contact_cost_weight == first._contact_cost_weight
+            and env._ctrl_cost_weight == first._ctrl_cost_weight
+            for env in self.envs
+        ):
+            self.uniform_costs = (tuple(first._contact_force_range), first._contact_cost_weight, first._ctrl_cost_weight)
+        #: whether every sub-env's observation has the same parts (then they are concatenated for all rows at once)
+        self.uniform_observation = len({(flag, forces) for flag, forces in zip(self.excluded, self.with_contact_forces)}) == 1
 
-    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
-        rows = np.asarray(indices).tolist()
+    def _prepare(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
+        rows = indices.tolist()
         envs = [self.envs[index] for index in rows]
         self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
         xpos, main_bodies = self.xpos, self.main_bodies
         before = np.array([xpos[index][main_bodies[index], :2] for index in rows])
-        self._advance_all(rows, controls)
+        return PendingStep(indices, rows, envs, controls, before)
+
+    def _outcome(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        indices, rows, envs, controls, before = pending.indices, pending.rows, pending.envs, pending.controls, pending.before
+        xpos, main_bodies = self.xpos, self.main_bodies
         after = np.array([xpos[index][main_bodies[index], :2] for index in rows])
         qpos = np.array([self.qpos[index] for index in rows])
         qvel = np.array([self.qvel[index] for index in rows])
         velocity = (after - before) / self.dts[indices][:, None]
         x_velocity, y_velocity = velocity[:, 0], velocity[:, 1]
-        # per sub-env, as Ant-v5 sums them: its (n_bodies, 6) contact forces and its action, each array on its own
-        contact_forces = [np.clip(self.cfrc_ext[index], *self.contact_ranges[index]) for index in rows]
-        contact_cost = [self.contact_weights[index] * np.sum(np.square(contact_forces[k])) for k, index in enumerate(rows)]
-        ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(rows)]
+        contact_forces, contact_cost, ctrl_cost = self._costs(rows, controls)
         state = np.concatenate((qpos, qvel), axis=1)
         ranges = self.healthy_ranges[indices]
         healthy = np.isfinite(state).all(axis=1) & (ranges[:, 0] <= state[:, 2]) & (state[:, 2] <= ranges[:, 1])
@@ -378,12 +499,7 @@ class BatchedAnt(_BatchedMujoco):
         terminated = ~healthy & self.terminate_when_unhealthy[indices]
         task_terms = self._task_terms(envs, qpos, x_velocity, y_velocity)
         rewards = self._with_kept_terms(task_terms, terms)
-        observations = []
-        for k, index in enumerate(rows):
-            parts = [qpos[k, 2:] if self.excluded[index] else qpos[k], qvel[k]]
-            if self.with_contact_forces[index]:
-                parts.append(contact_forces[k][1:].flatten())
-            observations.append(np.concatenate(parts))
+        observations = self._observations(rows, qpos, qvel, contact_forces)
 
         def info(k: int) -> dict[str, Any]:  # Ant-v5's info with the task term, in its order
             return {
@@ -396,7 +512,41 @@ class BatchedAnt(_BatchedMujoco):
                 "reward_task": task_terms[k],
             }
 
-        return np.stack(observations), rewards, terminated, RowInfos(len(rows), info)
+        return observations, rewards, terminated, RowInfos(len(rows), info)
+
+    def _costs(self, rows: list[int], controls: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+        """
+        :return: the clipped contact forces (n, bodies, 6), the contact costs and the control costs, each row as Ant-v5
+            computes it: the sum of the squares of its (bodies, 6) forces and of its action, times its weight
+        """
+        forces = np.array([self.cfrc_ext[index] for index in rows])
+        if self.uniform_costs is not None:
+            # (a row-wise sum of a C-contiguous row adds its elements as the sum of that row alone does; the weights are
+            # Python floats, so the products take the types that Ant-v5's scalar products take)
+            (low, high), contact_weight, ctrl_weight = self.uniform_costs
+            forces = np.clip(forces, low, high)
+            contact_cost = contact_weight * np.sum(np.square(forces).reshape(len(rows), -1), axis=1)
+            return forces, contact_cost, ctrl_weight * np.sum(np.square(controls), axis=1)
+        forces = np.stack([np.clip(forces[k], *self.contact_ranges[index]) for k, index in enumerate(rows)])
+        contact_cost = [self.contact_weights[index] * np.sum(np.square(forces[k])) for k, index in enumerate(rows)]
+        ctrl_cost = [self.ctrl_weights[index] * np.sum(np.square(controls[k])) for k, index in enumerate(rows)]
+        return forces, contact_cost, ctrl_cost
+
+    def _observations(self, rows: list[int], qpos: np.ndarray, qvel: np.ndarray, contact_forces: np.ndarray) -> np.ndarray:
+        """:return: Ant-v5's observations: positions (without x, y where excluded), velocities, contact forces"""
+        first = rows[0] if rows else 0
+        if self.uniform_observation:
+            parts = [qpos[:, 2:] if self.excluded[first] else qpos, qvel]
+            if self.with_contact_forces[first]:
+                parts.append(contact_forces[:, 1:].reshape(len(rows), -1))
+            return np.concatenate(parts, axis=1)
+        observations = []
+        for k, index in enumerate(rows):
+            parts = [qpos[k, 2:] if self.excluded[index] else qpos[k], qvel[k]]
+            if self.with_contact_forces[index]:
+                parts.append(contact_forces[k][1:].flatten())
+            observations.append(np.concatenate(parts))
+        return np.stack(observations)
 
     def _task_terms(self, envs: list[Any], qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray) -> np.ndarray:
         """:return: each family's ``_task_reward``, in its float64 arithmetic"""
@@ -415,13 +565,14 @@ class BatchedAnt(_BatchedMujoco):
 BATCHED_FAMILIES = (BatchedLocomotion, BatchedAnt)
 
 
-def batched_stepper(envs: Sequence[Any], num_threads: int = 1) -> _BatchedMujoco | None:
+def batched_stepper(envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None) -> _BatchedMujoco | None:
     """
     :param envs: unwrapped sub-envs
     :param num_threads: threads that advance the physics
+    :param compiled: the physics loop (see ``_BatchedMujoco``)
     :return: a twin that steps all of ``envs`` exactly as their own ``step``, or None if none does
     """
     for twin in BATCHED_FAMILIES:
         if envs and all(twin.supports(env) for env in envs) and len({type(env) for env in envs}) == 1:
-            return twin(envs, num_threads)
+            return twin(envs, num_threads, compiled)
     return None
