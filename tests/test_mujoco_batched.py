@@ -233,3 +233,13 @@ def test_without_numba_the_twin_keeps_its_python_loop_and_the_lock_step_loop(mon
     assert twin.kernel is None and not twin.overlaps  # the sampler then runs the lock-step loop
     with pytest.raises(ValueError, match="compiled"):
         batched_stepper(envs, 2, compiled=True)
+
+
+def test_closing_the_sampler_stops_the_twin_s_physics_threads():
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahDir-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=0.1, sampler_kwargs=dict(num_threads=2))  # fmt: skip
+    twin = model.episode_sampler.runner.batched
+    assert twin.pool.submit(int, 3).result() == 3
+    model.episode_sampler.close()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        twin.pool.submit(int, 3)

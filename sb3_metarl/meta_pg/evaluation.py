@@ -143,8 +143,10 @@ def evaluate_adaptation(
                 returns.append(chunk_returns)
                 successes.append(chunk_successes)
     finally:
-        if env is not None and not isinstance(env, VecEnv):
-            episode_sampler.venv.close()
+        if env is not None:
+            episode_sampler.close()  # (its batched twin's threads)
+            if not isinstance(env, VecEnv):
+                episode_sampler.venv.close()
     per_task = np.concatenate(returns, axis=0)
     table = {
         "inner_steps": np.arange(inner_steps + 1),

@@ -120,6 +120,11 @@ class GroupRunner:
         for index in np.flatnonzero(active):
             obs[index] = self.envs[index].reset()[0]
 
+    def close(self) -> None:
+        """Stop the batched twin's physics threads (the sub-envs are closed by their owner)."""
+        if self.batched is not None:
+            self.batched.close()
+
     @property
     def overlaps_physics(self) -> bool:
         """Whether a step's physics can run beside this thread's Python (:meth:`start_step`, :meth:`finish_step`)."""

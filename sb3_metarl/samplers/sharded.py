@@ -79,6 +79,8 @@ class Shard:
         """Set the episode length and (when given) the policy architecture (a cloudpickled CPU policy)."""
         if policy_bytes is not None:
             self.policies = GroupPolicies(cloudpickle.loads(policy_bytes))
+        if self.runner is not None:
+            self.runner.close()
         self.runner = GroupRunner(
             self.venv.envs,
             self.envs_per_group,
@@ -137,6 +139,8 @@ class Shard:
         return self.venv.env_is_wrapped(wrapper_class, indices)
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.venv.close()
 
 

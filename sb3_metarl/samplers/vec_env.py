@@ -82,3 +82,8 @@ class VecEnvSampler(EpisodeSampler):
     def env_rng_states(self) -> list[dict[str, Any]]:
         # in this process (or, through SubprocVecEnv, from workers that have just answered)
         return get_env_rng_states(self.venv)
+
+    def close(self) -> None:
+        """Stop the batched twin's physics threads (the VecEnv itself is the model's, closed with it)."""
+        if self.runner is not None:
+            self.runner.close()
