@@ -131,8 +131,8 @@ class GroupRunner:
         return self.batched is not None and self.batched.overlaps
 
     def step(self, obs: np.ndarray, rows: np.ndarray, env_actions: np.ndarray, step: int) -> StepResult:
-        if self.batched is not None:
-            return self.finish_step(obs, self.start_step(rows, env_actions), step)
+        if self.batched is not None:  # (its step: this thread advances a chunk too, where start leaves it idle)
+            return self._batched_result(obs, rows, self.batched.step(rows, env_actions[rows]), step)
         rewards = np.zeros(len(rows), dtype=np.float32)
         dones = np.zeros(len(rows), dtype=bool)
         infos: list[dict[str, Any]] = []
@@ -161,9 +161,13 @@ class GroupRunner:
         :return: per row: the rewards, whether the episode ended (terminated or truncated), the infos
         """
         assert self.batched is not None, "only the batched twin finishes a step"
-        rows = pending.indices
+        return self._batched_result(obs, pending.indices, self.batched.finish(pending), step)
+
+    def _batched_result(self, obs: np.ndarray, rows: np.ndarray, outcome: tuple, step: int) -> StepResult:
+        """:return: the twin's ``outcome`` for ``rows`` as a :class:`StepResult` (time limits applied), observations
+        written into ``obs``"""
         rewards = np.zeros(len(rows), dtype=np.float32)
-        obs[rows], rewards[:], terminated, infos = self.batched.finish(pending)
+        obs[rows], rewards[:], terminated, infos = outcome
         return rewards, terminated | (step + 1 >= self.limits[rows]), infos
 
     def abandon_step(self, pending: PendingStep) -> None:
