@@ -11,6 +11,10 @@ Suites (the papers' settings; what differs from them is listed in docs/results/r
   step weights (``discount_from_start=False``), Adam at 1e-3 on the meta-gradient, 400 meta-iterations
   (1.28e8 env steps), ProMP's normalized env (``action_scale=10``) and rllab's control cost 0.05.
 * ``sgmrl-vel``: the same on HalfCheetah random velocity, targets U[0, 3] (SG-MRL's range).
+* ``sgmrl-nav``: SG-MRL Table 1, 2-D navigation at its code's ``sgmrl_configs/sgmrl_full.json`` and
+  ``maml_zoo/envs/point_envs/point_env_2d_v2.py``: 20 tasks x 20 episodes, horizon 100, 500 iterations (4e7 env
+  steps), reward minus the distance to the goal, position clipped to [-0.5, 0.5]^2 (``position_limit=0.5``),
+  actions in [-10, 10] mapped onto +-0.1 (``action_scale=10``), the rest as ``sgmrl-dir``.
 * ``maml-trpo-dir`` / ``maml-trpo-vel`` / ``maml-trpo-ant-dir``: pytorch-maml-rl's configs
   (halfcheetah-dir.yaml, halfcheetah-vel.yaml, ant-dir.yaml): 40 x 20 episodes, horizon 100, actions
   normalized with scale 10, 64 x 64 tanh, TRPO (max KL 0.01), 500 batches (8e7 env steps).
@@ -38,6 +42,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 #: SG-MRL Table 2 (mean meta-test reward over 4 seeds): (env, inner steps) -> {algorithm: (mean, std)}
 SGMRL_TABLE2 = {
     ("dir", 1): {"SG-MRL": (580.143, 38.22), "MAML": (465.624, 54.07)},
@@ -47,8 +53,14 @@ SGMRL_TABLE2 = {
     ("vel", 2): {"SG-MRL": (-52.64, 6.86), "MAML": (-56.71, 6.73)},
     ("vel", 3): {"SG-MRL": (-33.39, 0.67), "MAML": (-32.48, 0.50)},
 }
-#: our mode -> the paper's algorithm it stands for (SG-MRL is MAML plus the inner samples' score term: our ``sf``)
-PAPER_ALGORITHM = {"sf": "SG-MRL", "maml": "MAML"}
+#: SG-MRL Table 1 (2-D navigation, one inner step): mean meta-test reward and its spread
+SGMRL_TABLE1 = {"SG-MRL": (-16.901, 0.699), "MAML": (-17.767, 0.106), "E-MAML": (-17.803, 0.115)}
+#: What SG-MRL's code ran for both columns of its tables: VPG-MAML, second order. Its SG-MRL
+#: (``maml_zoo/meta_algos/vpg_sgmrl.py:170``) adds ``stop_gradient(mean(adv)) * sum(log_likelihood_initial)``, and the
+#: advantages are standardized per task (``samplers/base.py:119-120``, ``normalize_adv: true``), so the weight is zero
+#: up to float32 rounding: both columns are runs of our ``maml``. Our ``sf`` (SG-MRL as the paper defines it) was never
+#: run by its authors and has no published number.
+MAML_COLUMNS = {"MAML": "MAML", "SG-MRL": "SG-MRL (its code: MAML)"}
 #: pytorch-maml-rl's TRPO settings (configs/maml/*.yaml)
 TRPO_KWARGS = dict(max_kl=0.01, cg_damping=1e-5, cg_max_steps=10, line_search_shrinking_factor=0.8, line_search_max_iter=15)
 #: the held-out evaluation: tasks, inner steps, seed of the task stream (fixed for every run and checkpoint)
@@ -78,6 +90,25 @@ class PublishedRun:
         kwargs = self.kwargs
         episodes = kwargs["inner_steps"] * kwargs["inner_episodes"] + kwargs["outer_episodes"]
         return kwargs["meta_batch_size"] * episodes * kwargs.get("max_episode_steps", 200)
+
+
+def paper_numbers(suite: str, mode: str, inner_steps: int) -> list[tuple[str, float, float | None]] | None:
+    """
+    :return: the published numbers a run of ``mode`` is compared with, as (label, mean, std or None): for ``maml`` on
+        the SG-MRL suites both columns of SG-MRL's tables (both are MAML runs of its code); None for other modes
+    """
+    if mode != "maml" or not suite.startswith("sgmrl"):
+        return None
+    if suite == "sgmrl-nav":
+        return [(label, *SGMRL_TABLE1[column]) for column, label in MAML_COLUMNS.items()] if inner_steps == 1 else None
+    columns = SGMRL_TABLE2.get(("dir" if suite == "sgmrl-dir" else "vel", inner_steps))
+    if columns is None:
+        return None
+    return [(label, *columns[column]) for column, label in MAML_COLUMNS.items()]
+
+
+#: the episode length of each suite (SG-MRL's max_path_length; pytorch-maml-rl's max_episode_steps: 100)
+SUITE_HORIZON = {"sgmrl-dir": 200, "sgmrl-vel": 200, "sgmrl-nav": 100}
 
 
 def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
@@ -111,7 +142,7 @@ def suite_runs(
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown suite {suite!r}; use one of {sorted(SUITES)}.")
     env_id, optimizer, default_iterations, extra = SUITES[suite]
-    horizon = 200 if suite.startswith("sgmrl") else 100  # SG-MRL's max_path_length; pytorch-maml-rl's max_episode_steps
+    horizon = SUITE_HORIZON.get(suite, 100)
     kwargs = {**_paper_kwargs(horizon, inner_steps), **extra}
     if optimizer == "trpo":
         kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
@@ -139,6 +170,13 @@ SUITES: dict[str, tuple[str, str, int, dict[str, Any]]] = {
         "adam",
         400,
         dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0), action_scale=10.0), **SGMRL_POLICY),
+    ),
+    # SG-MRL's point env: 20 tasks (sgmrl_full.json's meta_batch_size), position clipped, ProMP's normalized actions
+    "sgmrl-nav": (
+        "sb3_metarl/Navigation2D-v0",
+        "adam",
+        500,
+        dict(meta_batch_size=20, env_kwargs=dict(position_limit=0.5, action_scale=10.0), **SGMRL_POLICY),
     ),
     # pytorch-maml-rl's envs: HalfCheetah's control cost 0.5 * 1e-1 |a|^2; Ant's 0.5 * 1e-2 |a|^2, contact cost
     # 0.5 * 1e-3 |clip(cfrc_ext, -1, 1)|^2, survive bonus 0.05, done outside z in [0.2, 1]; actions in [-10, 10]
@@ -362,14 +400,16 @@ class _SittingOver(Exception):
     """Raised between meta-iterations to end a sitting (the state is checkpointed first)."""
 
 
-def record(run: PublishedRun, state: dict[str, Any], curve: list[dict], evals: list[dict]) -> dict[str, Any]:
-    """:return: the run's line of ``reproduce_published_runs.jsonl`` (fields named by the issue's schema)"""
+def record(
+    run: PublishedRun, state: dict[str, Any], curve: list[dict], evals: list[dict], final: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """
+    :param final: the run's final evaluation (``final_eval.json``), if it has one
+    :return: the run's line of ``reproduce_published_runs.jsonl`` (fields named by the issue's schema)
+    """
     trained_steps = run.kwargs["inner_steps"]
     best = max(evals, key=lambda row: row["returns"][trained_steps]) if evals else None
-    env_key = "dir" if "Dir" in run.env_id else "vel"
-    paper = None
-    if run.suite.startswith("sgmrl") and run.gradient_mode in PAPER_ALGORITHM:
-        paper = SGMRL_TABLE2.get((env_key, trained_steps), {}).get(PAPER_ALGORITHM[run.gradient_mode])
+    paper = paper_numbers(run.suite, run.gradient_mode, trained_steps)
     return {
         "name": run.name,
         "suite": run.suite,
@@ -384,7 +424,10 @@ def record(run: PublishedRun, state: dict[str, Any], curve: list[dict], evals: l
         "returns": evals[-1]["returns"] if evals else None,
         "best_returns": best["returns"] if best else None,
         "best_iteration": best["iteration"] if best else None,
-        "paper": list(paper) if paper else None,
+        "paper": [list(entry) for entry in paper] if paper else None,
+        "final_returns": final["returns"] if final else None,
+        "final_standard_errors": final["standard_errors"] if final else None,
+        "final_eval_episodes": final["episodes"] if final else None,
         "wall_seconds": state["wall_seconds"],
         "machines": state["machines"],
     }
@@ -408,10 +451,10 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
         done = state["iterations_done"]
         curve = [row for row in read_jsonl(os.path.join(folder, "curve.jsonl")) if row["iteration"] <= done]
         evals = [row for row in read_jsonl(os.path.join(folder, "evals.jsonl")) if row["iteration"] <= done]
-        row = record(run, state, curve, evals)
+        row = record(run, state, curve, evals, read_final_evaluation(folder))
         last = " / ".join(f"{x:.1f}" for x in row["returns"]) if row["returns"] else "—"
         best = f"{row['best_returns'][row['inner_steps']]:.1f} ({row['best_iteration']})" if row["best_returns"] else "—"
-        paper = f"{row['paper'][0]:.1f} ± {row['paper'][1]:.1f}" if row["paper"] else "—"
+        paper = format_paper(row["paper"], run.gradient_mode)
         setting = ", ".join(f"{k}={v}" for k, v in row["env_kwargs"].items()) or "Gymnasium v5 defaults"
         status = "" if state["iterations_done"] >= run.iterations else f" of {run.iterations}"
         lines.append(
@@ -420,6 +463,100 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
             f"| {last} | {best} | {paper} |"
         )
     return "\n".join(lines)
+
+
+def format_paper(paper: list | None, mode: str) -> str:
+    """:return: the table's paper cell: each published number with its label (``sf``: why there is none)"""
+    if mode == "sf":
+        return "— (SG-MRL as the paper defines it: never run by its authors)"
+    if not paper:
+        return "—"
+    return "; ".join(f"{label} {mean:.1f}" + ("" if std is None else f" ± {std:.1f}") for label, mean, std in paper)
+
+
+def read_final_evaluation(folder: str) -> dict[str, Any] | None:
+    """:return: the run's ``final_eval.json`` (written by ``--final-eval``), or None"""
+    path = os.path.join(folder, "final_eval.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def aggregate(out: str, runs: list[PublishedRun]) -> str:
+    """
+    :return: the Markdown table per configuration (suite, mode, optimizer, inner steps) over its finished seeds: the
+        mean +- std over seeds of the held-out return after the trained inner steps at the last iteration, and of the
+        best of the evaluations every ``--eval-every`` iterations (the papers report their best validation), with the
+        final evaluation's standard error where ``--final-eval`` ran
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        folder = os.path.join(out, "runs", run.name)
+        if not os.path.exists(os.path.join(folder, "run.json")):
+            continue
+        state = json.load(open(os.path.join(folder, "run.json")))
+        if state["iterations_done"] < run.iterations:
+            continue
+        evals = read_jsonl(os.path.join(folder, "evals.jsonl"))
+        curve = read_jsonl(os.path.join(folder, "curve.jsonl"))
+        key = (run.suite, run.gradient_mode, run.meta_optimizer, run.kwargs["inner_steps"])
+        groups.setdefault(key, []).append(record(run, state, curve, evals, read_final_evaluation(folder)))
+    lines = [
+        "| suite | mode | optimizer | inner steps | seeds | last: mean ± std | best evaluation: mean ± std "
+        "| final evaluation (± standard error) | paper |",
+        "|---|---|---|---:|---|---|---|---|---|",
+    ]
+    for (suite, mode, optimizer, steps), rows in groups.items():
+        last = np.array([row["returns"][steps] for row in rows])
+        best = np.array([row["best_returns"][steps] for row in rows])
+        finals = [
+            f"{row['final_returns'][steps]:.1f} ± {row['final_standard_errors'][steps]:.1f}"
+            for row in rows
+            if row["final_returns"]
+        ]
+        seeds = ", ".join(str(row["seed"]) for row in rows)
+        lines.append(
+            f"| {suite} | {mode} | {optimizer} | {steps} | {seeds} | {spread(last)} | {spread(best)} "
+            f"| {'; '.join(finals) or '—'} | {format_paper(rows[0]['paper'], mode)} |"
+        )
+    return "\n".join(lines)
+
+
+def spread(values: np.ndarray) -> str:
+    """:return: mean ± std over seeds (ddof 1), or the one value"""
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def final_evaluation(run: PublishedRun, out: str, n_tasks: int, physics_threads: int = 1) -> dict[str, Any] | None:
+    """
+    Evaluate a finished run's last checkpoint on ``n_tasks`` held-out tasks (a stream of its own, seed ``EVAL_SEED``,
+    the model's 20 episodes per task and inner step): the mean after 0..``EVAL_STEPS`` inner steps and its standard
+    error over tasks, written to the run's ``final_eval.json`` (the repository's own zip: loaded with ``load``).
+
+    :return: the evaluation, or None if the run has not finished
+    """
+    from sb3_metarl import MetaPolicyGradient
+
+    folder = os.path.join(out, "runs", run.name)
+    if not os.path.exists(os.path.join(folder, "run.json")):
+        return None
+    state = json.load(open(os.path.join(folder, "run.json")))
+    if state["iterations_done"] < run.iterations:
+        return None
+    model = MetaPolicyGradient.load(os.path.join(folder, "model.zip"), env=run.env_id,
+                                    sampler_kwargs=sampler_kwargs_for("vec_env", None, physics_threads))  # fmt: skip
+    try:
+        table = model.evaluate_adaptation(n_tasks=n_tasks, inner_steps=EVAL_STEPS, seed=EVAL_SEED)
+    finally:
+        model.get_env().close()
+    per_task = np.asarray(table["per_task"])
+    result = {
+        "n_tasks": n_tasks,
+        "episodes": n_tasks * model.outer_episodes,
+        "seed": EVAL_SEED,
+        "returns": [round(float(value), 4) for value in per_task.mean(0)],
+        "standard_errors": [round(float(value), 4) for value in per_task.std(0, ddof=1) / np.sqrt(n_tasks)],
+    }
+    write_atomically(os.path.join(folder, "final_eval.json"), json.dumps(result, indent=1))
+    return result
 
 
 TABLE_START, TABLE_END = "<!-- table: written by benchmarks/reproduce_published.py -->", "<!-- end of table -->"
@@ -480,6 +617,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--physics-threads", type=int, default=1, help="threads of the batched physics per process")
     parser.add_argument("--stop-after", type=int, default=None, help="end this sitting after this many iterations in all")
     parser.add_argument("--summarize-only", action="store_true", help="only rewrite the table and curves")
+    parser.add_argument(
+        "--final-eval",
+        type=int,
+        default=None,
+        metavar="N_TASKS",
+        help="evaluate the finished runs of --suite/--modes/--seeds on N_TASKS held-out tasks (mean and standard error)",
+    )
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
 
@@ -489,7 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = suite_runs(args.suite, args.modes, args.seeds, args.inner_steps, args.iterations)
     finished_path = os.path.join(args.out, "reproduce_published_runs.jsonl")
     os.makedirs(args.out, exist_ok=True)
-    if not args.summarize_only:
+    if args.final_eval is not None:
+        for run in runs:
+            result = final_evaluation(run, args.out, args.final_eval, args.physics_threads)
+            if result is not None:
+                print(run.name, json.dumps(result), flush=True)
+    elif not args.summarize_only:
         for run in runs:
             if any(row["name"] == run.name for row in read_jsonl(finished_path)):
                 continue
@@ -505,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         for steps in (1, 2, 3)
         for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf"], [0, 1, 2, 3], inner_steps=steps)
     ]
-    table = summarize(args.out, every)
+    table = summarize(args.out, every) + "\n\nPer configuration, over its finished seeds:\n\n" + aggregate(args.out, every)
     write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")
     update_page(os.path.join(args.out, "reproduce_published.md"), table)
     plot(args.out, [run for run in every if os.path.exists(os.path.join(args.out, "runs", run.name, "curve.jsonl"))],

@@ -3,7 +3,7 @@
 import os
 
 import sb3_metarl.tasks  # noqa: F401  (registers the built-in task envs)
-from sb3_metarl.common.callbacks import MetaEvalCallback
+from sb3_metarl.common.callbacks import MetaCheckpointCallback, MetaEvalCallback
 from sb3_metarl.gradient_modes import GRADIENT_MODES, GradientMode
 from sb3_metarl.lola import LOLADiCE
 from sb3_metarl.meta_pg import MetaPolicyGradient
@@ -19,6 +19,7 @@ __all__ = [
     "FixedTaskSampler",
     "GradientMode",
     "LOLADiCE",
+    "MetaCheckpointCallback",
     "MetaEvalCallback",
     "MetaGradientA2C",
     "MetaPolicyGradient",

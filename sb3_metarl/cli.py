@@ -2,6 +2,8 @@
 
 import argparse
 import ast
+import difflib
+import inspect
 import sys
 import time
 from collections.abc import Sequence
@@ -20,23 +22,62 @@ DEFAULT_ENV = "sb3_metarl/Navigation2D-v0"
 EVAL_SEED = 0
 
 
+class CliError(ValueError):
+    """An error in the command's arguments: printed as ``error: ...``, exit status 2 (as argparse's own)."""
+
+
+#: what ``--hyperparams`` may set: MetaPolicyGradient's arguments (the command sets env, seed, verbose and device)
+HYPERPARAMETERS = [name for name in inspect.signature(MetaPolicyGradient.__init__).parameters if name not in ("self", "env")]
+#: characters of a Python literal's syntax: a value holding one of them that does not parse is a typo, not a string
+LITERAL_SYNTAX = set("{}[]()'\",:")
+
+
 def parse_hyperparams(pairs: Sequence[str]) -> dict[str, Any]:
     """
-    :param pairs: ``key=value`` strings; values are Python literals where they parse as one, else strings
+    :param pairs: ``key=value`` strings; values are Python literals where they parse as one, else strings (a value
+        with brackets, quotes, commas or colons must parse)
     :return: the keyword arguments
+    :raises CliError: on a pair without ``=``, a key that is not an argument of MetaPolicyGradient (with the closest
+        one), or a value that looks like a literal but does not parse
     """
     parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--hyperparams: expected key=value, got {pair!r}")
-        if not key.isidentifier():
-            raise SystemExit(f"--hyperparams: {key!r} is not an argument name (in {pair!r})")
+            raise CliError(f"--hyperparams: expected key=value, got {pair!r}")
+        if key not in HYPERPARAMETERS:
+            close = difflib.get_close_matches(key, HYPERPARAMETERS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the arguments are {', '.join(HYPERPARAMETERS)}"
+            raise CliError(f"--hyperparams: {key!r} is not an argument of MetaPolicyGradient{hint}")
         try:
             parsed[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError) as error:
+            if LITERAL_SYNTAX & set(value):
+                raise CliError(
+                    f"--hyperparams: the value of {key} is not a Python literal ({type(error).__name__}: {error}): "
+                    f"{value!r}; quote the whole pair for the shell, e.g. \"policy_kwargs={{'net_arch': [64, 64]}}\""
+                ) from None
             parsed[key] = value
     return parsed
+
+
+def checked_env_id(env_id: str) -> str:
+    """
+    :return: ``env_id`` if Gymnasium knows it (the ``module:id`` form imports the module first)
+    :raises CliError: naming the built-in id it may have meant (the families are in the ``sb3_metarl/`` namespace)
+    """
+    if ":" in env_id or env_id in gym.registry:
+        return env_id
+    ours = sorted(name for name in gym.registry if name.startswith("sb3_metarl/"))
+    if f"sb3_metarl/{env_id}" in gym.registry:
+        raise CliError(f"--env: {env_id!r} is not registered; the built-in task families are in the sb3_metarl namespace: "
+                       f"did you mean 'sb3_metarl/{env_id}'?")  # fmt: skip
+    close = difflib.get_close_matches(env_id, ours, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise CliError(
+        f"--env: {env_id!r} is not registered; {hint}the built-in task families are {', '.join(ours)} (an env of "
+        "another package: 'package.module:env-id' imports the module first)"
+    )
 
 
 def merge_hyperparams(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "training), then print the mean return on held-out tasks before and after 1..K inner steps.",
         formatter_class=formatter,
     )
-    train.add_argument("--env", default=DEFAULT_ENV, help="registered env id of a task family")
-    train.add_argument("--gradient-mode", default="lsf", choices=sorted(GRADIENT_MODES), help="meta-gradient estimator")
-    train.add_argument("--meta-optimizer", default=None, choices=sorted(META_OPTIMIZERS), help="default: the env's (adam)")
+    train.add_argument(
+        "--env", default=DEFAULT_ENV, help="env id of a task family (sb3_metarl/...; 'module:id' imports module first)"
+    )
+    train.add_argument(
+        "--gradient-mode",
+        default=None,
+        choices=sorted(GRADIENT_MODES),
+        help="meta-gradient estimator (default: the env's, or lsf)",
+    )
+    train.add_argument(
+        "--meta-optimizer", default=None, choices=sorted(META_OPTIMIZERS), help="default: the env's (adam; trpo for MuJoCo)"
+    )
     train.add_argument("--timesteps", type=int, default=None, help="environment steps (default: per-env)")
     train.add_argument("--save-path", default=None, help="where to save the model (.zip)")
     train.add_argument(
@@ -116,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=None, help="workers of --sampler subproc/ray (default: the cores)")
 
     evaluate = commands.add_parser(
-        "evaluate", help="returns of a saved model before and after adaptation", formatter_class=formatter
+        "evaluate",
+        help="returns of a saved model before and after adaptation",
+        description="Evaluate a saved model before and after adaptation. Loading a zip unpickles its data (SB3's format): "
+        "evaluate only files you trust (MetaPolicyGradient.load_parameters reads a file's tensors only).",
+        formatter_class=formatter,
     )
     evaluate.add_argument("path", help="saved model (.zip)")
     evaluate.add_argument("--env", default=None, help="env id (default: the one the model was trained on)")
@@ -128,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> MetaPolicyGradient:
+    checked_env_id(args.env)
     timesteps, kwargs = default_hyperparams(args.env)
     kwargs = merge_hyperparams(kwargs, parse_hyperparams(args.hyperparams))
-    kwargs["gradient_mode"] = args.gradient_mode
+    if args.gradient_mode is not None:
+        kwargs["gradient_mode"] = args.gradient_mode
+    kwargs.setdefault("gradient_mode", "lsf")
     if args.meta_optimizer is not None:
         kwargs["meta_optimizer"] = args.meta_optimizer
     policy = kwargs.pop("policy", "MlpPolicy")
@@ -138,7 +195,7 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
         kwargs["sampler"] = args.sampler
         kwargs["sampler_kwargs"] = {**kwargs.get("sampler_kwargs", {}), "num_workers": args.num_workers}
     elif args.num_workers is not None:
-        raise SystemExit("--num-workers: only with --sampler subproc or ray")
+        raise CliError("--num-workers: only with --sampler subproc or ray")
     effective = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
     print(f"MetaPolicyGradient({policy!r}, {args.env!r}, seed={args.seed}, {effective})", flush=True)
     model = MetaPolicyGradient(policy, args.env, seed=args.seed, verbose=args.verbose, device=args.device, **kwargs)
@@ -152,7 +209,7 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
     elapsed = time.time() - start
     print(f"Evaluating the meta-trained policy on the same {args.eval_tasks} tasks...", flush=True)
     after = model.evaluate_adaptation(n_tasks=args.eval_tasks, inner_steps=args.eval_inner_steps, seed=args.eval_seed)
-    print(f"\n{args.env}, gradient mode {args.gradient_mode}: {model.num_timesteps} env steps in {elapsed:.0f} s")
+    print(f"\n{args.env}, gradient mode {kwargs['gradient_mode']}: {model.num_timesteps} env steps in {elapsed:.0f} s")
     print(f"Mean return on {args.eval_tasks} held-out tasks (std over tasks):\n")
     print("| inner steps | before meta-training | after meta-training |")
     print("|---:|---:|---:|")
@@ -168,10 +225,12 @@ def train(args: argparse.Namespace) -> MetaPolicyGradient:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    if args.env is not None:
+        checked_env_id(args.env)
     model = MetaPolicyGradient.load(args.path, device=args.device)
     env = args.env or getattr(model, "env_id", None)
     if env is None:
-        raise SystemExit(f"--env: {args.path} was trained on an env given as an object, not an id; pass --env ENV_ID.")
+        raise CliError(f"--env: {args.path} was trained on an env given as an object, not an id; pass --env ENV_ID.")
     model.set_env(env)
     table = model.evaluate_adaptation(n_tasks=args.n_tasks, inner_steps=args.inner_steps, seed=args.seed)
     print(f"{args.path} on {env}: mean return on {args.n_tasks} held-out tasks\n")

@@ -204,6 +204,46 @@ def test_published_suites_hold_the_papers_settings():
         module["suite_runs"]("nope", ["sf"], [0])
 
 
+def test_the_sgmrl_nav_suite_is_sg_mrl_s_table_1_setting_and_maml_is_compared_with_both_columns():
+    module = _load("benchmarks/reproduce_published.py")
+    (run,) = module["suite_runs"]("sgmrl-nav", ["maml"], [0])
+    # sgmrl_full.json: 20 tasks x 20 rollouts, horizon 100, 500 iterations, 100 x 100, GAE 0.997, inner 0.1, Adam 1e-3
+    assert run.env_id == "sb3_metarl/Navigation2D-v0" and run.iterations == 500
+    assert (run.kwargs["meta_batch_size"], run.kwargs["inner_episodes"], run.kwargs["max_episode_steps"]) == (20, 20, 100)
+    assert run.kwargs["env_kwargs"] == dict(position_limit=0.5, action_scale=10.0)
+    assert run.kwargs["inner_lr"] * 100 == pytest.approx(0.1) and run.kwargs["gae_lambda"] == 0.997
+    assert run.kwargs["learning_rate"] == 1e-3 and run.kwargs["normalize_advantage"] is True
+    # both columns of SG-MRL's tables are its code's MAML runs (vpg_sgmrl.py:170 weighs its extra term by ~0)
+    both = "SG-MRL (its code: MAML)"
+    assert module["paper_numbers"]("sgmrl-nav", "maml", 1) == [("MAML", -17.767, 0.106), (both, -16.901, 0.699)]
+    assert module["paper_numbers"]("sgmrl-dir", "maml", 1) == [("MAML", 465.624, 54.07), (both, 580.143, 38.22)]
+    assert module["paper_numbers"]("sgmrl-dir", "sf", 1) is None
+    assert "never run by its authors" in module["format_paper"](None, "sf")
+    # the existing suites' configurations are unchanged (their checkpoints continue)
+    (vel,) = module["suite_runs"]("sgmrl-vel", ["maml"], [0])
+    assert vel.kwargs["max_episode_steps"] == 200 and vel.kwargs["meta_batch_size"] == 40
+
+
+def test_the_per_configuration_table_gives_mean_and_std_over_seeds_and_the_final_evaluation(tmp_path, restore_threads):
+    module = _load("benchmarks/reproduce_published.py")
+    module["run_sitting"].__globals__["EVAL_TASKS"] = 2
+    base = _tiny_published_run(module)
+    runs = [module["PublishedRun"]("sgmrl-dir", base.env_id, "maml", "adam", seed, 2, dict(base.kwargs)) for seed in (0, 1)]
+    out = str(tmp_path)
+    records = [module["run_sitting"](run, out, checkpoint_every=1, eval_every=1) for run in runs]
+    evaluation = module["final_evaluation"](runs[0], out, n_tasks=3)
+    assert evaluation["n_tasks"] == 3 and evaluation["episodes"] == 3 * 2 and len(evaluation["standard_errors"]) == 4
+    table = module["aggregate"](out, runs)
+    last = np.array([row["returns"][1] for row in records])
+    best = np.array([max(e["returns"][1] for e in module["read_jsonl"](f"{out}/runs/{run.name}/evals.jsonl")) for run in runs])
+    (row,) = [line for line in table.splitlines() if line.startswith("| sgmrl-dir | maml |")]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[4] == "0, 1" and cells[5] == f"{last.mean():.1f} ± {last.std(ddof=1):.1f}"
+    assert cells[6] == f"{best.mean():.1f} ± {best.std(ddof=1):.1f}"
+    assert cells[7] == f"{evaluation['returns'][1]:.1f} ± {evaluation['standard_errors'][1]:.1f}"
+    assert cells[8].startswith("MAML 465.6 ± 54.1; SG-MRL (its code: MAML) 580.1 ± 38.2")
+
+
 def test_a_quick_run_never_overwrites_the_committed_results(monkeypatch, tmp_path, capsys):
     """--quick without --out writes to a new temporary folder (it used to overwrite docs/results' estimators.png and CSVs)."""
     monkeypatch.chdir(tmp_path)  # a docs/results here would be the committed folder's stand-in

@@ -5,6 +5,7 @@ import csv
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.logger import configure
 
@@ -59,3 +60,45 @@ def test_progress_bar_counts_real_transitions(monkeypatch):
     )
     model.learn(1, progress_bar=True)
     assert sum(counted) == model.num_timesteps == 3 * (3 + 1)
+
+
+@pytest.mark.parametrize("sampler", ["vec_env", "subproc"])
+def test_sb3_callbacks_see_one_call_per_sampled_batch_on_every_backend(tmp_path, sampler):
+    # before: every lock-step in process (2 x 20 calls per iteration here) and once per batch on "subproc"
+    from stable_baselines3.common.callbacks import CheckpointCallback, StopTrainingOnMaxEpisodes
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahVel-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=0.01, max_episode_steps=20, seed=0, sampler=sampler,
+                               sampler_kwargs=dict(num_workers=2) if sampler == "subproc" else None)  # fmt: skip
+    try:
+        checkpoints = CheckpointCallback(save_freq=2, save_path=str(tmp_path), name_prefix="batch")
+        episodes = StopTrainingOnMaxEpisodes(max_episodes=1000)
+        model.learn(3 * 2 * 4 * 20, callback=[checkpoints, episodes])
+        assert checkpoints.n_calls == 3 * 2  # (inner + outer) batches x iterations
+        assert sorted(path.name for path in tmp_path.glob("batch_*.zip")) == [
+            "batch_160_steps.zip", "batch_320_steps.zip", "batch_480_steps.zip"
+        ]  # fmt: skip
+        assert episodes.n_episodes == 3 * 2 * 2 * 2  # every episode counted once, through the batches' dones
+    finally:
+        model.get_env().close()
+
+
+def test_meta_checkpoint_callback_saves_every_k_meta_iterations_and_resumes_exactly(tmp_path):
+    from sb3_metarl import MetaCheckpointCallback
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_lr=0.01, inner_steps=2, seed=0,
+                  policy_kwargs=dict(net_arch=[16]))  # fmt: skip
+    per_iteration = 2 * (2 * 2 + 2) * 100
+    uninterrupted = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **kwargs)
+    uninterrupted.learn(5 * per_iteration)
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **kwargs)
+    model.learn(5 * per_iteration, callback=MetaCheckpointCallback(save_every=2, save_path=str(tmp_path), name_prefix="m"))
+    saved = sorted(tmp_path.glob("m_*_steps.zip"), key=lambda path: int(path.name.split("_")[1]))
+    assert [MetaPolicyGradient.load(path).n_updates for path in saved] == [2, 4]
+    resumed = MetaPolicyGradient.load(saved[0], env="sb3_metarl/Navigation2D-v0")
+    resumed.learn(5 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
+    assert resumed.n_updates == 5
+    for name, value in uninterrupted.policy.state_dict().items():
+        assert th.equal(value, resumed.policy.state_dict()[name]), name
+    with pytest.raises(ValueError, match="save_every: must be an integer >= 1"):
+        MetaCheckpointCallback(save_every=0, save_path=str(tmp_path))

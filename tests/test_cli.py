@@ -5,19 +5,20 @@ import sys
 
 import pytest
 
-from sb3_metarl.cli import main, parse_hyperparams
+from sb3_metarl.cli import CliError, main, parse_hyperparams
 
 TINY = ["meta_batch_size=2", "inner_episodes=2", "outer_episodes=2"]
 
 
 def test_parse_hyperparams():
-    assert parse_hyperparams(["inner_lr=0.5", "baseline=None", "meta_optimizer=sgd", "net=[1, 2]"]) == {
+    pairs = ["inner_lr=0.5", "baseline=None", "meta_optimizer=sgd", "policy_kwargs={'net_arch': [1, 2]}"]
+    assert parse_hyperparams(pairs) == {
         "inner_lr": 0.5,
         "baseline": None,
         "meta_optimizer": "sgd",
-        "net": [1, 2],
+        "policy_kwargs": {"net_arch": [1, 2]},
     }
-    with pytest.raises(SystemExit):
+    with pytest.raises(CliError):
         parse_hyperparams(["inner_lr"])
 
 
@@ -88,8 +89,8 @@ def test_train_on_worker_processes_from_the_command_line(capsys):
     evaluation = ["--eval-tasks", "2", "--eval-inner-steps", "1", "--no-progress-bar"]
     main(["train", "--timesteps", "1", "--sampler", "subproc", "--num-workers", "2", *evaluation, *small])
     assert "| 1 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--num-workers: only with --sampler subproc or ray"):
-        main(["train", "--timesteps", "1", "--num-workers", "2", *evaluation, *small])
+    assert main(["train", "--timesteps", "1", "--num-workers", "2", *evaluation, *small]) == 2
+    assert "error: --num-workers: only with --sampler subproc or ray" in capsys.readouterr().err
 
 
 def test_package_metadata_and_py_typed():
@@ -112,11 +113,76 @@ def test_errors_are_one_line_messages_not_tracebacks(tmp_path, capsys):
     assert "error: path: no saved model at" in err and "missing.zip.zip" not in err and "Traceback" not in err
     args = ["train", "--timesteps", "1", "--eval-tasks", "1", "--no-progress-bar", "--hyperparams", *TINY]
     assert main([*args, "inner_lrr=0.1"]) == 2
-    assert "unexpected keyword argument 'inner_lrr'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not an argument name"):
-        main([*args, "policy kwargs={}"])
-    with pytest.raises(TypeError):  # --traceback shows the real one
+    assert "error: --hyperparams: 'inner_lrr' is not an argument of MetaPolicyGradient; did you mean 'inner_lr'?" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "policy kwargs={}"]) == 2
+    assert "error: --hyperparams: 'policy kwargs' is not an argument" in capsys.readouterr().err
+    with pytest.raises(CliError):  # --traceback shows the real one
         main(["--traceback", *args, "inner_lrr=0.1"])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        # before: kept as the string "{'net_arch': [8]" and failed later with "dictionary update sequence element #0 ..."
+        (["--hyperparams", "policy_kwargs={'net_arch': [8]"], "the value of policy_kwargs is not a Python literal"),
+        # before: no hint
+        (["--hyperparams", "inner_step=2"], "'inner_step' is not an argument of MetaPolicyGradient; did you mean 'inner_st"),
+        # before: gymnasium's "Environment `Navigation2D` doesn't exist."
+        (["--env", "Navigation2D-v0"], "did you mean 'sb3_metarl/Navigation2D-v0'?"),
+        (["--env", "sb3_metarl/HalfCheetahVell-v0"], "did you mean 'sb3_metarl/HalfCheetahVel-v0'?"),
+        # before: exit status 1 without "error:"
+        (["--num-workers", "2"], "--num-workers: only with --sampler subproc or ray"),
+    ],
+)
+def test_every_argument_error_is_error_colon_and_exit_status_2(capsys, arguments, message):
+    assert main(["train", "--timesteps", "1", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_the_module_colon_id_form_makes_an_env_without_importing_the_package_first():
+    import subprocess
+
+    # before: gym.make("sb3_metarl/HalfCheetahVel-v0") without the import says "Namespace sb3_metarl not found"
+    code = (
+        "import gymnasium as gym; env = gym.make('sb3_metarl:sb3_metarl/HalfCheetahVel-v0'); "
+        "print(type(env.unwrapped).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "HalfCheetahVelEnv", done.stderr[-2000:]
+    assert main(["train", "--env", "sb3_metarl:sb3_metarl/GaussianBandit-v0", "--timesteps", "1", "--eval-tasks", "1",
+                 "--eval-inner-steps", "0", "--no-progress-bar", "--hyperparams", *TINY]) == 0  # fmt: skip
+
+
+MUJOCO_FAMILIES = [
+    "sb3_metarl/HalfCheetahVel-v0",
+    "sb3_metarl/HalfCheetahDir-v0",
+    "sb3_metarl/AntVel-v0",
+    "sb3_metarl/AntDir-v0",
+    "sb3_metarl/AntDir2D-v0",
+    "sb3_metarl/AntGoal-v0",
+    "sb3_metarl/Walker2dVel-v0",
+    "sb3_metarl/SwimmerVel-v0",
+    "sb3_metarl/HopperRandParams-v0",
+    "sb3_metarl/Walker2dRandParams-v0",
+]
+
+
+@pytest.mark.parametrize("env_id", MUJOCO_FAMILIES)
+def test_every_mujoco_family_s_command_line_default_acts_in_the_papers_normalized_range_and_trains(env_id, capsys):
+    # before: only 3 envs had defaults, so a MuJoCo family trained with the actuators' own range (action_scale 1)
+    from sb3_metarl.hyperparams import default_hyperparams
+
+    timesteps, kwargs = default_hyperparams(env_id)
+    assert kwargs["env_kwargs"]["action_scale"] == 10.0 and kwargs["gradient_mode"] == "maml"
+    assert kwargs["meta_optimizer"] == "trpo" and timesteps == 8_000_000
+    small = ["meta_batch_size=2", "inner_episodes=2", "outer_episodes=2", "max_episode_steps=10"]
+    assert main(["train", "--env", env_id, "--timesteps", "1", "--eval-tasks", "2", "--eval-inner-steps", "1",
+                 "--no-progress-bar", "--hyperparams", *small]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "'action_scale': 10.0" in out and "gradient mode maml" in out
 
 
 def test_hyperparams_merge_into_the_env_s_defaults_and_are_printed(capsys):
@@ -147,7 +213,7 @@ def test_help_shows_defaults_and_examples():
     parser = build_parser()
     assert "examples:" in parser.format_help() and "python -m sb3_metarl evaluate" in parser.format_help()
     train_help = parser._subparsers._group_actions[0].choices["train"].format_help()
-    assert "(default: lsf)" in train_help and "(default: 40)" in train_help
+    assert "(default: the env's, or lsf)" in train_help and "(default: 40)" in train_help
 
 
 def test_the_progress_bar_total_is_whole_iterations(monkeypatch):

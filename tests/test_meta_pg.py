@@ -1,5 +1,6 @@
 """MetaPolicyGradient as an SB3 algorithm: learn, callbacks, logging, save/load, determinism, errors."""
 
+import contextlib
 import csv
 
 import gymnasium as gym
@@ -65,13 +66,13 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=0, **TINY)
     model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
     counting = CountingCallback()
-    checkpoint = CheckpointCallback(save_freq=150, save_path=str(tmp_path / "ckpt"), name_prefix="meta")
+    checkpoint = CheckpointCallback(save_freq=2, save_path=str(tmp_path / "ckpt"), name_prefix="meta")
     evaluation = MetaEvalCallback(n_tasks=2, inner_steps=1, eval_freq=1)
     model.learn(1600, callback=[counting, checkpoint, evaluation], progress_bar=True)
     assert model.num_timesteps == 1600  # 2 iterations x 2 tasks x (2 inner + 2 outer) episodes x 100 steps
     assert counting.events[0] == "start" and counting.events[-1] == "end"
     assert counting.events.count("rollout_end") == model._n_updates == 2
-    assert counting.n_calls == 2 * 2 * 100  # (inner + outer lock-steps) x horizon x iterations
+    assert counting.n_calls == 2 * 2  # one per sampled batch: (inner + outer) x iterations
     assert len(list((tmp_path / "ckpt").glob("meta_*_steps.zip"))) >= 2
     assert evaluation.last_mean_reward < 0
     with open(tmp_path / "log" / "progress.csv") as handle:
@@ -95,7 +96,7 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
 def test_callback_can_stop_training_without_an_update():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **TINY)
     before = _parameters(model)
-    model.learn(10_000, callback=CountingCallback(stop_after=5))
+    model.learn(10_000, callback=CountingCallback(stop_after=1))  # stopped after the first (inner) batch
     assert th.equal(before, _parameters(model)) and model._n_updates == 0
 
 
@@ -221,34 +222,74 @@ def test_more_episodes_than_sub_envs_run_in_waves():
     assert model.num_timesteps == 2 * (5 + 3)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(gradient_mode="reinforce"), "gradient_mode"),
-        (dict(baseline="critic"), "baseline"),
-        (dict(meta_batch_size=0), "meta_batch_size"),
-        (dict(inner_episodes=-1), "inner_episodes"),
-        (dict(outer_episodes=2.5), "outer_episodes"),
-        (dict(inner_steps=0), "inner_steps"),
-        (dict(inner_lr=float("nan")), "inner_lr"),
-        (dict(meta_optimizer="rmsprop"), "meta_optimizer"),
-        (dict(n_envs=3, meta_batch_size=2), "n_envs"),
-        (dict(gamma=0.0), "gamma"),
-        (dict(gamma="0.99"), "gamma"),
-        (dict(meta_batch_size=True), "meta_batch_size"),
-        (dict(gradient_mode=["lsf"]), "gradient_mode"),
-        (dict(meta_optimizer="trpo", meta_optimizer_kwargs=dict(maxkl=0.1)), r"valid keys: \['max_kl'"),
-        (dict(inner_lr="fast"), "inner_lr"),
-        (dict(max_episode_steps=0), "max_episode_steps"),
-        (dict(vec_env_cls="ray"), "vec_env_cls"),
-        (dict(gradient_mode="dice", normalize_advantage=True), "normalize_advantage"),
-        (dict(policy_kwargs=dict(use_sde=True)), "use_sde"),
-        (dict(meta_optimizer="sgd", policy_kwargs=dict(optimizer_class=th.optim.Adam)), "optimizer_class"),
-    ],
-)
+#: (constructor arguments, what the error must name)
+BAD_ARGUMENTS = [
+    (dict(gradient_mode="reinforce"), "gradient_mode"),
+    (dict(baseline="critic"), "baseline"),
+    (dict(meta_batch_size=0), "meta_batch_size"),
+    (dict(inner_episodes=-1), "inner_episodes"),
+    (dict(outer_episodes=2.5), "outer_episodes"),
+    (dict(inner_steps=0), "inner_steps"),
+    (dict(inner_lr=float("nan")), "inner_lr"),
+    (dict(meta_optimizer="rmsprop"), "meta_optimizer"),
+    (dict(n_envs=3, meta_batch_size=2), "n_envs"),
+    (dict(gamma=0.0), "gamma"),
+    (dict(gamma="0.99"), "gamma"),
+    (dict(meta_batch_size=True), "meta_batch_size"),
+    (dict(gradient_mode=["lsf"]), "gradient_mode"),
+    (dict(meta_optimizer="trpo", meta_optimizer_kwargs=dict(maxkl=0.1)), r"valid keys: \['max_kl'"),
+    (dict(inner_lr="fast"), "inner_lr"),
+    (dict(max_episode_steps=0), "max_episode_steps"),
+    (dict(vec_env_cls="ray"), "vec_env_cls"),
+    (dict(gradient_mode="dice", normalize_advantage=True), "normalize_advantage"),
+    (dict(policy_kwargs=dict(use_sde=True)), "use_sde"),
+    (dict(meta_optimizer="sgd", policy_kwargs=dict(optimizer_class=th.optim.Adam)), "optimizer_class"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_ARGUMENTS)
 def test_bad_arguments_fail_early_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def saved_bandit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "bandit.zip"
+    MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", meta_batch_size=2, inner_episodes=2, outer_episodes=2,
+                       inner_lr=0.1, seed=0).save(path)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        *[case for case in BAD_ARGUMENTS if "policy_kwargs" not in case[0]],
+        (dict(inner_lr=-1e-3), "inner_lr"),
+        (dict(gamma=2), "gamma"),
+    ],
+)
+def test_load_checks_its_arguments_as_the_constructor_does(saved_bandit, kwargs, match):
+    # before: load set them unchecked (inner_lr=-1e-3 trained, gradient_mode="maml" stayed a string, meta_batch_size=0 was
+    # a ZeroDivisionError at learn, gamma=2 a FloatingPointError blaming the inner lr)
+    with pytest.raises(ValueError, match=match) as constructed:
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", **kwargs)
+    with pytest.raises(ValueError, match=match) as loaded:
+        MetaPolicyGradient.load(saved_bandit, env="sb3_metarl/GaussianBandit-v0", **kwargs)
+    assert str(loaded.value) == str(constructed.value)
+
+
+def test_load_refuses_what_is_not_an_argument_and_converts_what_is(saved_bandit):
+    with pytest.raises(ValueError, match=r"inner_step: not an argument of the model.*Did you mean 'inner_steps'"):
+        MetaPolicyGradient.load(saved_bandit, inner_step=2)
+    with pytest.raises(ValueError, match="gradient_mode_kwargs: pass gradient_mode with it"):
+        MetaPolicyGradient.load(saved_bandit, gradient_mode_kwargs=dict(dice_lambda=1.0))
+    model = MetaPolicyGradient.load(saved_bandit, env="sb3_metarl/GaussianBandit-v0", gradient_mode="maml",
+                                    meta_optimizer="sgd", inner_lr=1, gamma=1)  # fmt: skip
+    assert model.gradient_mode.name == "maml" and model.meta_optimizer.name == "sgd"
+    assert model.inner_lr == 1.0 and isinstance(model.inner_lr, float) and model.gamma == 1.0
+    model.learn(1)
+    assert model.num_timesteps == 2 * (2 + 2)
 
 
 def test_bad_environments_fail_early():
@@ -315,8 +356,14 @@ def test_sgd_meta_optimizer_and_learning_rate_schedule():
 
 def test_update_to_non_finite_parameters_is_undone(tmp_path):
     model = MetaPolicyGradient(
-        "MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="sgd", inner_lr=0.001, learning_rate=1e38,
-        meta_optimizer_kwargs=dict(max_grad_norm=None), seed=0, **TINY
+        "MlpPolicy",
+        "sb3_metarl/Navigation2D-v0",
+        meta_optimizer="sgd",
+        inner_lr=0.001,
+        learning_rate=1e38,
+        meta_optimizer_kwargs=dict(max_grad_norm=None),
+        seed=0,
+        **TINY,
     )
     before = _parameters(model)
     with pytest.raises(FloatingPointError, match="restored"):
@@ -440,8 +487,8 @@ def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit():
 def test_trpo_with_no_finite_line_search_point_raises():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="trpo", seed=0, **TINY)
     original = model.meta_optimizer.surrogate
-    model.meta_optimizer.surrogate = lambda m, replay, sample: original(m, replay, sample) * (
-        float("nan") if not th.is_grad_enabled() else 1.0
+    model.meta_optimizer.surrogate = lambda m, replay, sample: (
+        original(m, replay, sample) * (float("nan") if not th.is_grad_enabled() else 1.0)
     )
     before = _parameters(model)
     with pytest.raises(FloatingPointError, match="line search"):
@@ -668,3 +715,42 @@ def test_discount_from_start_chooses_between_gamma_t_weights_and_the_papers_adva
     spec.save(tmp_path / "old.zip")
     old = MetaPolicyGradient.load(tmp_path / "old.zip", env="sb3_metarl/Navigation2D-v0")
     th.testing.assert_close(old.weighting(batch.samples()).advantages, weighted_spec)
+
+
+def test_load_parameters_reads_only_tensors_where_load_would_run_the_file_s_code(tmp_path):
+    import base64
+    import json
+    import zipfile
+
+    import cloudpickle
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_lr=0.01, policy_kwargs=dict(net_arch=[16]))
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **kwargs)
+    model.learn(800)
+    model.save(tmp_path / "clean.zip")
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    # a tampered zip: one of the data's entries replaced by a pickle that runs code (here: creates a file)
+    with zipfile.ZipFile(tmp_path / "clean.zip") as source, zipfile.ZipFile(tmp_path / "tampered.zip", "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename == "data":
+                data = json.loads(content)
+                data["gamma"] = {":type:": "<class 'Payload'>",
+                                 ":serialized:": base64.b64encode(cloudpickle.dumps(Payload())).decode()}  # fmt: skip
+                content = json.dumps(data).encode()
+            target.writestr(item, content)
+    safe = MetaPolicyGradient.load_parameters(tmp_path / "tampered.zip", "sb3_metarl/Navigation2D-v0", **kwargs)
+    assert not marker.exists()
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, safe.policy.state_dict()[name]), name
+    with pytest.raises(RuntimeError):  # another architecture than the file's
+        MetaPolicyGradient.load_parameters(tmp_path / "clean.zip", "sb3_metarl/Navigation2D-v0",
+                                           **{**kwargs, "policy_kwargs": dict(net_arch=[8])})  # fmt: skip
+    with contextlib.suppress(Exception):
+        MetaPolicyGradient.load(tmp_path / "tampered.zip")
+    assert marker.exists()  # what load does with a file it cannot trust: the warning in its docstring and docs/resume.md

@@ -36,8 +36,8 @@ def _integration_state(env) -> np.ndarray:
 
 
 #: (physics threads, compiled loop, each step started and finished apart): the Python loop on one and two threads,
-#: and the compiled loop with its physics running beside this thread (what the sampler's two lanes do)
-WAYS = [(1, False, False), (2, False, False), (2, True, True)]
+#: the compiled loop on one pool thread, and with its physics running beside this thread (what the two lanes do)
+WAYS = [(1, False, False), (2, False, False), (1, True, False), (2, True, True)]
 
 
 @pytest.mark.parametrize("env_id, kwargs", FAMILIES)

@@ -206,3 +206,38 @@ def test_action_scale_maps_the_policy_s_range_onto_the_actuators(env_id):
 def test_a_bad_action_scale_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="action_scale"):
         gym.make("sb3_metarl/HalfCheetahDir-v0", action_scale=bad)
+
+
+def _random_params_task_with_nan():
+    env = gym.make("sb3_metarl/HopperRandParams-v0").unwrapped
+    task = env.sample_tasks(1, np.random.default_rng(0))[0]
+    task["body_mass"][1] = np.nan
+    return task
+
+
+@pytest.mark.parametrize(
+    "env_id, task, message",
+    [
+        # before: "cannot reshape array of size 2 into shape ()", a bare float() TypeError; NaN passed
+        ("sb3_metarl/HalfCheetahVel-v0", [0.5, 0.7], r"HalfCheetahVelEnv: task must be a target velocity in \[0.0, 2.0\]"),
+        ("sb3_metarl/HalfCheetahVel-v0", None, "HalfCheetahVelEnv: task must be a target velocity"),
+        ("sb3_metarl/HalfCheetahDir-v0", "forward", r"HalfCheetahDirEnv: task must be a direction, 1.0 or -1.0 \(one finite"),
+        ("sb3_metarl/AntGoal-v0", [np.nan, 0.0], r"AntGoalEnv: task must be a goal within radius 3.0 \(finite numbers of"),
+        ("sb3_metarl/AntDir2D-v0", float("nan"), "AntDir2DEnv: task must be an angle"),
+        ("sb3_metarl/HopperRandParams-v0", _random_params_task_with_nan(), "task must be factors for 'body_mass'"),
+        ("sb3_metarl/Navigation2D-v0", [0.1, np.nan], "Navigation2DEnv: task must be a goal inside"),
+        ("sb3_metarl/GaussianBandit-v0", [0.1, 0.2], "GaussianBandit"),
+    ],
+)
+def test_set_task_refuses_what_is_not_a_task_naming_the_env_and_what_a_task_is(env_id, task, message):
+    env = gym.make(env_id).unwrapped
+    with pytest.raises(ValueError, match=message):
+        env.set_task(task)
+    assert not env.task_is_set
+
+
+@pytest.mark.parametrize("bad", [(0, 1, 2), (0,), "fast", (0, float("nan")), (2.0, 1.0)])
+def test_a_bad_velocity_range_is_refused_by_name(bad):
+    # before: (0, 1, 2) was "too many values to unpack"
+    with pytest.raises(ValueError, match=r"velocity_range: must be finite \(low, high\) with low <= high"):
+        gym.make("sb3_metarl/HalfCheetahVel-v0", velocity_range=bad)

@@ -704,3 +704,17 @@ def test_a_stopped_or_failed_lane_loop_leaves_no_physics_running(stop):
     assert len(calls) == 5
     assert len(runner.started) > 10 and {id(p) for p, _ in runner.started} == {id(p) for p in runner.settled}
     assert all(future.done() for _, physics in runner.started for future in physics)
+
+
+def test_learn_after_closing_the_in_process_sampler_says_so():
+    # before: "cannot schedule new futures after shutdown" from the twin's thread pool
+    from sb3_metarl.samplers.workers import SamplerClosedError
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahVel-v0", meta_batch_size=2, inner_episodes=2,
+                               outer_episodes=2, inner_lr=1e-3, max_episode_steps=10, seed=0)  # fmt: skip
+    model.episode_sampler.close()
+    with pytest.raises(SamplerClosedError, match=r"sampler \(vec_env\): it was closed.*model.set_env"):
+        model.learn(1)
+    model.set_env("sb3_metarl/HalfCheetahVel-v0")
+    model.learn(1, reset_num_timesteps=False)
+    assert model.n_updates == 1

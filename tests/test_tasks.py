@@ -138,3 +138,24 @@ def test_evaluate_policy_on_a_fresh_navigation_env_is_refused():
                                outer_episodes=2, inner_lr=1e-3, seed=0)  # fmt: skip
     with pytest.raises(RuntimeError, match="no task is set"):
         evaluate_policy(model, gym.make("sb3_metarl/Navigation2D-v0"), n_eval_episodes=2)
+
+
+def test_navigation_at_sg_mrl_s_setting_clips_the_position_and_maps_actions_from_plus_minus_10():
+    # SG-MRL's point env (point_env_2d_v2.py) under ProMP's normalize: position in [-0.5, 0.5]^2, actions [-10, 10] -> 0.1
+    env = gym.make("sb3_metarl/Navigation2D-v0", position_limit=0.5, action_scale=10.0).unwrapped
+    assert env.action_space.high.tolist() == [10.0, 10.0]
+    env.set_task(np.array([0.5, -0.5]))
+    env.reset(seed=0)
+    obs, reward, *_ = env.step(np.array([5.0, -10.0], np.float32))
+    assert obs.tolist() == pytest.approx([0.05, -0.1]) and reward == pytest.approx(-np.hypot(0.45, 0.4))
+    for _ in range(10):
+        obs, *_ = env.step(np.array([10.0, -20.0], np.float32))  # beyond the range: clipped to the move's 0.1
+    assert obs.tolist() == pytest.approx([0.5, -0.5])  # held at the position limit, not beyond
+    plain = gym.make("sb3_metarl/Navigation2D-v0").unwrapped  # the default: unbounded, actions clipped to 0.1
+    plain.set_task(np.array([0.5, -0.5]))
+    plain.reset(seed=0)
+    for _ in range(10):
+        obs, *_ = plain.step(np.array([0.1, -0.1], np.float32))
+    assert plain.action_space.high.tolist() == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError, match="position_limit"):
+        gym.make("sb3_metarl/Navigation2D-v0", position_limit=-1)

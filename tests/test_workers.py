@@ -136,3 +136,38 @@ def test_subproc_vec_env_cls_is_reproducible_for_a_seed():
             model.get_env().close()
         parameters.append(th.cat([p.detach().flatten() for p in model.policy.parameters()]))
     assert th.equal(*parameters)
+
+
+def test_a_monitoring_thread_calling_the_sampler_during_learn_neither_hangs_nor_changes_the_run():
+    # before: worker_pids() from another thread sent a request down the pipes the sampler was waiting on, one side took
+    # the other's answer, and learn never finished
+    import threading
+
+    import numpy as np
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_lr=0.01, seed=0, sampler="subproc",
+                  sampler_kwargs=dict(num_workers=2), max_episode_steps=20)  # fmt: skip
+    alone = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahVel-v0", **kwargs)
+    watched = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahVel-v0", **kwargs)
+    try:
+        alone.learn(3 * 2 * 4 * 20)
+        sampler, stop, seen = watched.get_env(), threading.Event(), []
+
+        def monitor():
+            while not stop.is_set():
+                seen.append((sampler.worker_pids(), sampler.get_attr("task_is_set", indices=[0])))
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+        with deadline(120):
+            watched.learn(3 * 2 * 4 * 20)
+        stop.set()
+        watcher.join(10)
+        assert len(seen) > 3 and all(pids == seen[0][0] and len(pids) == 2 for pids, _ in seen)
+        assert all(pid != os.getpid() for pid in seen[0][0])
+        for name, value in alone.policy.state_dict().items():
+            assert np.array_equal(value.numpy(), watched.policy.state_dict()[name].numpy()), name
+    finally:
+        alone.get_env().close()
+        watched.get_env().close()

@@ -1,4 +1,8 @@
-"""Callbacks for meta-training: adaptation-aware evaluation and a progress bar that counts real transitions."""
+"""
+Callbacks for meta-training: adaptation-aware evaluation, checkpoints every k meta-iterations and a progress bar that
+counts real transitions. SB3's own callbacks work too: their ``on_step`` is called once per sampled batch (each inner
+step's and the outer one's: ``inner_steps + 1`` per meta-iteration), on every sampler backend.
+"""
 
 import os
 from typing import Any
@@ -8,6 +12,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import (
     BaseCallback,
     CallbackList,
+    CheckpointCallback,
     EvalCallback,
     EventCallback,
     ProgressBarCallback,
@@ -42,7 +47,66 @@ class MetaProgressBarCallback(ProgressBarCallback):
         super()._on_training_end()
 
 
-class MetaEvalCallback(BaseCallback):
+class BetweenIterations(BaseCallback):
+    """
+    A callback that acts between meta-iterations (when one's update is done and nothing of the next is sampled),
+    every ``every`` meta-updates of the model, at most once per update count; ``on_step`` does nothing.
+    """
+
+    every = 1
+    _last_acted_update = -1
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._act_if_due()
+
+    def _on_training_end(self) -> None:
+        self._act_if_due()
+
+    def _act_if_due(self) -> bool:
+        """:return: whether it acted (the model's ``n_updates`` a new multiple of ``every``)"""
+        updates = self.model.n_updates
+        if updates == 0 or updates == self._last_acted_update or updates % self.every != 0:
+            return False
+        self._last_acted_update = updates
+        self._act()
+        return True
+
+    def _act(self) -> None:
+        raise NotImplementedError
+
+
+class MetaCheckpointCallback(BetweenIterations, CheckpointCallback):
+    """
+    SB3's ``CheckpointCallback`` counted in meta-iterations: a zip (``{name_prefix}_{num_timesteps}_steps.zip`` in
+    ``save_path``, as SB3's) after every ``save_every`` meta-updates, taken between iterations, so that
+    ``load(...)`` then ``learn(..., reset_num_timesteps=False)`` continues from there bit for bit with nothing
+    sampled twice. (SB3's ``CheckpointCallback(save_freq=n)`` counts ``on_step`` calls, here one per sampled batch:
+    ``n = k * (inner_steps + 1)`` also saves every k meta-iterations, but in the middle of one, whose sampling the
+    continued run then repeats.)
+
+    :param save_every: meta-iterations between checkpoints (the model's ``n_updates`` a multiple of it)
+    :param save_path: the folder of the checkpoints
+    :param name_prefix: the zips' name prefix
+    :param verbose: 2 prints each checkpoint's path
+    """
+
+    def __init__(self, save_every: int, save_path: str, name_prefix: str = "rl_model", verbose: int = 0):
+        if isinstance(save_every, bool) or not isinstance(save_every, (int, np.integer)) or save_every < 1:
+            raise ValueError(f"save_every: must be an integer >= 1 (meta-iterations between checkpoints), got {save_every!r}.")
+        super().__init__(save_freq=1, save_path=save_path, name_prefix=name_prefix, verbose=verbose)
+        self.save_every = self.every = int(save_every)
+
+    def _act(self) -> None:
+        path = self._checkpoint_path(extension="zip")
+        self.model.save(path)
+        if self.verbose >= 2:
+            print(f"Saving model checkpoint to {path}")
+
+
+class MetaEvalCallback(BetweenIterations):
     """
     Evaluation of a meta-trained policy as meta-RL measures it: on ``n_tasks`` held-out tasks (drawn
     from a stream seeded by ``seed``, the same tasks every time), the return before adaptation and
@@ -87,26 +151,14 @@ class MetaEvalCallback(BaseCallback):
         #: per evaluation, the mean return after 0..K inner steps
         self.evaluations_results: list[np.ndarray] = []
         self.last_table: dict[str, Any] | None = None
-        self._last_evaluated_update = -1
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_start(self) -> None:
-        # called between meta-iterations: the previous iteration's update is done
-        self._evaluate_if_due()
+        self.every = self.eval_freq
 
     def _on_training_end(self) -> None:
-        if self._evaluate_if_due():
+        if self._act_if_due():
             self.logger.dump(self.num_timesteps)
 
-    def _evaluate_if_due(self) -> bool:
-        updates = self.model.n_updates
-        if updates == 0 or updates == self._last_evaluated_update or updates % self.eval_freq != 0:
-            return False
-        self._last_evaluated_update = updates
+    def _act(self) -> None:
         self.evaluate()
-        return True
 
     def evaluate(self) -> dict[str, Any]:
         """

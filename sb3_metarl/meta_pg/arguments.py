@@ -1,5 +1,6 @@
 """Early, named errors for ``MetaPolicyGradient``'s arguments."""
 
+import difflib
 import importlib.util
 import inspect
 import math
@@ -8,8 +9,9 @@ from typing import Any
 
 import torch as th
 
-from sb3_metarl.gradient_modes import GradientMode
-from sb3_metarl.meta_optimizers import MetaOptimizer
+from sb3_metarl.common.baselines import make_baseline
+from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
+from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
 from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS, check_runner_arguments
 from sb3_metarl.samplers.workers import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
@@ -87,11 +89,14 @@ def check_arguments(
     check_device(device)
 
 
-def check_sample_reuse(inner_sample_reuse: Any, reuse_importance_clip: Any, mode: GradientMode) -> None:
-    """:raises ValueError: on a reuse count or clip out of range, or reuse with a mode that cannot importance-weight"""
+def check_sample_reuse(inner_sample_reuse: Any, reuse_importance_clip: Any, mode: GradientMode | None) -> None:
+    """
+    :param mode: the gradient mode (None: check the two values alone)
+    :raises ValueError: on a reuse count or clip out of range, or reuse with a mode that cannot importance-weight
+    """
     if not (_is_int(inner_sample_reuse) and inner_sample_reuse >= 0):
         raise ValueError(f"inner_sample_reuse: must be an integer >= 0, got {inner_sample_reuse!r}.")
-    if inner_sample_reuse and not mode.weighs_by_likelihood_ratio:
+    if inner_sample_reuse and mode is not None and not mode.weighs_by_likelihood_ratio:
         raise ValueError(
             f"inner_sample_reuse: mode {mode.name!r} does not weigh samples by their likelihood ratio, so reused "
             "(off-policy) episodes would bias its inner step; use lsf, lvc, dice or loaded_dice, or inner_sample_reuse=0."
@@ -161,8 +166,11 @@ def check_model_choices(
     meta_batch_size: int,
     task_sampler: Any,
     tensorboard_log: str | None,
+    inner_sample_reuse: int = 0,
+    reuse_importance_clip: float = 2.0,
 ) -> None:
     """:raises ValueError: (ImportError for TensorBoard) on choices that do not go together or cannot run here"""
+    check_sample_reuse(inner_sample_reuse, reuse_importance_clip, mode)
     if normalize_advantage and not mode.supports_normalized_advantage:
         raise ValueError(
             f"normalize_advantage: mode {mode.name!r} uses raw rewards and cannot standardize them; "
@@ -210,3 +218,74 @@ def policy_kwargs_for(
     if policy_kwargs.get("use_sde", False):
         raise ValueError("policy_kwargs: use_sde=True is not supported (the inner step needs plain Gaussian actions).")
     return policy_kwargs
+
+
+#: the arguments that ``check_arguments`` checks one by one
+SCALAR_ARGUMENTS = tuple(inspect.signature(check_arguments).parameters)
+
+
+def check_each_argument(arguments: dict[str, Any]) -> tuple[MetaOptimizer, GradientMode]:
+    """
+    The checks of ``MetaPolicyGradient``'s arguments one at a time (those that need no other argument's value).
+
+    :param arguments: every argument ``check_arguments`` takes, plus ``gradient_mode``, ``gradient_mode_kwargs``,
+        ``meta_optimizer``, ``meta_optimizer_kwargs``, ``baseline``, ``sampler``, ``sampler_kwargs``, ``vec_env_cls``,
+        ``inner_sample_reuse`` and ``reuse_importance_clip``
+    :return: the meta-optimizer and the gradient mode they name
+    :raises ValueError: naming the first argument of the wrong type or out of range, and what it accepts
+    """
+    check_arguments(**{name: arguments[name] for name in SCALAR_ARGUMENTS})
+    check_sampler(arguments["sampler"], arguments["sampler_kwargs"], arguments["vec_env_cls"])
+    meta_updater = make_meta_optimizer(arguments["meta_optimizer"], arguments["meta_optimizer_kwargs"])
+    mode = make_gradient_mode(arguments["gradient_mode"], arguments["gradient_mode_kwargs"])
+    make_baseline(arguments["baseline"])  # fail early on an unknown baseline
+    check_sample_reuse(arguments["inner_sample_reuse"], arguments["reuse_importance_clip"], None)
+    return meta_updater, mode
+
+
+#: the model's attributes that ``check_model_choices`` checks together (beside the policy and the gradient mode)
+COMBINED_ATTRIBUTES = tuple(inspect.signature(check_model_choices).parameters)[2:]
+
+
+#: constructor arguments that ``load`` does not take as keyword arguments (it has arguments of its own for them)
+NOT_LOAD_ARGUMENTS = ("self", "policy", "env", "device", "_init_setup_model")
+
+
+def check_load_arguments(constructor: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """
+    ``load(path, env, **kwargs)``'s arguments, checked one by one as the constructor checks them (same messages), before
+    anything is loaded; what needs the loaded model's other values is checked after (``check_model_choices``).
+
+    :param constructor: the algorithm's ``__init__`` (its parameters are what ``load`` may change)
+    :param given: the keyword arguments given to ``load``
+    :return: the arguments as the model holds them (a gradient mode or meta-optimizer by name becomes the object,
+        ``inner_lr`` a float unless "auto")
+    :raises ValueError: on an argument that is not the constructor's (with the closest name) or that the
+        constructor would refuse
+    """
+    parameters = {name: p for name, p in inspect.signature(constructor).parameters.items() if name not in NOT_LOAD_ARGUMENTS}
+    for name in given:
+        if name not in parameters:
+            close = difflib.get_close_matches(name, list(parameters), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{name}: not an argument of the model, so load cannot change it.{hint}")
+    if "gradient_mode_kwargs" in given and "gradient_mode" not in given:
+        raise ValueError("gradient_mode_kwargs: pass gradient_mode with it (the mode the arguments are for).")
+    if "meta_optimizer_kwargs" in given and "meta_optimizer" not in given:
+        raise ValueError("meta_optimizer_kwargs: pass meta_optimizer with it (the optimizer the arguments are for).")
+    arguments = {name: p.default for name, p in parameters.items()} | {"device": "auto"} | given
+    meta_updater, mode = check_each_argument(arguments)
+    checked = dict(given)
+    if "gradient_mode" in given:
+        checked["gradient_mode"] = mode
+    if "meta_optimizer" in given:
+        checked["meta_optimizer"] = meta_updater
+    for name in ("gamma", "gae_lambda", "reuse_importance_clip"):
+        if name in given:
+            checked[name] = float(given[name])
+    for name in ("meta_batch_size", "inner_episodes", "outer_episodes", "inner_steps"):
+        if name in given:
+            checked[name] = int(given[name])
+    if "inner_lr" in given and given["inner_lr"] != AUTO:
+        checked["inner_lr"] = float(given["inner_lr"])
+    return checked

@@ -317,17 +317,67 @@ class MetaAlgorithm(BaseAlgorithm):
         :param custom_objects: objects replacing saved ones, as in SB3
         :param print_system_info: print the saving and loading systems' info
         :param force_reset: reset the env before the next ``learn``
-        :param kwargs: attributes to change on the loaded model
+        :param kwargs: constructor arguments to change on the loaded model (checked as the constructor checks them,
+            with the same errors, before anything is loaded)
         :return: the loaded model
         :raises FileNotFoundError: if there is no file at ``path`` (nor at ``path`` + ".zip")
         :raises ValueError: if the file holds another algorithm's model
+
+        .. warning::
+            As SB3's ``load``, this unpickles the zip's ``data`` (cloudpickle), which can run any code the file's
+            author put there: load only files you trust. :meth:`load_parameters` reads a zip's tensors only.
         """
         check_saved_model(path)
+        kwargs = cls.checked_load_arguments(kwargs)
         with preserved_global_rng():
             model = super().load(path, None, device, custom_objects, print_system_info, force_reset, **kwargs)
+        if kwargs:
+            model.check_loaded_arguments()
         if env is not None:
             model.set_env(env, force_reset=force_reset)
         return model
+
+    @classmethod
+    def load_parameters(
+        cls: type[SelfMetaAlgorithm],
+        path: str | pathlib.Path,
+        env: GymEnv | str | Callable[[], gym.Env] | None,
+        policy: Any = "MlpPolicy",
+        device: th.device | str = "auto",
+        **kwargs: Any,
+    ) -> SelfMetaAlgorithm:
+        """
+        A model built from arguments given here, with the parameters of a saved zip, reading nothing from the file but
+        its tensors (through ``torch.load(weights_only=True)``, as SB3's ``set_parameters``): no code in the file runs,
+        whoever made it. For evaluating or fine-tuning a file that is not trusted (a downloaded checkpoint); what the
+        arguments do not say (the optimizer's state, the random streams, the counters) starts afresh, so training from
+        it is not the saved run's continuation (:meth:`load` is, for a trusted file).
+
+        :param path: the saved zip
+        :param env: the env to run on (as the constructor's)
+        :param policy: the policy (as the constructor's)
+        :param device: the device
+        :param kwargs: the constructor's arguments the model was saved with (``policy_kwargs`` for its architecture;
+            a run of ``benchmarks/reproduce_published.py`` lists them in its ``run.json``)
+        :return: the model
+        :raises RuntimeError: (SB3's) if the file's tensors do not fit the architecture the arguments build
+        """
+        check_saved_model(path)
+        model = cls(policy, env, device=device, **kwargs)
+        model.set_parameters(str(path), exact_match=True, device=device)
+        return model
+
+    @classmethod
+    def checked_load_arguments(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """
+        :param kwargs: the keyword arguments given to :meth:`load` (attributes to change on the loaded model)
+        :return: them as the model holds them, after the constructor's checks of each (here: unchanged)
+        :raises ValueError: on one the constructor would refuse
+        """
+        return kwargs
+
+    def check_loaded_arguments(self) -> None:
+        """After :meth:`load` changed arguments: raise the constructor's errors on those that do not go together."""
 
     # ------------------------------------------------------------------ sampling
 
@@ -423,7 +473,8 @@ class MetaAlgorithm(BaseAlgorithm):
         Meta-train until ``total_timesteps`` environment steps (inner and outer episodes) were taken.
 
         :param total_timesteps: environment steps to take, counting every step of every collected episode
-        :param callback: SB3 callback(s) called after every lock-step of the sub-envs
+        :param callback: SB3 callback(s); ``on_step`` is called once per sampled batch (``inner_steps + 1`` per
+            meta-iteration), on every sampler backend
         :param log_interval: meta-iterations between log dumps
         :param tb_log_name: the name of the run for TensorBoard logging (default: the class name, e.g. "MetaPolicyGradient")
         :param reset_num_timesteps: whether or not to reset the current timestep number (used in logging)

@@ -17,15 +17,15 @@ from sb3_metarl.common.baselines import Baseline, make_baseline
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import preserved_global_rng
-from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
-from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
+from sb3_metarl.gradient_modes import GradientMode
+from sb3_metarl.meta_optimizers import MetaOptimizer
 from sb3_metarl.meta_pg import evaluation, inner_lr, reuse, sampling
 from sb3_metarl.meta_pg.arguments import (
     AUTO,
-    check_arguments,
+    COMBINED_ATTRIBUTES,
+    check_each_argument,
+    check_load_arguments,
     check_model_choices,
-    check_sample_reuse,
-    check_sampler,
     policy_kwargs_for,
 )
 from sb3_metarl.meta_pg.deprecated import DeprecatedNames
@@ -157,27 +157,34 @@ class MetaPolicyGradient(DeprecatedNames, MetaAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        check_arguments(
-            meta_batch_size=meta_batch_size,
-            inner_episodes=inner_episodes,
-            outer_episodes=outer_episodes,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            learning_rate=learning_rate,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            normalize_advantage=normalize_advantage,
-            discount_from_start=discount_from_start,
-            n_envs=n_envs,
-            max_episode_steps=max_episode_steps,
-            seed=seed,
-            device=device,
+        meta_updater, self.gradient_mode = check_each_argument(
+            dict(
+                gradient_mode=gradient_mode,
+                gradient_mode_kwargs=gradient_mode_kwargs,
+                meta_batch_size=meta_batch_size,
+                inner_episodes=inner_episodes,
+                outer_episodes=outer_episodes,
+                inner_steps=inner_steps,
+                inner_lr=inner_lr,
+                learning_rate=learning_rate,
+                meta_optimizer=meta_optimizer,
+                meta_optimizer_kwargs=meta_optimizer_kwargs,
+                gamma=gamma,
+                gae_lambda=gae_lambda,
+                baseline=baseline,
+                normalize_advantage=normalize_advantage,
+                discount_from_start=discount_from_start,
+                n_envs=n_envs,
+                vec_env_cls=vec_env_cls,
+                sampler=sampler,
+                sampler_kwargs=sampler_kwargs,
+                inner_sample_reuse=inner_sample_reuse,
+                reuse_importance_clip=reuse_importance_clip,
+                max_episode_steps=max_episode_steps,
+                seed=seed,
+                device=device,
+            )
         )
-        check_sampler(sampler, sampler_kwargs, vec_env_cls)
-        meta_updater = make_meta_optimizer(meta_optimizer, meta_optimizer_kwargs)
-        self.gradient_mode = make_gradient_mode(gradient_mode, gradient_mode_kwargs)
-        make_baseline(baseline)  # fail early on an unknown baseline
-        check_sample_reuse(inner_sample_reuse, reuse_importance_clip, self.gradient_mode)
         check_model_choices(
             policy=policy,
             mode=self.gradient_mode,
@@ -187,6 +194,8 @@ class MetaPolicyGradient(DeprecatedNames, MetaAlgorithm):
             meta_batch_size=meta_batch_size,
             task_sampler=task_sampler,
             tensorboard_log=tensorboard_log,
+            inner_sample_reuse=inner_sample_reuse,
+            reuse_importance_clip=reuse_importance_clip,
         )
         policy_kwargs = policy_kwargs_for(policy_kwargs, meta_updater, meta_optimizer)
 
@@ -234,6 +243,16 @@ class MetaPolicyGradient(DeprecatedNames, MetaAlgorithm):
         )
         if _init_setup_model:
             self._setup_model()
+
+    @classmethod
+    def checked_load_arguments(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """:return: ``load``'s keyword arguments, each checked as the constructor checks it (``check_load_arguments``)"""
+        return check_load_arguments(cls.__init__, kwargs)
+
+    def check_loaded_arguments(self) -> None:
+        """After ``load`` changed arguments: the constructor's checks of the ones that must go together."""
+        together = {name: getattr(self, name) for name in COMBINED_ATTRIBUTES}
+        check_model_choices(policy=self.policy_class, mode=self.gradient_mode, **together)
 
     # ------------------------------------------------------------------ set-up
 

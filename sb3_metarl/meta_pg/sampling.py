@@ -47,7 +47,8 @@ def sample_episodes(
     :param model: a ``MetaPolicyGradient``
     :param tasks: at most ``meta_batch_size`` tasks
     :param task_params: per-task parameters (leading dim ``len(tasks)``; detached here); None: the current policy
-    :param step_callback: receives the transition counts (after every step or once, as the sampler can)
+    :param step_callback: receives the batch's transition count and its episodes (``dones``: one True per episode),
+        once the batch is sampled
     :param generator: the action noise's stream (default: training's); one seed per task is drawn from it
     :param sampler: the episode sampler (default: the model's)
     :param with_log_probs: recompute the batch's sampling log-likelihoods under ``task_params`` here; False: they are
@@ -64,15 +65,19 @@ def sample_episodes(
     noise_seeds = draw_noise_seeds(generator or model.torch_generator, len(tasks))
     model.policy.set_training_mode(False)
     params = {n: p.detach() for n, p in task_params.items()}
-    options = sampler_options(sampler, noise_seeds, step_callback)
+    # the callback is called once per sampled batch, on every backend: in this process it could be after every
+    # lock-step, in a worker only per batch, and a callback's count (CheckpointCallback's save_freq) must mean the same
+    options = sampler_options(sampler, noise_seeds, None)
     with torch_threads(ACTING_THREADS):
         batch = sampler.sample(tasks, params, n_episodes, **options)
     if batch is None:
         return None
     if own:
         model.env_streams.record(model.env, sampler)
-    if step_callback is not None and "step_callback" not in options:  # a sampler that does not count: per batch
-        if not step_callback(int(batch.masks.sum().item()), {}):
+    if step_callback is not None:
+        n_batch_episodes = batch.masks.shape[0] * batch.masks.shape[1]  # (B, E, H)
+        batch_locals = {"dones": np.ones(n_batch_episodes, dtype=bool), "infos": [{}] * n_batch_episodes}
+        if not step_callback(int(batch.masks.sum().item()), batch_locals):
             return None
     if with_log_probs:  # the learner's own log-likelihoods, not the backend's: no sampler is trusted for gradients
         with th.no_grad():

@@ -8,6 +8,7 @@ locally (``GroupRunner``) and returns them.
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -335,6 +336,8 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             else:
                 self.workers.append(_ProcessWorker(context, shard_args, name, timeout))
         self.closed = False
+        #: held by each request-and-answer exchange with the workers (see ``_broadcast``)
+        self._exchange_lock = threading.RLock()
         register_worker_group(self)  # closed at interpreter exit if the script does not, before Ray's own exit
         #: the first sub-env index of each worker
         self.env_offsets = [first * per_group for first, _ in self.group_blocks]
@@ -348,6 +351,7 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
             VecEnv.__init__(self, len(env_fns), observation_space, action_space)
             self.horizon = episode_horizon(self, max_episode_steps)
             self._broadcast("configure", lambda _: (self.horizon, None))
+            self._worker_pids: list[int] = self._broadcast("pid", lambda _: ())
         except BaseException:
             self.close()
             raise
@@ -358,26 +362,30 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
     # ------------------------------------------------------------------ calls to the workers
 
     def _call(self, worker: int, method: str, *args: Any) -> Any:
-        self._check_open()
-        self.workers[worker].submit(method, *args)
-        return self.workers[worker].result()
+        with self._exchange_lock:
+            self._check_open()
+            self.workers[worker].submit(method, *args)
+            return self.workers[worker].result()
 
     def _broadcast(self, method: str, arguments: Callable[[int], tuple], workers: Sequence[int] | None = None) -> list[Any]:
         """Call ``method`` on the workers at once (``arguments(i)`` for worker i); every answer is awaited."""
-        self._check_open()
-        workers = range(len(self.workers)) if workers is None else workers
-        for index in workers:
-            self.workers[index].submit(method, *arguments(index))
-        results, first_error = [], None
-        for index in workers:
-            try:
-                results.append(self.workers[index].result())
-            except BaseException as error:  # collect the other answers so no pipe holds a stale one
-                results.append(None)
-                first_error = first_error or error
-        if first_error is not None:
-            raise first_error
-        return results
+        # one exchange at a time: a call from another thread (a monitoring thread's get_attr) waits for the one in
+        # flight, where it would have sent its request down the same pipes and one side taken the other's answer
+        with self._exchange_lock:
+            self._check_open()
+            workers = range(len(self.workers)) if workers is None else workers
+            for index in workers:
+                self.workers[index].submit(method, *arguments(index))
+            results, first_error = [], None
+            for index in workers:
+                try:
+                    results.append(self.workers[index].result())
+                except BaseException as error:  # collect the other answers so no pipe holds a stale one
+                    results.append(None)
+                    first_error = first_error or error
+            if first_error is not None:
+                raise first_error
+            return results
 
     def _by_worker(self, indices: VecEnvIndices) -> dict[int, list[int]]:
         """:return: worker -> the local indices of the requested sub-envs, in request order"""
@@ -455,8 +463,11 @@ class ShardedVecEnv(VecEnv, EpisodeSampler):
         }
 
     def worker_pids(self) -> list[int]:
-        """:return: the process id of each worker (for monitoring; killing one makes the next call raise)"""
-        return self._broadcast("pid", lambda _: ())
+        """
+        :return: the process id of each worker (for monitoring; killing one makes the next call raise), as reported
+            when the workers started: asking nothing of them, it answers at once from any thread, also during ``sample``
+        """
+        return list(self._worker_pids)
 
     # ------------------------------------------------------------------ the VecEnv API
 

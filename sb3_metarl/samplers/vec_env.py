@@ -17,6 +17,7 @@ from sb3_metarl.samplers.base import (
 )
 from sb3_metarl.samplers.collection import VecEnvStepper, collect_episodes
 from sb3_metarl.samplers.runner import GroupRunner
+from sb3_metarl.samplers.workers import SamplerClosedError
 
 
 class VecEnvSampler(EpisodeSampler):
@@ -60,6 +61,8 @@ class VecEnvSampler(EpisodeSampler):
                 num_threads=num_threads,
             )
         self.policies: GroupPolicies | None = None
+        #: whether :meth:`close` was called (then :meth:`sample` raises ``SamplerClosedError``)
+        self.closed = False
 
     def attach_policy(self, policy: ActorCriticPolicy) -> None:
         self.policies = GroupPolicies(policy)
@@ -72,6 +75,11 @@ class VecEnvSampler(EpisodeSampler):
         noise_seeds: Sequence[int] | None = None,
         step_callback: StepCallback | None = None,
     ) -> EpisodeBatch | None:
+        if self.closed:
+            raise SamplerClosedError(
+                "sampler (vec_env): it was closed (close() was called); give the model a new env (model.set_env(...)) to "
+                "sample again."
+            )
         if self.policies is None:
             raise RuntimeError("sampler: attach_policy(policy) must be called before sample.")
         noise_seeds = fresh_noise_seeds(noise_seeds, len(tasks))
@@ -85,5 +93,6 @@ class VecEnvSampler(EpisodeSampler):
 
     def close(self) -> None:
         """Stop the batched twin's physics threads (the VecEnv itself is the model's, closed with it)."""
+        self.closed = True
         if self.runner is not None:
             self.runner.close()

@@ -5,7 +5,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv
+from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
 
 
 class GaussianBanditEnv(TaskEnv):
@@ -35,7 +35,7 @@ class GaussianBanditEnv(TaskEnv):
         return [float(g) for g in rng.uniform(self.task_low, self.task_high, size=n)]
 
     def _validate_and_set(self, task: Any) -> None:
-        target = float(np.asarray(task).reshape(()))
+        target = float(numeric_task(self, task, f"a target in [{self.task_low}, {self.task_high}]"))
         if not self.task_low <= target <= self.task_high:
             raise ValueError(f"GaussianBandit: task must be a target in [{self.task_low}, {self.task_high}], got {task!r}.")
         self._target = target

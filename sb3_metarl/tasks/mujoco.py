@@ -21,7 +21,7 @@ from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
-from sb3_metarl.tasks.task_env import TaskEnv
+from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
 
 #: base-env reward terms kept next to the task term
 CONTROL_TERMS = ("reward_ctrl",)
@@ -125,9 +125,13 @@ class _TargetVelocity(_TaskRewardMixin):
         if velocity_range is not None:
             # Gymnasium's EzPickle rebuilds the env from its constructor arguments (copies, pickles)
             self._ezpickle_kwargs = {**self._ezpickle_kwargs, "velocity_range": velocity_range}
-            low, high = (float(v) for v in velocity_range)
-            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+            try:
+                bounds = np.asarray(velocity_range, dtype=np.float64)
+            except (TypeError, ValueError):
+                bounds = np.full(1, np.nan)
+            if bounds.shape != (2,) or not np.all(np.isfinite(bounds)) or not bounds[0] <= bounds[1]:
                 raise ValueError(f"velocity_range: must be finite (low, high) with low <= high, got {velocity_range!r}.")
+            low, high = float(bounds[0]), float(bounds[1])
             self.velocity_range = (low, high)
             self._target = (low + high) / 2
 
@@ -137,7 +141,7 @@ class _TargetVelocity(_TaskRewardMixin):
 
     def _validate_and_set(self, task: Any) -> None:
         low, high = self.velocity_range
-        target = float(np.asarray(task).reshape(()))
+        target = float(numeric_task(self, task, f"a target velocity in [{low}, {high}]"))
         if not low <= target <= high:
             raise ValueError(f"{type(self).__name__}: task must be a target velocity in [{low}, {high}], got {task!r}.")
         self._target = target
@@ -159,7 +163,7 @@ class _Direction(_TaskRewardMixin):
         return [float(d) for d in rng.choice([-1.0, 1.0], size=n)]
 
     def _validate_and_set(self, task: Any) -> None:
-        direction = float(np.asarray(task).reshape(()))
+        direction = float(numeric_task(self, task, "a direction, 1.0 or -1.0"))
         if direction not in (-1.0, 1.0):
             raise ValueError(f"{type(self).__name__}: task must be a direction, 1.0 or -1.0, got {task!r}.")
         self._direction = direction
@@ -207,7 +211,7 @@ class AntDir2DEnv(_TaskRewardMixin, AntEnv):
         return [float(a) for a in rng.uniform(0.0, 2 * np.pi, size=n)]
 
     def _validate_and_set(self, task: Any) -> None:
-        angle = float(np.asarray(task).reshape(()))
+        angle = float(numeric_task(self, task, "an angle in [0, 2 pi)"))
         if not 0.0 <= angle < 2 * np.pi:
             raise ValueError(f"AntDir2DEnv: task must be an angle in [0, 2 pi), got {task!r}.")
         self._angle = angle
@@ -246,8 +250,8 @@ class AntGoalEnv(_TaskRewardMixin, AntEnv):
         return [np.array([r * np.cos(a), r * np.sin(a)]) for r, a in zip(radius, angle)]
 
     def _validate_and_set(self, task: Any) -> None:
-        goal = np.asarray(task, dtype=np.float64)
-        if goal.shape != (2,) or np.linalg.norm(goal) > self.goal_radius + 1e-9:
+        goal = numeric_task(self, task, f"a goal within radius {self.goal_radius}", (2,))
+        if np.linalg.norm(goal) > self.goal_radius + 1e-9:
             raise ValueError(f"AntGoalEnv: task must be a goal of shape (2,) within radius {self.goal_radius}, got {task!r}.")
         self._goal = goal
 
@@ -302,8 +306,8 @@ class _RandomParameters(_ScaledActions, TaskEnv):
             raise ValueError(f"{type(self).__name__}: task must be a dict with keys among {sorted(originals)}, got {task!r}.")
         bound = 1.5**self.log_scale_limit
         for name, factor in task.items():
-            factor = np.asarray(factor, dtype=np.float64)
-            if factor.shape != originals[name].shape or np.any(factor < 1 / bound - 1e-9) or np.any(factor > bound + 1e-9):
+            factor = numeric_task(self, factor, f"factors for {name!r}", originals[name].shape)
+            if np.any(factor < 1 / bound - 1e-9) or np.any(factor > bound + 1e-9):
                 raise ValueError(
                     f"{type(self).__name__}: task[{name!r}] must have shape {originals[name].shape} "
                     f"and factors in [1.5^-{self.log_scale_limit}, 1.5^{self.log_scale_limit}]."

@@ -16,8 +16,7 @@ so that its physics runs on the threads while the caller does other work (the sa
 """
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for_all
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, overload
@@ -28,6 +27,7 @@ from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
+from sb3_metarl.common.threads import DaemonThreads, settle
 from sb3_metarl.tasks.mujoco import (
     AntDir2DEnv,
     AntDirEnv,
@@ -85,13 +85,6 @@ class RowInfos(Sequence[dict[str, Any]]):
     def __reduce__(self) -> tuple[type, tuple[list[dict[str, Any]]]]:
         # pickled (sent to another process, saved by a callback) as the plain list of its dicts
         return list, (list(self),)
-
-
-def settle(futures: list[Future]) -> None:
-    """Wait for all of ``futures`` (none is left running), then raise the first one's error if one failed."""
-    wait_for_all(futures)
-    for future in futures:
-        future.result()
 
 
 @dataclass
@@ -170,8 +163,12 @@ class _BatchedMujoco:
             self.frame_skip_array = np.array(self.frame_skips, dtype=np.int64)
         #: whether physics started by :meth:`start` runs beside this thread's Python (then the pool has all the threads)
         self.overlaps = self.kernel is not None and self.num_threads > 1
-        pool_threads = self.num_threads if self.overlaps else self.num_threads - 1
-        self.pool = ThreadPoolExecutor(pool_threads) if pool_threads > 0 else None
+        # the compiled loop runs on the pool only: a MuJoCo error parks the thread that runs it (mujoco_kernel), which
+        # must not be this one; the Python loop lets this thread advance the first chunk rather than wait idle
+        pool_threads = self.num_threads if self.kernel is not None else self.num_threads - 1
+        self.pool = DaemonThreads(pool_threads) if pool_threads > 0 else None
+        #: the MuJoCo error that stopped this twin (its sub-envs are then in an undefined state), else None
+        self.failure: mujoco.FatalError | None = None
 
     @classmethod
     def supports(cls, env: Any) -> bool:
@@ -207,7 +204,12 @@ class _BatchedMujoco:
 
     def _advance_all(self, rows: list[int], controls: np.ndarray) -> None:
         """:param rows: positions in ``envs``, as Python ints (a list indexed by numpy ints is slower)"""
-        if self.pool is None or len(rows) < 2 * self.num_threads:
+        if self.pool is None:
+            self._advance(rows, controls)
+        elif self.kernel is not None:
+            n_chunks = max(1, min(self.num_threads, len(rows) // 2))
+            self._settle([self.pool.submit(self._advance, *chunk) for chunk in self._chunks(rows, controls, n_chunks)])
+        elif len(rows) < 2 * self.num_threads:
             self._advance(rows, controls)
         else:
             chunks = self._chunks(rows, controls, self.num_threads)
@@ -215,7 +217,33 @@ class _BatchedMujoco:
             try:  # this thread advances the first chunk rather than waiting idle for the pool's
                 self._advance(*chunks[0])
             finally:
-                settle(futures)
+                self._settle(futures)
+
+    def _settle(self, futures: list[Future]) -> None:
+        """Wait for the physics ``futures`` (through a Ctrl-C too); raise MuJoCo's error where one parked a thread."""
+        try:
+            settle(futures, self._parked)
+        except mujoco.FatalError as error:
+            self.failure = self.failure or error
+            raise
+
+    def _parked(self, future: Future) -> mujoco.FatalError | None:
+        """:return: the error of a physics call that will never finish (its thread, or every thread, parked), else None"""
+        if self.kernel is None or self.pool is None:
+            return None
+        message = self.kernel.error_of(getattr(future, "thread_ident", None))
+        if message is None and not future.running() and not future.done():
+            parked = [self.kernel.error_of(ident) for ident in self.pool.idents]
+            if all(parked):  # queued behind threads that will never take it
+                message = parked[0]
+        return None if message is None else mujoco.FatalError(message)
+
+    def _require_usable(self) -> None:
+        if self.failure is not None:
+            raise mujoco.FatalError(
+                f"the batched MuJoCo twin stopped at an earlier MuJoCo error ({self.failure}); its sub-envs are in an "
+                "undefined state: make a new env (the model itself is intact and can be saved)."
+            )
 
     def start(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
         """
@@ -227,6 +255,7 @@ class _BatchedMujoco:
         :param actions: their actions (len(indices), action_dim), in each env's action space
         :return: the step in flight, for :meth:`finish`
         """
+        self._require_usable()
         pending = self._prepare(np.asarray(indices), actions)
         if not self.overlaps:
             self._advance_all(pending.rows, pending.controls)
@@ -238,8 +267,8 @@ class _BatchedMujoco:
 
     def wait(self, pending: PendingStep) -> None:
         """Wait until the physics of ``pending`` has run (it raises what the physics raised)."""
-        physics, pending.physics = pending.physics, []
-        settle(physics)
+        self._settle(pending.physics)
+        pending.physics = []
 
     def finish(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
         """:return: the outcome of the step ``pending`` (see :meth:`step`), once its physics has run"""
@@ -255,6 +284,7 @@ class _BatchedMujoco:
         :return: observations (n, obs_dim) float64, rewards (n,) float64, terminated (n,) bool, infos (one dict per
             row, built when read)
         """
+        self._require_usable()
         pending = self._prepare(np.asarray(indices), actions)
         self._advance_all(pending.rows, pending.controls)
         return self._outcome(pending)
@@ -276,7 +306,12 @@ class _BatchedMujoco:
     def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
         controls = np.array(actions)
-        if self.kernel is not None and controls.shape[-1] != self.control_size:  # (the compiled loop copies that many)
+        # (the compiled loop copies nu values per row, one row per index: a shorter array would be read past its end)
+        if controls.ndim != 2 or len(controls) != len(indices):
+            raise ValueError(
+                f"actions: expected one row per stepped sub-env, shape ({len(indices)}, action size), got {controls.shape}."
+            )
+        if self.kernel is not None and controls.shape[-1] != self.control_size:
             raise ValueError(f"actions: expected {self.control_size} values per sub-env, got {controls.shape[-1]}.")
         if self.uniform_scale is not None:  # one elementwise op for all rows: each row's values are the same
             low, high, scale = self.uniform_scale

@@ -6,7 +6,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv
+from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
 
 
 class Navigation2DEnv(TaskEnv):
@@ -18,21 +18,42 @@ class Navigation2DEnv(TaskEnv):
 
     Task: the goal, a numpy array of shape (2,), uniform in ``[goal_low, goal_high]^2``.
 
+    SG-MRL's point env (kristian-georgiev/SGMRL, ``maml_zoo/envs/point_envs/point_env_2d_v2.py`` under ProMP's
+    ``normalize``) is ``position_limit=0.5, action_scale=10``: the same reward, goals and termination, the position
+    clipped to [-0.5, 0.5]^2 after each move, and the policy acting in [-10, 10], mapped linearly onto +-0.1.
+
     :param goal_low: lower bound of the goal distribution (both coordinates)
     :param goal_high: upper bound of the goal distribution (both coordinates)
-    :param action_limit: actions are clipped to ``[-action_limit, action_limit]``
+    :param action_limit: the move per step is clipped to ``[-action_limit, action_limit]`` per coordinate
     :param success_radius: termination threshold on each coordinate's distance to the goal
+    :param position_limit: None (default): the plane is unbounded; a number: the position is clipped to
+        ``[-position_limit, position_limit]^2`` after each move
+    :param action_scale: s (default 1): the action space is ``[-s * action_limit, ...]`` scaled back, i.e. for s != 1
+        the policy acts in [-s, s], mapped linearly onto ``[-action_limit, action_limit]`` (as ProMP's normalized envs)
     """
 
     def __init__(
-        self, goal_low: float = -0.5, goal_high: float = 0.5, action_limit: float = 0.1, success_radius: float = 0.01
+        self,
+        goal_low: float = -0.5,
+        goal_high: float = 0.5,
+        action_limit: float = 0.1,
+        success_radius: float = 0.01,
+        position_limit: float | None = None,
+        action_scale: float = 1.0,
     ):
         super().__init__()
+        if position_limit is not None and not (isinstance(position_limit, (int, float)) and 0 < position_limit < np.inf):
+            raise ValueError(f"position_limit: must be None or a finite number > 0, got {position_limit!r}.")
+        if isinstance(action_scale, bool) or not isinstance(action_scale, (int, float)) or not 0 < action_scale < np.inf:
+            raise ValueError(f"action_scale: must be a finite number > 0, got {action_scale!r}.")
         self.goal_low, self.goal_high = float(goal_low), float(goal_high)
         self.success_radius = success_radius
         self.action_limit = float(action_limit)
+        self.position_limit = None if position_limit is None else float(position_limit)
+        self.action_scale = float(action_scale)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
-        self.action_space = gym.spaces.Box(-action_limit, action_limit, shape=(2,), dtype=np.float32)
+        high = action_limit if action_scale == 1.0 else action_scale
+        self.action_space = gym.spaces.Box(-high, high, shape=(2,), dtype=np.float32)
         self._goal = np.zeros(2)
         self._position = np.zeros(2)
 
@@ -41,8 +62,8 @@ class Navigation2DEnv(TaskEnv):
         return [rng.uniform(self.goal_low, self.goal_high, size=2) for _ in range(n)]
 
     def _validate_and_set(self, task: Any) -> None:
-        goal = np.asarray(task, dtype=np.float64)
-        if goal.shape != (2,) or not np.all((goal >= self.goal_low) & (goal <= self.goal_high)):
+        goal = numeric_task(self, task, f"a goal inside [{self.goal_low}, {self.goal_high}]^2", (2,))
+        if not np.all((goal >= self.goal_low) & (goal <= self.goal_high)):
             raise ValueError(
                 f"Navigation2D: task must be a goal of shape (2,) inside [{self.goal_low}, {self.goal_high}]^2, got {task!r}."
             )
@@ -60,9 +81,16 @@ class Navigation2DEnv(TaskEnv):
         if not self.task_is_set:
             self.require_task()
         # Scalar arithmetic: numpy calls on 2-element arrays cost more than the maths (this is the hot loop).
-        limit = self.action_limit
-        x = self._position[0] + min(max(float(action[0]), -limit), limit)
-        y = self._position[1] + min(max(float(action[1]), -limit), limit)
+        limit, scale = self.action_limit, self.action_scale
+        move_x, move_y = float(action[0]), float(action[1])
+        if scale != 1.0:  # ProMP's normalize: low + (a + s) (high - low) / 2s
+            move_x = -limit + (move_x + scale) * (2 * limit) / (2 * scale)
+            move_y = -limit + (move_y + scale) * (2 * limit) / (2 * scale)
+        x = self._position[0] + min(max(move_x, -limit), limit)
+        y = self._position[1] + min(max(move_y, -limit), limit)
+        if self.position_limit is not None:
+            bound = self.position_limit
+            x, y = min(max(x, -bound), bound), min(max(y, -bound), bound)
         self._position = np.array([x, y])
         dx, dy = x - self._goal[0], y - self._goal[1]
         terminated = bool(abs(dx) < self.success_radius and abs(dy) < self.success_radius)

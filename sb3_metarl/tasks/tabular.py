@@ -5,7 +5,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv
+from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
 
 
 class TabularMDPEnv(TaskEnv):
@@ -41,8 +41,8 @@ class TabularMDPEnv(TaskEnv):
         return [rng.uniform(0.0, 1.0, size=(self.n_states, self.n_actions)) for _ in range(n)]
 
     def _validate_and_set(self, task: Any) -> None:
-        rewards = np.asarray(task, dtype=np.float64)
-        if rewards.shape != (self.n_states, self.n_actions) or not np.all((rewards >= 0) & (rewards <= 1)):
+        rewards = numeric_task(self, task, "a reward matrix with entries in [0, 1]", (self.n_states, self.n_actions))
+        if not np.all((rewards >= 0) & (rewards <= 1)):
             raise ValueError(
                 f"TabularMDP: task must be a reward matrix of shape ({self.n_states}, {self.n_actions}) "
                 f"with entries in [0, 1], got shape {rewards.shape}."

@@ -3,6 +3,27 @@
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
+
+
+def numeric_task(env: Any, task: Any, expected: str, shape: tuple[int, ...] = ()) -> np.ndarray:
+    """
+    :param env: the env (its class names the error)
+    :param task: the task given to ``set_task``
+    :param expected: what a task of the family is, for the error (e.g. "a target velocity in [0.0, 2.0]")
+    :param shape: the task's shape (``()``: one number)
+    :return: ``task`` as a float64 array of ``shape`` with finite entries
+    :raises ValueError: naming the env and what a task is, for anything else (None, a string, a list of the wrong
+        length, NaN)
+    """
+    try:
+        value = None if isinstance(task, (str, bytes)) else np.asarray(task, dtype=np.float64)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.shape != shape or not np.all(np.isfinite(value)):
+        what = "one finite number" if shape == () else f"finite numbers of shape {shape}"
+        raise ValueError(f"{type(env).__name__}: task must be {expected} ({what}), got {task!r}.")
+    return value
 
 
 class TaskEnv(gym.Env):
