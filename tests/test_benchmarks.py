@@ -79,7 +79,9 @@ def test_scaling_quick_run_writes_the_table(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (out.with_suffix(".csv")).read_text().splitlines()
-    assert rows[0].startswith("env,backend,workers") and len(rows) == 1 + 3  # vec_env, subproc x 1 and 2 workers
+    # vec_env, subproc x 1 and 2 workers, each with the per-env step and Navigation2D's batched twin
+    assert rows[0].startswith("env,backend,workers") and len(rows) == 1 + 3 * 2
+    assert sum(",batched," in row for row in rows) == 3
     table = (out.with_suffix(".md")).read_text()
     assert "| Navigation2D-v0 | subproc | 2 |" in table
     # the process backend counts what travels: more than the sampled arrays of an iteration (4 tasks' floats)

@@ -27,7 +27,7 @@ def test_meta_eval_callback_logs_returns_after_k_steps_and_saves_the_best_model(
     assert callback.best_mean_reward == max(r[-1] for r in callback.evaluations_results)
     assert (tmp_path / "best" / "best_model.zip").exists()
     best = MetaPolicyGradient.load(tmp_path / "best" / "best_model.zip", env="sb3_metarl/TabularMDP-v0")
-    assert best._n_updates in callback.evaluations_updates
+    assert best.n_updates in callback.evaluations_updates
     with open(tmp_path / "log" / "progress.csv") as handle:
         rows = list(csv.DictReader(handle))
     logged = [row for row in rows if row.get("eval/return_after_2_steps")]

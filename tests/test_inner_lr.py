@@ -80,7 +80,7 @@ def test_every_family_mode_and_optimizer_trains_from_defaults(env_id):
             )
             model.learn(1)
             model.learn(5 * model.num_timesteps, reset_num_timesteps=False)
-            assert model._n_updates >= 5, (meta_optimizer, mode)
+            assert model.n_updates >= 5, (meta_optimizer, mode)
             assert all(th.isfinite(p).all() for p in model.policy.parameters()), (meta_optimizer, mode)
 
 

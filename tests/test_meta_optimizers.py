@@ -43,7 +43,7 @@ def test_every_mode_composes_with_every_optimizer(mode, meta_optimizer):
     before = _parameters(model)
     model.learn(2 * 800)  # two meta-iterations of 2 tasks x (2 + 2) episodes x 100 steps
     after = _parameters(model)
-    assert model._n_updates == 2 and th.isfinite(after).all()
+    assert model.n_updates == 2 and th.isfinite(after).all()
     assert not th.equal(before, after)
 
 
@@ -286,7 +286,7 @@ def test_save_load_keeps_the_meta_optimizer_and_its_state(tmp_path):
     assert isinstance(loaded.meta_optimizer, ProMP)
     assert loaded.meta_optimizer.n_epochs == 2 and loaded.meta_optimizer.inner_kl_coefs == coefs
     loaded.learn(800, reset_num_timesteps=False)
-    assert loaded._n_updates == model._n_updates + 1
+    assert loaded.n_updates == model.n_updates + 1
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def test_every_mode_learns_on_box_and_discrete_actions(mode):
         before = _parameters(model)
         model.learn(1)
         assert not th.equal(before, _parameters(model))
-        assert model._n_updates == 1
+        assert model.n_updates == 1
 
 
 def test_timesteps_count_every_inner_and_outer_step():
@@ -71,7 +71,7 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
     model.learn(1600, callback=[counting, checkpoint, evaluation], progress_bar=True)
     assert model.num_timesteps == 1600  # 2 iterations x 2 tasks x (2 inner + 2 outer) episodes x 100 steps
     assert counting.events[0] == "start" and counting.events[-1] == "end"
-    assert counting.events.count("rollout_end") == model._n_updates == 2
+    assert counting.events.count("rollout_end") == model.n_updates == 2
     assert counting.n_calls == 2 * 2  # one per sampled batch: (inner + outer) x iterations
     assert len(list((tmp_path / "ckpt").glob("meta_*_steps.zip"))) >= 2
     assert evaluation.last_mean_reward < 0
@@ -97,7 +97,7 @@ def test_callback_can_stop_training_without_an_update():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **TINY)
     before = _parameters(model)
     model.learn(10_000, callback=CountingCallback(stop_after=1))  # stopped after the first (inner) batch
-    assert th.equal(before, _parameters(model)) and model._n_updates == 0
+    assert th.equal(before, _parameters(model)) and model.n_updates == 0
 
 
 @pytest.mark.parametrize("meta_optimizer", ["adam", "trpo", "ppo"])
@@ -368,14 +368,14 @@ def test_update_to_non_finite_parameters_is_undone(tmp_path):
     before = _parameters(model)
     with pytest.raises(FloatingPointError, match="restored"):
         model.learn(10_000)
-    assert th.equal(before, _parameters(model)) and model._n_updates == 0
+    assert th.equal(before, _parameters(model)) and model.n_updates == 0
     # the model stays usable and saveable after the error
     model.save(tmp_path / "after_error.zip")
     loaded = MetaPolicyGradient.load(tmp_path / "after_error.zip", env="sb3_metarl/Navigation2D-v0", learning_rate=1e-3)
     assert th.equal(before, _parameters(loaded))
     loaded.learn(800, reset_num_timesteps=False)
     # an iteration is at most 800 steps (2 tasks x 4 episodes x 100; fewer when an episode reaches its goal)
-    assert loaded._n_updates >= 1 and loaded.num_timesteps >= 800
+    assert loaded.n_updates >= 1 and loaded.num_timesteps >= 800
     assert th.isfinite(_parameters(loaded)).all() and not th.equal(before, _parameters(loaded))
 
 
@@ -443,7 +443,7 @@ def test_a_single_env_instance_is_copied_into_the_sub_envs():
     envs = model.get_env().envs
     assert len(envs) == 4 and all(env is not prototype for env in envs)
     model.learn(800)
-    assert model._n_updates == 1
+    assert model.n_updates == 1
 
     class Uncopyable(gym.Wrapper):
         def __deepcopy__(self, memo):

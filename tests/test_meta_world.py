@@ -188,7 +188,7 @@ def test_meta_training_smoke_on_the_multi_env_benchmarks(env_id):
     )
     before = th.cat([p.detach().flatten() for p in model.policy.parameters()])
     model.learn(80, log_interval=None)
-    assert model._n_updates == 1 and model.num_timesteps == 80
+    assert model.n_updates == 1 and model.num_timesteps == 80
     assert 0.0 <= model.logger.name_to_value["rollout/post_adaptation_success_rate"] <= 1.0
     assert not th.equal(before, th.cat([p.detach().flatten() for p in model.policy.parameters()]))
 

@@ -97,7 +97,7 @@ def test_only_what_the_twin_steps_exactly_is_batched():
     cheetah = gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped
     assert BatchedLocomotion.supports(cheetah)
     assert not BatchedLocomotion.supports(gym.make("sb3_metarl/HalfCheetahDir-v0", render_mode="rgb_array").unwrapped)
-    assert batched_stepper([gym.make("sb3_metarl/Navigation2D-v0").unwrapped]) is None  # a family with no twin
+    assert batched_stepper([gym.make("sb3_metarl/TabularMDP-v0").unwrapped]) is None  # a family with no twin
     assert isinstance(batched_stepper([gym.make("sb3_metarl/AntGoal-v0").unwrapped]), BatchedAnt)
     assert batched_stepper([cheetah, gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped]) is None  # one class per batch
     # a wrapper between the runner and the env would be bypassed: the runner keeps the per-env step there

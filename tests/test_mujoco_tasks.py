@@ -133,7 +133,7 @@ def test_meta_training_smoke(env_id):
     )
     assert model.episode_sampler.horizon == 10
     model.learn(1)
-    assert model._n_updates == 1 and 0 < model.num_timesteps <= 2 * 4 * 10
+    assert model.n_updates == 1 and 0 < model.num_timesteps <= 2 * 4 * 10
     table = model.evaluate_adaptation(n_tasks=2, inner_steps=1)
     assert np.all(np.isfinite(table["mean"]))
 

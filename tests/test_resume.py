@@ -53,7 +53,7 @@ def test_save_load_continue_and_checkpoint_resume_are_bit_identical(tmp_path, en
     # Navigation2D's episodes can end early: continue to the uninterrupted run's total, not K more steps
     resumed.learn(4 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
     assert th.equal(_parameters(resumed), _parameters(uninterrupted))
-    assert resumed._n_updates == uninterrupted._n_updates and resumed.num_timesteps == uninterrupted.num_timesteps
+    assert resumed.n_updates == uninterrupted.n_updates and resumed.num_timesteps == uninterrupted.num_timesteps
 
     # a checkpoint written by a callback in the middle of the third iteration's sampling
     checkpointed = _model(env_id, meta_optimizer, mode)
@@ -64,7 +64,7 @@ def test_save_load_continue_and_checkpoint_resume_are_bit_identical(tmp_path, en
     checkpointed.learn(3 * per_iteration, callback=callback)
     (checkpoint,) = sorted(os.listdir(tmp_path / "ckpt"))[:1]
     from_checkpoint = MetaPolicyGradient.load(tmp_path / "ckpt" / checkpoint, env=env_id)
-    assert from_checkpoint._n_updates == 2  # the zip holds the third iteration's start, not its partial count
+    assert from_checkpoint.n_updates == 2  # the zip holds the third iteration's start, not its partial count
     from_checkpoint.learn(4 * per_iteration - from_checkpoint.num_timesteps, reset_num_timesteps=False)
     assert th.equal(_parameters(from_checkpoint), _parameters(uninterrupted))
 
@@ -83,7 +83,7 @@ def test_save_keeps_the_optimizer_state_and_load_keeps_the_global_rng(tmp_path):
     saved, restored = model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict()
     assert len(saved["state"]) == len(restored["state"]) > 0
     for key, state in saved["state"].items():
-        assert int(restored["state"][key]["step"]) == int(state["step"]) == model._n_updates > 0
+        assert int(restored["state"][key]["step"]) == int(state["step"]) == model.n_updates > 0
         assert th.equal(restored["state"][key]["exp_avg_sq"], state["exp_avg_sq"])
     # two loads of the same zip continue identically on a stochastic env
     runs = []

@@ -159,3 +159,72 @@ def test_navigation_at_sg_mrl_s_setting_clips_the_position_and_maps_actions_from
     assert plain.action_space.high.tolist() == pytest.approx([0.1, 0.1])
     with pytest.raises(ValueError, match="position_limit"):
         gym.make("sb3_metarl/Navigation2D-v0", position_limit=-1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        [{}] * 12,
+        [dict(position_limit=0.5, action_scale=10.0)] * 12,
+        [{}, dict(position_limit=0.5, action_scale=10.0), dict(action_limit=0.2, success_radius=0.05)] * 4,
+    ],
+)
+def test_the_navigation_twin_steps_exactly_as_each_env_s_own_step(settings):
+    from sb3_metarl.samplers.runner import step_without_bookkeeping
+    from sb3_metarl.tasks.mujoco_batched import batched_stepper
+    from sb3_metarl.tasks.navigation import BatchedNavigation
+
+    per_env = [gym.make("sb3_metarl/Navigation2D-v0", **kwargs) for kwargs in settings]
+    batched = [gym.make("sb3_metarl/Navigation2D-v0", **kwargs) for kwargs in settings]
+    twin = batched_stepper([env.unwrapped for env in batched])
+    assert isinstance(twin, BatchedNavigation) and not twin.overlaps
+    steps = [step_without_bookkeeping(env)[0] for env in per_env]
+    rng = np.random.default_rng(0)
+    ends = 0
+    for wave in range(4):
+        for index, (first, second) in enumerate(zip(per_env, batched)):
+            goal = rng.uniform(-0.5, 0.5, size=2) if wave < 3 else np.zeros(2)  # the start: small moves terminate
+            first.unwrapped.set_task(goal)
+            second.unwrapped.set_task(goal)
+            first.reset(seed=index)
+            second.reset(seed=index)
+        running = np.ones(12, dtype=bool)
+        for _ in range(100):
+            high = np.array([env.action_space.high for env in per_env])
+            spread = 1.5 if wave < 3 else 0.01  # beyond the range too (clipped); the last wave stays near the start
+            actions = (rng.normal(size=(12, 2)) * high * spread).astype(np.float32)
+            rows = np.flatnonzero(running & (rng.uniform(size=12) < 0.8))
+            if len(rows) == 0:
+                continue
+            outcomes = [steps[index](actions[index]) for index in rows]
+            observations, rewards, terminated, infos = twin.step(rows, actions[rows])
+            assert np.array_equal(observations, np.array([outcome[0] for outcome in outcomes]))
+            assert observations.dtype == np.float32
+            assert rewards.tolist() == [outcome[1] for outcome in outcomes]  # the same floats, not close ones
+            assert terminated.tolist() == [outcome[2] for outcome in outcomes] and infos == [{}] * len(rows)
+            running[rows[terminated]] = False
+            ends += int(terminated.sum())
+    assert ends > 0  # terminations were compared, not only moves
+    with pytest.raises(ValueError, match="actions: expected shape"):
+        twin.step(np.arange(3), np.zeros((2, 2), np.float32))
+
+
+def test_navigation_meta_trains_the_same_with_and_without_its_twin():
+    import torch as th
+
+    from sb3_metarl import MetaPolicyGradient
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=3, outer_episodes=2, inner_lr=0.01, seed=0,
+                  env_kwargs=dict(position_limit=0.5, action_scale=10.0))  # fmt: skip
+    models = {
+        batched: MetaPolicyGradient(
+            "MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler_kwargs=dict(batched_physics=batched), **kwargs
+        )
+        for batched in (True, False)
+    }
+    assert models[True].episode_sampler.runner.batched is not None and models[False].episode_sampler.runner.batched is None
+    for model in models.values():
+        model.learn(3 * 2 * 5 * 100)
+    assert models[True].num_timesteps == models[False].num_timesteps
+    for name, value in models[False].policy.state_dict().items():
+        assert th.equal(value, models[True].policy.state_dict()[name]), name

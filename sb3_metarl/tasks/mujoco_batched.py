@@ -43,6 +43,7 @@ from sb3_metarl.tasks.mujoco import (
     _TargetVelocity,
 )
 from sb3_metarl.tasks.mujoco_kernel import addresses, nogil_kernel
+from sb3_metarl.tasks.navigation import BatchedNavigation
 
 
 class RowInfos(Sequence[dict[str, Any]]):
@@ -597,10 +598,12 @@ class BatchedAnt(_BatchedMujoco):
 
 
 #: the batched twins, tried in order
-BATCHED_FAMILIES = (BatchedLocomotion, BatchedAnt)
+BATCHED_FAMILIES = (BatchedLocomotion, BatchedAnt, BatchedNavigation)
 
 
-def batched_stepper(envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None) -> _BatchedMujoco | None:
+def batched_stepper(
+    envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None
+) -> _BatchedMujoco | BatchedNavigation | None:
     """
     :param envs: unwrapped sub-envs
     :param num_threads: threads that advance the physics

@@ -67,14 +67,14 @@ class Navigation2DEnv(TaskEnv):
             raise ValueError(
                 f"Navigation2D: task must be a goal of shape (2,) inside [{self.goal_low}, {self.goal_high}]^2, got {task!r}."
             )
-        self._goal = goal
+        self._goal[:] = goal  # (in place: the batched twin may hold this array as a row of its own)
 
     def get_task(self) -> np.ndarray:
         return self._goal.copy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self._position = np.zeros(2)
+        self._position[:] = 0.0  # (in place, as every write of the position: see ``BatchedNavigation``)
         return self._position.astype(np.float32), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -91,7 +91,95 @@ class Navigation2DEnv(TaskEnv):
         if self.position_limit is not None:
             bound = self.position_limit
             x, y = min(max(x, -bound), bound), min(max(y, -bound), bound)
-        self._position = np.array([x, y])
+        self._position[0], self._position[1] = x, y
         dx, dy = x - self._goal[0], y - self._goal[1]
         terminated = bool(abs(dx) < self.success_radius and abs(dy) < self.success_radius)
         return self._position.astype(np.float32), -math.hypot(dx, dy), terminated, False, {}
+
+
+class BatchedNavigation:
+    """
+    Sub-envs of Navigation2D stepped as arrays: the moves, clips, distances and terminations of all stepped rows in a
+    few numpy operations, each in the per-env ``step``'s float64 arithmetic, in its order, so that the results are its
+    own bit for bit (tested over resets, clips and terminations). Each sub-env's position and goal are rows of the
+    twin's arrays (the env writes them in place), so its own ``step``, ``reset``, ``set_task`` and pickling go on as
+    before and see the twin's steps. The
+    distance is ``math.hypot`` per row, as the per-env step computes it (numpy's ``hypot`` may round differently).
+    Nothing runs on other threads: ``start`` steps at once (the interface of the MuJoCo twins,
+    ``sb3_metarl.tasks.mujoco_batched``, whose ``batched_stepper`` returns this twin for Navigation2D).
+
+    :param envs: the unwrapped sub-envs (all ``Navigation2DEnv``; each keeps its own arguments)
+    :param num_threads: (the MuJoCo twins' argument; unused)
+    :param compiled: (the MuJoCo twins' argument; unused)
+    """
+
+    #: no physics runs beside the caller (the sampler's two lanes are for the MuJoCo twins)
+    overlaps = False
+    #: no compiled loop
+    kernel = None
+
+    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
+        self.envs = list(envs)
+        first = self.envs[0]
+        settings = [(env.action_limit, env.action_scale, env.position_limit, env.success_radius) for env in self.envs]
+        #: (action limit, action scale, position limit, success radius) where every sub-env has the same, else None
+        self.uniform = settings[0] if all(setting == settings[0] for setting in settings) else None
+        self.settings = np.array([[limit, scale, np.inf if bound is None else bound, radius]
+                                  for limit, scale, bound, radius in settings])  # fmt: skip
+        self.dtype = first.observation_space.dtype
+        # every sub-env's position and goal become rows of the twin's arrays (the env writes them in place), so a step
+        # reads and writes all rows at once, and the env's own step, reset and set_task see and make the same state
+        self.positions = np.array([env._position for env in self.envs], dtype=np.float64)
+        self.goals = np.array([env._goal for env in self.envs], dtype=np.float64)
+        for row, env in enumerate(self.envs):
+            env._position, env._goal = self.positions[row], self.goals[row]
+
+    @classmethod
+    def supports(cls, env: Any) -> bool:
+        """:return: whether ``env`` (unwrapped) is a Navigation2D sub-env that this twin steps exactly"""
+        return type(env) is Navigation2DEnv
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """
+        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
+
+        :return: observations (n, 2), rewards (n,) float64, terminated (n,) bool, infos (one empty dict per row)
+        """
+        rows = [int(index) for index in np.asarray(indices)]
+        envs = [self.envs[index] for index in rows]
+        moves = np.array(actions, dtype=np.float64)  # float32 -> float64 is exact, as float(action[i]) in the step
+        if moves.shape != (len(rows), 2):
+            raise ValueError(f"actions: expected shape ({len(rows)}, 2), one row per stepped sub-env, got {moves.shape}.")
+        if not all(env.task_is_set for env in envs):
+            for env in envs:
+                env.require_task()
+        if self.uniform is not None:
+            limit, scale, bound, radius = self.uniform
+            bound = np.inf if bound is None else bound
+        else:  # per row, as columns that broadcast over the two coordinates (the radius over the rows)
+            limit, scale, bound = (self.settings[rows, column][:, None] for column in range(3))
+            radius = self.settings[rows, 3]
+        if np.any(scale != 1.0):  # ProMP's normalize, as the step computes it: low + (a + s) (high - low) / 2s
+            scaled = -limit + (moves + scale) * (2 * limit) / (2 * scale)
+            moves = np.where(scale != 1.0, scaled, moves)
+        positions = self.positions[rows] + np.minimum(np.maximum(moves, -limit), limit)
+        positions = np.minimum(np.maximum(positions, -bound), bound)  # (no clip where the bound is inf: the same value)
+        offsets = positions - self.goals[rows]
+        rewards = np.array([-math.hypot(dx, dy) for dx, dy in offsets.tolist()])
+        terminated = (np.abs(offsets[:, 0]) < radius) & (np.abs(offsets[:, 1]) < radius)
+        self.positions[rows] = positions
+        return positions.astype(self.dtype), rewards, terminated, [{} for _ in rows]
+
+    def start(self, indices: np.ndarray, actions: np.ndarray) -> Any:
+        """Step at once (no physics to run beside the caller); :meth:`finish` returns the outcome."""
+        return (np.asarray(indices), self.step(indices, actions))
+
+    def wait(self, pending: Any) -> None:
+        """Nothing runs after :meth:`start`."""
+
+    def finish(self, pending: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """:return: the outcome of the step ``pending``"""
+        return pending[1]
+
+    def close(self) -> None:
+        """No threads to stop."""
