@@ -1,6 +1,5 @@
 """Meta-optimizers: how a meta-iteration's samples become a parameter update, registered by name."""
 
-import warnings
 from typing import Any
 
 from sb3_metarl.common.arguments import construct_checked
@@ -10,8 +9,6 @@ from sb3_metarl.meta_optimizers.ppo import ProMP
 from sb3_metarl.meta_optimizers.trpo import TrustRegion
 
 META_OPTIMIZERS: dict[str, type[MetaOptimizer]] = {opt.name: opt for opt in (AdamAscent, SGDAscent, TrustRegion, ProMP)}
-#: the classes' names before 0.2, which shadowed torch's and SB3's optimizers and algorithms
-_DEPRECATED_NAMES = {"Adam": AdamAscent, "SGD": SGDAscent, "TRPO": TrustRegion, "PPO": ProMP}
 
 
 def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, Any] | None = None) -> MetaOptimizer:
@@ -33,15 +30,6 @@ def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, A
         META_OPTIMIZERS[meta_optimizer], kwargs, "meta_optimizer_kwargs", f"meta_optimizer={meta_optimizer!r}"
     )
 
-
-
-def __getattr__(name: str) -> type:
-    if name in _DEPRECATED_NAMES:
-        new = _DEPRECATED_NAMES[name]
-        message = f"sb3_metarl.meta_optimizers.{name} is deprecated; use {new.__name__}."
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        return new
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -65,7 +65,7 @@ class SGDAscent(GradientAscent):
 
 
 def __getattr__(name: str) -> type:
-    # the classes' names before 0.2 (a zip saved then pickles them by those names): kept for one release
+    # the classes' names in 0.1 (its zips, tests/data/v0_1_0 among them, pickle them by those names): pickle paths only
     new = {"Adam": AdamAscent, "SGD": SGDAscent}.get(name)
     if new is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,7 +119,7 @@ class ProMP(MetaOptimizer):
 
 
 def __getattr__(name: str) -> type:
-    # the class's name before 0.2 (a zip saved then pickles it by that name): kept for one release
+    # the class's name in 0.1 (its zips, tests/data/v0_1_0 among them, pickle it by that name): a pickle path only
     if name == "PPO":
         warnings.warn("sb3_metarl.meta_optimizers.PPO is deprecated; use ProMP.", DeprecationWarning, stacklevel=2)
         return ProMP

@@ -239,7 +239,7 @@ class TrustRegion(MetaOptimizer):
 
 
 def __getattr__(name: str) -> type:
-    # the class's name before 0.2 (a zip saved then pickles it by that name): kept for one release
+    # the class's name in 0.1 (its zips, tests/data/v0_1_0 among them, pickle it by that name): a pickle path only
     if name == "TRPO":
         warnings.warn("sb3_metarl.meta_optimizers.TRPO is deprecated; use TrustRegion.", DeprecationWarning, stacklevel=2)
         return TrustRegion

@@ -28,7 +28,6 @@ from sb3_metarl.meta_pg.arguments import (
     check_model_choices,
     policy_kwargs_for,
 )
-from sb3_metarl.meta_pg.deprecated import DeprecatedNames
 from sb3_metarl.meta_pg.evaluation import format_adaptation_table
 from sb3_metarl.meta_pg.inner_lr import AUTO_CALIBRATION_TASKS, AUTO_INNER_CLIP_FACTOR, AUTO_INNER_KL, AUTO_SIGNAL_POWER
 from sb3_metarl.meta_pg.meta_algorithm import MetaAlgorithm
@@ -56,7 +55,7 @@ __all__ = [
 ]
 
 
-class MetaPolicyGradient(DeprecatedNames, MetaAlgorithm):
+class MetaPolicyGradient(MetaAlgorithm):
     """
     Gradient-based meta-RL (MAML family) for any SB3 actor-critic policy.
 
