@@ -275,3 +275,36 @@ def test_meta_training_never_sees_the_goals_the_evaluation_holds_out():
         envs.close()
     assert len(train) == len(test) == 50 and not train & test
     assert evaluated == test
+
+
+@pytest.mark.parametrize("env_name", ["stick-pull-v3", "stick-push-v3"])
+def test_the_thermos_velocity_bug_of_3_1_1_leaves_no_trace_after_a_reset(env_name):
+    """Metaworld PR #575: these envs zero qvel[16:18] instead of the thermos's qvel[15:17] when they place it; in 3.1.1
+    reset runs reset_model again after mj_resetData, so a reset's state does not depend on what came before."""
+    import metaworld
+
+    ml1 = metaworld.ML1(env_name, seed=0)
+    task = ml1.train_tasks[3]
+    used, fresh = ml1.train_classes[env_name](), ml1.train_classes[env_name]()
+    used.set_task(task)
+    fresh.set_task(task)
+    used.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        used.step(rng.uniform(-1, 1, 4))
+    thermos = slice(used.model.jnt_dofadr[used.model.joint("obj_slidex").id], None)
+    assert thermos.start == 15 and used.model.nv == 17  # the velocities the upstream fix zeroes: [15:17]
+    used.data.qvel[thermos] = [1.0, -2.0]
+    used.data.qpos[16:18] += 0.05
+    used_obs, _ = used.reset()
+    fresh_obs, _ = fresh.reset()
+    assert np.array_equal(used.data.qpos, fresh.data.qpos) and np.array_equal(used.data.qvel, fresh.data.qvel)
+    assert np.array_equal(used_obs, fresh_obs) and not used.data.qvel[thermos].any()
+
+
+def test_mujoco_is_the_version_meta_world_was_made_with():
+    """Metaworld PR #578: MuJoCo 3.4 changed box-box collisions and broke peg-insert-side; the pin keeps 3.3.x."""
+    import mujoco
+
+    major, minor = (int(part) for part in mujoco.__version__.split(".")[:2])
+    assert (major, minor) == (3, 3)
