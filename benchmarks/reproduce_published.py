@@ -361,11 +361,12 @@ def run_sitting(
 
         def _on_rollout_start(self) -> None:
             # between meta-iterations: the model holds the state after the last update
-            stopping = stop_after is not None and self.iteration >= stop_after
+            finished = self.iteration >= run.iterations  # (where episodes end early, the env-step budget is not reached)
+            stopping = finished or (stop_after is not None and self.iteration >= stop_after)
             if self.iteration > state["iterations_done"] and (self.iteration % checkpoint_every == 0 or stopping):
                 checkpoint(self.iteration)
             if stopping:
-                raise _SittingOver
+                raise _RunFinished if finished else _SittingOver
 
         def _on_rollout_end(self) -> None:
             sample = self.locals["sample"]
@@ -385,10 +386,14 @@ def run_sitting(
             return True
 
     try:
-        if model.num_timesteps < budget:
+        # the budget is the paper's meta-iterations; env steps bound learn only from above (an iteration whose episodes
+        # end early, Navigation2D's at the goal, takes fewer than the horizon's)
+        if state["iterations_done"] < run.iterations and model.num_timesteps < budget:
             model.learn(budget - model.num_timesteps, callback=Sitting(), reset_num_timesteps=state["iterations_done"] == 0)
         if state["iterations_done"] < run.iterations:
             checkpoint(len(curve))
+    except _RunFinished:
+        pass
     except _SittingOver:
         return None
     finally:
@@ -398,6 +403,10 @@ def run_sitting(
 
 class _SittingOver(Exception):
     """Raised between meta-iterations to end a sitting (the state is checkpointed first)."""
+
+
+class _RunFinished(Exception):
+    """Raised between meta-iterations when the run has done its meta-iterations (checkpointed first)."""
 
 
 def record(

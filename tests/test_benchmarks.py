@@ -322,3 +322,19 @@ def test_gil_overlap_runs_every_measurement_and_leaves_the_switch_interval_as_it
     # the sleeping thread's row includes its 0.1 s (the physics thread was joined after it, not before), with the
     # Python loop and with the compiled one
     assert [float(cell) >= 0.1 for cell in rows[2].split("|")[2:4]] == [True, True] and len(rows) == 7
+
+
+def test_a_published_run_ends_at_its_meta_iterations_where_episodes_end_early(tmp_path, restore_threads):
+    # before: the run went on past its iterations until the env-step budget, which early ends (Navigation2D's at the
+    # goal) leave unreached
+    module = _load("benchmarks/reproduce_published.py")
+    module["run_sitting"].__globals__["EVAL_TASKS"] = 2
+    kwargs = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_steps=1, inner_lr=1e-3, max_episode_steps=20,
+                  learning_rate=1e-3, policy_kwargs=dict(net_arch=[8]), env_kwargs=dict(success_radius=0.3))  # fmt: skip
+    run = module["PublishedRun"]("test", "sb3_metarl/Navigation2D-v0", "maml", "adam", 0, 3, kwargs)
+    finished = module["run_sitting"](run, str(tmp_path), checkpoint_every=1, eval_every=1)
+    curve = module["read_jsonl"](f"{tmp_path}/runs/{run.name}/curve.jsonl")
+    assert finished["iterations"] == len(curve) == 3 and finished["env_steps"] < 3 * run.steps_per_iteration
+    from sb3_metarl import MetaPolicyGradient
+
+    assert MetaPolicyGradient.load(f"{tmp_path}/runs/{run.name}/model.zip").n_updates == 3
