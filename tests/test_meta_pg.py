@@ -754,3 +754,14 @@ def test_load_parameters_reads_only_tensors_where_load_would_run_the_file_s_code
     with contextlib.suppress(Exception):
         MetaPolicyGradient.load(tmp_path / "tampered.zip")
     assert marker.exists()  # what load does with a file it cannot trust: the warning in its docstring and docs/resume.md
+
+
+def test_load_checks_arguments_for_a_subclass_whose_init_takes_kwargs(saved_bandit):
+    class Tuned(MetaPolicyGradient):
+        def __init__(self, policy, env, **kwargs):
+            kwargs.setdefault("inner_lr", 0.05)
+            super().__init__(policy, env, **kwargs)
+
+    assert Tuned.load(saved_bandit, inner_lr=0.2).inner_lr == 0.2
+    with pytest.raises(ValueError, match="inner_lr: must be 'auto' or a finite number >= 0"):
+        Tuned.load(saved_bandit, inner_lr=-1.0)

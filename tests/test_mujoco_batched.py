@@ -7,7 +7,6 @@ import mujoco
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
@@ -128,30 +127,31 @@ def test_row_infos_build_each_row_once_when_read():
     assert pickle.loads(pickle.dumps(infos)) == [{"row": k} for k in range(4)]  # as the list of its dicts
 
 
-class _RecordInfos(BaseCallback):
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def _on_step(self):
-        self.rows.extend(dict(info) for info in self.locals["infos"])
-        return True
-
-
 @pytest.mark.parametrize("env_id", ["sb3_metarl/HalfCheetahVel-v0", "sb3_metarl/AntGoal-v0"])
-def test_a_callback_reads_the_per_env_step_s_infos_from_the_twin(env_id):
-    """The twin builds its infos when read: a callback reading ``locals["infos"]`` gets the per-env step's dicts."""
+def test_a_step_callback_reads_the_per_env_step_s_infos_from_the_twin(env_id):
+    """
+    The twin builds its infos when read: a sampler's step callback (``EpisodeSampler.sample(..., step_callback=)``)
+    reading them gets the per-env step's dicts. (SB3 callbacks of ``learn`` are called once per sampled batch, on every
+    backend: the per-step infos reach only a step callback given to the sampler.)
+    """
     recorded = {}
     for batched in (False, True):
         model = MetaPolicyGradient("MlpPolicy", env_id, meta_batch_size=2, inner_episodes=2, outer_episodes=2,
                                    inner_lr=1e-4, max_episode_steps=10, policy_kwargs=dict(net_arch=[8]), seed=3,
                                    sampler_kwargs=dict(batched_physics=batched))  # fmt: skip
         assert (model.episode_sampler.runner.batched is not None) == batched
-        callback = _RecordInfos()
-        model.learn(model.max_steps_per_iteration, callback=callback)
-        recorded[batched] = callback.rows
+        model.episode_sampler.attach_policy(model.policy)
+        rows = []
+
+        def record(n_transitions, step_vars, rows=rows):
+            rows.extend(dict(info) for info in step_vars["infos"])
+            return True
+
+        tasks = model.sample_tasks(2, np.random.default_rng(0))
+        model.episode_sampler.sample(tasks, model.initial_task_params(2), 2, noise_seeds=[1, 2], step_callback=record)
+        recorded[batched] = rows
         model.get_env().close()
-    assert len(recorded[True]) == 2 * 2 * 2 * 10 and "reward_task" in recorded[True][0]
+    assert len(recorded[True]) == 2 * 2 * 10 and "reward_task" in recorded[True][0]
     assert recorded[True] == recorded[False]
 
 

@@ -58,7 +58,7 @@ def test_save_load_continue_and_checkpoint_resume_are_bit_identical(tmp_path, en
     # a checkpoint written by a callback in the middle of the third iteration's sampling
     checkpointed = _model(env_id, meta_optimizer, mode)
     # on_step is called once per sampled batch (inner, then outer); save after the third iteration's inner batch
-    assert calls_at_rollout_end == [2, 4, 6, 8]
+    assert calls_at_rollout_end[:3] == [2, 4, 6]  # (Navigation2D: early ends leave room for a fifth iteration)
     third = calls_at_rollout_end[1] + 1
     callback = CheckpointCallback(save_freq=third, save_path=str(tmp_path / "ckpt"))
     checkpointed.learn(3 * per_iteration, callback=callback)

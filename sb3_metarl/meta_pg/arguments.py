@@ -4,6 +4,7 @@ import difflib
 import importlib.util
 import inspect
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -251,19 +252,26 @@ COMBINED_ATTRIBUTES = tuple(inspect.signature(check_model_choices).parameters)[2
 NOT_LOAD_ARGUMENTS = ("self", "policy", "env", "device", "_init_setup_model")
 
 
-def check_load_arguments(constructor: Any, given: dict[str, Any]) -> dict[str, Any]:
+def check_load_arguments(constructors: Sequence[Any], given: dict[str, Any]) -> dict[str, Any]:
     """
     ``load(path, env, **kwargs)``'s arguments, checked one by one as the constructor checks them (same messages), before
     anything is loaded; what needs the loaded model's other values is checked after (``check_model_choices``).
 
-    :param constructor: the algorithm's ``__init__`` (its parameters are what ``load`` may change)
+    :param constructors: the ``__init__`` of the algorithm's class and of its bases (their named parameters are what
+        ``load`` may change: a subclass's own ``__init__(self, policy, env, **kwargs)`` adds none)
     :param given: the keyword arguments given to ``load``
     :return: the arguments as the model holds them (a gradient mode or meta-optimizer by name becomes the object,
         ``inner_lr`` a float unless "auto")
     :raises ValueError: on an argument that is not the constructor's (with the closest name) or that the
         constructor would refuse
     """
-    parameters = {name: p for name, p in inspect.signature(constructor).parameters.items() if name not in NOT_LOAD_ARGUMENTS}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = {
+        name: parameter
+        for constructor in reversed(constructors)
+        for name, parameter in inspect.signature(constructor).parameters.items()
+        if name not in NOT_LOAD_ARGUMENTS and parameter.kind in named
+    }
     for name in given:
         if name not in parameters:
             close = difflib.get_close_matches(name, list(parameters), n=1)

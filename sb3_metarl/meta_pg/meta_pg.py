@@ -246,7 +246,8 @@ class MetaPolicyGradient(MetaAlgorithm):
     @classmethod
     def checked_load_arguments(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         """:return: ``load``'s keyword arguments, each checked as the constructor checks it (``check_load_arguments``)"""
-        return check_load_arguments(cls.__init__, kwargs)
+        constructors = [klass.__init__ for klass in cls.__mro__ if issubclass(klass, MetaPolicyGradient)]
+        return check_load_arguments(constructors, kwargs)
 
     def check_loaded_arguments(self) -> None:
         """After ``load`` changed arguments: the constructor's checks of the ones that must go together."""
