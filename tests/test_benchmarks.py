@@ -24,6 +24,7 @@ def test_log_log_slope():
     assert slope(rows, "lsf", min_n=4) == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_estimators_quick_run_writes_tables_and_figure(tmp_path, capsys):
     _load("benchmarks/estimators.py")["main"](["--quick", "--out", str(tmp_path)])
     for name in ["estimators_bandit.csv", "estimators_tabular_samples.csv", "estimators_tabular_steps.csv", "estimators.png"]:
@@ -46,6 +47,7 @@ def test_throughput_reports_both_rates(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("suite", ["navigation", "halfcheetah"])
+@pytest.mark.slow
 def test_reproduce_quick_run_writes_table_csv_and_curves(suite, tmp_path, capsys):
     main = _load("benchmarks/reproduce.py")["main"]
     main(["--suite", suite, "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
@@ -70,6 +72,7 @@ def test_reproduce_quick_run_writes_table_csv_and_curves(suite, tmp_path, capsys
     assert all(row["seeds"] == 2 for row in summary)
 
 
+@pytest.mark.slow
 def test_scaling_quick_run_writes_the_table(tmp_path):
     import subprocess
 
@@ -111,6 +114,7 @@ def test_lola_ipd_quick_run_writes_table_csv_and_figure(tmp_path, restore_thread
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "ALE/Pong-v5"])
+@pytest.mark.slow
 def test_mgrl_quick_run_writes_table_csv_and_figure(env_id, tmp_path, restore_threads):
     if env_id.startswith("ALE/"):
         pytest.importorskip("ale_py")
@@ -246,6 +250,7 @@ def test_the_per_configuration_table_gives_mean_and_std_over_seeds_and_the_final
     assert cells[8].startswith("MAML 465.6 ± 54.1; SG-MRL (its code: MAML) 580.1 ± 38.2")
 
 
+@pytest.mark.slow
 def test_a_quick_run_never_overwrites_the_committed_results(monkeypatch, tmp_path, capsys):
     """--quick without --out writes to a new temporary folder (it used to overwrite docs/results' estimators.png and CSVs)."""
     monkeypatch.chdir(tmp_path)  # a docs/results here would be the committed folder's stand-in

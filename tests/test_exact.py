@@ -45,6 +45,7 @@ def test_bandit_maml_gradient_matches_finite_differences(steps):
     np.testing.assert_allclose(grad, numeric, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_pathwise_gradient_tends_to_the_maml_gradient_as_n_grows():
     maml = bandit_maml_gradient(0.2, -0.5, 0.5, 0.1)
     distances = []

@@ -93,12 +93,14 @@ def test_sf_is_unbiased_for_the_n_sample_objective(inner_episodes, inner_steps):
     assert np.all(np.abs(z_scores) < 4), f"z = {z_scores}, mean {estimates.mean(0)}, reference {reference}"
 
 
+@pytest.mark.slow
 def test_sf_variance_grows_with_n():
     small, large = (bandit_estimates(make_bandit_model("sf", n, outer_episodes=16)) for n in (4, 64))
     # measured: trace of the covariance 4.2 at N=4 and 50 at N=64 (theory: linear in N)
     assert large.var(0).sum() > 4 * small.var(0).sum()
 
 
+@pytest.mark.slow
 def test_lsf_variance_falls_with_n_and_its_mean_tends_to_the_maml_gradient():
     small, large = (bandit_estimates(make_bandit_model("lsf", n, outer_episodes=n)) for n in (4, 64))
     assert large.var(0).sum() < small.var(0).sum() / 4
@@ -110,6 +112,7 @@ def test_lsf_variance_falls_with_n_and_its_mean_tends_to_the_maml_gradient():
     assert distance_large < 4 * standard_error + 0.05
 
 
+@pytest.mark.slow
 def test_plain_autodiff_maml_stays_biased_at_large_n():
     estimates = bandit_estimates(make_bandit_model("maml", 64, outer_episodes=64))
     maml_gradient = bandit_maml_gradient(BANDIT_MEAN, BANDIT_LOG_STD, BANDIT_TARGET, BANDIT_INNER_LR)
@@ -129,12 +132,14 @@ def _within_noise(result):
 
 
 @pytest.mark.parametrize("mode", ["lsf", "dice", "lvc"])
+@pytest.mark.slow
 def test_tabular_estimates_align_with_the_exact_meta_gradient(mode):
     result = compare_with_exact(*make_tabular_model(mode, 400, inner_steps=1), calls=4)
     assert result["cosine_mean"] > 0.9
     assert _within_noise(result)
 
 
+@pytest.mark.slow
 def test_tabular_plain_autodiff_is_biased():
     # one step: the direction is close but the magnitude is not (the missing score term)
     result = compare_with_exact(*make_tabular_model("maml", 400, inner_steps=1), calls=4)

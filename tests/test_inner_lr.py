@@ -68,6 +68,7 @@ def test_auto_is_calibrated_once_saved_and_logged(tmp_path):
 
 
 @pytest.mark.parametrize("env_id", list(BUILTIN_TASK_ENVS))
+@pytest.mark.slow
 def test_every_family_mode_and_optimizer_trains_from_defaults(env_id):
     # the settings of `benchmarks/defaults_sweep.py --mujoco-horizon 10 --navigation-horizon 20` (short, for speed)
     env_kwargs = dict(max_episode_steps=10) if env_id in MUJOCO_TASK_ENVS else None

@@ -195,6 +195,7 @@ def test_adapt_returns_a_policy_of_the_same_class(tiny_navigation_model):
     assert th.equal(unchanged.log_std, model.policy.log_std)
 
 
+@pytest.mark.slow
 def test_env_factory_vec_env_and_subprocess(tmp_path):
     def factory():
         return gym.make("sb3_metarl/GaussianBandit-v0")

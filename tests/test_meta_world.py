@@ -30,6 +30,7 @@ SHORT = dict(max_episode_steps=20)
 
 
 @pytest.mark.parametrize("env_id", list(METAWORLD_TASK_ENVS))
+@pytest.mark.slow
 def test_benchmark_envs_pass_checkers_for_several_tasks(env_id):
     env = gym.make(env_id)
     assert env.spec.max_episode_steps == 500
@@ -94,6 +95,7 @@ def test_sampler_draws_from_metaworld_train_and_test_tasks():
     assert len({t.env_name for t in drawn_train}) > 5
 
 
+@pytest.mark.slow
 def test_meta_training_logs_success_rates_and_runs_in_subprocesses():
     model = MetaPolicyGradient(
         "MlpPolicy",
@@ -162,6 +164,7 @@ def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
     assert set(result["success_rate_per_task"]) == {"reach-v3"}
 
 
+@pytest.mark.slow
 def test_metaworld_example_runs(capsys):
     import runpy
 
@@ -193,6 +196,7 @@ def test_meta_training_smoke_on_the_multi_env_benchmarks(env_id):
     assert not th.equal(before, th.cat([p.detach().flatten() for p in model.policy.parameters()]))
 
 
+@pytest.mark.slow
 def test_metaworld_evaluation_works_at_any_meta_batch_size():
     from types import SimpleNamespace
 
@@ -239,6 +243,7 @@ def test_evaluation_counts_each_sub_env_s_first_episodes():
     assert tally.mean_return() == pytest.approx((3 * 10.0 + 3 * 1.0) / 6)
 
 
+@pytest.mark.slow
 def test_both_counting_rules_run_the_same_protocol():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/MetaWorldML1-v0", meta_batch_size=2, inner_episodes=1,
                                outer_episodes=1, inner_lr=1e-4, env_kwargs=dict(max_episode_steps=10), seed=0)  # fmt: skip

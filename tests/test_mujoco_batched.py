@@ -202,6 +202,7 @@ def test_the_physics_threads_default_to_the_cores_available_divided_among_worker
     assert model.episode_sampler.runner.batched.num_threads == 6
 
 
+@pytest.mark.slow
 def test_the_twin_trains_the_same_on_ray_actors():
     """The Ray backend's actors step their blocks with the twin too: the per-env step's parameters, bit for bit."""
     ray = pytest.importorskip("ray")

@@ -131,6 +131,7 @@ def _small_arena_cheetah(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.slow
 def test_a_mujoco_error_in_the_compiled_loop_is_a_python_exception_and_the_model_saves(tmp_path, num_threads):
     # before: MuJoCo's default handler ended the process (exit code 1) from inside the compiled loop
     xml_file = _small_arena_cheetah(tmp_path)

@@ -54,6 +54,7 @@ _original_metaworld_evaluation = meta_world.metaworld_evaluation
 
 
 @pytest.mark.parametrize("page, index", [(page, index) for page, index, _ in _all_blocks("python")])
+@pytest.mark.slow
 def test_python_blocks_run_as_written(page, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sb3_metarl, "MetaPolicyGradient", _SmallBudget)
@@ -143,6 +144,7 @@ def test_the_readme_names_the_one_backend_that_is_not_bit_identical():
     assert "The exception is `vec_env_cls=SubprocVecEnv`" in text and "not bit-identical" in text
 
 
+@pytest.mark.slow
 def test_the_custom_task_env_example_meta_learns_visibly_at_its_own_budget(tmp_path, monkeypatch, capsys):
     # before: the example's env clipped most actions and its 100k steps moved nothing (-9.76 / -7.37 before,
     # -9.57 / -6.81 after); it runs here as written, at its full budget, and prints what its comments say

@@ -190,6 +190,7 @@ SUBPROC = dict(sampler="subproc", sampler_kwargs=dict(num_workers=2, timeout=60.
 
 
 @pytest.mark.parametrize("when", ["on_rollout_end", "on_rollout_start", "closed", "interrupted_evaluation"])
+@pytest.mark.slow
 def test_a_model_is_saveable_whatever_its_workers_did_and_resumes_exactly(tmp_path, when):
     from conftest import deadline
 

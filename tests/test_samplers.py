@@ -56,6 +56,7 @@ def _train(env_id: str, sampler: str, iterations: int = 2, **kwargs) -> MetaPoli
         ("sb3_metarl/AntDir-v0", dict(max_episode_steps=30)),  # episodes that end early (the ant falls)
     ],
 )
+@pytest.mark.slow
 def test_subproc_gives_bit_identical_training_to_vec_env(env_id, kwargs):
     default = _train(env_id, "vec_env", **kwargs)
     with deadline(240):
@@ -72,6 +73,7 @@ def test_subproc_gives_bit_identical_training_to_vec_env(env_id, kwargs):
         sharded.get_env().close()
 
 
+@pytest.mark.slow
 def test_ray_gives_bit_identical_training_to_vec_env(local_ray):
     default = _train("sb3_metarl/AntDir-v0", "vec_env", max_episode_steps=30)
     with deadline(240):
@@ -84,6 +86,7 @@ def test_ray_gives_bit_identical_training_to_vec_env(local_ray):
         on_ray.get_env().close()
 
 
+@pytest.mark.slow
 def test_subproc_save_load_continue_is_bit_identical(tmp_path):
     kwargs = dict(sampler="subproc", sampler_kwargs=TWO_WORKERS, **SMALL)
     with deadline(240):
@@ -118,6 +121,7 @@ class _KillWorker(BaseCallback):
         return True
 
 
+@pytest.mark.slow
 def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds(tmp_path):
     model = MetaPolicyGradient(
         "MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS, **SMALL
@@ -139,6 +143,7 @@ def test_a_killed_subproc_worker_raises_an_error_naming_it_within_seconds(tmp_pa
         resumed.get_env().close()
 
 
+@pytest.mark.slow
 def test_a_killed_ray_actor_raises_an_error_naming_it(local_ray):
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="ray", sampler_kwargs=TWO_WORKERS, **SMALL)
     with deadline(90):
@@ -147,6 +152,7 @@ def test_a_killed_ray_actor_raises_an_error_naming_it(local_ray):
         model.get_env().close()
 
 
+@pytest.mark.slow
 def test_the_interpreter_exits_with_live_workers():
     """A script that never closes its sampler still exits (the workers are daemons), with no hang."""
     script = (
@@ -395,6 +401,7 @@ def _probe_sharded(**kwargs):
     return ShardedVecEnv([functools.partial(probe_env, **kwargs.pop("env_kwargs", {}))] * 4, 2, num_workers=2, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_late_answer_of_a_sampler_worker_is_never_taken_for_the_next_call():
     venv = _probe_sharded(timeout=0.5)
     try:
@@ -408,6 +415,7 @@ def test_a_late_answer_of_a_sampler_worker_is_never_taken_for_the_next_call():
         venv.close()
 
 
+@pytest.mark.slow
 def test_a_sampler_call_has_one_deadline_and_close_one_grace_period():
     venv = _probe_sharded(timeout=3.0, close_timeout=2.0)
     with deadline(60):
@@ -469,6 +477,7 @@ _WORKER_SCRIPT = (
 )
 
 
+@pytest.mark.slow
 def test_the_interpreter_exits_with_frozen_and_sigterm_ignoring_workers_and_leaves_none_behind():
     script = _WORKER_SCRIPT + "    os.kill(pids[0], signal.SIGSTOP)\n"  # a frozen worker, the other ignores SIGTERM
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -477,6 +486,7 @@ def test_the_interpreter_exits_with_frozen_and_sigterm_ignoring_workers_and_leav
     assert _wait_gone(pids) == []
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_learner():
     # killed while its workers are busy (an env call of 10 minutes): they must not run on without it
     script = _WORKER_SCRIPT + "    model.get_env().env_method('slow', 600.0)\n"
@@ -508,6 +518,7 @@ def test_workers_ignore_the_terminal_s_sigint():
         model.get_env().close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
     script = (
         "import faulthandler, signal, sys\n"
@@ -559,6 +570,7 @@ def test_more_ray_workers_than_cpus_fail_fast_with_the_numbers(local_ray):
                            **SMALL)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_closing_after_ray_shut_down_does_not_start_ray_again():
     script = (
         "import ray\n"

@@ -66,6 +66,7 @@ def test_a_late_answer_is_never_taken_for_the_next_call():
         venv.close()
 
 
+@pytest.mark.slow
 def test_a_call_to_all_workers_has_one_deadline_and_close_one_grace_period():
     venv = _probe_venv(timeout=3.0, close_timeout=2.0)
     with deadline(40):
@@ -121,6 +122,7 @@ def test_sampler_kwargs_set_the_subproc_vec_env_s_waits():
                            sampler_kwargs=dict(num_workers=2))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_subproc_vec_env_cls_is_reproducible_for_a_seed():
     """Not bit-identical to the other backends (finished sub-envs keep stepping through SB3's API; README), but
     the same seed gives the same run."""
@@ -138,6 +140,7 @@ def test_subproc_vec_env_cls_is_reproducible_for_a_seed():
     assert th.equal(*parameters)
 
 
+@pytest.mark.slow
 def test_a_monitoring_thread_calling_the_sampler_during_learn_neither_hangs_nor_changes_the_run():
     # before: worker_pids() from another thread sent a request down the pipes the sampler was waiting on, one side took
     # the other's answer, and learn never finished
