@@ -121,11 +121,12 @@ class BatchedNavigation:
     def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
         self.envs = list(envs)
         first = self.envs[0]
-        settings = [(env.action_limit, env.action_scale, env.position_limit, env.success_radius) for env in self.envs]
-        #: (action limit, action scale, position limit, success radius) where every sub-env has the same, else None
-        self.uniform = settings[0] if all(setting == settings[0] for setting in settings) else None
-        self.settings = np.array([[limit, scale, np.inf if bound is None else bound, radius]
-                                  for limit, scale, bound, radius in settings])  # fmt: skip
+        #: per sub-env: action limit, action scale, position limit (inf: none), success radius
+        self.settings = np.array(
+            [[env.action_limit, env.action_scale, env.position_limit or np.inf, env.success_radius] for env in self.envs]
+        )
+        #: those four as Python floats where every sub-env has the same, else None
+        self.uniform = tuple(self.settings[0].tolist()) if (self.settings == self.settings[0]).all() else None
         self.dtype = first.observation_space.dtype
         # every sub-env's position and goal become rows of the twin's arrays (the env writes them in place), so a step
         # reads and writes all rows at once, and the env's own step, reset and set_task see and make the same state
@@ -155,7 +156,6 @@ class BatchedNavigation:
                 env.require_task()
         if self.uniform is not None:
             limit, scale, bound, radius = self.uniform
-            bound = np.inf if bound is None else bound
         else:  # per row, as columns that broadcast over the two coordinates (the radius over the rows)
             limit, scale, bound = (self.settings[rows, column][:, None] for column in range(3))
             radius = self.settings[rows, 3]
