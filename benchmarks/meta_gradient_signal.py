@@ -106,7 +106,7 @@ def measure_inner(model: MetaPolicyGradient, modes: list[str], seed: int) -> lis
     tasks = model.sample_tasks(model.meta_batch_size, np.random.default_rng([seed, 0]))
     params = model.initial_task_params(len(tasks))
     stream_seed = int(np.random.SeedSequence([3, seed]).generate_state(1)[0])
-    with model.env_streams.isolated(model.env, stream_seed) as generator:
+    with model.streams.isolated(model.env, stream_seed) as generator:
         pair = [model.sample_episodes(tasks, params, model.inner_episodes, generator=generator) for _ in range(2)]
     rows = []
     for mode in modes:

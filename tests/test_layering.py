@@ -44,13 +44,29 @@ def _floor(module: str) -> int:
     return SHIMS.get(module, FLOORS[_room(module)])
 
 
-def _imports() -> dict[str, set[tuple[str, int]]]:
-    """:return: module -> the package modules it imports (anywhere in its body, lazily too), with the line"""
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """:return: the ids of the nodes inside ``if TYPE_CHECKING:`` blocks (imports for the type checker, never run)"""
+    nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            nodes |= {id(child) for statement in node.body for child in ast.walk(statement)}
+    return nodes
+
+
+def _imports(at_run_time: bool = False) -> dict[str, set[tuple[str, int]]]:
+    """
+    :param at_run_time: leave out the imports of ``if TYPE_CHECKING:`` blocks
+    :return: module -> the package modules it imports (anywhere in its body, lazily too), with the line
+    """
     found = {}
     for path in PACKAGE.rglob("*.py"):
         module = ".".join(("sb3_metarl", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
         imported = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        skipped = _type_checking_only(tree) if at_run_time else set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             elif isinstance(node, ast.Import):
@@ -79,7 +95,8 @@ def test_imports_only_run_down_or_stay_in_their_room():
 
 
 def test_no_import_cycle_between_modules():
-    graph = {module: {name for name, _ in imported} for module, imported in _imports().items()}
+    # (a type annotation's import under TYPE_CHECKING may point back: e.g. a room's helper typed by the class above it)
+    graph = {module: {name for name, _ in imported} for module, imported in _imports(at_run_time=True).items()}
     # a package import also runs its __init__: `import sb3_metarl.a.b` depends on sb3_metarl.a
     for module, targets in graph.items():
         graph[module] = {t for target in targets for t in _with_parents(target) if t in graph and t != module}
@@ -122,3 +139,42 @@ def test_the_retired_import_paths_are_gone_and_only_the_stored_zips_pickle_paths
     from sb3_metarl.meta_optimizers import gradient_ascent, ppo, trpo
 
     assert ppo.PPO is ppo.ProMP and trpo.TRPO is trpo.TrustRegion and gradient_ascent.Adam is gradient_ascent.AdamAscent
+
+#: modules whose functions take a ``MetaPolicyGradient`` as ``model``: they read its state and call its methods
+MODEL_HELPERS = ["meta_pg/sampling.py", "meta_pg/evaluation.py", "meta_pg/inner_lr.py", "meta_pg/reuse.py",
+                 "meta_pg/streams.py", "estimators/study.py", "estimators/exact.py"]  # fmt: skip
+
+
+def _written_roots(target: ast.expr) -> list[ast.Attribute]:
+    """:return: the attribute assignments in an assignment target (tuples unpacked)"""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [found for element in target.elts for found in _written_roots(element)]
+    return [target] if isinstance(target, ast.Attribute) else []
+
+
+def _root_name(node: ast.expr) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_no_helper_writes_the_model_s_state():
+    # the model's state belongs to it and to its typed components (RunStreams, InnerSampleReuse, the calibrated
+    # InnerStepSize it assigns itself): a helper given the model returns values, it does not set the model's attributes
+    writes = []
+    for relative in MODEL_HELPERS:
+        path = PACKAGE / relative
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+                if node.args and _root_name(node.args[0]) == "model":
+                    writes.append(f"{relative}:{node.lineno} {node.func.id}(model, ...)")
+            for target in targets:
+                for attribute in _written_roots(target):
+                    if _root_name(attribute) == "model":
+                        writes.append(f"{relative}:{node.lineno} {ast.unparse(attribute)} = ...")
+    assert not writes, "\n".join(writes)

@@ -534,6 +534,37 @@ def test_inner_sample_reuse_appends_truncated_importance_weighted_earlier_batche
     assert (ratios - 1).abs().max() > 1e-3  # the parameters moved: the reused episodes are off-policy
 
 
+def test_load_with_another_reuse_bound_keeps_the_stored_batches_under_the_new_bound(tmp_path):
+    from sb3_metarl.estimators.setups import make_tabular_model
+
+    model, _ = make_tabular_model("lvc", inner_episodes=3, meta_batch_size=2, inner_sample_reuse=2, learning_rate=0.05)
+    model.learn(3 * 2 * 6 * 20)
+    stored = {key: len(batches) for key, batches in model.inner_reuse.batches.items()}
+    assert stored and max(stored.values()) == 2
+    model.save(tmp_path / "reuse.zip")
+    loaded = MetaPolicyGradient.load(tmp_path / "reuse.zip", env=model.get_env(), inner_sample_reuse=1)
+    # the reuse is rebuilt from the settings (load changed one) and holds what the zip stored
+    assert loaded.inner_reuse.max_batches == 1 and loaded.inner_reuse.max_tasks == 10 * 2
+    assert {key: len(batches) for key, batches in loaded.inner_reuse.batches.items()} == stored
+    recorder = _InnerBatches()
+    loaded.learn(1, callback=recorder)
+    assert recorder.episodes == [3 + 3]  # one stored batch per task appended now, not two
+
+
+def test_estimating_with_another_mode_and_n_is_the_estimate_of_a_model_built_with_them():
+    from sb3_metarl.gradient_modes import make_gradient_mode
+
+    common = dict(inner_lr=0.05, n_envs=2 * 4, seed=7, **{**TINY, "inner_episodes": 2})
+    env_id = "sb3_metarl/Navigation2D-v0"
+    model = MetaPolicyGradient("MlpPolicy", env_id, gradient_mode="lsf", **common)
+    other = MetaPolicyGradient("MlpPolicy", env_id, gradient_mode="lvc", **{**common, "inner_episodes": 4})
+    asked = model.estimate_meta_gradient(gradient_mode=make_gradient_mode("lvc"), inner_episodes=4, per_task=True)
+    built = other.estimate_meta_gradient(per_task=True)
+    for name in built:
+        assert th.equal(asked[name], built[name]), name
+    assert model.gradient_mode.name == "lsf" and model.inner_episodes == 2  # the model is not reconfigured
+
+
 def test_inner_sample_reuse_arguments():
     with pytest.raises(ValueError, match="does not weigh samples"):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="maml", inner_sample_reuse=1, **TINY)
@@ -616,14 +647,14 @@ def test_reuse_buffers_are_bounded_and_a_warning_says_nothing_recurs():
     with pytest.warns(UserWarning, match=r"inner_sample_reuse=2: no meta-batch could reuse earlier episodes in 10"):
         for _ in range(40):
             model.learn(1, reset_num_timesteps=False)
-    assert len(model.reusable_inner_batches) == 10 * model.meta_batch_size  # today: 80, one per task ever seen
+    assert len(model.inner_reuse.batches) == 10 * model.meta_batch_size  # today: 80, one per task ever seen
     # a fixed task set that fits is kept whole, and reused
     fixed = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_sample_reuse=2,
                                task_sampler=FixedTaskSampler([np.array([0.1, 0.2]), np.array([-0.3, 0.1])]),
                                inner_lr=1e-3, seed=0, max_episode_steps=5, **TINY)  # fmt: skip
     for _ in range(3):
         fixed.learn(1, reset_num_timesteps=False)
-    assert len(fixed.reusable_inner_batches) == 2 and fixed.iterations_without_reuse == 0
+    assert len(fixed.inner_reuse.batches) == 2 and fixed.inner_reuse.iterations_without_reuse == 0
 
 
 def test_inputs_that_would_fail_late_fail_at_construction_naming_the_argument(tmp_path):

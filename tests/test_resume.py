@@ -149,7 +149,7 @@ def test_resume_with_inner_sample_reuse_is_bit_identical(tmp_path, meta_optimize
     first.learn(2 * per_iteration)
     first.save(tmp_path / "half.zip")
     resumed = MetaPolicyGradient.load(tmp_path / "half.zip", env=ENVS[1])
-    assert sum(len(b) for b in resumed.reusable_inner_batches.values()) > 0
+    assert sum(len(b) for b in resumed.inner_reuse.batches.values()) > 0
     resumed.learn(5 * per_iteration - resumed.num_timesteps, reset_num_timesteps=False)
     assert th.equal(_parameters(resumed), _parameters(uninterrupted))
     checkpointed = _model(ENVS[1], meta_optimizer, "lvc", **kwargs)
@@ -282,3 +282,24 @@ def test_a_zip_saved_by_version_0_1_0_loads_and_continues_exactly(name):
     same = [expected for expected in continuations if np.array_equal(reached, expected)]
     nearest = min(np.abs(reached - expected).max() for expected in continuations)
     assert len(same) == 1, f"matches none of 0.1.0's continuations (nearest: {nearest:.3g} away)"
+
+
+def test_the_run_s_streams_pickle_as_of_the_iteration_s_start_and_stay_live():
+    import pickle
+
+    from sb3_metarl.meta_pg.streams import RunStreams
+
+    streams = RunStreams(3)
+    streams.begin_iteration(num_timesteps=10)
+    start_task, start_noise = streams.task_rng.random(4), th.rand(4, generator=streams.torch_generator)
+    saved = pickle.loads(pickle.dumps(streams))
+    # the copy draws what the iteration drew; the live streams went on
+    assert np.array_equal(saved.task_rng.random(4), start_task)
+    assert th.equal(th.rand(4, generator=saved.torch_generator), start_noise)
+    live_task = streams.task_rng.random(2)
+    assert not np.array_equal(live_task, start_task[:2])
+    assert saved.iteration_start is None and saved.env.states is None
+    streams.end_iteration()
+    after = pickle.loads(pickle.dumps(streams))
+    assert np.array_equal(after.task_rng.random(3), streams.task_rng.random(3))  # between iterations: as they are
+    assert streams.saved(num_timesteps=20).num_timesteps == 20 and streams.restore(saved.snapshot(5)) == 5

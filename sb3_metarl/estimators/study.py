@@ -4,7 +4,7 @@
 import csv
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
@@ -16,8 +16,21 @@ from sb3_metarl.tasks import GaussianBanditEnv, TabularMDPEnv
 
 #: (mode, inner_episodes) -> a model whose ``meta_batch_size`` slots all run one task
 ModelFactory = Callable[[str, int], MetaPolicyGradient]
+
+
+class Configured(NamedTuple):
+    """A model and the mode and number of inner episodes to estimate with (None: the model's own)."""
+
+    model: MetaPolicyGradient
+    gradient_mode: GradientMode | None = None
+    inner_episodes: int | None = None
+
+
+#: (mode, inner_episodes) -> what estimates with them
+Configuration = Callable[[str, int], Configured]
 #: inner_episodes -> (reference gradient as a flat vector, its standard error per coordinate or None)
 ReferenceFn = Callable[[int], tuple[th.Tensor, th.Tensor | None]]
+
 
 def flat_gradient(grads: dict[str, th.Tensor]) -> th.Tensor:
     """:return: a gradient dict (name -> tensor) as one vector, names sorted"""
@@ -37,7 +50,7 @@ def compare_with_exact(model: MetaPolicyGradient, task: np.ndarray, calls: int =
     :return: the metrics of :func:`summarize`, and ``relative_error``, ``|mean - ref| / |ref|``
     """
     reference = flat_gradient(exact_meta_gradient(model, [task])).double().cpu()
-    estimates = _estimates(model, calls)[0]
+    estimates = _estimates(Configured(model), calls)[0]
     summary = summarize(estimates, reference)
     summary["relative_error"] = ((estimates.mean(0) - reference).norm() / reference.norm()).item()
     return summary
@@ -82,18 +95,22 @@ def exact_reference(model: MetaPolicyGradient, task: Any) -> ReferenceFn | None:
     return None
 
 
-def _sf_reference(factory: ModelFactory, repeats: int) -> ReferenceFn:
+def _sf_reference(configuration: Configuration, repeats: int) -> ReferenceFn:
     def reference(n: int) -> tuple[th.Tensor, th.Tensor]:
-        estimates = _estimates(factory("sf", n), repeats)[0]
+        estimates = _estimates(configuration("sf", n), repeats)[0]
         return estimates.mean(0), estimates.std(0) / np.sqrt(len(estimates))
 
     return reference
 
 
-def _estimates(model: MetaPolicyGradient, repeats: int) -> tuple[th.Tensor, float]:
+def _estimates(configured: Configured, repeats: int) -> tuple[th.Tensor, float]:
     """:return: (repeats * B, n_params) independent estimates and the seconds per estimate"""
+    model, mode, n = configured
     start = time.perf_counter()
-    rows = [flat_per_task_gradient(model.estimate_meta_gradient(per_task=True)) for _ in range(repeats)]
+    rows = [
+        flat_per_task_gradient(model.estimate_meta_gradient(per_task=True, gradient_mode=mode, inner_episodes=n))
+        for _ in range(repeats)
+    ]
     estimates = th.cat(rows).double().cpu()
     return estimates, (time.perf_counter() - start) / len(estimates)
 
@@ -155,14 +172,20 @@ def measure_estimators(
         :func:`summarize`, ``reference_se`` (norm of the reference's standard error) and
         ``seconds_per_estimate``
     """
-    if not isinstance(model_or_factory, MetaPolicyGradient):
-        return _measure(model_or_factory, modes, sample_sizes, repeats, reference, reference_repeats)
-    model = model_or_factory
-    saved = model.gradient_mode, model.inner_episodes
-    try:
-        return _measure(_reconfigure(model), modes, sample_sizes, repeats, reference, reference_repeats)
-    finally:
-        model.gradient_mode, model.inner_episodes = saved  # the caller's model is left as it was
+    if isinstance(model_or_factory, MetaPolicyGradient):
+        model = model_or_factory
+
+        def configuration(mode: str, n: int) -> Configured:
+            # the caller's model is not changed: the mode and N are arguments of each estimate
+            return Configured(model, mode_named(model.gradient_mode, mode), n)
+
+    else:
+        factory = model_or_factory
+
+        def configuration(mode: str, n: int) -> Configured:
+            return Configured(factory(mode, n))
+
+    return _measure(configuration, modes, sample_sizes, repeats, reference, reference_repeats)
 
 
 def mode_named(mode: GradientMode, name: str) -> GradientMode:
@@ -170,20 +193,8 @@ def mode_named(mode: GradientMode, name: str) -> GradientMode:
     return mode if mode.name == name else make_gradient_mode(name)
 
 
-def _reconfigure(model: MetaPolicyGradient) -> ModelFactory:
-    """:return: a factory that switches ``model`` to the requested mode and number of inner episodes"""
-    saved_mode = model.gradient_mode
-
-    def factory(mode: str, n: int) -> MetaPolicyGradient:
-        model.gradient_mode = mode_named(saved_mode, mode)
-        model.inner_episodes = n
-        return model
-
-    return factory
-
-
 def _measure(
-    factory: ModelFactory,
+    configuration: Configuration,
     modes: Sequence[str],
     sample_sizes: Sequence[int],
     repeats: int,
@@ -191,14 +202,14 @@ def _measure(
     reference_repeats: int,
 ) -> list[dict[str, Any]]:
     if reference is None or reference == "exact":
-        probe = factory(modes[0], sample_sizes[0])
+        probe = configuration(modes[0], sample_sizes[0]).model
         task = probe.task_sampler.sample(1, np.random.default_rng(0))[0]
         reference_fn = exact_reference(probe, task)
         if reference_fn is None and reference == "exact":
             raise ValueError("reference: no exact reference for this env; use reference='sf' or a function.")
         reference = reference_fn or "sf"
     if reference == "sf":
-        reference = _sf_reference(factory, reference_repeats)
+        reference = _sf_reference(configuration, reference_repeats)
     if not callable(reference):
         raise ValueError(f"reference: expected None, 'exact', 'sf' or a function of N, got {reference!r}.")
 
@@ -206,7 +217,7 @@ def _measure(
     for n in sample_sizes:
         reference_vector, reference_se = reference(n)
         for mode in modes:
-            estimates, seconds = _estimates(factory(mode, n), repeats)
+            estimates, seconds = _estimates(configuration(mode, n), repeats)
             row: dict[str, Any] = {"mode": mode, "inner_episodes": n, "n_estimates": len(estimates)}
             row.update(summarize(estimates, reference_vector, reference_se))
             row["reference_se"] = 0.0 if reference_se is None else reference_se.norm().item()
@@ -221,5 +232,3 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-

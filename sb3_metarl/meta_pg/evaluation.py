@@ -3,7 +3,7 @@
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +18,9 @@ from sb3_metarl.common.rng import seed_env_rngs
 from sb3_metarl.samplers import EpisodeSampler, VecEnvSampler
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
+if TYPE_CHECKING:  # (the model's type for the checker only: at run time this room sits below the class)
+    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient
+
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -25,7 +28,7 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
 
 
 def adapt_and_measure(
-    model: Any,
+    model: "MetaPolicyGradient",
     tasks: list[Any],
     inner_steps: int,
     final_episodes: int | None,
@@ -63,7 +66,7 @@ def adapt_and_measure(
     return params, returns, th.stack([batch.successes.mean(1) for batch in batches], dim=1).cpu().numpy()
 
 
-def adapt(model: Any, task: Any, inner_steps: int = 1, seed: int | None = None) -> ActorCriticPolicy:
+def adapt(model: "MetaPolicyGradient", task: Any, inner_steps: int = 1, seed: int | None = None) -> ActorCriticPolicy:
     """
     Adapt ``model``'s policy to one task by ``inner_steps`` inner steps on fresh episodes (sampled outside
     training's random streams: a later ``learn`` is not changed by it).
@@ -76,7 +79,7 @@ def adapt(model: Any, task: Any, inner_steps: int = 1, seed: int | None = None) 
     """
     _check_count("inner_steps", inner_steps, 0)
     model.calibrate_inner_lr()
-    with model.env_streams.isolated(model.env, seed) as generator:
+    with model.streams.isolated(model.env, seed) as generator:
         params, _, _ = adapt_and_measure(model, [task], inner_steps, final_episodes=None, generator=generator)
     adapted = copy.deepcopy(model.policy)
     with th.no_grad():
@@ -86,7 +89,9 @@ def adapt(model: Any, task: Any, inner_steps: int = 1, seed: int | None = None) 
     return adapted
 
 
-def evaluation_env(model: Any, env: GymEnv | str | Callable[[], gym.Env] | None) -> tuple[EpisodeSampler, TaskSampler]:
+def evaluation_env(
+    model: "MetaPolicyGradient", env: GymEnv | str | Callable[[], gym.Env] | None
+) -> tuple[EpisodeSampler, TaskSampler]:
     """:return: the episode sampler and task distribution to evaluate ``model`` on: its own, or ``env``'s"""
     if env is None:
         return model.episode_sampler, model.task_sampler
@@ -99,7 +104,7 @@ def evaluation_env(model: Any, env: GymEnv | str | Callable[[], gym.Env] | None)
 
 
 def evaluate_adaptation(
-    model: Any,
+    model: "MetaPolicyGradient",
     n_tasks: int = 40,
     inner_steps: int = 3,
     seed: int = 0,
@@ -132,7 +137,7 @@ def evaluate_adaptation(
         tasks = model.sample_tasks(n_tasks, np.random.default_rng([1, seed]), task_sampler)
     returns, successes = [], []
     try:
-        with model.env_streams.isolated(model.env, seed) as generator:
+        with model.streams.isolated(model.env, seed) as generator:
             if env is not None:
                 seed_env_rngs(episode_sampler.venv, seed)  # another env's sub-envs: not the model's streams
             for start in range(0, len(tasks), episode_sampler.n_groups):

@@ -1,8 +1,9 @@
 """``inner_lr="auto"``: the inner step size whose first step moves a task's policy by a given KL."""
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch as th
@@ -12,6 +13,9 @@ from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params, inner_update, kl_divergence
 from sb3_metarl.common.returns import returns_to_go, step_discounts
 from sb3_metarl.gradient_modes import GradientMode
+
+if TYPE_CHECKING:  # (the model's type for the checker only: at run time this room sits below the class)
+    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient
 
 #: the mean KL(pi_theta || pi_theta') of a step along a task's plain policy gradient that ``inner_lr="auto"`` aims at
 #: (median over tasks); the modes' own, baselined inner steps move less
@@ -187,9 +191,22 @@ def calibrate_inner_lr(
     return float(step_sizes[moving].median()) * fraction**signal_power, clip_factor * float(norms.median()), fraction
 
 
-def calibrate_model(model: Any) -> None:
+@dataclasses.dataclass(frozen=True)
+class InnerStepSize:
+    """What ``inner_lr="auto"`` calibrates (``calibrate_model``)."""
+
+    #: the inner step size eta
+    lr: float
+    #: each task's inner gradient is clipped to this norm (None: no clipping)
+    grad_clip: float | None
+    #: the measured fraction of the inner gradient's squared norm that is signal at N episodes
+    signal_fraction: float
+
+
+def calibrate_model(model: "MetaPolicyGradient") -> InnerStepSize:
     """
-    ``inner_lr="auto"``: set ``model.inner_lr``, ``inner_grad_clip`` and ``inner_signal_fraction``.
+    ``inner_lr="auto"``: the inner step size, clip and signal fraction for ``model`` (which it leaves as it was:
+    ``MetaPolicyGradient.calibrate_inner_lr`` sets them).
 
     On at least ``AUTO_CALIBRATION_TASKS`` (16) tasks, ``inner_episodes`` episodes each of the initial policy
     (drawn from streams of their own, so training's samples are not changed), it finds per task the eta at which a
@@ -202,11 +219,12 @@ def calibrate_model(model: Any) -> None:
     ``AUTO_INNER_CLIP_FACTOR`` (4) times its median norm on the calibration batches. The rule depends neither on
     the horizon nor on the reward scale, both of which the sum-over-time gradient grows with.
 
-    :param model: a ``MetaPolicyGradient`` with an env
+    :param model: a model with an env
+    :return: the calibrated step size
     """
     seed = None if model.seed is None else int(np.random.SeedSequence([2, model.seed]).generate_state(1)[0])
     batches = []
-    with model.env_streams.isolated(model.env, seed) as generator:
+    with model.streams.isolated(model.env, seed) as generator:
         task_rng = np.random.default_rng(seed)
         for _ in range(math.ceil(AUTO_CALIBRATION_TASKS / model.meta_batch_size)):
             tasks = model.sample_tasks(model.meta_batch_size, task_rng)
@@ -215,18 +233,21 @@ def calibrate_model(model: Any) -> None:
             pair = [model.sample_episodes(tasks, params, model.inner_episodes, generator=generator) for _ in range(2)]
             assert pair[0] is not None and pair[1] is not None
             batches.append((params, *pair))
-    model.inner_lr, model.inner_grad_clip, model.inner_signal_fraction = calibrate_inner_lr(
-        model.functional_policy,
-        model.gradient_mode,
-        model.gamma,
-        batches,
-        AUTO_INNER_KL,
-        AUTO_INNER_CLIP_FACTOR,
-        signal_power=AUTO_SIGNAL_POWER,
+    step_size = InnerStepSize(
+        *calibrate_inner_lr(
+            model.functional_policy,
+            model.gradient_mode,
+            model.gamma,
+            batches,
+            AUTO_INNER_KL,
+            AUTO_INNER_CLIP_FACTOR,
+            signal_power=AUTO_SIGNAL_POWER,
+        )
     )
     if model.verbose >= 1:
         print(
-            f"inner_lr='auto': calibrated to {model.inner_lr:.4g} (median first-step KL {AUTO_INNER_KL}, times the "
-            f"inner gradient's signal fraction {model.inner_signal_fraction:.3g} at N={model.inner_episodes}), "
-            f"inner gradient norm clipped at {model.inner_grad_clip}"
+            f"inner_lr='auto': calibrated to {step_size.lr:.4g} (median first-step KL {AUTO_INNER_KL}, times the "
+            f"inner gradient's signal fraction {step_size.signal_fraction:.3g} at N={model.inner_episodes}), "
+            f"inner gradient norm clipped at {step_size.grad_clip}"
         )
+    return step_size

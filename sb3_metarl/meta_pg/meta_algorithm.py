@@ -30,7 +30,7 @@ from sb3_metarl.common.files import check_saved_model, replaced_atomically
 from sb3_metarl.common.rng import EnvRngState, preserved_global_rng
 from sb3_metarl.meta_pg import sampling
 from sb3_metarl.meta_pg.arguments import DICT_OBSERVATION_HINT
-from sb3_metarl.meta_pg.streams import EnvStreams, run_streams, set_run_streams
+from sb3_metarl.meta_pg.streams import RunStreams
 from sb3_metarl.samplers import EpisodeSampler, StepCallback
 from sb3_metarl.samplers.factory import make_episode_sampler, make_sub_envs
 from sb3_metarl.samplers.workers import resolve_vec_env_cls
@@ -93,10 +93,8 @@ class MetaAlgorithm(BaseAlgorithm):
         self.max_episode_steps = max_episode_steps
         #: the sub-envs' random states read from a saved model, applied when its env is attached
         self._saved_env_rng_states: list[EnvRngState] | None = None
-        #: the learner's copy of the sub-envs' random streams (what ``save`` writes: it never asks a worker)
-        self.env_streams = EnvStreams()
-        #: the run's random streams at the start of the meta-iteration in progress (None between iterations)
-        self._iteration_start: dict[str, Any] | None = None
+        #: training's random streams (made by ``_setup_model``: a loaded model keeps the saved ones)
+        self.streams: RunStreams
         self.pre_adaptation_returns: deque | None = None
         #: the registered id of the env, when the model was given one (saved: ``evaluate`` on the command line uses it)
         self.env_id = env if isinstance(env, str) else None
@@ -135,19 +133,22 @@ class MetaAlgorithm(BaseAlgorithm):
     def _after_meta_update(self, tasks: list[Any], sample: MetaSample) -> None:
         """Called by ``learn`` after each meta-update (e.g. to keep the samples for later reuse)."""
 
-    def _setup_sampling(self, loading: bool) -> None:
+    def _setup_streams(self) -> bool:
         """
-        Training's random streams (kept as loaded when ``loading``), the sampler and the task distribution on the
-        model's env: ``_setup_model`` calls it once the policy exists.
+        Training's random streams: seeded from ``seed``, or as loaded. ``_setup_model`` calls it first.
+
+        :return: whether the model is being loaded (its streams came from the zip)
         """
-        if not loading:
-            self.task_rng = np.random.default_rng(self.seed)
-            #: training's torch random stream: the action noise of its sampling (on the CPU, so the same on every
-            #: device) and whatever a meta-optimizer draws (TRPO's conjugate-gradient start)
-            self.torch_generator = th.Generator()
-            self.torch_generator.manual_seed(int(np.random.SeedSequence(self.seed).generate_state(1, np.uint64)[0] >> 1))
-        if not hasattr(self, "env_streams"):  # (a loaded model: the learner's copy is not saved)
-            self.env_streams = EnvStreams()
+        if "streams" in self.__dict__:
+            return True
+        if "torch_generator" in self.__dict__:  # a zip saved before the streams were one object
+            self.streams = RunStreams.of(self.__dict__.pop("task_rng"), self.__dict__.pop("torch_generator"))
+            return True
+        self.streams = RunStreams(self.seed)
+        return False
+
+    def _setup_sampling(self) -> None:
+        """The sampler and the task distribution on the model's env: ``_setup_model`` calls it once the policy exists."""
         self._episode_sampler: EpisodeSampler | None = None
         self._task_sampler: TaskSampler | None = None
         if self.env is not None:
@@ -185,18 +186,18 @@ class MetaAlgorithm(BaseAlgorithm):
         set_random_seed(seed, using_cuda=self.device.type == th.device("cuda").type)
         self.action_space.seed(seed)
         if self.env is not None:
-            self.env_streams.seed(self.env, seed)
+            self.streams.env.seed(self.env, seed)
 
     def _attach_env(self, env: VecEnv) -> None:
         self._episode_sampler = make_episode_sampler(
             env, self.meta_batch_size, self.policy, self.sampler, self.max_episode_steps, self.sampler_kwargs
         )
         if self._saved_env_rng_states is not None and len(self._saved_env_rng_states) == env.num_envs:
-            self.env_streams.put(env, self._saved_env_rng_states)
+            self.streams.env.put(env, self._saved_env_rng_states)
         elif self.seed is not None:
-            self.env_streams.seed(env, self.seed)
+            self.streams.env.seed(env, self.seed)
         else:
-            self.env_streams.read(env)  # the workers were just started: ask them once
+            self.streams.env.read(env)  # the workers were just started: ask them once
         self._saved_env_rng_states = None
         self._attach_task_sampler(env)
 
@@ -246,7 +247,7 @@ class MetaAlgorithm(BaseAlgorithm):
         self._attach_env(vec_env)
 
     def _excluded_save_params(self) -> list[str]:
-        excluded = ["functional_policy", "_episode_sampler", "_task_sampler", "_iteration_start", "env_streams"]
+        excluded = ["functional_policy", "_episode_sampler", "_task_sampler"]
         return [*super()._excluded_save_params(), *excluded]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
@@ -280,10 +281,9 @@ class MetaAlgorithm(BaseAlgorithm):
         :param exclude: names of attributes not to save, in addition to the default ones
         :param include: names of attributes to save that would otherwise be excluded
         """
-        live = run_streams(self, include_env=self._iteration_start is None)
-        saved = self._iteration_start if self._iteration_start is not None else live
-        set_run_streams(self, saved, include_env=False)
-        self._saved_env_rng_states = saved["env"]
+        # the streams pickle themselves as of the iteration's start; the counter and the sub-envs' states go beside them
+        live_timesteps, saved = self.num_timesteps, self.streams.saved(self.num_timesteps)
+        self.num_timesteps, self._saved_env_rng_states = saved.num_timesteps, saved.env if self.env is not None else None
         try:
             if isinstance(path, (str, pathlib.Path)):
                 with replaced_atomically(path) as temporary:
@@ -291,8 +291,7 @@ class MetaAlgorithm(BaseAlgorithm):
             else:
                 super().save(path, exclude=exclude, include=include)
         finally:
-            set_run_streams(self, live, include_env=False)
-            self._saved_env_rng_states = None
+            self.num_timesteps, self._saved_env_rng_states = live_timesteps, None
 
     @classmethod
     def load(  # type: ignore[override]
@@ -450,8 +449,8 @@ class MetaAlgorithm(BaseAlgorithm):
         callback.on_rollout_start()
         # what a model saved during this iteration (a checkpoint callback) holds: the resumed run samples the
         # iteration again from the same streams; an error mid-iteration leaves it there for the same reason
-        self._iteration_start = run_streams(self)
-        tasks = self.sample_tasks(self.meta_batch_size, self.task_rng)
+        self.streams.begin_iteration(self.num_timesteps)
+        tasks = self.sample_tasks(self.meta_batch_size, self.streams.task_rng)
         sampling_start = time.perf_counter()
         sample = self.collect_meta_sample(tasks, step_callback)
         if sample is not None:
@@ -489,7 +488,7 @@ class MetaAlgorithm(BaseAlgorithm):
         self._reset_episode_stats(reset_num_timesteps)
         # SB3 resets the env here; the sub-envs are reset at every wave anyway, and that reset must
         # not draw from their random streams (a resumed run would not replay it)
-        with self.env_streams.kept(self.env):
+        with self.streams.env.kept(self.env):
             total_timesteps, callback = self._setup_learn(
                 total_timesteps, callback, reset_num_timesteps, tb_log_name or type(self).__name__, progress_bar
             )
@@ -507,10 +506,10 @@ class MetaAlgorithm(BaseAlgorithm):
             self.train(sample)
             self.logger.record("time/train_seconds", time.perf_counter() - update_start)
             self._after_meta_update(tasks, sample)
-            self._iteration_start = None
+            self.streams.end_iteration()
             if log_interval is not None and iteration % log_interval == 0:
                 self.dump_logs(iteration)
-        self._iteration_start = None
+        self.streams.end_iteration()
         callback.on_training_end()
         return self
 
@@ -521,4 +520,3 @@ class MetaAlgorithm(BaseAlgorithm):
             return callback.on_step()
 
         return on_step
-

@@ -1,7 +1,6 @@
 """MetaPolicyGradient: gradient-based meta-RL (the MAML family) as a Stable-Baselines3 algorithm."""
 
 import contextlib
-from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -19,7 +18,7 @@ from sb3_metarl.common.functional import FunctionalPolicy, Params
 from sb3_metarl.common.rng import preserved_global_rng
 from sb3_metarl.gradient_modes import GradientMode
 from sb3_metarl.meta_optimizers import MetaOptimizer
-from sb3_metarl.meta_pg import evaluation, inner_lr, reuse, sampling
+from sb3_metarl.meta_pg import evaluation, inner_lr, sampling
 from sb3_metarl.meta_pg.arguments import (
     AUTO,
     COMBINED_ATTRIBUTES,
@@ -32,7 +31,7 @@ from sb3_metarl.meta_pg.evaluation import format_adaptation_table
 from sb3_metarl.meta_pg.inner_lr import AUTO_CALIBRATION_TASKS, AUTO_INNER_CLIP_FACTOR, AUTO_INNER_KL, AUTO_SIGNAL_POWER
 from sb3_metarl.meta_pg.meta_algorithm import MetaAlgorithm
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
-from sb3_metarl.meta_pg.reuse import REUSE_TASKS_PER_META_BATCH, REUSE_WARNING_ITERATIONS, task_key
+from sb3_metarl.meta_pg.reuse import REUSE_TASKS_PER_META_BATCH, REUSE_WARNING_ITERATIONS, InnerSampleReuse, task_key
 from sb3_metarl.mlp import make_adaptation
 from sb3_metarl.samplers import EpisodeSampler, StepCallback
 from sb3_metarl.samplers.factory import make_task_env
@@ -217,10 +216,8 @@ class MetaPolicyGradient(MetaAlgorithm):
         self.discount_from_start = discount_from_start
         self.inner_sample_reuse = inner_sample_reuse
         self.reuse_importance_clip = float(reuse_importance_clip)
-        #: per task (keyed by its pickled value): the first inner batches of earlier meta-iterations, newest last
-        self.reusable_inner_batches: dict[str, deque] = {}
-        #: meta-iterations in a row whose meta-batch could reuse nothing (see ``REUSE_WARNING_ITERATIONS``)
-        self.iterations_without_reuse = 0
+        #: the stored first inner batches of ``inner_sample_reuse`` (made by ``_setup_model``; a loaded model keeps them)
+        self.inner_reuse: InnerSampleReuse
         super().__init__(
             policy=policy,
             env=env,
@@ -263,7 +260,7 @@ class MetaPolicyGradient(MetaAlgorithm):
         self._setup_lr_schedule()
         # a model being loaded already holds its random streams (from the zip): keep them, and leave the
         # caller's global generators alone
-        loading = getattr(self, "torch_generator", None) is not None
+        loading = self._setup_streams()
         if not loading:
             self.set_random_seed(self.seed)
         with preserved_global_rng() if loading else contextlib.nullcontext():
@@ -271,7 +268,18 @@ class MetaPolicyGradient(MetaAlgorithm):
         self.policy = self.policy.to(self.device)
         self.functional_policy = FunctionalPolicy(self.policy)
         self.baseline_model = make_baseline(self.baseline)
-        self._setup_sampling(loading)
+        self._setup_inner_reuse()
+        self._setup_sampling()
+
+    def _setup_inner_reuse(self) -> None:
+        # built from the settings (``load`` may have changed them), holding what a loaded model stored; zips saved
+        # before the reuse was one object hold its state as two attributes
+        loaded = self.__dict__.pop("inner_reuse", None)
+        batches = self.__dict__.pop("reusable_inner_batches", {} if loaded is None else loaded.batches)
+        without = self.__dict__.pop("iterations_without_reuse", 0 if loaded is None else loaded.iterations_without_reuse)
+        max_tasks = REUSE_TASKS_PER_META_BATCH * self.meta_batch_size
+        self.inner_reuse = InnerSampleReuse(self.inner_sample_reuse, self.reuse_importance_clip, max_tasks)
+        self.inner_reuse.carry_over(batches, without)
 
     @property
     def max_steps_per_iteration(self) -> int:
@@ -336,7 +344,9 @@ class MetaPolicyGradient(MetaAlgorithm):
         """
         if self.inner_lr == AUTO:
             self.episode_sampler  # noqa: B018  (a clear error when the model has no env)
-            inner_lr.calibrate_model(self)
+            step_size = inner_lr.calibrate_model(self)
+            self.inner_lr, self.inner_grad_clip = step_size.lr, step_size.grad_clip
+            self.inner_signal_fraction = step_size.signal_fraction
         return float(self.inner_lr)
 
     def collect_meta_sample(self, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
@@ -345,7 +355,7 @@ class MetaPolicyGradient(MetaAlgorithm):
             stopped training (``sampling.collect_meta_sample``)
         """
         self.calibrate_inner_lr()
-        return sampling.collect_meta_sample(self, tasks, step_callback)
+        return sampling.collect_meta_sample(self, tasks, self.gradient_mode, self.inner_episodes, step_callback)
 
     def meta_gradient_on_samples(self, sample: MetaSample, mode: GradientMode) -> Params:
         """
@@ -358,17 +368,27 @@ class MetaPolicyGradient(MetaAlgorithm):
         """
         return self.adaptation.per_task_meta_gradient(sample, mode)
 
-    def estimate_meta_gradient(self, tasks: list[Any] | None = None, per_task: bool = False) -> dict[str, th.Tensor]:
+    def estimate_meta_gradient(
+        self,
+        tasks: list[Any] | None = None,
+        per_task: bool = False,
+        gradient_mode: GradientMode | None = None,
+        inner_episodes: int | None = None,
+    ) -> dict[str, th.Tensor]:
         """
         Estimate the meta-gradient at the current parameters from fresh samples, without updating.
 
         :param tasks: the tasks to use (at most ``meta_batch_size``); default: ``meta_batch_size`` from the sampler
         :param per_task: return one estimate per task (leading task dim) instead of their mean
+        :param gradient_mode: the mode to estimate with (default: the model's; the inner step size stays the model's)
+        :param inner_episodes: episodes per task and inner step (default: the model's)
         :return: policy parameter name -> ascent direction of the meta-objective
         """
         self.calibrate_inner_lr()
-        tasks = self.sample_tasks(self.meta_batch_size, self.task_rng) if tasks is None else list(tasks)
-        sample = self.collect_meta_sample(tasks)
+        tasks = self.sample_tasks(self.meta_batch_size, self.streams.task_rng) if tasks is None else list(tasks)
+        mode = self.gradient_mode if gradient_mode is None else gradient_mode
+        episodes = self.inner_episodes if inner_episodes is None else int(inner_episodes)
+        sample = sampling.collect_meta_sample(self, tasks, mode, episodes)
         assert sample is not None
         grads = self.adaptation.per_task_meta_gradient(sample)
         return grads if per_task else {n: g.mean(0) for n, g in grads.items()}
@@ -407,7 +427,7 @@ class MetaPolicyGradient(MetaAlgorithm):
 
     def _after_meta_update(self, tasks: list[Any], sample: MetaSample) -> None:
         if self.inner_sample_reuse:
-            reuse.remember_inner_batch(self, tasks, sample)
+            self.inner_reuse.remember(tasks, sample)
 
     # ------------------------------------------------------------------ adaptation at meta-test time
 

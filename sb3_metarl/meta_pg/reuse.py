@@ -9,9 +9,9 @@ from typing import Any
 
 import torch as th
 
-from sb3_metarl.adaptation import MetaSample, masked_log_prob
+from sb3_metarl.adaptation import MetaSample, Weighting, masked_log_prob
 from sb3_metarl.common.buffers import EpisodeBatch
-from sb3_metarl.common.functional import Params
+from sb3_metarl.common.functional import FunctionalPolicy, Params
 
 #: batches are kept for the ``REUSE_TASKS_PER_META_BATCH * meta_batch_size`` most recently sampled tasks (a fixed
 #: task set of up to that size is kept whole; tasks that never recur cannot fill memory)
@@ -25,52 +25,77 @@ def task_key(task: Any) -> str:
     return hashlib.sha256(pickle.dumps(task)).hexdigest()
 
 
-def with_reused_episodes(model: Any, tasks: list[Any], params: Params, fresh: EpisodeBatch) -> EpisodeBatch:
+class InnerSampleReuse:
     """
-    The first inner batch with the ``inner_sample_reuse`` most recent stored batches of each task appended
-    (as many as every task of the meta-batch has), marked as reused: their stored log-likelihoods are the
-    behaviour policy's, so the mode's boxes and ratios weigh them by their importance ratio, each step's
-    ratio at the current parameters truncated at ``reuse_importance_clip`` (the behaviour log-likelihood is
-    raised where the ratio would exceed it).
+    ``inner_sample_reuse``'s state: per task (keyed by its pickled value, ``task_key``), the first inner batches of
+    earlier meta-iterations, newest last, for the ``max_tasks`` most recently sampled tasks; and the count of
+    meta-iterations in a row whose meta-batch could reuse nothing (a warning at ``REUSE_WARNING_ITERATIONS``).
 
-    :param model: a ``MetaPolicyGradient`` (its ``reusable_inner_batches`` and ``iterations_without_reuse``)
-    :param tasks: the meta-batch's tasks
-    :param params: the per-task parameters the fresh batch was sampled with
-    :param fresh: the fresh first inner batch
-    :return: the batch to take the first inner step on
+    :param max_batches: batches kept and reused per task (the model's ``inner_sample_reuse``)
+    :param importance_clip: each reused step's likelihood ratio is truncated at this value
+    :param max_tasks: tasks whose batches are kept (older ones are dropped)
     """
-    stored = [model.reusable_inner_batches.get(task_key(task), ()) for task in tasks]
-    n_reused = min(model.inner_sample_reuse, *(len(batches) for batches in stored))
-    # (zips saved before the counter existed load without it)
-    model.iterations_without_reuse = 0 if n_reused else getattr(model, "iterations_without_reuse", 0) + 1
-    if model.iterations_without_reuse == REUSE_WARNING_ITERATIONS:
-        warnings.warn(
-            f"inner_sample_reuse={model.inner_sample_reuse}: no meta-batch could reuse earlier episodes in "
-            f"{REUSE_WARNING_ITERATIONS} meta-iterations; reuse needs tasks that recur (a fixed task set, e.g. "
-            "task_sampler=FixedTaskSampler(tasks)), which a continuous task distribution never gives. Only the "
-            f"{REUSE_TASKS_PER_META_BATCH * model.meta_batch_size} most recent tasks' batches are kept.",
-            stacklevel=3,
-        )
-    if n_reused == 0:
-        return fresh
-    reused = EpisodeBatch.stack_tasks([EpisodeBatch.concatenate(list(batches)[-n_reused:]) for batches in stored])
-    with th.no_grad():
-        current = masked_log_prob(model.functional_policy, {n: p.detach() for n, p in params.items()}, reused)
-    reused.log_probs = th.maximum(reused.log_probs, current - math.log(model.reuse_importance_clip)) * reused.masks
-    reused.reused = th.ones(reused.masks.shape[:2], dtype=th.bool, device=reused.masks.device)
-    return model.weighting(EpisodeBatch.concatenate([fresh.samples(), reused]))
 
+    def __init__(self, max_batches: int, importance_clip: float, max_tasks: int) -> None:
+        self.max_batches = max_batches
+        self.importance_clip = importance_clip
+        self.max_tasks = max_tasks
+        #: task key -> its stored first inner batches, newest last (a dict keeps insertion order: most recent task last)
+        self.batches: dict[str, deque] = {}
+        #: meta-iterations in a row whose meta-batch could reuse nothing
+        self.iterations_without_reuse = 0
 
-def remember_inner_batch(model: Any, tasks: list[Any], sample: MetaSample) -> None:
-    """Store each task's fresh first inner batch of ``sample`` for reuse by later meta-iterations."""
-    batch = sample.inner_batches[0]
-    fresh = batch.samples() if batch.reused is None else batch.select_episodes(~batch.reused[0])
-    store = model.reusable_inner_batches
-    for index, task in enumerate(tasks):
-        key = task_key(task)
-        # most recently sampled last (a dict keeps insertion order, and is saved with it)
-        stored = store.pop(key, None) or deque(maxlen=model.inner_sample_reuse)
-        stored.append(fresh.select_tasks([index]))
-        store[key] = stored
-    while len(store) > REUSE_TASKS_PER_META_BATCH * model.meta_batch_size:
-        del store[next(iter(store))]
+    def carry_over(self, batches: dict[str, deque], iterations_without_reuse: int) -> "InnerSampleReuse":
+        """:return: this reuse holding the given state (a loaded model's, under possibly changed settings)"""
+        self.batches, self.iterations_without_reuse = batches, iterations_without_reuse
+        return self
+
+    def extend(
+        self, tasks: list[Any], params: Params, fresh: EpisodeBatch, policy: FunctionalPolicy, weighting: Weighting
+    ) -> EpisodeBatch:
+        """
+        The first inner batch with the ``max_batches`` most recent stored batches of each task appended (as many
+        as every task of the meta-batch has), marked as reused: their stored log-likelihoods are the behaviour
+        policy's, so the mode's boxes and ratios weigh them by their importance ratio, each step's ratio at the
+        current parameters truncated at ``importance_clip`` (the behaviour log-likelihood is raised where the ratio
+        would exceed it).
+
+        :param tasks: the meta-batch's tasks
+        :param params: the per-task parameters the fresh batch was sampled with
+        :param fresh: the fresh first inner batch
+        :param policy: the functional policy (the reused steps' likelihoods at ``params``)
+        :param weighting: the policy-gradient weights of the combined batch
+        :return: the batch to take the first inner step on
+        """
+        stored = [self.batches.get(task_key(task), ()) for task in tasks]
+        n_reused = min(self.max_batches, *(len(batches) for batches in stored))
+        self.iterations_without_reuse = 0 if n_reused else self.iterations_without_reuse + 1
+        if self.iterations_without_reuse == REUSE_WARNING_ITERATIONS:
+            warnings.warn(
+                f"inner_sample_reuse={self.max_batches}: no meta-batch could reuse earlier episodes in "
+                f"{REUSE_WARNING_ITERATIONS} meta-iterations; reuse needs tasks that recur (a fixed task set, e.g. "
+                "task_sampler=FixedTaskSampler(tasks)), which a continuous task distribution never gives. Only the "
+                f"{self.max_tasks} most recent tasks' batches are kept.",
+                stacklevel=3,
+            )
+        if n_reused == 0:
+            return fresh
+        reused = EpisodeBatch.stack_tasks([EpisodeBatch.concatenate(list(batches)[-n_reused:]) for batches in stored])
+        with th.no_grad():
+            current = masked_log_prob(policy, {n: p.detach() for n, p in params.items()}, reused)
+        reused.log_probs = th.maximum(reused.log_probs, current - math.log(self.importance_clip)) * reused.masks
+        reused.reused = th.ones(reused.masks.shape[:2], dtype=th.bool, device=reused.masks.device)
+        return weighting(EpisodeBatch.concatenate([fresh.samples(), reused]))
+
+    def remember(self, tasks: list[Any], sample: MetaSample) -> None:
+        """Store each task's fresh first inner batch of ``sample`` for reuse by later meta-iterations."""
+        batch = sample.inner_batches[0]
+        fresh = batch.samples() if batch.reused is None else batch.select_episodes(~batch.reused[0])
+        for index, task in enumerate(tasks):
+            key = task_key(task)
+            # most recently sampled last (a dict keeps insertion order, and is saved with it)
+            stored = self.batches.pop(key, None) or deque(maxlen=self.max_batches)
+            stored.append(fresh.select_tasks([index]))
+            self.batches[key] = stored
+        while len(self.batches) > self.max_tasks:
+            del self.batches[next(iter(self.batches))]

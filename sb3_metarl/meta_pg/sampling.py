@@ -1,6 +1,6 @@
 """One meta-iteration's samples: tasks, weighted episodes, and the meta-objective's graph built over them."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
@@ -9,9 +9,12 @@ from sb3_metarl.adaptation import MetaSample, masked_log_prob
 from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params
 from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
-from sb3_metarl.meta_pg import reuse
+from sb3_metarl.gradient_modes import GradientMode
 from sb3_metarl.samplers import EpisodeSampler, StepCallback, draw_noise_seeds, sampler_options
 from sb3_metarl.tasks import TaskSampler
+
+if TYPE_CHECKING:  # (the model's type for the checker only: at run time this room sits below the class)
+    from sb3_metarl.meta_pg.meta_pg import MetaPolicyGradient
 
 
 def sample_tasks(task_sampler: TaskSampler, n_tasks: int, rng: np.random.Generator) -> list[Any]:
@@ -32,7 +35,7 @@ def sample_tasks(task_sampler: TaskSampler, n_tasks: int, rng: np.random.Generat
 
 
 def sample_episodes(
-    model: Any,
+    model: "MetaPolicyGradient",
     tasks: list[Any],
     task_params: Params | None,
     n_episodes: int,
@@ -59,10 +62,10 @@ def sample_episodes(
     own = sampler is None or (model.env is not None and sampler is model.episode_sampler)
     sampler = sampler or model.episode_sampler
     if own:
-        model.env_streams.refresh(model.env)
+        model.streams.env.refresh(model.env)
     if task_params is None:
         task_params = model.initial_task_params(len(tasks))
-    noise_seeds = draw_noise_seeds(generator or model.torch_generator, len(tasks))
+    noise_seeds = draw_noise_seeds(generator or model.streams.torch_generator, len(tasks))
     model.policy.set_training_mode(False)
     params = {n: p.detach() for n, p in task_params.items()}
     # the callback is called once per sampled batch, on every backend: in this process it could be after every
@@ -73,7 +76,7 @@ def sample_episodes(
     if batch is None:
         return None
     if own:
-        model.env_streams.record(model.env, sampler)
+        model.streams.env.record(model.env, sampler)
     if step_callback is not None:
         n_batch_episodes = batch.masks.shape[0] * batch.masks.shape[1]  # (B, E, H)
         batch_locals = {"dones": np.ones(n_batch_episodes, dtype=bool), "infos": [{}] * n_batch_episodes}
@@ -85,24 +88,32 @@ def sample_episodes(
     return model.weighting(batch)
 
 
-def collect_meta_sample(model: Any, tasks: list[Any], step_callback: StepCallback | None = None) -> MetaSample | None:
+def collect_meta_sample(
+    model: "MetaPolicyGradient",
+    tasks: list[Any],
+    mode: GradientMode,
+    inner_episodes: int,
+    step_callback: StepCallback | None = None,
+) -> MetaSample | None:
     """
     Sample the inner and outer episodes of ``tasks`` (adapting between them) and build the meta-objective's graph.
 
     :param model: a ``MetaPolicyGradient`` (its inner step size calibrated)
     :param tasks: at most ``meta_batch_size`` tasks
+    :param mode: the gradient mode of the inner steps and the objective
+    :param inner_episodes: episodes per task and inner step (N)
     :param step_callback: receives the transition counts
     :return: the samples and objective, or None if a callback stopped training
     """
-    adaptation, mode = model.adaptation, model.gradient_mode
+    adaptation = model.adaptation
 
     # (each batch's sampling log-likelihoods are the graph-carrying ones computed below, detached: the inner steps
     # store them at sampling, and the outer ones are stored after the adaptation; computing them twice cost a sixteenth
     # of a HalfCheetah iteration)
     def inner_batch(step: int, params: Params) -> EpisodeBatch | None:
-        batch = sample_episodes(model, tasks, params, model.inner_episodes, step_callback, with_log_probs=False)
+        batch = sample_episodes(model, tasks, params, inner_episodes, step_callback, with_log_probs=False)
         if step == 0 and batch is not None and model.inner_sample_reuse:
-            batch = reuse.with_reused_episodes(model, tasks, params, batch)
+            batch = model.inner_reuse.extend(tasks, params, batch, model.functional_policy, model.weighting)
         return batch
 
     unrolled = adaptation.unroll(

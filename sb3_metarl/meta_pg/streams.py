@@ -1,9 +1,11 @@
 """A run's random streams: what a checkpoint holds so that the resumed run continues exactly."""
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch as th
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -90,24 +92,99 @@ class EnvStreams:
             yield generator
 
 
-def run_streams(model: Any, include_env: bool = True) -> dict[str, Any]:
-    """
-    :param model: a ``MetaPolicyGradient``
-    :param include_env: include the sub-envs' streams (the learner's copy: never a question to the workers)
-    :return: copies of the model's random streams and its timestep counter
-    """
-    return {
-        "num_timesteps": model.num_timesteps,
-        "task_rng": generator_state(model.task_rng),
-        "torch_generator": model.torch_generator.get_state(),
-        "env": model.env_streams.states if include_env and model.env is not None else None,
-    }
+@dataclasses.dataclass(frozen=True)
+class StreamsSnapshot:
+    """Copies of a run's random streams and its timestep counter at one moment (what a resumed run starts from)."""
+
+    #: the model's ``num_timesteps``
+    num_timesteps: int
+    #: the task stream's state
+    task_rng: dict[str, Any]
+    #: the action noise's stream
+    torch_generator: th.Tensor
+    #: the sub-envs' states (the learner's copy); None when not taken or no env
+    env: list[EnvRngState] | None
 
 
-def set_run_streams(model: Any, state: dict[str, Any], include_env: bool = True) -> None:
-    """:param state: as returned by ``run_streams``"""
-    model.num_timesteps = state["num_timesteps"]
-    restore_generator(model.task_rng, state["task_rng"])
-    model.torch_generator.set_state(state["torch_generator"])
-    if include_env and state["env"] is not None and model.env is not None:
-        model.env_streams.put(model.env, state["env"])
+class RunStreams:
+    """
+    Training's random streams, which a checkpoint holds so that the resumed run continues exactly: the task stream,
+    the torch stream of the action noise (and of whatever a meta-optimizer draws: TRPO's conjugate-gradient start),
+    the learner's copy of the sub-envs' streams, and the snapshot taken at the start of the meta-iteration in progress.
+
+    Pickled (SB3's save), it holds the task and torch streams as of the iteration's start when one is in progress
+    (the resumed run samples that iteration again), else as they are; the sub-envs' copy and the snapshot are not
+    pickled (the model saves the sub-envs' states itself, and a loaded model is between iterations).
+
+    :param seed: the run's seed (None: fresh entropy)
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        #: the stream training draws its meta-batches' tasks from
+        self.task_rng = np.random.default_rng(seed)
+        #: training's torch stream: the action noise of its sampling (on the CPU, so the same on every device)
+        self.torch_generator = th.Generator()
+        self.torch_generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1))
+        #: the learner's copy of the sub-envs' streams
+        self.env = EnvStreams()
+        #: the streams at the start of the meta-iteration in progress (None between iterations)
+        self.iteration_start: StreamsSnapshot | None = None
+
+    @classmethod
+    def of(cls, task_rng: np.random.Generator, torch_generator: th.Generator) -> "RunStreams":
+        """:return: the streams holding these generators (a model saved before the streams were one object)"""
+        streams = cls(0)
+        streams.task_rng, streams.torch_generator = task_rng, torch_generator
+        return streams
+
+    def snapshot(self, num_timesteps: int, include_env: bool = True) -> StreamsSnapshot:
+        """
+        :param num_timesteps: the model's timestep counter, kept with the streams
+        :param include_env: include the sub-envs' streams (the learner's copy: never a question to the workers)
+        :return: copies of the streams
+        """
+        return StreamsSnapshot(
+            num_timesteps,
+            generator_state(self.task_rng),
+            self.torch_generator.get_state(),
+            self.env.states if include_env else None,
+        )
+
+    def restore(self, snapshot: StreamsSnapshot, env: VecEnv | None = None) -> int:
+        """
+        Put the streams back as in ``snapshot`` (the sub-envs' too when it holds them and ``env`` is given).
+
+        :return: the snapshot's timestep counter
+        """
+        restore_generator(self.task_rng, snapshot.task_rng)
+        self.torch_generator.set_state(snapshot.torch_generator)
+        if snapshot.env is not None and env is not None:
+            self.env.put(env, snapshot.env)
+        return snapshot.num_timesteps
+
+    def begin_iteration(self, num_timesteps: int) -> None:
+        """A meta-iteration starts: a save until ``end_iteration`` holds the streams as they are now."""
+        self.iteration_start = self.snapshot(num_timesteps)
+
+    def end_iteration(self) -> None:
+        """The meta-iteration's update was applied: a save holds the streams as they are from now on."""
+        self.iteration_start = None
+
+    def saved(self, num_timesteps: int) -> StreamsSnapshot:
+        """:return: what a save holds: the iteration's start when one is in progress, else the streams as they are"""
+        return self.iteration_start if self.iteration_start is not None else self.snapshot(num_timesteps)
+
+    def isolated(self, env: VecEnv | None, seed: int | None) -> contextlib.AbstractContextManager[th.Generator]:
+        """Sampling outside training's streams (``EnvStreams.isolated``): yields the action noise's generator."""
+        return self.env.isolated(env, seed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        saved = self.saved(0)
+        task_rng, torch_generator = np.random.default_rng(), th.Generator()
+        restore_generator(task_rng, saved.task_rng)
+        torch_generator.set_state(saved.torch_generator)
+        return {"task_rng": task_rng, "torch_generator": torch_generator}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.task_rng, self.torch_generator = state["task_rng"], state["torch_generator"]
+        self.env, self.iteration_start = EnvStreams(), None
