@@ -9,8 +9,9 @@ import pytest
 import torch as th
 
 from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.common.infos import RowInfos
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, RowInfos, batched_stepper
+from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, batched_stepper
 
 FAMILIES = [
     ("sb3_metarl/HalfCheetahDir-v0", {}),

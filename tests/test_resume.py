@@ -194,7 +194,7 @@ SUBPROC = dict(sampler="subproc", sampler_kwargs=dict(num_workers=2, timeout=60.
 def test_a_model_is_saveable_whatever_its_workers_did_and_resumes_exactly(tmp_path, when):
     from conftest import deadline
 
-    from sb3_metarl.samplers.workers import WorkerDiedError
+    from sb3_metarl.samplers.processes import WorkerDiedError
 
     env_id = "sb3_metarl/TabularMDP-v0"
     per_iteration = 2 * 2 * 2 * 20

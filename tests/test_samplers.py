@@ -15,7 +15,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers import EpisodeSampler, ShardedVecEnv, VecEnvSampler
-from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError
+from sb3_metarl.samplers.processes import SamplerClosedError, WorkerDiedError
 from sb3_metarl.tasks import TaskEnv
 
 SMALL = dict(meta_batch_size=4, inner_episodes=3, outer_episodes=3, seed=3)
@@ -293,6 +293,26 @@ def test_a_minimal_episode_sampler_trains_and_its_steps_are_counted_per_batch():
     assert 4 * 6 * 50 < model.num_timesteps <= 4 * 6 * 100
 
 
+class _HalfSeededSampler(_PlainSampler):
+    def sample(self, tasks, task_params, n_episodes, noise_seeds=None):
+        return self.inner.sample(tasks, task_params, n_episodes, noise_seeds)
+
+
+def test_a_sampler_is_checked_against_the_contract_once_where_it_is_given():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sb3_metarl.samplers import conforming_sampler
+    from sb3_metarl.samplers.factory import make_task_env
+
+    venv = DummyVecEnv([lambda: make_task_env("sb3_metarl/Navigation2D-v0")] * 12)
+    seeded = _CountingSampler(venv, 4)
+    assert conforming_sampler(seeded) is seeded  # the full contract: used as given
+    plain = conforming_sampler(_PlainSampler(venv, 4))  # the minimal one: held to the contract, its own noise
+    assert plain.n_groups == 4 and plain.horizon == 100
+    with pytest.raises(ValueError, match="sampler: _HalfSeededSampler.sample does not take step_callback"):
+        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=_HalfSeededSampler(venv, 4), **SMALL)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -328,7 +348,7 @@ def test_layered_acting_is_the_policy_s_own_gaussian_sample(activation):
     from gymnasium import spaces
     from stable_baselines3.common.policies import ActorCriticPolicy
 
-    from sb3_metarl.samplers.base import GroupPolicies
+    from sb3_metarl.samplers.acting import GroupPolicies
 
     observation_space = spaces.Box(-np.inf, np.inf, (3,), np.float32)
     action_space = spaces.Box(-1, 1, (2,), np.float32)
@@ -523,7 +543,7 @@ def test_ctrl_c_is_a_keyboard_interrupt_and_the_model_is_saved(tmp_path):
     script = (
         "import faulthandler, signal, sys\n"
         "from sb3_metarl import MetaPolicyGradient\n"
-        "from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError\n"
+        "from sb3_metarl.samplers.processes import SamplerClosedError, WorkerDiedError\n"
         "if __name__ == '__main__':\n"
         "    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, should it ever hang\n"
         "    # a terminal's interpreter turns SIGINT into KeyboardInterrupt; one started from a background job of a\n"
@@ -655,7 +675,7 @@ def _collect_lanes(num_threads: int, step_callback=None, n_tasks: int = 3, runne
     """
     from stable_baselines3.common.policies import ActorCriticPolicy
 
-    from sb3_metarl.samplers.base import GroupPolicies
+    from sb3_metarl.samplers.acting import GroupPolicies
     from sb3_metarl.samplers.collection import collect_episodes
 
     runner = _RecordingRunner.make("sb3_metarl/Walker2dVel-v0", n_tasks, 2, 20, num_threads)
@@ -720,7 +740,7 @@ def test_a_stopped_or_failed_lane_loop_leaves_no_physics_running(stop):
 
 def test_learn_after_closing_the_in_process_sampler_says_so():
     # before: "cannot schedule new futures after shutdown" from the twin's thread pool
-    from sb3_metarl.samplers.workers import SamplerClosedError
+    from sb3_metarl.samplers.processes import SamplerClosedError
 
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/HalfCheetahVel-v0", meta_batch_size=2, inner_episodes=2,
                                outer_episodes=2, inner_lr=1e-3, max_episode_steps=10, seed=0)  # fmt: skip

@@ -9,7 +9,7 @@ from conftest import deadline  # the tests' directory is on sys.path (pytest's d
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.samplers.workers import GuardedSubprocVecEnv, SamplerClosedError, WorkerDiedError, resolve_vec_env_cls
+from sb3_metarl.samplers.processes import GuardedSubprocVecEnv, SamplerClosedError, WorkerDiedError, resolve_vec_env_cls
 
 
 def test_killed_worker_mid_learn_raises_naming_it_and_close_is_bounded():

@@ -14,8 +14,8 @@ from sb3_metarl.common.baselines import make_baseline
 from sb3_metarl.gradient_modes import GradientMode, make_gradient_mode
 from sb3_metarl.meta_optimizers import MetaOptimizer, make_meta_optimizer
 from sb3_metarl.samplers import SAMPLER_NAMES, EpisodeSampler, ShardedVecEnv
+from sb3_metarl.samplers.processes import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS, check_runner_arguments
-from sb3_metarl.samplers.workers import GuardedSubprocVecEnv, check_timeout, resolve_vec_env_cls
 
 #: what ``sampler_kwargs`` may hold for "subproc" and "ray": ``ShardedVecEnv``'s arguments beyond those the
 #: algorithm sets (the sub-envs, the groups, the horizon and the backend)

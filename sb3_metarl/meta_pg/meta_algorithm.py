@@ -33,7 +33,7 @@ from sb3_metarl.meta_pg.arguments import DICT_OBSERVATION_HINT
 from sb3_metarl.meta_pg.streams import RunStreams
 from sb3_metarl.samplers import EpisodeSampler, StepCallback
 from sb3_metarl.samplers.factory import make_episode_sampler, make_sub_envs
-from sb3_metarl.samplers.workers import resolve_vec_env_cls
+from sb3_metarl.samplers.processes import resolve_vec_env_cls
 from sb3_metarl.tasks import EnvTaskSampler, TaskSampler
 
 SelfMetaAlgorithm = TypeVar("SelfMetaAlgorithm", bound="MetaAlgorithm")

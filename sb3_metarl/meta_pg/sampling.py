@@ -10,7 +10,7 @@ from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params
 from sb3_metarl.common.threads import ACTING_THREADS, torch_threads
 from sb3_metarl.gradient_modes import GradientMode
-from sb3_metarl.samplers import EpisodeSampler, StepCallback, draw_noise_seeds, sampler_options
+from sb3_metarl.samplers import EpisodeSampler, StepCallback, draw_noise_seeds
 from sb3_metarl.tasks import TaskSampler
 
 if TYPE_CHECKING:  # (the model's type for the checker only: at run time this room sits below the class)
@@ -70,9 +70,8 @@ def sample_episodes(
     params = {n: p.detach() for n, p in task_params.items()}
     # the callback is called once per sampled batch, on every backend: in this process it could be after every
     # lock-step, in a worker only per batch, and a callback's count (CheckpointCallback's save_freq) must mean the same
-    options = sampler_options(sampler, noise_seeds, None)
     with torch_threads(ACTING_THREADS):
-        batch = sampler.sample(tasks, params, n_episodes, **options)
+        batch = sampler.sample(tasks, params, n_episodes, noise_seeds=noise_seeds, step_callback=None)
     if batch is None:
         return None
     if own:

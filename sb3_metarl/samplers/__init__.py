@@ -7,18 +7,12 @@ Episode samplers: how a meta-iteration's episodes are collected (``MetaPolicyGra
 - or any ``EpisodeSampler`` instance.
 """
 
-from sb3_metarl.samplers.base import (
-    EpisodeSampler,
-    GroupPolicies,
-    StepCallback,
-    draw_noise_seeds,
-    group_generators,
-    sampler_options,
-)
+from sb3_metarl.samplers.acting import GroupPolicies, draw_noise_seeds, group_generators
+from sb3_metarl.samplers.processes import SamplerClosedError, WorkerDiedError
+from sb3_metarl.samplers.protocol import EpisodeSampler, StepCallback, conforming_sampler
 from sb3_metarl.samplers.runner import GroupRunner
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
-from sb3_metarl.samplers.workers import SamplerClosedError, WorkerDiedError
 
 #: the names ``sampler=`` accepts
 SAMPLER_NAMES = ("vec_env", "subproc", "ray")
@@ -33,7 +27,7 @@ __all__ = [
     "StepCallback",
     "VecEnvSampler",
     "WorkerDiedError",
+    "conforming_sampler",
     "draw_noise_seeds",
     "group_generators",
-    "sampler_options",
 ]

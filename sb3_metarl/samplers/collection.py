@@ -7,64 +7,20 @@ thread's Python (an :class:`OverlappingStepper`: the twin's compiled loop on two
 task groups in two lanes, acting and recording for one while the other's physics runs: the same samples.
 """
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_metarl.common.buffers import TaskRolloutBuffer
 from sb3_metarl.common.functional import Params
-from sb3_metarl.tasks.mujoco_batched import RowInfos
-
-#: a lock-step's outcome per stepped row: the rewards, whether the episode ended (terminated or truncated), the infos
-StepResult = tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]
-#: (number of valid transitions since the last call, the step's variables) -> continue? (every sampler calls it so)
-StepCallback = Callable[[int, dict[str, Any]], bool]
-
-
-class Stepper(Protocol):
-    """How the loop's sub-envs (group-major, ``envs_per_group`` per task) are given tasks, reset and stepped."""
-
-    num_envs: int
-    envs_per_group: int
-    horizon: int
-    observation_space: spaces.Space
-    action_space: spaces.Space
-    #: the model-wide index of sub-env 0 here (errors name sub-envs by it)
-    first_env_index: int
-
-    def set_tasks(self, tasks: Sequence[Any]) -> None:
-        """Give the first ``len(tasks) * envs_per_group`` sub-envs their group's task."""
-
-    def reset(self, obs: np.ndarray, active: np.ndarray) -> None:
-        """Reset (at least) the sub-envs where ``active`` is True, writing their first observations into ``obs``."""
-
-    def step(self, obs: np.ndarray, rows: np.ndarray, env_actions: np.ndarray, step: int) -> StepResult:
-        """
-        Step (at least) the sub-envs ``rows`` with their rows of ``env_actions`` (the ``step``-th step of the wave),
-        writing their next observations into ``obs[rows]``.
-
-        :return: per row: the rewards, whether the episode ended (terminated or truncated), the infos
-        """
-
-
-class GroupActor(Protocol):
-    """Per-group copies of the policy (``samplers.base.GroupPolicies``)."""
-
-    policy: ActorCriticPolicy
-
-    def load(self, task_params: Params) -> None:
-        """:param task_params: per-group parameters (leading dim: the groups)"""
-
-    def act(
-        self, obs: np.ndarray, envs_per_group: int, groups: np.ndarray, generators: list[th.Generator], out: Any = None
-    ) -> np.ndarray:
-        """:return: one action per sub-env; the rows of ``groups`` sampled, each group with its generator"""
+from sb3_metarl.common.infos import RowInfos
+from sb3_metarl.samplers.acting import check_finite_actions, group_generators
+from sb3_metarl.samplers.protocol import GroupActor, OverlappingStepper, StepCallback, Stepper, StepResult
 
 
 def collect_episodes(
@@ -103,21 +59,6 @@ def collect_episodes(
         if not finished:
             return None
     return collection.buffer
-
-
-class OverlappingStepper(Stepper, Protocol):
-    """A stepper whose steps can be started and finished apart, their physics running beside the caller's Python."""
-
-    overlaps_physics: bool
-
-    def start_step(self, rows: np.ndarray, env_actions: np.ndarray) -> Any:
-        """Start stepping the sub-envs ``rows`` with their rows of ``env_actions``; :return: the step in flight"""
-
-    def finish_step(self, obs: np.ndarray, pending: Any, step: int) -> StepResult:
-        """Finish a started step (the ``step``-th of the wave), writing its rows' next observations into ``obs``."""
-
-    def abandon_step(self, pending: Any) -> None:
-        """Wait for a started step whose outcome is not wanted."""
 
 
 class _Collection:
@@ -254,20 +195,6 @@ class _Collection:
         return len(rows), {"new_obs": self.obs[rows], "rewards": rewards, "dones": dones, "infos": infos}
 
 
-def group_generators(seeds: Sequence[int]) -> list[th.Generator]:
-    """:return: one CPU generator per task group, seeded with the group's noise seed for this sampling phase"""
-    return [th.Generator().manual_seed(int(seed)) for seed in seeds]
-
-
-def check_finite_actions(actions: np.ndarray) -> None:
-    """:raises FloatingPointError: if a sampled action is not finite (the policy's parameters are broken)"""
-    if not np.isfinite(actions).all():
-        raise FloatingPointError(
-            "policy: non-finite actions sampled (the current or adapted parameters are not finite or too large); "
-            "lower inner_lr or learning_rate."
-        )
-
-
 def episode_horizon(venv: VecEnv, max_episode_steps: int | None = None) -> int:
     """
     :param max_episode_steps: the horizon given by the user, which takes precedence
@@ -288,53 +215,6 @@ def episode_horizon(venv: VecEnv, max_episode_steps: int | None = None) -> int:
             "in `gymnasium.wrappers.TimeLimit(env, max_episode_steps=H)`."
         )
     return int(horizon)
-
-
-class VecEnvStepper:
-    """
-    Any SB3 VecEnv as the loop's sub-envs (a ``SubprocVecEnv``, a wrapper such as SB3's image transposition):
-    every sub-env is reset at a wave's start and stepped at every lock-step until the wave ends (the VecEnv API
-    steps all of them; the loop keeps the rows of the running episodes).
-
-    :param venv: the vectorized env; every sub-env must have ``set_task`` on ``env.unwrapped``
-    :param n_groups: number of task groups B (must divide ``venv.num_envs``)
-    :param max_episode_steps: the horizon H (default: the sub-envs' own ``max_episode_steps``)
-    """
-
-    first_env_index = 0
-
-    def __init__(self, venv: VecEnv, n_groups: int, max_episode_steps: int | None = None):
-        if venv.num_envs % n_groups != 0:
-            raise ValueError(
-                f"n_envs: the env has {venv.num_envs} sub-envs, which is not a multiple of meta_batch_size={n_groups}; "
-                "use n_envs = meta_batch_size * k."
-            )
-        if not venv.has_attr("set_task"):
-            raise ValueError(
-                "env: the environment has no `set_task(task)` method on `env.unwrapped`; meta-RL needs task-aware envs "
-                "(see sb3_metarl.tasks.TaskEnv, or the built-in ids under 'sb3_metarl/')."
-            )
-        self.venv = venv
-        self.num_envs = venv.num_envs
-        self.n_groups = n_groups
-        self.envs_per_group = venv.num_envs // n_groups
-        self.horizon = episode_horizon(venv, max_episode_steps)
-        self.observation_space, self.action_space = venv.observation_space, venv.action_space
-
-    def set_tasks(self, tasks: Sequence[Any]) -> None:
-        """:param tasks: one task per group, at most ``n_groups``; spare groups repeat the last task"""
-        for group in range(self.n_groups):
-            first = group * self.envs_per_group
-            task = tasks[min(group, len(tasks) - 1)]
-            self.venv.env_method("set_task", task, indices=range(first, first + self.envs_per_group))
-
-    def reset(self, obs: np.ndarray, active: np.ndarray) -> None:
-        obs[:] = np.asarray(self.venv.reset()).reshape(obs.shape)  # (a Discrete space's (n,) into its (n, 1))
-
-    def step(self, obs: np.ndarray, rows: np.ndarray, env_actions: np.ndarray, step: int) -> StepResult:
-        new_obs, rewards, dones, infos = self.venv.step(env_actions)
-        obs[rows] = np.asarray(new_obs)[rows].reshape(obs[rows].shape)
-        return rewards[rows], dones[rows], [infos[row] for row in rows]
 
 
 def check_finite(

@@ -11,11 +11,11 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_metarl.samplers.base import EpisodeSampler
+from sb3_metarl.samplers.processes import GuardedSubprocVecEnv
+from sb3_metarl.samplers.protocol import EpisodeSampler, conforming_sampler
 from sb3_metarl.samplers.runner import RUNNER_ARGUMENTS
 from sb3_metarl.samplers.sharded import ShardedVecEnv
 from sb3_metarl.samplers.vec_env import VecEnvSampler
-from sb3_metarl.samplers.workers import GuardedSubprocVecEnv
 
 
 class PrototypeCopies:
@@ -132,7 +132,7 @@ def make_episode_sampler(
             )
         episode_sampler: EpisodeSampler = env.unwrapped
     elif isinstance(sampler, EpisodeSampler):
-        episode_sampler = sampler
+        episode_sampler = conforming_sampler(sampler)
     else:
         runner_kwargs = {key: value for key, value in (sampler_kwargs or {}).items() if key in RUNNER_ARGUMENTS}
         episode_sampler = VecEnvSampler(env, n_groups, max_episode_steps, **runner_kwargs)

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sb3_metarl.samplers.collection import StepResult
+from sb3_metarl.samplers.protocol import StepResult
 from sb3_metarl.tasks.mujoco_batched import PendingStep, batched_stepper
 
 #: the ``sampler_kwargs`` that every backend passes on to its runners: the batched physics switch and its threads

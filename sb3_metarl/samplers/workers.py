@@ -1,353 +1,245 @@
-"""Worker processes that name a dead worker and never hang: the guarded pipes, ``GuardedSubprocVecEnv`` and their faults."""
+"""
+The workers of ``sampler="subproc"`` and ``sampler="ray"``: a ``Shard`` (a block of task groups, its sub-envs and a CPU
+copy of the policy, sampling whole episodes locally) in a process (``ProcessWorker``) or a Ray actor (``RayWorker``).
+"""
 
-import atexit
 import contextlib
-import ctypes
-import math
-import multiprocessing as mp
 import os
-import signal
-import struct
-import sys
-import threading
 import time
 import traceback
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import cloudpickle
 import gymnasium as gym
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
-from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
-from stable_baselines3.common.vec_env.subproc_vec_env import _worker as subproc_worker
+import numpy as np
+import torch as th
+from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+
+from sb3_metarl.samplers.acting import GroupPolicies
+from sb3_metarl.samplers.collection import collect_episodes
+from sb3_metarl.samplers.processes import (
+    GuardedPipe,
+    SamplerClosedError,
+    TaggedConnection,
+    WorkerDiedError,
+    prepare_worker_process,
+)
+from sb3_metarl.samplers.runner import GroupRunner
+
+#: the per-step arrays of a sampled batch a worker sends back, only at the steps the masks mark valid (the
+#: learner recomputes every log-likelihood)
+BATCH_FIELDS = ("observations", "actions", "rewards")
 
 
-class WorkerDiedError(RuntimeError):
-    """A sub-env's worker process died or stopped answering."""
-
-
-class SamplerClosedError(RuntimeError):
-    """A call to workers that ``close`` has already stopped."""
-
-
-class WorkerFailure:
-    """What a worker sends instead of an answer when the code it runs (an env) raised: the error and its traceback."""
-
-    def __init__(self, error: BaseException, remote_traceback: str):
-        self.description, self.remote_traceback = f"{type(error).__name__}: {error}", remote_traceback
-
-
-#: seconds between a worker's checks that the process that started it is alive (a worker never outlives its learner)
-PARENT_CHECK_SECONDS = 1.0
-
-
-def prepare_worker_process(learner_pid: int) -> None:
+class Shard:
     """
-    Called first in every worker process: Ctrl-C is the learner's to handle (a worker that died of the
-    terminal's SIGINT would surface as a dead worker instead of ``KeyboardInterrupt``), and the worker
-    dies with the learner, whatever signals its env ignores: the kernel sends it SIGKILL when its
-    parent exits (Linux), and a thread exits it when the learner process is gone (the parent of a
-    forkserver child is the fork server, not the learner).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    What a worker holds: a block of sub-envs (a ``DummyVecEnv``, for the VecEnv API) and a copy of the
+    policy's architecture. Runs in the worker process or Ray actor.
 
-    def watch() -> None:
-        while True:
-            time.sleep(PARENT_CHECK_SECONDS)
-            try:
-                os.kill(learner_pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # alive, under another user
-                pass
-
-    threading.Thread(target=watch, name="learner watchdog", daemon=True).start()
-
-
-_TAG = struct.Struct("<Q")
-
-
-class TaggedConnection:
-    """
-    The worker's end of a pipe whose messages carry the request's number: every answer is sent with the
-    number of the request it answers, so the learner can never take a late answer for another one.
-    """
-
-    def __init__(self, connection: Any):
-        self.connection, self.tag = connection, 0
-
-    def recv(self) -> Any:
-        self.tag, message = self.connection.recv()
-        return message
-
-    def send(self, message: Any) -> None:
-        self.connection.send((self.tag, message))
-
-    def recv_bytes(self) -> bytes:
-        data = self.connection.recv_bytes()
-        self.tag = _TAG.unpack_from(data)[0]
-        return data[_TAG.size :]
-
-    def send_bytes(self, data: bytes) -> None:
-        self.connection.send_bytes(_TAG.pack(self.tag) + data)
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-class GuardedPipe:
-    """
-    The parent end of a worker's pipe: waits in bounded slices, checks the worker is alive, and numbers
-    every request; an answer to an earlier request (late, after a timeout or an interrupt) is discarded,
-    never taken for the current one. The deadline of a call runs from the moment its request was sent,
-    so a call to k workers waits ``timeout`` in all, not k times.
-
-    :param remote: the parent's end of the pipe
-    :param process: the worker process
-    :param name: how errors name the worker, e.g. "SubprocVecEnv worker 3 (sub-env 3)"
-    :param timeout: seconds to wait for a living worker's answer (None: no limit)
-    """
-
-    def __init__(self, remote: Any, process: mp.Process, name: str, timeout: float | None):
-        self.remote, self.process, self.name, self.timeout = remote, process, name, timeout
-        self.tag, self.sent_at, self.closed = 0, time.monotonic(), False
-
-    def _died(self, cause: BaseException | None = None) -> WorkerDiedError:
-        self.process.join(timeout=0.5)  # let the exit code settle
-        exit_code = self.process.exitcode
-        state = "is alive but did not answer" if exit_code is None else f"died with exit code {exit_code}"
-        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-        pid = self.process.pid
-        return WorkerDiedError(f"{self.name} (pid {pid}) {state}{detail}.")
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise SamplerClosedError(f"{self.name}: the workers were closed (close() was called); build a new env to sample.")
-
-    def _transfer(self, operation: Callable[..., Any], *args: Any) -> Any:
-        self._check_open()
-        try:
-            return operation(*args)
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as error:
-            raise self._died(error) from None
-
-    def _sent(self) -> None:
-        self.tag += 1
-        self.sent_at = time.monotonic()
-
-    def send(self, message: Any) -> None:
-        self._check_open()
-        self._sent()
-        self._transfer(self.remote.send, (self.tag, message))
-
-    def send_bytes(self, data: bytes) -> None:
-        """Send an already serialized message (the caller counts its size)."""
-        self._check_open()
-        self._sent()
-        self._transfer(self.remote.send_bytes, _TAG.pack(self.tag) + data)
-
-    def _wait(self) -> None:
-        self._check_open()
-        while not self.remote.poll(0.1):
-            if not self.process.is_alive():
-                raise self._died()
-            if self.timeout is not None and time.monotonic() - self.sent_at > self.timeout:
-                raise self._died(TimeoutError(f"no answer within {self.timeout} s"))
-
-    def _answer(self, message: Any) -> Any:
-        if isinstance(message, WorkerFailure):
-            raise RuntimeError(f"{self.name} failed: {message.description}\n{message.remote_traceback}")
-        return message
-
-    def recv(self) -> Any:
-        while True:
-            self._wait()
-            tag, message = self._transfer(self.remote.recv)
-            if tag == self.tag:
-                return self._answer(message)
-            # an answer to an earlier request (late): dropped
-
-    def recv_bytes(self) -> bytes:
-        """:return: the answer to the last request, still serialized"""
-        while True:
-            self._wait()
-            data = self._transfer(self.remote.recv_bytes)
-            if _TAG.unpack_from(data)[0] == self.tag:
-                return data[_TAG.size :]
-
-    def poll(self, timeout: float = 0.0) -> bool:
-        return not self.closed and self.remote.poll(timeout)
-
-    def close(self) -> None:
-        self.closed = True
-        self.remote.close()
-
-
-#: seconds a worker may take to start (a process importing torch and building its envs), whatever ``timeout`` says
-STARTUP_TIMEOUT = 120.0
-
-
-@contextlib.contextmanager
-def starting(pipes: list[GuardedPipe]) -> Iterator[None]:
-    """The pipes wait at least ``STARTUP_TIMEOUT`` for answers in the block (the workers' first answers)."""
-    timeouts = [pipe.timeout for pipe in pipes]
-    for pipe in pipes:
-        pipe.timeout = None if pipe.timeout is None else max(pipe.timeout, STARTUP_TIMEOUT)
-    try:
-        yield
-    finally:
-        for pipe, timeout in zip(pipes, timeouts):
-            pipe.timeout = timeout
-
-
-#: worker groups (samplers' and SubprocVecEnvs' processes, Ray actors) not yet closed, closed at interpreter exit
-_OPEN_WORKER_GROUPS: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def _close_open_worker_groups() -> None:
-    for group in list(_OPEN_WORKER_GROUPS):
-        with contextlib.suppress(Exception):
-            group.close()
-
-
-def register_worker_group(group: Any) -> None:
-    """
-    Close ``group`` (anything with ``close()``) at interpreter exit if the script did not, before
-    multiprocessing's and Ray's own exit handlers run: exit handlers run last-registered first, so the
-    handler is registered again (moved last) with every new group, after any ``ray.init``.
-    """
-    _OPEN_WORKER_GROUPS.add(group)
-    atexit.unregister(_close_open_worker_groups)
-    atexit.register(_close_open_worker_groups)
-
-
-def stop_processes(processes: list[mp.Process], deadline: float) -> None:
-    """
-    Wait for ``processes`` to exit until ``deadline`` (``time.monotonic()``), then terminate those left and
-    kill those that still live (a frozen or SIGTERM-ignoring worker): bounded, whatever the workers do.
-    """
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    grace = time.monotonic() + 1.0
-    for process in processes:
-        process.join(timeout=max(0.0, grace - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.kill()  # SIGKILL: also ends a stopped process
-    grace = time.monotonic() + 1.0
-    for process in processes:
-        process.join(timeout=max(0.0, grace - time.monotonic()))
-
-
-def _guarded_subproc_worker(remote: Any, parent_remote: Any, env_fn_wrapper: Any, learner_pid: int) -> None:
-    """SB3's ``SubprocVecEnv`` worker loop, with numbered answers and an env's error sent back with its traceback."""
-    prepare_worker_process(learner_pid)
-    tagged = TaggedConnection(remote)
-    try:
-        subproc_worker(tagged, parent_remote, env_fn_wrapper)
-    except Exception as error:
-        with contextlib.suppress(Exception):
-            tagged.send(WorkerFailure(error, traceback.format_exc()))
-
-
-class GuardedSubprocVecEnv(SubprocVecEnv):
-    """
-    SB3's ``SubprocVecEnv`` (one process per sub-env) with bounded waits: a worker that dies raises
-    ``WorkerDiedError`` naming it within a fraction of a second instead of a bare
-    ``ConnectionResetError``; an error raised by an env is raised here with the env's traceback;
-    answers are numbered, so a late one is never taken for another; a call to all workers waits
-    ``timeout`` in all; ``close`` takes ``close_timeout`` in all and never hangs (workers that do not exit
-    are terminated, then killed); workers die with the learner. ``MetaPolicyGradient(vec_env_cls=SubprocVecEnv)``
-    uses it.
-
-    :param env_fns: the sub-envs' factories
-    :param start_method: multiprocessing start method (SB3's default when None)
-    :param timeout: seconds to wait for a living worker's answer before giving up (None: no limit)
-    :param close_timeout: seconds ``close`` waits for the workers to exit before terminating them
+    :param env_fns: factories of the block's sub-envs, group-major
+    :param envs_per_group: sub-envs per task group
+    :param first_env_index: the model-wide index of the block's first sub-env
     """
 
     def __init__(
         self,
         env_fns: list[Callable[[], gym.Env]],
-        start_method: str | None = None,
-        timeout: float | None = 600.0,
-        close_timeout: float = 5.0,
+        envs_per_group: int,
+        first_env_index: int = 0,
+        batched_physics: bool = True,
+        num_threads: int = 1,
     ):
-        check_timeout("timeout", timeout)
-        check_timeout("close_timeout", close_timeout, allow_none=False)
-        self.close_timeout = close_timeout
-        self.waiting, self.closed = False, False
-        if start_method is None:
-            start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        context = mp.get_context(start_method)
-        self.processes, remotes = [], []
-        for index, env_fn in enumerate(env_fns):
-            remote, work_remote = context.Pipe()
-            arguments = (work_remote, remote, CloudpickleWrapper(env_fn), os.getpid())
-            process = context.Process(target=_guarded_subproc_worker, args=arguments, daemon=True)
-            process.start()
-            work_remote.close()
-            self.processes.append(process)
-            remotes.append(GuardedPipe(remote, process, f"SubprocVecEnv worker {index} (sub-env {index})", timeout))
-        self.remotes = remotes
-        register_worker_group(self)
-        try:
-            with starting(self.remotes):
-                self.remotes[0].send(("get_spaces", None))
-                observation_space, action_space = self.remotes[0].recv()
-        except BaseException:
-            self.close()
-            raise
-        VecEnv.__init__(self, len(env_fns), observation_space, action_space)
+        # one thread per worker: k workers share the machine's cores
+        th.set_num_threads(1)
+        self.venv = DummyVecEnv(env_fns)
+        self.envs_per_group, self.first_env_index = envs_per_group, first_env_index
+        self.batched_physics, self.num_threads = batched_physics, num_threads
+        self.policies: GroupPolicies | None = None
+        self.runner: GroupRunner | None = None
+
+    def spaces(self) -> tuple[gym.Space, gym.Space]:
+        return self.venv.observation_space, self.venv.action_space
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def configure(self, horizon: int, policy_bytes: bytes | None) -> None:
+        """Set the episode length and (when given) the policy architecture (a cloudpickled CPU policy)."""
+        if policy_bytes is not None:
+            self.policies = GroupPolicies(cloudpickle.loads(policy_bytes))
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = GroupRunner(
+            self.venv.envs,
+            self.envs_per_group,
+            horizon,
+            self.venv.observation_space,
+            self.venv.action_space,
+            self.first_env_index,
+            self.batched_physics,
+            self.num_threads,
+        )
+
+    def sample(
+        self, tasks: Sequence[Any], task_params: dict[str, np.ndarray], n_episodes: int, noise_seeds: Sequence[int]
+    ) -> dict[str, Any]:
+        """:return: the block's episodes: ``masks`` (H, columns), ``BATCH_FIELDS`` at the valid steps only, ``successes``"""
+        if self.runner is None or self.policies is None:
+            raise RuntimeError("sampler worker: configure(horizon, policy) must come before sample.")
+        params = {name: th.tensor(value) for name, value in task_params.items()}  # Ray gives read-only arrays
+        buffer = collect_episodes(self.runner, self.policies, tasks, params, n_episodes, noise_seeds)
+        assert buffer is not None  # no step callback: never stopped
+        valid = buffer.masks > 0
+        # the steps after an episode's end are zeros: not sent (an Ant's episodes fill a fraction of the horizon)
+        arrays = {field: getattr(buffer, field)[valid] for field in BATCH_FIELDS}
+        arrays["masks"], arrays["successes"] = buffer.masks, buffer.successes
+        # the block's random streams after the phase: the learner keeps them, so saving never asks a worker
+        arrays["rng_states"] = [generator.bit_generator.state for generator in self.venv.get_attr("np_random")]
+        return arrays
+
+    # the VecEnv API, for SB3 and for the model's random streams
+    def step(self, actions: np.ndarray) -> VecEnvStepReturn:
+        return self.venv.step(actions)
+
+    def reset(self) -> VecEnvObs:
+        return self.venv.reset()
+
+    def seed(self, seed: int | None) -> None:
+        self.venv.seed(seed)
+
+    def set_options(self, options: list[dict]) -> None:
+        self.venv.set_options(options)
+
+    def get_attr(self, name: str, indices: list[int]) -> list[Any]:
+        return self.venv.get_attr(name, indices)
+
+    def set_attr(self, name: str, value: Any, indices: list[int]) -> None:
+        self.venv.set_attr(name, value, indices)
+
+    def set_attr_each(self, name: str, values: list[Any], indices: list[int]) -> None:
+        for index, value in zip(indices, values):
+            self.venv.set_attr(name, value, [index])
+
+    def env_method(self, name: str, args: tuple, kwargs: dict, indices: list[int]) -> list[Any]:
+        return self.venv.env_method(name, *args, indices=indices, **kwargs)
+
+    def env_is_wrapped(self, wrapper_class: type, indices: list[int]) -> list[bool]:
+        return self.venv.env_is_wrapped(wrapper_class, indices)
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed, self.waiting = True, False
-        for remote in self.remotes:
-            with contextlib.suppress(WorkerDiedError, SamplerClosedError):
-                remote.send(("close", None))
-        stop_processes(self.processes, time.monotonic() + self.close_timeout)
-        for remote in self.remotes:
-            remote.close()
+        if self.runner is not None:
+            self.runner.close()
+        self.venv.close()
 
 
-def check_timeout(name: str, value: Any, allow_none: bool = True) -> None:
-    """:raises ValueError: unless ``value`` is a finite number > 0 (or None where allowed)"""
-    if value is None and allow_none:
+def _process_worker(connection: Any, parent_remote: Any, shard_args: bytes, learner_pid: int) -> None:
+    prepare_worker_process(learner_pid)
+    parent_remote.close()
+    remote = TaggedConnection(connection)  # every answer carries the number of its request
+    remote.tag = 1  # the "ready" below answers the learner's first wait
+    try:
+        shard = Shard(*cloudpickle.loads(shard_args))
+    except Exception as error:  # the parent raises it, with the worker's traceback
+        remote.send_bytes(cloudpickle.dumps(("error", (error, traceback.format_exc()))))
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        allowed = "a finite number of seconds > 0" + (" or None (no limit)" if allow_none else "")
-        raise ValueError(f"sampler_kwargs: {name} must be {allowed}, got {value!r}.")
+    remote.send_bytes(cloudpickle.dumps(("ok", None)))
+    while True:
+        try:
+            method, args = cloudpickle.loads(remote.recv_bytes())
+        except (EOFError, KeyboardInterrupt):
+            break
+        if method == "close":
+            shard.close()
+            remote.send_bytes(cloudpickle.dumps(("ok", None)))
+            break
+        try:
+            answer = ("ok", getattr(shard, method)(*args))
+        except Exception as error:
+            answer = ("error", (error, traceback.format_exc()))
+        remote.send_bytes(cloudpickle.dumps(answer))
 
 
-def resolve_vec_env_cls(vec_env_cls: type | str | None) -> type | None:
-    """
-    :param vec_env_cls: None, a VecEnv class, or its name ("DummyVecEnv" / "dummy", "SubprocVecEnv" / "subproc",
-        as the command line gives it)
-    :return: the class to build sub-envs with; SB3's ``SubprocVecEnv`` becomes ``GuardedSubprocVecEnv``
-    """
-    names = {
-        "dummy": DummyVecEnv,
-        "dummyvecenv": DummyVecEnv,
-        "subproc": GuardedSubprocVecEnv,
-        "subprocvecenv": GuardedSubprocVecEnv,
-    }
-    if vec_env_cls is None:
-        return None
-    if isinstance(vec_env_cls, str):
-        if vec_env_cls.lower() not in names:
-            raise ValueError(
-                f"vec_env_cls: unknown name {vec_env_cls!r}; use 'DummyVecEnv' or 'SubprocVecEnv' (or the class)."
-            )
-        return names[vec_env_cls.lower()]
-    if not (isinstance(vec_env_cls, type) and issubclass(vec_env_cls, VecEnv)):
-        raise ValueError(f"vec_env_cls: expected a VecEnv class or its name, got {vec_env_cls!r}.")
-    return GuardedSubprocVecEnv if vec_env_cls is SubprocVecEnv else vec_env_cls
+class ProcessWorker:
+    """A ``Shard`` in a process of its own, with bounded waits (a dead worker raises ``WorkerDiedError`` naming it)."""
+
+    def __init__(self, context: Any, shard_args: tuple, name: str, timeout: float | None):
+        self.name = name
+        remote, work_remote = context.Pipe()
+        self.process = context.Process(
+            target=_process_worker,
+            args=(work_remote, remote, cloudpickle.dumps(shard_args), os.getpid()),
+            daemon=True,
+            name=name,
+        )
+        self.process.start()
+        work_remote.close()
+        self.pipe = GuardedPipe(remote, self.process, name, timeout)
+        self.pipe.tag = 1  # the worker's "ready" message answers request 1
+        #: bytes sent to and received from the worker so far (serialized messages)
+        self.bytes_sent = self.bytes_received = 0
+
+    def submit(self, method: str, *args: Any) -> None:
+        data = cloudpickle.dumps((method, args))
+        self.bytes_sent += len(data)
+        self.pipe.send_bytes(data)
+
+    def result(self) -> Any:
+        data = self.pipe.recv_bytes()
+        self.bytes_received += len(data)
+        status, value = cloudpickle.loads(data)
+        if status == "error":
+            error, remote_traceback = value
+            raise error from RuntimeError(f"in {self.name}:\n{remote_traceback}")
+        return value
+
+    def request_close(self) -> None:
+        """Ask the worker to exit (answers still in the pipe are numbered: they are never read as another's)."""
+        with contextlib.suppress(WorkerDiedError, SamplerClosedError, EOFError, OSError):
+            self.pipe.send_bytes(cloudpickle.dumps(("close", ())))
+
+
+class RayWorker:
+    """A ``Shard`` in a Ray actor (one CPU); a dead actor raises ``WorkerDiedError`` naming it."""
+
+    def __init__(self, shard_args: tuple, name: str, timeout: float | None):
+        import ray
+
+        self.ray, self.name, self.timeout = ray, name, timeout
+        self.actor = ray.remote(num_cpus=1)(Shard).remote(*shard_args)
+        self.reference: Any = None
+        #: Ray serializes the messages itself: not counted
+        self.bytes_sent = self.bytes_received = 0
+
+    def submit(self, method: str, *args: Any) -> None:
+        # a new reference per request: an earlier request's late answer belongs to its own reference
+        self.reference = getattr(self.actor, method).remote(*args)
+        self.sent_at = time.monotonic()
+
+    def result(self) -> Any:
+        # the deadline runs from the request: a call to k actors waits ``timeout`` in all
+        while not self.ray.wait([self.reference], timeout=0.5)[0]:
+            if self.timeout is not None and time.monotonic() - self.sent_at > self.timeout:
+                raise WorkerDiedError(f"{self.name} did not answer within {self.timeout} s.")
+        try:
+            return self.ray.get(self.reference)
+        except self.ray.exceptions.RayActorError as error:
+            raise WorkerDiedError(f"{self.name} died ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+        except self.ray.exceptions.RayTaskError as error:
+            raise error.as_instanceof_cause() from None
+
+    def close(self) -> None:
+        # never from a Ray that was shut down (at exit, ray.kill would start a new local cluster and hang)
+        if not self.ray.is_initialized():
+            return
+        with contextlib.suppress(Exception):  # already dead
+            self.ray.kill(self.actor)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('sampler="ray" needs Ray: pip install -e ".[ray]" (or pip install "ray[default]").') from None
+    return ray

@@ -15,11 +15,11 @@ falls). It skips the per-env Python work that makes Gymnasium's step slower than
 so that its physics runs on the threads while the caller does other work (the sampler's two lanes).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any, overload
+from typing import Any
 
 import mujoco
 import numpy as np
@@ -27,6 +27,7 @@ from gymnasium.envs.mujoco.hopper_v5 import HopperEnv
 from gymnasium.envs.mujoco.swimmer_v5 import SwimmerEnv
 from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
+from sb3_metarl.common.infos import RowInfos
 from sb3_metarl.common.threads import DaemonThreads, settle
 from sb3_metarl.tasks.mujoco import (
     AntDir2DEnv,
@@ -44,48 +45,6 @@ from sb3_metarl.tasks.mujoco import (
 )
 from sb3_metarl.tasks.mujoco_kernel import addresses, nogil_kernel
 from sb3_metarl.tasks.navigation import BatchedNavigation
-
-
-class RowInfos(Sequence[dict[str, Any]]):
-    """
-    The infos of one batched step, one dict per stepped sub-env, each built when it is first read (and then kept):
-    the sampler reads none of them and a callback few, while building all of them was a tenth of the twin's own time.
-
-    :param n: the number of stepped sub-envs
-    :param build: row -> that sub-env's info, as its own ``step`` returns it
-    """
-
-    def __init__(self, n: int, build: Callable[[int], dict[str, Any]]):
-        self._build = build
-        self._rows: list[dict[str, Any] | None] = [None] * n
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    @overload
-    def __getitem__(self, k: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, k: slice) -> list[dict[str, Any]]: ...
-
-    def __getitem__(self, k: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
-        k = range(len(self))[k]  # a negative row counts from the end; IndexError outside
-        row = self._rows[k]
-        if row is None:
-            row = self._rows[k] = self._build(k)
-        return row
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
-
-    def __repr__(self) -> str:
-        return repr(list(self))
-
-    def __reduce__(self) -> tuple[type, tuple[list[dict[str, Any]]]]:
-        # pickled (sent to another process, saved by a callback) as the plain list of its dicts
-        return list, (list(self),)
 
 
 @dataclass

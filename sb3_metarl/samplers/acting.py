@@ -1,10 +1,7 @@
-"""The episode-sampler protocol and what every backend shares: acting per task group with its own noise."""
+"""Acting per task group, each with its own parameters and its own noise stream: the same actions on every backend."""
 
 import copy
-import inspect
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch as th
@@ -12,10 +9,8 @@ from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.utils import obs_as_tensor
 
-from sb3_metarl.common.buffers import EpisodeBatch
 from sb3_metarl.common.functional import Params, sample_actions
 from sb3_metarl.mlp import LayeredActor, MlpActorLayout
-from sb3_metarl.samplers.collection import StepCallback, check_finite_actions, group_generators  # noqa: F401 (re-exported)
 
 
 def cpu_copy(policy: ActorCriticPolicy) -> ActorCriticPolicy:
@@ -119,67 +114,15 @@ def draw_noise_seeds(generator: th.Generator, n_groups: int) -> list[int]:
     return [int(seed) for seed in th.randint(0, 2**62, (n_groups,), generator=generator)]
 
 
-class EpisodeSampler(ABC):
-    """
-    Samples whole episodes for B tasks with given per-task parameters. A backend returns episodes
-    only: the learner recomputes every log-likelihood it differentiates, so no backend is trusted
-    for gradients.
-
-    The sub-envs are split into ``n_groups`` groups of ``envs_per_group``, one task per group; E
-    episodes per task take ``ceil(E / envs_per_group)`` waves.
-    """
-
-    n_groups: int
-    envs_per_group: int
-    horizon: int
-
-    def attach_policy(self, policy: ActorCriticPolicy) -> None:
-        """
-        Give the sampler the policy's architecture (a remote backend ships a CPU copy once; the
-        parameters come with every ``sample``). Called by the algorithm whenever its policy is (re)built.
-        """
-        return None
-
-    @abstractmethod
-    def sample(
-        self,
-        tasks: Sequence[Any],
-        task_params: Params,
-        n_episodes: int,
-        noise_seeds: Sequence[int] | None = None,
-        step_callback: StepCallback | None = None,
-    ) -> EpisodeBatch | None:
-        """
-        :param tasks: at most ``n_groups`` tasks (spare groups stay idle)
-        :param task_params: per-task policy parameters (detached), leading dim ``len(tasks)``
-        :param n_episodes: episodes per task
-        :param noise_seeds: one action-noise seed per task (see ``GroupPolicies``); None: fresh entropy. The
-            algorithm passes seeds drawn from its own stream (and ``step_callback``) when the method accepts them
-        :param step_callback: receives the transition counts; False stops sampling
-        :return: the episodes (B, E, H, ...) without weights (the algorithm recomputes the log-likelihoods and
-            weighs them), or None if ``step_callback`` stopped sampling
-        """
-
-    def env_rng_states(self) -> list[dict[str, Any]] | None:
-        """
-        :return: the sub-envs' random-generator states right after the last ``sample`` (``bit_generator.state``
-            per sub-env), read without a further call to any worker; None when the sampler cannot tell (the
-            algorithm then reads them from the VecEnv)
-        """
-        return None
-
-    def close(self) -> None:
-        """Release the backend's workers (idempotent)."""
-        return None
+def group_generators(seeds: Sequence[int]) -> list[th.Generator]:
+    """:return: one CPU generator per task group, seeded with the group's noise seed for this sampling phase"""
+    return [th.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def sampler_options(sampler: EpisodeSampler, noise_seeds: Sequence[int], step_callback: StepCallback | None) -> dict[str, Any]:
-    """
-    :return: the keyword arguments of ``sampler.sample`` beyond ``(tasks, task_params, n_episodes)`` that it
-        accepts: a user's sampler may leave out the noise seeds (it then samples with its own randomness, and
-        runs are not reproducible) or the step callback (timesteps are then counted per batch by the caller)
-    """
-    parameters = inspect.signature(sampler.sample).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    options = {"noise_seeds": noise_seeds, "step_callback": step_callback}
-    return {name: value for name, value in options.items() if takes_any or name in parameters}
+def check_finite_actions(actions: np.ndarray) -> None:
+    """:raises FloatingPointError: if a sampled action is not finite (the policy's parameters are broken)"""
+    if not np.isfinite(actions).all():
+        raise FloatingPointError(
+            "policy: non-finite actions sampled (the current or adapted parameters are not finite or too large); "
+            "lower inner_lr or learning_rate."
+        )
