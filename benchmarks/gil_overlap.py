@@ -11,7 +11,7 @@ pure Python, or acts for the sub-envs' groups with SB3's default MLP (per group,
 
 If the physics overlapped the Python, "physics thread + X" would take max(physics, X); with the Python loop it takes
 their sum. The second column runs the same physics with the compiled loop that holds no GIL
-(``sb3_metarl.tasks.mujoco_kernel``, what the twin uses where numba is installed).
+(``sb3_metarl.tasks.mujoco.kernel``, what the twin uses where numba is installed).
 """
 
 import argparse
@@ -25,7 +25,7 @@ import numpy as np
 import torch as th
 
 from sb3_metarl.samplers.factory import make_task_env
-from sb3_metarl.tasks.mujoco_kernel import addresses, nogil_kernel
+from sb3_metarl.tasks.mujoco.kernel import addresses, nogil_kernel
 
 
 def best_of(repeats: int, run: Callable[[], None]) -> float:

@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.tasks.meta_world import MetaWorldTaskSampler, metaworld_evaluation
+from sb3_metarl.meta_pg.metaworld import metaworld_evaluation
+from sb3_metarl.tasks.meta_world import MetaWorldTaskSampler
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,13 +18,8 @@ metaworld = pytest.importorskip("metaworld", reason='Meta-World is an optional e
 
 from metaworld.evaluation import Timestep  # noqa: E402
 
-from sb3_metarl.tasks.meta_world import (  # noqa: E402
-    MetaWorldAgent,
-    MetaWorldTaskEnv,
-    MetaWorldTaskSampler,
-    make_benchmark,
-    metaworld_evaluation,
-)
+from sb3_metarl.meta_pg.metaworld import MetaWorldAgent, metaworld_evaluation  # noqa: E402
+from sb3_metarl.tasks.meta_world import MetaWorldTaskEnv, MetaWorldTaskSampler, make_benchmark  # noqa: E402
 
 SHORT = dict(max_episode_steps=20)
 
@@ -200,7 +195,7 @@ def test_meta_training_smoke_on_the_multi_env_benchmarks(env_id):
 def test_metaworld_evaluation_works_at_any_meta_batch_size():
     from types import SimpleNamespace
 
-    from sb3_metarl.tasks.meta_world import evaluation_layout
+    from sb3_metarl.meta_pg.metaworld import evaluation_layout
 
     def benchmark(n_classes, tasks_per_class=50):
         names = [f"env{i}" for i in range(n_classes)]
@@ -230,7 +225,7 @@ def test_evaluation_counts_each_sub_env_s_first_episodes():
     Counted per sub-env the success rate is 0.5; Meta-World 3.1.1 keys the counts by task name, so the first
     three finished episodes (all of sub-env 0) made it 1.0 (Metaworld PR #577).
     """
-    from sb3_metarl.tasks.meta_world import EvaluationTally
+    from sb3_metarl.meta_pg.metaworld import EvaluationTally
 
     tally = EvaluationTally(["reach-v3", "reach-v3"], episodes=3)
     for _ in range(5):

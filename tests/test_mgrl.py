@@ -165,7 +165,7 @@ def test_learn_logs_meta_parameters_and_save_load_keeps_them(tmp_path):
     model.save(tmp_path / "mgrl.zip")
     loaded = MetaGradientA2C.load(tmp_path / "mgrl.zip", env=model.get_env(), device="cpu")
     assert loaded.meta_parameter_values() == pytest.approx(values)
-    optimizer_state = loaded.meta_optimizer.state_dict()["state"]
+    optimizer_state = loaded.meta_parameter_optimizer.state_dict()["state"]
     assert optimizer_state and all(s["step"] > 0 for s in optimizer_state.values())
     loaded.learn(32)  # continues
 

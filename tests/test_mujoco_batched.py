@@ -11,7 +11,7 @@ import torch as th
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.infos import RowInfos
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
-from sb3_metarl.tasks.mujoco_batched import BatchedAnt, BatchedLocomotion, batched_stepper
+from sb3_metarl.tasks.mujoco.batched import BatchedAnt, BatchedLocomotion, batched_stepper
 
 FAMILIES = [
     ("sb3_metarl/HalfCheetahDir-v0", {}),
@@ -220,7 +220,7 @@ def test_the_twin_trains_the_same_on_ray_actors():
 
 
 def test_without_numba_the_twin_keeps_its_python_loop_and_the_lock_step_loop(monkeypatch):
-    import sb3_metarl.tasks.mujoco_batched as mujoco_batched
+    import sb3_metarl.tasks.mujoco.batched as mujoco_batched
 
     envs = [gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped for _ in range(4)]
     compiled = batched_stepper(envs, 2)

@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 import sb3_metarl
-import sb3_metarl.tasks.meta_world as meta_world
+import sb3_metarl.meta_pg.metaworld as meta_world
 from sb3_metarl import MetaPolicyGradient, cli
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)

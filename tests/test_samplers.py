@@ -309,7 +309,7 @@ def test_a_sampler_is_checked_against_the_contract_once_where_it_is_given():
     assert conforming_sampler(seeded) is seeded  # the full contract: used as given
     plain = conforming_sampler(_PlainSampler(venv, 4))  # the minimal one: held to the contract, its own noise
     assert plain.n_groups == 4 and plain.horizon == 100
-    with pytest.raises(ValueError, match="sampler: _HalfSeededSampler.sample does not take step_callback"):
+    with pytest.raises(ValueError, match=r"sampler: _HalfSeededSampler\.sample does not take step_callback"):
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler=_HalfSeededSampler(venv, 4), **SMALL)
 
 

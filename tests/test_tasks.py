@@ -171,7 +171,7 @@ def test_navigation_at_sg_mrl_s_setting_clips_the_position_and_maps_actions_from
 )
 def test_the_navigation_twin_steps_exactly_as_each_env_s_own_step(settings):
     from sb3_metarl.samplers.runner import step_without_bookkeeping
-    from sb3_metarl.tasks.mujoco_batched import batched_stepper
+    from sb3_metarl.tasks.mujoco.batched import batched_stepper
     from sb3_metarl.tasks.navigation import BatchedNavigation
 
     per_env = [gym.make("sb3_metarl/Navigation2D-v0", **kwargs) for kwargs in settings]

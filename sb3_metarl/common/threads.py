@@ -37,7 +37,7 @@ class DaemonThreads:
     """
     A small pool of daemon threads, each taking calls from one shared queue, with ``submit`` as
     ``concurrent.futures.ThreadPoolExecutor``'s. Daemon threads, because a thread may be parked for good (the compiled
-    physics loop parks a thread at a MuJoCo error: ``sb3_metarl.tasks.mujoco_kernel``), and a pool whose threads the
+    physics loop parks a thread at a MuJoCo error: ``sb3_metarl.tasks.mujoco.kernel``), and a pool whose threads the
     interpreter joins at exit would then never let the process end. Each call's future carries the running thread's
     ``threading.get_ident()`` as ``future.thread_ident`` once it started.
 

@@ -1,11 +1,13 @@
 """Meta-optimizers: how a meta-iteration's samples become a parameter update, registered by name."""
 
+import sys
 from typing import Any
 
 from sb3_metarl.common.arguments import construct_checked
+from sb3_metarl.meta_optimizers import promp
 from sb3_metarl.meta_optimizers.base import MetaOptimizer
 from sb3_metarl.meta_optimizers.gradient_ascent import AdamAscent, GradientAscent, SGDAscent
-from sb3_metarl.meta_optimizers.ppo import ProMP
+from sb3_metarl.meta_optimizers.promp import ProMP
 from sb3_metarl.meta_optimizers.trpo import TrustRegion
 
 META_OPTIMIZERS: dict[str, type[MetaOptimizer]] = {opt.name: opt for opt in (AdamAscent, SGDAscent, TrustRegion, ProMP)}
@@ -31,6 +33,9 @@ def make_meta_optimizer(meta_optimizer: str | MetaOptimizer, kwargs: dict[str, A
     )
 
 
+
+# the pickle path of ProMP in zips saved by 0.1.0 (tests/data/v0_1_0): ``sb3_metarl.meta_optimizers.ppo.PPO``
+sys.modules.setdefault("sb3_metarl.meta_optimizers.ppo", promp)
 
 __all__ = [
     "META_OPTIMIZERS",

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from sb3_metarl.common.functional import Params
 from sb3_metarl.gradient_modes import magic_box
 
-#: the meta-parameters that can be learned, and how each is kept in range: (to unconstrained, from unconstrained)
+#: the meta-parameters that can be learned (each kept in range by its transform: ``MetaParameters.value``)
 META_PARAMETERS = ("gamma", "gae_lambda", "vf_coef", "ent_coef")
 META_GRADIENTS = ("autodiff", "lvc")
 VIRTUAL_UPDATES = ("optimizer", "sgd")
@@ -270,7 +270,7 @@ class MetaGradientA2C(A2C):
             initial[name] = max(initial[name], 1e-8)
         self.meta_module = MetaParameters(initial, self.meta_parameter_list).to(self.device)
         learned = [p for p in self.meta_module.parameters() if p.requires_grad]
-        self.meta_optimizer = th.optim.Adam(learned, lr=self.meta_learning_rate) if learned else None
+        self.meta_parameter_optimizer = th.optim.Adam(learned, lr=self.meta_learning_rate) if learned else None
         self._evaluate = _EvaluateActions(self.policy)
         if self.virtual_update == "optimizer":  # fail at construction, not at the first update
             self.virtual_step_function()
@@ -281,11 +281,11 @@ class MetaGradientA2C(A2C):
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts, tensors = super()._get_torch_save_params()
-        extra = ["meta_module"] + (["meta_optimizer"] if self.meta_optimizer is not None else [])
+        extra = ["meta_module"] + (["meta_parameter_optimizer"] if self.meta_parameter_optimizer is not None else [])
         return [*state_dicts, *extra], tensors
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "meta_module", "meta_optimizer", "_evaluate"]
+        return [*super()._excluded_save_params(), "meta_module", "meta_parameter_optimizer", "_evaluate"]
 
     # ------------------------------------------------------------------ the meta-gradient
 
@@ -398,7 +398,7 @@ class MetaGradientA2C(A2C):
     def train(self) -> None:
         """The meta-update of eta (virtual steps discarded), the rollout's returns under the new eta, A2C's update."""
         # the virtual steps are discarded: the policy, hence the bootstrap values, are the rollout's
-        rollout = self.rollout_tensors() if self.meta_optimizer is not None else None
+        rollout = self.rollout_tensors() if self.meta_parameter_optimizer is not None else None
         if rollout is not None:
             self.policy.set_training_mode(True)
             objective = self.meta_objective(rollout)
@@ -410,10 +410,10 @@ class MetaGradientA2C(A2C):
                     f"meta-gradient: non-finite values for {list(self.meta_parameter_list)}; lower virtual_learning_rate "
                     "or meta_learning_rate."
                 )
-            self.meta_optimizer.zero_grad()
+            self.meta_parameter_optimizer.zero_grad()
             for param, grad in zip(learned, grads):
                 param.grad = -grad  # ascend the outer objective
-            self.meta_optimizer.step()
+            self.meta_parameter_optimizer.step()
             self.logger.record("meta/objective", objective.item())
             self.logger.record("meta/grad_norm", th.sqrt(sum(g.pow(2).sum() for g in grads)).item())
         self._apply_meta_parameters(self._last_values() if rollout is None else rollout["last_values"])

@@ -9,7 +9,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_metarl.samplers.protocol import StepResult
-from sb3_metarl.tasks.mujoco_batched import PendingStep, batched_stepper
+from sb3_metarl.tasks.mujoco.batched import PendingStep, batched_stepper
 
 #: the ``sampler_kwargs`` that every backend passes on to its runners: the batched physics switch and its threads
 RUNNER_ARGUMENTS = ("batched_physics", "num_threads")
@@ -73,7 +73,7 @@ class GroupRunner:
     :param action_space: the envs' action space
     :param first_env_index: the model-wide index of ``envs[0]`` (errors name sub-envs by it)
     :param batched_physics: step the sub-envs with their family's batched twin where there is one
-        (``sb3_metarl.tasks.mujoco_batched``: the same trajectories, bit for bit, without the per-env Python step);
+        (``sb3_metarl.tasks.mujoco.batched``: the same trajectories, bit for bit, without the per-env Python step);
         False: always one ``step`` per sub-env
     :param num_threads: threads that advance the batched twin's physics (the samples do not depend on it); None:
         the cores available to this process

@@ -106,7 +106,7 @@ class BatchedNavigation:
     before and see the twin's steps. The
     distance is ``math.hypot`` per row, as the per-env step computes it (numpy's ``hypot`` may round differently).
     Nothing runs on other threads: ``start`` steps at once (the interface of the MuJoCo twins,
-    ``sb3_metarl.tasks.mujoco_batched``, whose ``batched_stepper`` returns this twin for Navigation2D).
+    ``sb3_metarl.tasks.mujoco.batched``, whose ``batched_stepper`` returns this twin for Navigation2D).
 
     :param envs: the unwrapped sub-envs (all ``Navigation2DEnv``; each keeps its own arguments)
     :param num_threads: (the MuJoCo twins' argument; unused)

@@ -29,21 +29,22 @@ from gymnasium.envs.mujoco.walker2d_v5 import Walker2dEnv
 
 from sb3_metarl.common.infos import RowInfos
 from sb3_metarl.common.threads import DaemonThreads, settle
-from sb3_metarl.tasks.mujoco import (
+from sb3_metarl.tasks.mujoco.envs import (
     AntDir2DEnv,
     AntDirEnv,
     AntGoalEnv,
     AntVelEnv,
+    BaseEnvSettings,
+    Direction,
     HalfCheetahDirEnv,
     HalfCheetahVelEnv,
     HopperRandParamsEnv,
     SwimmerVelEnv,
+    TargetVelocity,
     Walker2dRandParamsEnv,
     Walker2dVelEnv,
-    _Direction,
-    _TargetVelocity,
 )
-from sb3_metarl.tasks.mujoco_kernel import addresses, nogil_kernel
+from sb3_metarl.tasks.mujoco.kernel import addresses, nogil_kernel
 from sb3_metarl.tasks.navigation import BatchedNavigation
 
 
@@ -65,13 +66,13 @@ class PendingStep:
 
 class _BatchedMujoco:
     """
-    What every twin shares: each sub-env's own model and data, its control mapping (``_ScaledActions``) and the
+    What every twin shares: each sub-env's own model and data, its control mapping (``ScaledActions``) and the
     physics advanced by ``mj_step`` as Gymnasium's ``do_simulation`` calls it, on ``num_threads`` threads.
 
     :param envs: the unwrapped sub-envs (all of one class)
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
-    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco.kernel``);
         None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
@@ -93,9 +94,11 @@ class _BatchedMujoco:
         self.ctrl = [data.ctrl for data in self.datas]
         self.frame_skips = [env.frame_skip for env in self.envs]
         self.dts = np.array([env.dt for env in self.envs])
-        self.forward_weights = np.array([env._forward_reward_weight for env in self.envs])
-        self.ctrl_weights = [env._ctrl_cost_weight for env in self.envs]
-        self.excluded = [env._exclude_current_positions_from_observation for env in self.envs]
+        #: each sub-env's base settings (Gymnasium's constructor arguments)
+        self.settings = [BaseEnvSettings.of(env) for env in self.envs]
+        self.forward_weights = np.array([settings.forward_reward_weight for settings in self.settings])
+        self.ctrl_weights = [settings.ctrl_cost_weight for settings in self.settings]
+        self.excluded = [settings.exclude_current_positions for settings in self.settings]
         self.all_excluded = all(self.excluded)
         self.scales = [env.action_scale for env in self.envs]
         self.kept_terms = getattr(type(self.envs[0]), "kept_terms", ())
@@ -104,11 +107,11 @@ class _BatchedMujoco:
         self.uniform_scale = None
         if len(scaled) == len(self.envs) and all(
             env.action_scale == scaled[0].action_scale
-            and np.array_equal(env._control_low, scaled[0]._control_low)
-            and np.array_equal(env._control_high, scaled[0]._control_high)
+            and np.array_equal(env.control_low, scaled[0].control_low)
+            and np.array_equal(env.control_high, scaled[0].control_high)
             for env in scaled
         ):
-            self.uniform_scale = (scaled[0]._control_low, scaled[0]._control_high, scaled[0].action_scale)
+            self.uniform_scale = (scaled[0].control_low, scaled[0].control_high, scaled[0].action_scale)
         self.num_threads = int(num_threads)
         self.kernel = nogil_kernel() if compiled is not False else None
         if compiled and self.kernel is None:
@@ -264,7 +267,7 @@ class _BatchedMujoco:
                 env.require_task()
 
     def _controls(self, envs: list[Any], indices: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """:return: the actuators' controls: ``_ScaledActions.step``'s mapping, in its float32 arithmetic"""
+        """:return: the actuators' controls: ``ScaledActions.step``'s mapping, in its float32 arithmetic"""
         controls = np.array(actions)
         # (the compiled loop copies nu values per row, one row per index: a shorter array would be read past its end)
         if controls.ndim != 2 or len(controls) != len(indices):
@@ -278,7 +281,7 @@ class _BatchedMujoco:
             return np.clip(low + (controls + scale) * (high - low) / (2 * scale), low, high)
         for k, env in enumerate(envs):
             if self.scales[indices[k]] != 1.0:
-                low, high, scale = env._control_low, env._control_high, env.action_scale
+                low, high, scale = env.control_low, env.control_high, env.action_scale
                 controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
         return controls
 
@@ -303,7 +306,7 @@ class BatchedLocomotion(_BatchedMujoco):
     :param envs: the unwrapped sub-envs
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
-    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco.kernel``);
         None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
@@ -329,16 +332,16 @@ class BatchedLocomotion(_BatchedMujoco):
         self.hopper = issubclass(kind, HopperEnv)
         #: the task term the family adds to the base env's control (and alive) terms; None: the base env's reward
         self.task_term = None
-        if issubclass(kind, _Direction):
+        if issubclass(kind, Direction):
             self.task_term = "direction"
-        elif issubclass(kind, _TargetVelocity):
+        elif issubclass(kind, TargetVelocity):
             self.task_term = "velocity"
         if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
-            self.healthy_ranges = np.array([(*env._healthy_z_range, *env._healthy_angle_range) for env in self.envs])
-            self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
-            self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
+            self.healthy_ranges = np.array([(*each.healthy_z_range, *each.healthy_angle_range) for each in self.settings])
+            self.healthy_rewards = np.array([each.healthy_reward for each in self.settings])
+            self.terminate_when_unhealthy = np.array([each.terminate_when_unhealthy for each in self.settings])
             if self.hopper:
-                self.healthy_state_ranges = np.array([env._healthy_state_range for env in self.envs])
+                self.healthy_state_ranges = np.array([each.healthy_state_range for each in self.settings])
 
     def _healthy(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """:return: Walker2d's / Hopper's ``is_healthy`` per row"""
@@ -382,9 +385,9 @@ class BatchedLocomotion(_BatchedMujoco):
             terminated = ~healthy & self.terminate_when_unhealthy[indices]
         task_terms = None
         if self.task_term == "direction":
-            task_terms = np.array([env._direction for env in envs]) * x_velocity
+            task_terms = np.array([env.get_task() for env in envs]) * x_velocity
         elif self.task_term == "velocity":
-            task_terms = -np.abs(x_velocity - np.array([env._target for env in envs]))
+            task_terms = -np.abs(x_velocity - np.array([env.get_task() for env in envs]))
         if task_terms is not None:
             rewards = self._with_kept_terms(task_terms, terms)
         else:  # the base env's reward: forward + alive - control cost
@@ -431,7 +434,7 @@ class BatchedAnt(_BatchedMujoco):
     :param envs: the unwrapped sub-envs
     :param num_threads: threads that advance the physics, this one included (1: this thread only); the results do not
         depend on it
-    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco_kernel``);
+    :param compiled: advance the physics with the compiled loop that holds no GIL (``sb3_metarl.tasks.mujoco.kernel``);
         None: where numba can load it, False: the Python loop (the same trajectories either way)
     """
 
@@ -440,26 +443,26 @@ class BatchedAnt(_BatchedMujoco):
     def __init__(self, envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None):
         super().__init__(envs, num_threads, compiled)
         self.kind = type(self.envs[0])
-        self.main_bodies = [env._main_body for env in self.envs]
-        self.contact_weights = [env._contact_cost_weight for env in self.envs]
-        self.contact_ranges = [env._contact_force_range for env in self.envs]
-        self.healthy_ranges = np.array([env._healthy_z_range for env in self.envs], dtype=float)
-        self.healthy_rewards = np.array([env._healthy_reward for env in self.envs])
-        self.terminate_when_unhealthy = np.array([env._terminate_when_unhealthy for env in self.envs])
-        self.with_contact_forces = [env._include_cfrc_ext_in_observation for env in self.envs]
+        self.main_bodies = [each.main_body for each in self.settings]
+        self.contact_weights = [each.contact_cost_weight for each in self.settings]
+        self.contact_ranges = [each.contact_force_range for each in self.settings]
+        self.healthy_ranges = np.array([each.healthy_z_range for each in self.settings], dtype=float)
+        self.healthy_rewards = np.array([each.healthy_reward for each in self.settings])
+        self.terminate_when_unhealthy = np.array([each.terminate_when_unhealthy for each in self.settings])
+        self.with_contact_forces = [each.include_cfrc_ext for each in self.settings]
         self.xpos = [data.xpos for data in self.datas]
         self.cfrc_ext = [data.cfrc_ext for data in self.datas]
         #: (clip range, contact weight, control weight) when every sub-env has the same: then one elementwise op and one
         #: row-wise sum do all rows (each row's values as its own env computes them); None: row by row
-        first = self.envs[0]
+        first = self.settings[0]
         self.uniform_costs = None
         if all(
-            tuple(env._contact_force_range) == tuple(first._contact_force_range)
-            and env._contact_cost_weight == first._contact_cost_weight
-            and env._ctrl_cost_weight == first._ctrl_cost_weight
-            for env in self.envs
+            tuple(each.contact_force_range) == tuple(first.contact_force_range)
+            and each.contact_cost_weight == first.contact_cost_weight
+            and each.ctrl_cost_weight == first.ctrl_cost_weight
+            for each in self.settings
         ):
-            self.uniform_costs = (tuple(first._contact_force_range), first._contact_cost_weight, first._ctrl_cost_weight)
+            self.uniform_costs = (tuple(first.contact_force_range), first.contact_cost_weight, first.ctrl_cost_weight)
         #: whether every sub-env's observation has the same parts (then they are concatenated for all rows at once)
         self.uniform_observation = len({(flag, forces) for flag, forces in zip(self.excluded, self.with_contact_forces)}) == 1
 
@@ -546,14 +549,14 @@ class BatchedAnt(_BatchedMujoco):
     def _task_terms(self, envs: list[Any], qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray) -> np.ndarray:
         """:return: each family's ``_task_reward``, in its float64 arithmetic"""
         if self.kind is AntDirEnv:
-            return np.array([env._direction for env in envs]) * x_velocity
+            return np.array([env.get_task() for env in envs]) * x_velocity
         if self.kind is AntVelEnv:
-            return -np.abs(x_velocity - np.array([env._target for env in envs]))
+            return -np.abs(x_velocity - np.array([env.get_task() for env in envs]))
         # (the transcendental functions per row, as scalars: numpy's vectorised loops may round differently)
+        tasks = [env.get_task() for env in envs]
         if self.kind is AntDir2DEnv:
-            terms = [np.cos(env._angle) * x_velocity[k] + np.sin(env._angle) * y_velocity[k] for k, env in enumerate(envs)]
-            return np.array(terms)
-        return np.array([-np.hypot(qpos[k, 0] - env._goal[0], qpos[k, 1] - env._goal[1]) for k, env in enumerate(envs)])
+            return np.array([np.cos(angle) * x_velocity[k] + np.sin(angle) * y_velocity[k] for k, angle in enumerate(tasks)])
+        return np.array([-np.hypot(qpos[k, 0] - goal[0], qpos[k, 1] - goal[1]) for k, goal in enumerate(tasks)])
 
 
 #: the batched twins, tried in order

@@ -1,7 +1,7 @@
 """
 MuJoCo's ``mj_step`` for many sub-envs in one compiled call that holds no GIL.
 
-The batched twin (``sb3_metarl.tasks.mujoco_batched``) advances each sub-env's own ``MjData`` with ``mj_step``. Called
+The batched twin (``sb3_metarl.tasks.mujoco.batched``) advances each sub-env's own ``MjData`` with ``mj_step``. Called
 from a Python loop, every call releases the GIL for the physics and takes it back before the next one, so a physics
 thread waits for whatever Python another thread runs meanwhile (``benchmarks/gil_overlap.py`` measures it). This module
 compiles the whole loop with numba (``nogil=True``) and calls MuJoCo's own library by its symbols: the loop over the

@@ -9,9 +9,11 @@ base env's own control cost (and, where it has them, contact cost and alive bonu
 normalized envs do (scale 10 in all three).
 """
 
+import dataclasses
 import re
 from typing import Any
 
+import gymnasium as gym
 import mujoco
 import numpy as np
 from gymnasium import spaces
@@ -32,7 +34,37 @@ WALKER_TERMS = ("reward_ctrl", "reward_survive")
 _TOTAL_MASS = re.compile(r'\s+settotalmass="([^"]+)"')
 
 
-class _ModelLoading:
+@dataclasses.dataclass(frozen=True)
+class BaseEnvSettings:
+    """
+    A Gymnasium MuJoCo env's reward, termination and observation settings: its constructor's arguments, which
+    Gymnasium keeps under private names (read here, in one place: the batched twin computes with them). None where
+    the env has no such setting.
+    """
+
+    forward_reward_weight: float
+    ctrl_cost_weight: float
+    exclude_current_positions: bool
+    healthy_reward: float | None
+    terminate_when_unhealthy: bool | None
+    healthy_z_range: tuple[float, float] | None
+    healthy_angle_range: tuple[float, float] | None
+    healthy_state_range: tuple[float, float] | None
+    main_body: Any
+    contact_cost_weight: float | None
+    contact_force_range: tuple[float, float] | None
+    include_cfrc_ext: bool | None
+
+    @classmethod
+    def of(cls, env: gym.Env) -> "BaseEnvSettings":
+        """:return: the settings of ``env`` (a Gymnasium v5 MuJoCo env, unwrapped)"""
+        names = [field.name for field in dataclasses.fields(cls)]
+        private = {"exclude_current_positions": "exclude_current_positions_from_observation",
+                   "include_cfrc_ext": "include_cfrc_ext_in_observation"}  # fmt: skip
+        return cls(**{name: getattr(env, "_" + private.get(name, name), None) for name in names})
+
+
+class ModelLoading:
     """
     Loads the base env's XML as Gymnasium does, except that a ``settotalmass`` compiler attribute
     (HalfCheetah's; deprecated in MuJoCo 4, which prints a warning per model load, i.e. per sub-env) is
@@ -59,7 +91,7 @@ class _ModelLoading:
         return model, mujoco.MjData(model)
 
 
-class _ScaledActions:
+class ScaledActions:
     """
     ``action_scale=s``: the action space is [-s, s] per dimension, mapped linearly onto the actuators' control
     range (``low + (a + s) (high - low) / 2s``, then clipped to it) before the base env steps, so the control cost
@@ -81,18 +113,19 @@ class _ScaledActions:
             # Gymnasium's EzPickle rebuilds the env from its constructor arguments (copies, pickles)
             self._ezpickle_kwargs = {**self._ezpickle_kwargs, "action_scale": action_scale}
             self.action_scale = float(action_scale)
-            self._control_low, self._control_high = self.action_space.low.copy(), self.action_space.high.copy()
+            #: the actuators' control range, which [-s, s] is mapped onto
+            self.control_low, self.control_high = self.action_space.low.copy(), self.action_space.high.copy()
             shape, dtype = self.action_space.shape, self.action_space.dtype
             self.action_space = spaces.Box(-self.action_scale, self.action_scale, shape, dtype)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self.action_scale != 1.0:
-            low, high, scale = self._control_low, self._control_high, self.action_scale
+            low, high, scale = self.control_low, self.control_high, self.action_scale
             action = np.clip(low + (np.asarray(action) + scale) * (high - low) / (2 * scale), low, high)
         return super().step(action)  # type: ignore[misc]
 
 
-class _TaskRewardMixin(_ScaledActions, _ModelLoading, TaskEnv):
+class TaskReward(ScaledActions, ModelLoading, TaskEnv):
     """Replaces the base env's forward reward by a task term computed from ``info``."""
 
     kept_terms: tuple[str, ...] = CONTROL_TERMS
@@ -108,7 +141,7 @@ class _TaskRewardMixin(_ScaledActions, _ModelLoading, TaskEnv):
         return obs, reward, terminated, truncated, info
 
 
-class _TargetVelocity(_TaskRewardMixin):
+class TargetVelocity(TaskReward):
     """
     Task: a target forward velocity ``v*``, uniform in ``velocity_range``; task term ``-|v_x - v*|``.
 
@@ -153,7 +186,7 @@ class _TargetVelocity(_TaskRewardMixin):
         return -abs(float(info["x_velocity"]) - self._target)
 
 
-class _Direction(_TaskRewardMixin):
+class Direction(TaskReward):
     """Task: a direction, +1 (forward) or -1 (backward), equally likely; task term ``direction * v_x``."""
 
     _direction = 1.0
@@ -175,15 +208,15 @@ class _Direction(_TaskRewardMixin):
         return self._direction * float(info["x_velocity"])
 
 
-class HalfCheetahVelEnv(_TargetVelocity, HalfCheetahEnv):
+class HalfCheetahVelEnv(TargetVelocity, HalfCheetahEnv):
     """HalfCheetah-v5; task: target velocity ~ U[0, 2] (Finn et al. 2017); reward ``-|v_x - v*| - ctrl cost``."""
 
 
-class HalfCheetahDirEnv(_Direction, HalfCheetahEnv):
+class HalfCheetahDirEnv(Direction, HalfCheetahEnv):
     """HalfCheetah-v5; task: direction +-1 (Finn et al. 2017); reward ``direction * v_x - ctrl cost``."""
 
 
-class AntVelEnv(_TargetVelocity, AntEnv):
+class AntVelEnv(TargetVelocity, AntEnv):
     """Ant-v5; task: target velocity ~ U[0, 3]; reward ``-|v_x - v*|`` plus Ant's ctrl, contact and alive terms."""
 
     velocity_range = (0.0, 3.0)
@@ -191,13 +224,13 @@ class AntVelEnv(_TargetVelocity, AntEnv):
     kept_terms = ANT_TERMS
 
 
-class AntDirEnv(_Direction, AntEnv):
+class AntDirEnv(Direction, AntEnv):
     """Ant-v5; task: direction +-1 along x; reward ``direction * v_x`` plus Ant's ctrl, contact and alive terms."""
 
     kept_terms = ANT_TERMS
 
 
-class AntDir2DEnv(_TaskRewardMixin, AntEnv):
+class AntDir2DEnv(TaskReward, AntEnv):
     """
     Ant-v5; task: a direction in the plane, the angle phi ~ U[0, 2 pi); task term
     ``cos(phi) v_x + sin(phi) v_y``, plus Ant's ctrl, contact and alive terms.
@@ -223,7 +256,7 @@ class AntDir2DEnv(_TaskRewardMixin, AntEnv):
         return float(np.cos(self._angle) * info["x_velocity"] + np.sin(self._angle) * info["y_velocity"])
 
 
-class AntGoalEnv(_TaskRewardMixin, AntEnv):
+class AntGoalEnv(TaskReward, AntEnv):
     """
     Ant-v5 with its (x, y) position in the observation; task: a goal uniform in the disc of radius
     ``goal_radius`` (3); task term ``-|(x, y) - goal|`` (Euclidean), plus Ant's ctrl, contact and alive terms.
@@ -262,20 +295,20 @@ class AntGoalEnv(_TaskRewardMixin, AntEnv):
         return -float(np.hypot(info["x_position"] - self._goal[0], info["y_position"] - self._goal[1]))
 
 
-class Walker2dVelEnv(_TargetVelocity, Walker2dEnv):
+class Walker2dVelEnv(TargetVelocity, Walker2dEnv):
     """Walker2d-v5; task: target velocity ~ U[0, 2]; reward ``-|v_x - v*|`` plus Walker's ctrl and alive terms."""
 
     kept_terms = WALKER_TERMS
 
 
-class SwimmerVelEnv(_TargetVelocity, SwimmerEnv):
+class SwimmerVelEnv(TargetVelocity, SwimmerEnv):
     """Swimmer-v5; task: target velocity ~ U[0, 0.5]; reward ``-|v_x - v*| - ctrl cost``."""
 
     velocity_range = (0.0, 0.5)
     _target = 0.25
 
 
-class _RandomParameters(_ScaledActions, TaskEnv):
+class RandomParameters(ScaledActions, TaskEnv):
     """
     Task: multiplicative factors on the compiled model's body masses, body inertias, joint damping
     and geom friction, each ``1.5 ** u`` with ``u ~ U[-log_scale_limit, log_scale_limit]`` per element
@@ -320,9 +353,9 @@ class _RandomParameters(_ScaledActions, TaskEnv):
         return {name: factor.copy() for name, factor in getattr(self, "_task", {}).items()}
 
 
-class HopperRandParamsEnv(_RandomParameters, HopperEnv):
-    """Hopper-v5 with randomized physical parameters (see ``_RandomParameters``)."""
+class HopperRandParamsEnv(RandomParameters, HopperEnv):
+    """Hopper-v5 with randomized physical parameters (see ``RandomParameters``)."""
 
 
-class Walker2dRandParamsEnv(_RandomParameters, Walker2dEnv):
-    """Walker2d-v5 with randomized physical parameters (see ``_RandomParameters``)."""
+class Walker2dRandParamsEnv(RandomParameters, Walker2dEnv):
+    """Walker2d-v5 with randomized physical parameters (see ``RandomParameters``)."""
