@@ -33,7 +33,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.runner import step_without_bookkeeping
-from sb3_metarl.tasks.mujoco.batched import batched_stepper
+from sb3_metarl.tasks.twins import batched_stepper
 
 #: family -> its arguments in the measurement (the papers' action scale; HalfCheetah at SG-MRL's control cost)
 FAMILIES = {

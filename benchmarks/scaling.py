@@ -33,7 +33,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.factory import make_task_env
-from sb3_metarl.tasks.mujoco.batched import batched_stepper
+from sb3_metarl.tasks.twins import batched_stepper
 
 FIELDS = [
     "env",

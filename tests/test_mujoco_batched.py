@@ -11,7 +11,8 @@ import torch as th
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.infos import RowInfos
 from sb3_metarl.samplers.runner import GroupRunner, step_without_bookkeeping
-from sb3_metarl.tasks.mujoco.batched import BatchedAnt, BatchedLocomotion, batched_stepper
+from sb3_metarl.tasks.mujoco.batched import BatchedAnt, BatchedLocomotion
+from sb3_metarl.tasks.twins import batched_stepper
 
 FAMILIES = [
     ("sb3_metarl/HalfCheetahDir-v0", {}),

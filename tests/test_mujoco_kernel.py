@@ -16,8 +16,8 @@ from gymnasium.envs.mujoco import half_cheetah_v5
 import sb3_metarl.common.threads as threads_module
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.threads import DaemonThreads, settle
-from sb3_metarl.tasks.mujoco.batched import batched_stepper
 from sb3_metarl.tasks.mujoco.kernel import MUJOCO_SYMBOLS, KernelUnavailable, load_compiled_physics, nogil_kernel
+from sb3_metarl.tasks.twins import batched_stepper
 
 #: a child process: the twin of 4 HalfCheetahVel sub-envs against their own step (simulated time and observations),
 #: and what the loader said; run under the environment a test gives it
@@ -27,7 +27,7 @@ TWIN_AGAINST_GYMNASIUM = textwrap.dedent(
     warnings.simplefilter("always")
     import gymnasium as gym, numpy as np
     import sb3_metarl.tasks.mujoco.kernel as kernel
-    from sb3_metarl.tasks.mujoco.batched import batched_stepper
+    from sb3_metarl.tasks.twins import batched_stepper
     with warnings.catch_warnings(record=True) as caught:
         own = [gym.make("sb3_metarl/HalfCheetahVel-v0") for _ in range(4)]
         twin_envs = [gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped for _ in range(4)]

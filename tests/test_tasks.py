@@ -89,7 +89,7 @@ def test_tabular_transitions_follow_kernel():
     env.reset(seed=0)
     counts = np.zeros(3)
     for _ in range(4000):
-        env._state = 1
+        env._state[0] = 1  # (the state is a one-element array: the batched twin may hold it as a row)
         counts[env.step(1)[0]] += 1
     np.testing.assert_allclose(counts / counts.sum(), env.transitions[1, 1], atol=0.03)
 
@@ -171,8 +171,8 @@ def test_navigation_at_sg_mrl_s_setting_clips_the_position_and_maps_actions_from
 )
 def test_the_navigation_twin_steps_exactly_as_each_env_s_own_step(settings):
     from sb3_metarl.samplers.runner import step_without_bookkeeping
-    from sb3_metarl.tasks.mujoco.batched import batched_stepper
     from sb3_metarl.tasks.navigation import BatchedNavigation
+    from sb3_metarl.tasks.twins import batched_stepper
 
     per_env = [gym.make("sb3_metarl/Navigation2D-v0", **kwargs) for kwargs in settings]
     batched = [gym.make("sb3_metarl/Navigation2D-v0", **kwargs) for kwargs in settings]
@@ -225,6 +225,78 @@ def test_navigation_meta_trains_the_same_with_and_without_its_twin():
     assert models[True].episode_sampler.runner.batched is not None and models[False].episode_sampler.runner.batched is None
     for model in models.values():
         model.learn(3 * 2 * 5 * 100)
+    assert models[True].num_timesteps == models[False].num_timesteps
+    for name, value in models[False].policy.state_dict().items():
+        assert th.equal(value, models[True].policy.state_dict()[name]), name
+
+
+#: the cheap families' twins: env id -> (per-sub-env arguments, the twin's class name, an action of the row's env)
+CHEAP_TWINS = {
+    "sb3_metarl/TabularMDP-v0": (
+        [{}, {}, dict(transition_seed=3), dict(dirichlet_alpha=0.1)] * 3,
+        "BatchedTabularMDP",
+        lambda rng, env: rng.integers(env.action_space.n),  # (a Discrete action: one integer, as the sampler passes it)
+    ),
+    "sb3_metarl/GaussianBandit-v0": ([{}] * 12, "BatchedGaussianBandit", lambda rng, env: rng.normal(size=1) * 3),
+    "sb3_metarl/IPD-v0": ([{}] * 12, "BatchedIPD", lambda rng, env: rng.integers(2, size=2)),
+}
+
+
+@pytest.mark.parametrize("env_id", list(CHEAP_TWINS))
+def test_the_cheap_families_twins_step_exactly_as_each_env_s_own_step(env_id):
+    from sb3_metarl.samplers.runner import step_without_bookkeeping
+    from sb3_metarl.tasks.twins import batched_stepper
+
+    settings, twin_name, draw_action = CHEAP_TWINS[env_id]
+    per_env = [gym.make(env_id, **kwargs) for kwargs in settings]
+    batched = [gym.make(env_id, **kwargs) for kwargs in settings]
+    twin = batched_stepper([env.unwrapped for env in batched])
+    assert type(twin).__name__ == twin_name and not twin.overlaps
+    steps = [step_without_bookkeeping(env)[0] for env in per_env]
+    rng = np.random.default_rng(0)
+    compared = 0
+    for wave in range(3):
+        for index, (first, second) in enumerate(zip(per_env, batched)):
+            if hasattr(first.unwrapped, "set_task"):
+                task = first.unwrapped.sample_tasks(1, np.random.default_rng([wave, index]))[0]
+                first.unwrapped.set_task(task)
+                second.unwrapped.set_task(task)
+            assert np.array_equal(first.reset(seed=10 * wave + index)[0], second.reset(seed=10 * wave + index)[0])
+        for _ in range(30):
+            rows = np.flatnonzero(rng.uniform(size=12) < 0.7)
+            if len(rows) == 0:
+                continue
+            actions = np.array([draw_action(rng, per_env[row]) for row in rows])
+            outcomes = [steps[row](action) for row, action in zip(rows, actions)]
+            observations, rewards, terminated, infos = twin.step(rows, actions)
+            expected = np.array([outcome[0] for outcome in outcomes]).reshape(len(rows), -1)
+            assert np.array_equal(observations.reshape(len(rows), -1), expected)
+            assert rewards.tolist() == [o[1] for o in outcomes]  # the same floats, not close ones
+            assert terminated.tolist() == [o[2] for o in outcomes]
+            for info, outcome in zip(infos, outcomes):
+                assert info.keys() == outcome[4].keys() and all(np.array_equal(info[k], outcome[4][k]) for k in info)
+            compared += len(rows)
+    assert compared > 500
+    # the envs' own state is the twin's: a per-env step after the twin's continues where the twin left off
+    row = 0
+    action = draw_action(rng, per_env[row])
+    assert np.array_equal(per_env[row].unwrapped.step(action)[0], batched[row].unwrapped.step(action)[0])
+
+
+@pytest.mark.parametrize("env_id", ["sb3_metarl/TabularMDP-v0", "sb3_metarl/GaussianBandit-v0"])
+def test_the_cheap_families_meta_train_the_same_with_and_without_their_twin(env_id):
+    import torch as th
+
+    from sb3_metarl import MetaPolicyGradient
+
+    kwargs = dict(meta_batch_size=2, inner_episodes=3, outer_episodes=2, inner_lr=0.05, seed=0)
+    models = {
+        batched: MetaPolicyGradient("MlpPolicy", env_id, sampler_kwargs=dict(batched_physics=batched), **kwargs)
+        for batched in (True, False)
+    }
+    assert models[True].episode_sampler.runner.batched is not None and models[False].episode_sampler.runner.batched is None
+    for model in models.values():
+        model.learn(2 * 2 * 5 * 20)
     assert models[True].num_timesteps == models[False].num_timesteps
     for name, value in models[False].policy.state_dict().items():
         assert th.equal(value, models[True].policy.state_dict()[name]), name

@@ -9,7 +9,8 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_metarl.samplers.protocol import StepResult
-from sb3_metarl.tasks.mujoco.batched import PendingStep, batched_stepper
+from sb3_metarl.tasks.mujoco.batched import PendingStep
+from sb3_metarl.tasks.twins import batched_stepper
 
 #: the ``sampler_kwargs`` that every backend passes on to its runners: the batched physics switch and its threads
 RUNNER_ARGUMENTS = ("batched_physics", "num_threads")

@@ -5,7 +5,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
+from sb3_metarl.tasks.task_env import SteppedAtOnce, TaskEnv, numeric_task
 
 
 class GaussianBanditEnv(TaskEnv):
@@ -51,3 +51,40 @@ class GaussianBanditEnv(TaskEnv):
         self.require_task()
         reward = -float((np.asarray(action, dtype=np.float64).reshape(()) - self._target) ** 2)
         return np.zeros(1, dtype=np.float32), reward, True, False, {}
+
+
+class BatchedGaussianBandit(SteppedAtOnce):
+    """
+    Sub-envs of the Gaussian bandit stepped together: each row's reward in the per-env step's own scalar float64
+    arithmetic (numpy's vectorized square rounds differently from its scalar power), without the per-env call, the
+    observation allocation and the wrappers' bookkeeping.
+
+    :param envs: the unwrapped sub-envs (all ``GaussianBanditEnv``)
+    :param num_threads: (the MuJoCo twins' argument; unused)
+    :param compiled: (the MuJoCo twins' argument; unused)
+    """
+
+    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
+        self.envs = list(envs)
+
+    @classmethod
+    def supports(cls, env: Any) -> bool:
+        """:return: whether ``env`` (unwrapped) is a Gaussian-bandit sub-env that this twin steps exactly"""
+        return type(env) is GaussianBanditEnv
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """
+        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
+
+        :return: observations (n, 1) of zeros, rewards (n,) float64, terminated (n,) bool (always), infos (empty dicts)
+        """
+        rows = np.asarray(indices).tolist()
+        values = np.asarray(actions, dtype=np.float64).reshape(len(rows), -1)
+        if values.shape[1] != 1:
+            raise ValueError(f"actions: expected one action per stepped sub-env ({len(rows)}), got shape {np.shape(actions)}.")
+        envs = [self.envs[row] for row in rows]
+        for env in envs:
+            env.require_task()
+        rewards = np.array([-float((value - env.get_task()) ** 2) for value, env in zip(values[:, 0], envs)])
+        n = len(rows)
+        return np.zeros((n, 1), dtype=np.float32), rewards, np.ones(n, dtype=bool), [{} for _ in range(n)]

@@ -14,6 +14,9 @@ import torch as th
 from gymnasium import spaces
 from torch.nn import functional as F
 
+from sb3_metarl.common.infos import RowInfos
+from sb3_metarl.tasks.task_env import SteppedAtOnce
+
 #: (r1, r2) per (action of player 1, action of player 2): mutual cooperation (-1, -1), mutual defection (-2, -2)
 PAYOFFS = np.array([[[-1.0, -1.0], [-3.0, 0.0]], [[0.0, -3.0], [-2.0, -2.0]]], dtype=np.float32)
 #: a state index seen by the other player (CD and DC swap)
@@ -149,3 +152,46 @@ class IteratedPrisonersDilemmaEnv(gym.Env):
         self.state = int(next_state(own, other))
         info = {"rewards": rewards.copy(), "other_observation": int(SWAPPED_STATE[self.state])}
         return self.state, float(rewards[0]), False, False, info
+
+
+class BatchedIPD(SteppedAtOnce):
+    """
+    Sub-envs of the iterated prisoner's dilemma stepped as arrays: the payoffs and next states of all stepped rows in
+    a few numpy operations (a state depends only on the round's two actions), each env's ``state`` kept as its own step
+    leaves it, and each row's info (both rewards, player 2's observation) built when it is read.
+
+    :param envs: the unwrapped sub-envs (all ``IteratedPrisonersDilemmaEnv``)
+    :param num_threads: (the MuJoCo twins' argument; unused)
+    :param compiled: (the MuJoCo twins' argument; unused)
+    """
+
+    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
+        self.envs = list(envs)
+
+    @classmethod
+    def supports(cls, env: Any) -> bool:
+        """:return: whether ``env`` (unwrapped) is an IPD sub-env that this twin steps exactly"""
+        return type(env) is IteratedPrisonersDilemmaEnv
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
+        """
+        Step the sub-envs ``indices`` with ``actions`` (one row of both players' moves each), as ``env.step`` would.
+
+        :return: observations (n, 1), player 1's rewards (n,) float64, terminated (n,) bool (never), infos
+        """
+        rows = np.asarray(indices).tolist()
+        moves = np.asarray(actions).reshape(len(rows), -1)
+        if moves.shape[1] != 2:
+            raise ValueError(
+                f"actions: expected both players' moves per stepped sub-env, shape ({len(rows)}, 2), got {np.shape(actions)}."
+            )
+        own, other = moves[:, 0].astype(np.int64), moves[:, 1].astype(np.int64)
+        payoffs = PAYOFFS[own, other]  # (n, 2) float32
+        states = next_state(own, other)
+        for row, state in zip(rows, states.tolist()):
+            self.envs[row].state = state
+
+        def info(k: int) -> dict[str, Any]:
+            return {"rewards": payoffs[k].copy(), "other_observation": int(SWAPPED_STATE[states[k]])}
+
+        return states[:, None], payoffs[:, 0].astype(np.float64), np.zeros(len(rows), dtype=bool), RowInfos(len(rows), info)

@@ -6,7 +6,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
+from sb3_metarl.tasks.task_env import SteppedAtOnce, TaskEnv, numeric_task
 
 
 class Navigation2DEnv(TaskEnv):
@@ -97,7 +97,7 @@ class Navigation2DEnv(TaskEnv):
         return self._position.astype(np.float32), -math.hypot(dx, dy), terminated, False, {}
 
 
-class BatchedNavigation:
+class BatchedNavigation(SteppedAtOnce):
     """
     Sub-envs of Navigation2D stepped as arrays: the moves, clips, distances and terminations of all stepped rows in a
     few numpy operations, each in the per-env ``step``'s float64 arithmetic, in its order, so that the results are its
@@ -106,17 +106,12 @@ class BatchedNavigation:
     before and see the twin's steps. The
     distance is ``math.hypot`` per row, as the per-env step computes it (numpy's ``hypot`` may round differently).
     Nothing runs on other threads: ``start`` steps at once (the interface of the MuJoCo twins,
-    ``sb3_metarl.tasks.mujoco.batched``, whose ``batched_stepper`` returns this twin for Navigation2D).
+    ``sb3_metarl.tasks.mujoco.batched``; ``sb3_metarl.tasks.twins.batched_stepper`` returns this twin for Navigation2D).
 
     :param envs: the unwrapped sub-envs (all ``Navigation2DEnv``; each keeps its own arguments)
     :param num_threads: (the MuJoCo twins' argument; unused)
     :param compiled: (the MuJoCo twins' argument; unused)
     """
-
-    #: no physics runs beside the caller (the sampler's two lanes are for the MuJoCo twins)
-    overlaps = False
-    #: no compiled loop
-    kernel = None
 
     def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
         self.envs = list(envs)
@@ -169,17 +164,3 @@ class BatchedNavigation:
         terminated = (np.abs(offsets[:, 0]) < radius) & (np.abs(offsets[:, 1]) < radius)
         self.positions[rows] = positions
         return positions.astype(self.dtype), rewards, terminated, [{} for _ in rows]
-
-    def start(self, indices: np.ndarray, actions: np.ndarray) -> Any:
-        """Step at once (no physics to run beside the caller); :meth:`finish` returns the outcome."""
-        return (np.asarray(indices), self.step(indices, actions))
-
-    def wait(self, pending: Any) -> None:
-        """Nothing runs after :meth:`start`."""
-
-    def finish(self, pending: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-        """:return: the outcome of the step ``pending``"""
-        return pending[1]
-
-    def close(self) -> None:
-        """No threads to stop."""

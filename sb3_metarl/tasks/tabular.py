@@ -5,7 +5,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sb3_metarl.tasks.task_env import TaskEnv, numeric_task
+from sb3_metarl.tasks.task_env import SteppedAtOnce, TaskEnv, numeric_task
 
 
 class TabularMDPEnv(TaskEnv):
@@ -31,10 +31,12 @@ class TabularMDPEnv(TaskEnv):
         self.action_space = gym.spaces.Discrete(n_actions)
         self.transitions = random_transition_kernel(n_states, n_actions, dirichlet_alpha, transition_seed)
         self.initial_distribution = np.full(n_states, 1.0 / n_states)
-        # inverse-CDF sampling: np.random.Generator.choice with p= is ~10x slower per call
-        self._cumulative_transitions = np.cumsum(self.transitions, axis=-1)
+        #: the transition kernel's rows summed up: the next state by inverse-CDF sampling (``Generator.choice`` with
+        #: ``p=`` is slower per call)
+        self.cumulative_transitions = np.cumsum(self.transitions, axis=-1)
+        # the reward matrix and the state are written in place: the batched twin may hold them as rows of its arrays
         self._rewards = np.zeros((n_states, n_actions))
-        self._state = 0
+        self._state = np.zeros(1, dtype=np.int64)
 
     def sample_tasks(self, n: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
         rng = self.np_random if rng is None else rng
@@ -47,24 +49,83 @@ class TabularMDPEnv(TaskEnv):
                 f"TabularMDP: task must be a reward matrix of shape ({self.n_states}, {self.n_actions}) "
                 f"with entries in [0, 1], got shape {rewards.shape}."
             )
-        self._rewards = rewards
+        self._rewards[:] = rewards
 
     def get_task(self) -> np.ndarray:
         return self._rewards.copy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[int, dict]:
         super().reset(seed=seed)
-        self._state = int(self.np_random.integers(self.n_states))
-        return self._state, {}
+        self._state[0] = int(self.np_random.integers(self.n_states))
+        return int(self._state[0]), {}
 
     def step(self, action: int) -> tuple[int, float, bool, bool, dict]:
         if not self.task_is_set:
             self.require_task()
-        action = int(action)
-        reward = float(self._rewards[self._state, action])
-        cumulative = self._cumulative_transitions[self._state, action]
-        self._state = min(int(np.searchsorted(cumulative, self.np_random.random(), side="right")), self.n_states - 1)
-        return self._state, reward, False, False, {}
+        action, state = int(action), int(self._state[0])
+        reward = float(self._rewards[state, action])
+        cumulative = self.cumulative_transitions[state, action]
+        state = min(int(np.searchsorted(cumulative, self.np_random.random(), side="right")), self.n_states - 1)
+        self._state[0] = state
+        return state, reward, False, False, {}
+
+
+class BatchedTabularMDP(SteppedAtOnce):
+    """
+    Sub-envs of TabularMDP stepped as arrays: the rewards, the inverse-CDF draws and the next states of all stepped
+    rows in a few numpy operations, each sub-env drawing its one uniform number per step from its own generator, so
+    that the results are each env's own step bit for bit (a count of cumulative probabilities at most the draw is
+    ``searchsorted(..., side="right")``). Each sub-env's state and reward matrix are rows of the twin's arrays (the env
+    writes them in place), so its own ``step``, ``reset`` and ``set_task`` go on as before and see the twin's steps.
+
+    :param envs: the unwrapped sub-envs (all ``TabularMDPEnv``; each keeps its own arguments and task)
+    :param num_threads: (the MuJoCo twins' argument; unused)
+    :param compiled: (the MuJoCo twins' argument; unused)
+    """
+
+    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
+        self.envs = list(envs)
+        first = self.envs[0]
+        self.states = np.array([env._state[0] for env in self.envs], dtype=np.int64)
+        self.rewards = np.array([env._rewards for env in self.envs], dtype=np.float64)
+        for row, env in enumerate(self.envs):
+            env._state, env._rewards = self.states[row : row + 1], self.rewards[row]
+        #: one kernel for every row when the sub-envs share it (the same arguments), else one per row
+        shared = all(np.array_equal(env.cumulative_transitions, first.cumulative_transitions) for env in self.envs)
+        self.cumulative = first.cumulative_transitions if shared else None
+        self.per_row_cumulative = None if shared else np.array([env.cumulative_transitions for env in self.envs])
+        self.last_states = np.array([env.n_states - 1 for env in self.envs])
+
+    @classmethod
+    def supports(cls, env: Any) -> bool:
+        """:return: whether ``env`` (unwrapped) is a TabularMDP sub-env that this twin steps exactly"""
+        return type(env) is TabularMDPEnv
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """
+        Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.
+
+        :return: observations (n, 1), rewards (n,) float64, terminated (n,) bool (never), infos (empty dicts)
+        """
+        rows = np.asarray(indices, dtype=np.int64)
+        chosen = np.asarray(actions).reshape(len(rows), -1)
+        if chosen.shape[1] != 1:
+            raise ValueError(f"actions: expected one action per stepped sub-env ({len(rows)}), got shape {np.shape(actions)}.")
+        chosen = chosen[:, 0].astype(np.int64)  # (int(action) of the per-env step: the sampled actions are whole)
+        envs = [self.envs[row] for row in rows.tolist()]
+        if not all(env.task_is_set for env in envs):
+            for env in envs:
+                env.require_task()
+        states = self.states[rows]
+        rewards = self.rewards[rows, states, chosen]
+        draws = np.array([env.np_random.random() for env in envs])
+        if self.cumulative is not None:
+            cumulative = self.cumulative[states, chosen]
+        else:
+            cumulative = self.per_row_cumulative[rows, states, chosen]
+        next_states = np.minimum((cumulative <= draws[:, None]).sum(axis=1), self.last_states[rows])
+        self.states[rows] = next_states
+        return next_states[:, None], rewards, np.zeros(len(rows), dtype=bool), [{} for _ in range(len(rows))]
 
 
 def random_transition_kernel(n_states: int, n_actions: int, alpha: float, seed: int) -> np.ndarray:

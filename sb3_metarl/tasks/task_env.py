@@ -69,3 +69,34 @@ class TaskEnv(gym.Env):
 
     def get_task(self) -> Any:
         raise NotImplementedError
+
+
+class SteppedAtOnce:
+    """
+    The start / finish interface of the batched twins (``sb3_metarl.tasks.twins``) for a twin whose step runs at once
+    in the caller's thread (nothing beside it: the sampler's two lanes are for the MuJoCo twins' physics threads).
+    A subclass steps rows of its sub-envs in :meth:`step`.
+    """
+
+    #: no physics runs beside the caller
+    overlaps = False
+    #: no compiled loop
+    kernel = None
+
+    def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """:return: the stepped rows' observations, rewards (float64), terminations and infos"""
+        raise NotImplementedError
+
+    def start(self, indices: np.ndarray, actions: np.ndarray) -> Any:
+        """Step at once; :meth:`finish` returns the outcome."""
+        return (np.asarray(indices), self.step(indices, actions))
+
+    def wait(self, pending: Any) -> None:
+        """Nothing runs after :meth:`start`."""
+
+    def finish(self, pending: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """:return: the outcome of the step ``pending``"""
+        return pending[1]
+
+    def close(self) -> None:
+        """No threads to stop."""

@@ -45,7 +45,6 @@ from sb3_metarl.tasks.mujoco.envs import (
     Walker2dVelEnv,
 )
 from sb3_metarl.tasks.mujoco.kernel import addresses, nogil_kernel
-from sb3_metarl.tasks.navigation import BatchedNavigation
 
 
 @dataclass
@@ -557,22 +556,3 @@ class BatchedAnt(_BatchedMujoco):
         if self.kind is AntDir2DEnv:
             return np.array([np.cos(angle) * x_velocity[k] + np.sin(angle) * y_velocity[k] for k, angle in enumerate(tasks)])
         return np.array([-np.hypot(qpos[k, 0] - goal[0], qpos[k, 1] - goal[1]) for k, goal in enumerate(tasks)])
-
-
-#: the batched twins, tried in order
-BATCHED_FAMILIES = (BatchedLocomotion, BatchedAnt, BatchedNavigation)
-
-
-def batched_stepper(
-    envs: Sequence[Any], num_threads: int = 1, compiled: bool | None = None
-) -> _BatchedMujoco | BatchedNavigation | None:
-    """
-    :param envs: unwrapped sub-envs
-    :param num_threads: threads that advance the physics
-    :param compiled: the physics loop (see ``_BatchedMujoco``)
-    :return: a twin that steps all of ``envs`` exactly as their own ``step``, or None if none does
-    """
-    for twin in BATCHED_FAMILIES:
-        if envs and all(twin.supports(env) for env in envs) and len({type(env) for env in envs}) == 1:
-            return twin(envs, num_threads, compiled)
-    return None
