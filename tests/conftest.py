@@ -23,14 +23,19 @@ def deadline(seconds: int):
 
 
 @pytest.fixture
-def tiny_navigation_model():
-    return MetaPolicyGradient(
-        "MlpPolicy",
-        "sb3_metarl/Navigation2D-v0",
-        meta_batch_size=2,
-        inner_episodes=2,
-        outer_episodes=2,
-        inner_lr=0.01,
-        policy_kwargs=dict(net_arch=[16]),
-        seed=0,
-    )
+def make_model():
+    """
+    A factory of small models: ``make_model(env=..., **overrides)`` is ``MetaPolicyGradient("MlpPolicy", env, ...)``
+    with B = N = M = 2 and a 16-unit policy on Navigation2D unless overridden.
+    """
+
+    def make(env="sb3_metarl/Navigation2D-v0", policy="MlpPolicy", **overrides) -> MetaPolicyGradient:
+        arguments = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, policy_kwargs=dict(net_arch=[16]))
+        return MetaPolicyGradient(policy, env, **{**arguments, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def tiny_navigation_model(make_model):
+    return make_model(inner_lr=0.01, seed=0)

@@ -45,9 +45,9 @@ class CountingCallback(BaseCallback):
 
 
 @pytest.mark.parametrize("mode", ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"])
-def test_every_mode_learns_on_box_and_discrete_actions(mode):
+def test_every_mode_learns_on_box_and_discrete_actions(mode, make_model):
     for env_id in ["sb3_metarl/Navigation2D-v0", "sb3_metarl/TabularMDP-v0"]:
-        model = MetaPolicyGradient("MlpPolicy", env_id, gradient_mode=mode, inner_lr=0.01, inner_steps=2, seed=0, **TINY)
+        model = make_model(env=env_id, gradient_mode=mode, inner_lr=0.01, inner_steps=2, seed=0)
         before = _parameters(model)
         model.learn(1)
         assert not th.equal(before, _parameters(model))
@@ -62,8 +62,8 @@ def test_timesteps_count_every_inner_and_outer_step():
     assert model.num_timesteps == 3 * (2 * 4 + 5)  # one-step episodes
 
 
-def test_callbacks_logger_keys_and_progress_bar(tmp_path):
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=0, **TINY)
+def test_callbacks_logger_keys_and_progress_bar(tmp_path, make_model):
+    model = make_model(inner_lr=0.01, seed=0)
     model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
     counting = CountingCallback()
     checkpoint = CheckpointCallback(save_freq=2, save_path=str(tmp_path / "ckpt"), name_prefix="meta")
@@ -93,30 +93,28 @@ def test_callbacks_logger_keys_and_progress_bar(tmp_path):
     assert any(row.get("eval/return_after_1_steps") for row in rows)
 
 
-def test_callback_can_stop_training_without_an_update():
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **TINY)
+def test_callback_can_stop_training_without_an_update(make_model):
+    model = make_model(seed=0)
     before = _parameters(model)
     model.learn(10_000, callback=CountingCallback(stop_after=1))  # stopped after the first (inner) batch
     assert th.equal(before, _parameters(model)) and model.n_updates == 0
 
 
 @pytest.mark.parametrize("meta_optimizer", ["adam", "trpo", "ppo"])
-def test_same_seed_same_parameters(meta_optimizer):
+def test_same_seed_same_parameters(meta_optimizer, make_model):
     runs = []
     for _ in range(2):
-        model = MetaPolicyGradient(
-            "MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, meta_optimizer=meta_optimizer, seed=3, **TINY
-        )
+        model = make_model(inner_lr=0.01, meta_optimizer=meta_optimizer, seed=3)
         model.learn(1600)
         runs.append(_parameters(model))
     assert th.equal(runs[0], runs[1])
-    other = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.01, seed=4, **TINY)
+    other = make_model(inner_lr=0.01, seed=4)
     other.learn(1600)
     assert not th.equal(runs[0], _parameters(other))
 
 
-def test_save_load_round_trip_keeps_evaluation(tmp_path):
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_lr=0.01, seed=0, **TINY)
+def test_save_load_round_trip_keeps_evaluation(tmp_path, make_model):
+    model = make_model(gradient_mode="lvc", inner_lr=0.01, seed=0)
     model.learn(800)
     expected = model.evaluate_adaptation(n_tasks=3, inner_steps=2, seed=7)
     model.save(tmp_path / "model.zip")
@@ -162,11 +160,9 @@ def test_estimate_meta_gradient_makes_no_update_and_covers_all_parameters(tiny_n
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2])
-def test_a_meta_sample_s_batches_carry_the_learner_s_log_likelihoods_under_their_sampling_parameters(inner_steps):
+def test_a_meta_sample_s_batches_carry_the_learner_s_log_likelihoods_under_their_sampling_parameters(inner_steps, make_model):
     """The sampling log-likelihoods are computed once, with the graph, and stored detached (inner and outer)."""
-    model = MetaPolicyGradient(
-        "MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=0.05, inner_steps=inner_steps, max_episode_steps=10, seed=1, **TINY
-    )
+    model = make_model(inner_lr=0.05, inner_steps=inner_steps, max_episode_steps=10, seed=1)
     tasks = model.task_sampler.sample(2, np.random.default_rng(0))
     sample = model.collect_meta_sample(tasks)
     replay = sample.replay
@@ -341,30 +337,16 @@ def test_incompatible_spaces_on_load(tmp_path):
         MetaPolicyGradient.load(tmp_path / "bandit.zip", env="sb3_metarl/Navigation2D-v0")
 
 
-def test_sgd_meta_optimizer_and_learning_rate_schedule():
-    model = MetaPolicyGradient(
-        "MlpPolicy",
-        "sb3_metarl/Navigation2D-v0",
-        meta_optimizer="sgd",
-        inner_lr=0.001,
-        learning_rate=lambda progress: 1e-5 * progress,
-        **TINY,
-    )
+def test_sgd_meta_optimizer_and_learning_rate_schedule(make_model):
+    model = make_model(meta_optimizer="sgd", inner_lr=0.001, learning_rate=lambda progress: 1e-5 * progress)
     assert isinstance(model.policy.optimizer, th.optim.SGD)
     model.learn(1600)
     assert model.policy.optimizer.param_groups[0]["lr"] < 1e-5
 
 
-def test_update_to_non_finite_parameters_is_undone(tmp_path):
-    model = MetaPolicyGradient(
-        "MlpPolicy",
-        "sb3_metarl/Navigation2D-v0",
-        meta_optimizer="sgd",
-        inner_lr=0.001,
-        learning_rate=1e38,
-        meta_optimizer_kwargs=dict(max_grad_norm=None),
-        seed=0,
-        **TINY,
+def test_update_to_non_finite_parameters_is_undone(tmp_path, make_model):
+    model = make_model(
+        meta_optimizer="sgd", inner_lr=0.001, learning_rate=1e38, meta_optimizer_kwargs=dict(max_grad_norm=None), seed=0
     )
     before = _parameters(model)
     with pytest.raises(FloatingPointError, match="restored"):
@@ -381,20 +363,16 @@ def test_update_to_non_finite_parameters_is_undone(tmp_path):
 
 
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs a GPU")
-def test_gpu_exact_gradient_matches_cpu_and_every_mode_trains():
+def test_gpu_exact_gradient_matches_cpu_and_every_mode_trains(make_model):
     tasks = [np.random.default_rng(0).uniform(0, 1, size=(20, 5))]
     grads = {}
     for device in ["cpu", "cuda"]:
-        model = MetaPolicyGradient(
-            "MlpPolicy", "sb3_metarl/TabularMDP-v0", inner_lr=5.0, inner_steps=2, device=device, seed=0, **TINY
-        )
+        model = make_model(env="sb3_metarl/TabularMDP-v0", inner_lr=5.0, inner_steps=2, device=device, seed=0)
         grads[device] = flat_gradient(exact_meta_gradient(model, tasks)).cpu()
     # float32 policies: measured max abs difference 5e-6 on an H100
     th.testing.assert_close(grads["cuda"], grads["cpu"], rtol=1e-3, atol=2e-5)
     for mode in ["sf", "lsf", "lvc", "dice", "loaded_dice", "maml", "fomaml"]:
-        model = MetaPolicyGradient(
-            "MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode=mode, inner_lr=1e-3, device="cuda", **TINY
-        )
+        model = make_model(gradient_mode=mode, inner_lr=1e-3, device="cuda")
         before = _parameters(model)
         model.learn(1)
         after = _parameters(model)
@@ -438,9 +416,9 @@ def test_cuda_without_a_gpu_is_an_error():
         MetaPolicyGradient("MlpPolicy", "sb3_metarl/GaussianBandit-v0", device="cuda")
 
 
-def test_a_single_env_instance_is_copied_into_the_sub_envs():
+def test_a_single_env_instance_is_copied_into_the_sub_envs(make_model):
     prototype = gym.make("sb3_metarl/Navigation2D-v0")
-    model = MetaPolicyGradient("MlpPolicy", prototype, seed=0, **TINY)
+    model = make_model(env=prototype, seed=0)
     envs = model.get_env().envs
     assert len(envs) == 4 and all(env is not prototype for env in envs)
     model.learn(800)
@@ -451,7 +429,7 @@ def test_a_single_env_instance_is_copied_into_the_sub_envs():
             raise TypeError("holds a live connection")
 
     with pytest.raises(ValueError, match=r"cannot be copied.*registered id or a factory"):
-        MetaPolicyGradient("MlpPolicy", Uncopyable(prototype), **TINY)
+        make_model(env=Uncopyable(prototype))
 
 
 def test_an_env_without_a_time_limit_takes_max_episode_steps():
@@ -469,8 +447,8 @@ class _NaNReward(gym.Wrapper):
         return obs, float("nan"), terminated, truncated, info
 
 
-def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit():
-    model = MetaPolicyGradient("MlpPolicy", lambda: _NaNReward(gym.make("sb3_metarl/Navigation2D-v0")), **TINY)
+def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit(make_model):
+    model = make_model(env=lambda: _NaNReward(gym.make("sb3_metarl/Navigation2D-v0")))
     with pytest.raises(ValueError, match=r"env: sub-env 0 returned a non-finite reward"):
         model.learn(1)
 
@@ -478,15 +456,13 @@ def test_nan_reward_and_short_task_lists_fail_early_naming_the_culprit():
         def sample(self, n, rng):
             return super().sample(n, rng)[:-1]
 
-    model = MetaPolicyGradient(
-        "MlpPolicy", "sb3_metarl/Navigation2D-v0", task_sampler=Short([np.zeros(2)]), inner_lr=1e-3, **TINY
-    )
+    model = make_model(task_sampler=Short([np.zeros(2)]), inner_lr=1e-3)
     with pytest.raises(ValueError, match=r"task_sampler: Short.sample\(2, rng\) returned 1 tasks"):
         model.learn(1)
 
 
-def test_trpo_with_no_finite_line_search_point_raises():
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", meta_optimizer="trpo", seed=0, **TINY)
+def test_trpo_with_no_finite_line_search_point_raises(make_model):
+    model = make_model(meta_optimizer="trpo", seed=0)
     original = model.meta_optimizer.surrogate
     model.meta_optimizer.surrogate = lambda m, replay, sample: (
         original(m, replay, sample) * (float("nan") if not th.is_grad_enabled() else 1.0)
@@ -565,16 +541,16 @@ def test_estimating_with_another_mode_and_n_is_the_estimate_of_a_model_built_wit
     assert model.gradient_mode.name == "lsf" and model.inner_episodes == 2  # the model is not reconfigured
 
 
-def test_inner_sample_reuse_arguments():
+def test_inner_sample_reuse_arguments(make_model):
     with pytest.raises(ValueError, match="does not weigh samples"):
-        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="maml", inner_sample_reuse=1, **TINY)
+        make_model(gradient_mode="maml", inner_sample_reuse=1)
     with pytest.raises(ValueError, match="inner_sample_reuse"):
-        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=-1, **TINY)
+        make_model(inner_sample_reuse=-1)
     with pytest.raises(ValueError, match="reuse_importance_clip"):
-        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_sample_reuse=1, reuse_importance_clip=0.5, **TINY)
+        make_model(inner_sample_reuse=1, reuse_importance_clip=0.5)
 
 
-def test_a_schedule_never_sees_a_negative_progress():
+def test_a_schedule_never_sees_a_negative_progress(make_model):
     """learn finishes the iteration it starts: the last one of learn(P + 1) must not run at progress < 0."""
     lr0, per_iteration = 0.01, 2 * 2 * 2 * 20
     seen = []
@@ -583,8 +559,9 @@ def test_a_schedule_never_sees_a_negative_progress():
         seen.append(progress)
         return lr0 * progress
 
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/TabularMDP-v0", meta_optimizer="sgd", learning_rate=schedule,
-                               inner_lr=0.1, seed=0, **TINY)  # fmt: skip
+    model = make_model(
+        env="sb3_metarl/TabularMDP-v0", meta_optimizer="sgd", learning_rate=schedule, inner_lr=0.1, seed=0
+    )
     model.learn(per_iteration + 1)
     assert model.n_updates == 2
     assert min(seen) == 0.0 and max(seen) <= 1.0
@@ -618,11 +595,11 @@ def test_a_save_that_fails_part_way_leaves_the_previous_zip_loadable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]  # no temporary file left behind
 
 
-def test_best_model_is_replaced_atomically(tmp_path, monkeypatch):
+def test_best_model_is_replaced_atomically(tmp_path, monkeypatch, make_model):
     """MetaEvalCallback re-saves best_model.zip: an error while writing the new one keeps the old one."""
     from stable_baselines3.common.base_class import BaseAlgorithm
 
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, **TINY)
+    model = make_model(inner_lr=1e-3, seed=0)
     model.save(tmp_path / "best_model")
     before = (tmp_path / "best_model.zip").read_bytes()
     original = BaseAlgorithm.save
@@ -640,26 +617,26 @@ def test_best_model_is_replaced_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["best_model.zip"]
 
 
-def test_reuse_buffers_are_bounded_and_a_warning_says_nothing_recurs():
+def test_reuse_buffers_are_bounded_and_a_warning_says_nothing_recurs(make_model):
     """Continuous goals never recur: the per-task store stays bounded and a warning explains why nothing is reused."""
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_sample_reuse=2,
-                               inner_lr=1e-3, seed=0, max_episode_steps=5, **TINY)  # fmt: skip
+    model = make_model(gradient_mode="lvc", inner_sample_reuse=2, inner_lr=1e-3, seed=0, max_episode_steps=5)  # fmt: skip
     with pytest.warns(UserWarning, match=r"inner_sample_reuse=2: no meta-batch could reuse earlier episodes in 10"):
         for _ in range(40):
             model.learn(1, reset_num_timesteps=False)
     assert len(model.inner_reuse.batches) == 10 * model.meta_batch_size  # today: 80, one per task ever seen
     # a fixed task set that fits is kept whole, and reused
-    fixed = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", gradient_mode="lvc", inner_sample_reuse=2,
-                               task_sampler=FixedTaskSampler([np.array([0.1, 0.2]), np.array([-0.3, 0.1])]),
-                               inner_lr=1e-3, seed=0, max_episode_steps=5, **TINY)  # fmt: skip
+    goals = FixedTaskSampler([np.array([0.1, 0.2]), np.array([-0.3, 0.1])])
+    fixed = make_model(
+        gradient_mode="lvc", inner_sample_reuse=2, task_sampler=goals, inner_lr=1e-3, seed=0, max_episode_steps=5
+    )
     for _ in range(3):
         fixed.learn(1, reset_num_timesteps=False)
     assert len(fixed.inner_reuse.batches) == 2 and fixed.inner_reuse.iterations_without_reuse == 0
 
 
-def test_inputs_that_would_fail_late_fail_at_construction_naming_the_argument(tmp_path):
+def test_inputs_that_would_fail_late_fail_at_construction_naming_the_argument(tmp_path, make_model):
     with pytest.raises(ValueError, match=r"task_sampler: must be a TaskSampler.*got list.*FixedTaskSampler\(tasks\)"):
-        MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", task_sampler=[np.zeros(2)], **TINY)
+        make_model(task_sampler=[np.zeros(2)])
     with pytest.raises(ValueError, match=r"policy: 'MultiInputPolicy' \(Dict observations\) is not supported.*Flatten"):
         MetaPolicyGradient("MultiInputPolicy", "sb3_metarl/Navigation2D-v0", **TINY)
 
@@ -672,10 +649,10 @@ def test_inputs_that_would_fail_late_fail_at_construction_naming_the_argument(tm
             return {"position": observation}
 
     with pytest.raises(ValueError, match=r"env: Dict observation spaces are not supported.*FlattenObservation"):
-        MetaPolicyGradient("MlpPolicy", lambda: DictObservations(gym.make("sb3_metarl/Navigation2D-v0")), **TINY)
+        make_model(env=lambda: DictObservations(gym.make("sb3_metarl/Navigation2D-v0")))
 
 
-def test_loading_another_algorithm_s_zip_or_a_missing_file_is_an_error(tmp_path):
+def test_loading_another_algorithm_s_zip_or_a_missing_file_is_an_error(tmp_path, make_model):
     from stable_baselines3 import PPO
 
     PPO("MlpPolicy", "Pendulum-v1", n_steps=64).save(tmp_path / "ppo.zip")
@@ -683,17 +660,16 @@ def test_loading_another_algorithm_s_zip_or_a_missing_file_is_an_error(tmp_path)
         MetaPolicyGradient.load(tmp_path / "ppo.zip")
     with pytest.raises(FileNotFoundError, match=r"no saved model at '.*missing' nor '.*missing.zip'"):
         MetaPolicyGradient.load(str(tmp_path / "missing"))
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", **TINY)
+    model = make_model()
     model.save(tmp_path / "nav")  # SB3 adds .zip
     assert MetaPolicyGradient.load(tmp_path / "nav").env_id == "sb3_metarl/Navigation2D-v0"
 
 
-def test_tensorboard_log_writes_the_meta_rl_keys(tmp_path):
+def test_tensorboard_log_writes_the_meta_rl_keys(tmp_path, make_model):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, tensorboard_log=str(tmp_path),
-                               max_episode_steps=10, **TINY)  # fmt: skip
+    model = make_model(inner_lr=1e-3, seed=0, tensorboard_log=str(tmp_path), max_episode_steps=10)  # fmt: skip
     model.learn(1)
     (run,) = tmp_path.iterdir()
     events = EventAccumulator(str(run))
@@ -702,13 +678,12 @@ def test_tensorboard_log_writes_the_meta_rl_keys(tmp_path):
     assert {"rollout/post_adaptation_return", "train/meta_grad_norm", "train/inner_lr"} <= tags
 
 
-def test_acting_runs_on_one_torch_thread_and_the_update_on_the_caller_s():
+def test_acting_runs_on_one_torch_thread_and_the_update_on_the_caller_s(make_model):
     """More intra-op threads only slow a group's small policy call (8x on a loaded 2-core machine): acting uses one."""
     threads = th.get_num_threads()
     th.set_num_threads(2)
     try:
-        model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", inner_lr=1e-3, seed=0, max_episode_steps=5,
-                                   **TINY)  # fmt: skip
+        model = make_model(inner_lr=1e-3, seed=0, max_episode_steps=5)  # fmt: skip
         sampler, sample = model.episode_sampler, model.episode_sampler.sample
         while_sampling, while_updating = [], []
 

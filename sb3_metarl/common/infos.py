@@ -7,7 +7,7 @@ from typing import Any, overload
 class RowInfos(Sequence[dict[str, Any]]):
     """
     The infos of one batched step, one dict per stepped sub-env, each built when it is first read (and then kept):
-    the sampler reads none of them and a callback few, while building all of them was a tenth of the twin's own time.
+    the sampler reads none of them and a callback few, so building them all at every step would be work for nothing.
 
     :param n: the number of stepped sub-envs
     :param build: row -> that sub-env's info, as its own ``step`` returns it

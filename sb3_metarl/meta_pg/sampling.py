@@ -107,8 +107,8 @@ def collect_meta_sample(
     adaptation = model.adaptation
 
     # (each batch's sampling log-likelihoods are the graph-carrying ones computed below, detached: the inner steps
-    # store them at sampling, and the outer ones are stored after the adaptation; computing them twice cost a sixteenth
-    # of a HalfCheetah iteration)
+    # store them at sampling, and the outer ones are stored after the adaptation: one forward pass over each batch,
+    # not two)
     def inner_batch(step: int, params: Params) -> EpisodeBatch | None:
         batch = sample_episodes(model, tasks, params, inner_episodes, step_callback, with_log_probs=False)
         if step == 0 and batch is not None and model.inner_sample_reuse:

@@ -44,7 +44,8 @@ _BOOKKEEPING_WRAPPERS = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gy
 def step_without_bookkeeping(env: gym.Env) -> tuple[Callable[[Any], tuple[Any, ...]], int | None]:
     """
     :return: the step function of ``env`` below its outer bookkeeping wrappers (time limit, reset-order check,
-        passive checker; about a third of a cheap env's step), and the time limit taken off (None if none)
+        passive checker: per-step Python work of the size of a cheap env's own step), and the time limit taken off (None
+        if none)
     """
     time_limit = None
     while isinstance(env, _BOOKKEEPING_WRAPPERS):

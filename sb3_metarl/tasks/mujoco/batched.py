@@ -86,8 +86,8 @@ class _BatchedMujoco:
         self.envs = list(envs)
         self.models = [env.model for env in self.envs]
         self.datas = [env.data for env in self.envs]
-        # views of each MjData's arrays, taken once: reading ``data.qpos`` builds a new view at every access (a third
-        # of the twin's own time for 200 sub-envs); the arrays live as long as the data, which the envs keep
+        # views of each MjData's arrays, taken once: reading ``data.qpos`` builds a new view at every access (at
+        # every step of every sub-env); the arrays live as long as the data, which the envs keep
         self.qpos = [data.qpos for data in self.datas]
         self.qvel = [data.qvel for data in self.datas]
         self.ctrl = [data.ctrl for data in self.datas]

@@ -106,7 +106,7 @@ class CompiledPhysics:
 
 def _import_numba() -> Any:
     """:return: the numba module, its JIT on; :raise KernelUnavailable: where it cannot be used"""
-    try:  # (imported here: numba's import is a quarter of a second that a process without these families never needs)
+    try:  # (imported here: a process without these families never pays for numba's import)
         import numba
     except Exception as error:  # a broken llvmlite raises OSError, NUMBA_NUM_THREADS=0 ValueError: any of them means no
         raise KernelUnavailable(f"numba cannot be imported ({type(error).__name__}: {error})") from error
