@@ -202,10 +202,12 @@ def test_metaworld_evaluation_works_at_any_meta_batch_size():
         tasks = [SimpleNamespace(env_name=name) for name in names for _ in range(tasks_per_class)]
         return SimpleNamespace(test_classes=dict.fromkeys(names), test_tasks=tasks)
 
-    # ML10 / ML45 have 5 test classes of 50 tasks: 20 sub-envs give 4 per class, so 48 tasks per class
-    assert evaluation_layout(benchmark(5), 20) == (20, 48)
-    assert evaluation_layout(benchmark(5), 7) == (10, 50)
-    assert evaluation_layout(benchmark(1), 20) == (20, 40)
+    # ML10 / ML45 have 5 test classes of 50 tasks: 20 asks for 4 per class, 5 divide 50: 10 rounds cover all 250 pairs
+    assert evaluation_layout(benchmark(5), 20) == (25, 50, 10)
+    assert evaluation_layout(benchmark(5), 45) == (50, 50, 5)  # metaworld-algorithms' ML45 batch: all pairs, not 180
+    assert evaluation_layout(benchmark(5), 7) == (10, 50, 25)
+    assert evaluation_layout(benchmark(1), 20) == (25, 50, 2)
+    assert evaluation_layout(benchmark(5, 40), 45) == (50, 40, 4)  # (40 goals, as the paper counts them: 200 pairs)
     with pytest.raises(ValueError, match="meta_batch_size"):
         evaluation_layout(benchmark(1), 51)
     model = MetaPolicyGradient(
@@ -308,3 +310,25 @@ def test_mujoco_is_the_version_meta_world_was_made_with():
 
     major, minor = (int(part) for part in mujoco.__version__.split(".")[:2])
     assert (major, minor) == (3, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("benchmark, meta_batch_size", [("ML10", 20), ("ML45", 45)])
+def test_the_protocol_s_rounds_visit_every_test_task_goal_pair_once(benchmark, meta_batch_size):
+    import metaworld
+
+    from sb3_metarl.meta_pg.metaworld import evaluation_layout
+
+    layout = evaluation_layout(make_benchmark(benchmark, None, 0), meta_batch_size)
+    envs = metaworld.make_ml_envs_test(
+        benchmark, seed=0, meta_batch_size=layout.sub_envs, total_tasks_per_cls=layout.tasks_per_class, max_episode_steps=5
+    )
+    try:
+        seen = []
+        for _ in range(layout.rounds):  # what metalearning_evaluation does at the start of each round
+            envs.call("sample_tasks")
+            for tasks, index in zip(envs.get_attr("tasks"), envs.get_attr("current_task_idx")):
+                seen.append((tasks[index].env_name, tasks[index].data))
+    finally:
+        envs.close()
+    assert len(seen) == len(set(seen)) == 5 * 50  # every pair of the test split, each once

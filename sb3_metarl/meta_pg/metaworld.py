@@ -4,7 +4,7 @@ Meta-World's meta-learning evaluation protocol over a trained ``MetaPolicyGradie
 families of the ground (``sb3_metarl.tasks.meta_world``).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch as th
@@ -102,23 +102,40 @@ class MetaWorldAgent:
         """The policy is memoryless: nothing to reset."""
 
 
-def evaluation_layout(benchmark: Any, meta_batch_size: int) -> tuple[int, int]:
-    """
-    Meta-World's test vector env gives each test env class ``meta_batch_size / n_classes`` sub-envs and
-    deals each class's tasks to them evenly, failing otherwise ("Invalid division of subtasks").
+class EvaluationLayout(NamedTuple):
+    """How Meta-World's test vector env is laid out so that the protocol evaluates every task-goal pair once."""
 
-    :return: the number of sub-envs (``meta_batch_size`` rounded up to a multiple of the number of test
-        classes) and the tasks to keep per class (the largest multiple of the sub-envs per class)
+    #: sub-envs of the vector env (a multiple of the number of test env classes)
+    sub_envs: int
+    #: tasks (goals) kept per test env class: all of them
+    tasks_per_class: int
+    #: rounds (``num_evals``) after which every sub-env has run each of its tasks once
+    rounds: int
+
+
+def evaluation_layout(benchmark: Any, meta_batch_size: int) -> EvaluationLayout:
+    """
+    Meta-World's test vector env deals each test env class's tasks to its ``sub_envs / n_classes`` sub-envs in
+    strides (failing unless they divide evenly, "Invalid division of subtasks"), and each round of its protocol moves
+    every sub-env on to its next task, reshuffling only after the last. So the sub-envs per class are taken as the
+    smallest divisor of the class's number of tasks that is at least ``meta_batch_size / n_classes``: with
+    ``tasks / per_class`` rounds, each task-goal pair of the test split is evaluated exactly once. (metaworld-algorithms'
+    ``num_evals = 5 * 40 // meta_batch_size`` with a meta-batch of 45 covers 180 of ML45's 200 pairs in its count of 40
+    goals per task; Meta-World 3.1.1 generates 50 per test task, 250 pairs for ML10 and ML45.)
+
+    :return: the sub-envs, the tasks per class and the rounds that cover every pair once
+    :raises ValueError: if ``meta_batch_size`` asks for more sub-envs per class than a class has tasks
     """
     n_classes = len(benchmark.test_classes)
-    per_class = -(-meta_batch_size // n_classes)
+    wanted = -(-meta_batch_size // n_classes)
     tasks_per_class = min(sum(task.env_name == name for task in benchmark.test_tasks) for name in benchmark.test_classes)
-    if per_class > tasks_per_class:
+    if wanted > tasks_per_class:
         raise ValueError(
-            f"meta_batch_size: {meta_batch_size} gives {per_class} sub-envs per test env class, more than its "
+            f"meta_batch_size: {meta_batch_size} gives {wanted} sub-envs per test env class, more than its "
             f"{tasks_per_class} tasks; use meta_batch_size <= {tasks_per_class * n_classes}."
         )
-    return per_class * n_classes, tasks_per_class // per_class * per_class
+    per_class = next(k for k in range(wanted, tasks_per_class + 1) if tasks_per_class % k == 0)
+    return EvaluationLayout(per_class * n_classes, tasks_per_class, tasks_per_class // per_class)
 
 
 class EvaluationTally:
@@ -227,7 +244,7 @@ def metaworld_evaluation(
     env_name: str | None = "reach-v3",
     seed: int = 0,
     meta_batch_size: int = 20,
-    num_evals: int = 10,
+    num_evals: int | None = None,
     adaptation_steps: int = 1,
     adaptation_episodes: int = 10,
     evaluation_episodes: int = 3,
@@ -245,10 +262,10 @@ def metaworld_evaluation(
     :param benchmark: "ML1", "ML10" or "ML45"
     :param env_name: the env of ML1; None for ML10 / ML45
     :param seed: seed of Meta-World's task generation and of its evaluation envs
-    :param meta_batch_size: sub-envs of the evaluation vector env; any positive number: it is rounded up to a
-        multiple of the number of test env classes, and each class's tasks are cut to a multiple of the
-        sub-envs per class, so that Meta-World can divide them evenly
-    :param num_evals: evaluation rounds, each on freshly drawn test tasks
+    :param meta_batch_size: about this many sub-envs in the evaluation vector env: rounded up to a number per test env
+        class that divides the class's tasks (``evaluation_layout``), so that every task-goal pair can be evaluated
+    :param num_evals: evaluation rounds, each sub-env on its next task; None: as many as cover every task-goal pair of
+        the test split exactly once
     :param adaptation_steps: inner steps before the evaluation episodes
     :param adaptation_episodes: episodes per sub-env and inner step
     :param evaluation_episodes: evaluation episodes per sub-env (ending on success, as Meta-World does)
@@ -256,7 +273,8 @@ def metaworld_evaluation(
     :param deterministic: evaluate the adapted policies' mean actions
     :param count_per_sub_env: count each sub-env's first ``evaluation_episodes`` (False: Meta-World 3.1.1's
         counting per task name, for comparison)
-    :return: ``success_rate``, ``mean_return`` and ``success_rate_per_task``
+    :return: ``success_rate``, ``mean_return``, ``success_rate_per_task``, ``pairs_evaluated`` (task-goal pairs
+        the rounds evaluated, each once, or cycled through again when ``num_evals`` asks for more) and ``pairs_total``
     """
     metaworld = import_metaworld()
     from metaworld.evaluation import metalearning_evaluation
@@ -266,9 +284,12 @@ def metaworld_evaluation(
         raise ValueError(f"meta_batch_size: must be a positive integer, got {meta_batch_size!r}.")
     name = env_name if benchmark == "ML1" else benchmark
     extra = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    sub_envs, tasks_per_class = evaluation_layout(make_benchmark(benchmark, env_name, seed), meta_batch_size)
+    layout = evaluation_layout(make_benchmark(benchmark, env_name, seed), meta_batch_size)
+    num_evals = layout.rounds if num_evals is None else num_evals
+    if isinstance(num_evals, bool) or not isinstance(num_evals, int) or num_evals < 1:
+        raise ValueError(f"num_evals: must be None or a positive integer, got {num_evals!r}.")
     envs = metaworld.make_ml_envs_test(
-        name, seed=seed, meta_batch_size=sub_envs, total_tasks_per_cls=tasks_per_class, **extra
+        name, seed=seed, meta_batch_size=layout.sub_envs, total_tasks_per_cls=layout.tasks_per_class, **extra
     )
     try:
         agent = MetaWorldAgent(model, envs.num_envs, adaptation_episodes, deterministic)
@@ -284,4 +305,6 @@ def metaworld_evaluation(
         "success_rate": float(success_rate),
         "mean_return": float(mean_return),
         "success_rate_per_task": {k: float(v) for k, v in per_task.items()},
+        "pairs_evaluated": min(num_evals, layout.rounds) * layout.sub_envs,
+        "pairs_total": layout.rounds * layout.sub_envs,
     }
