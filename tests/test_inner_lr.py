@@ -6,8 +6,13 @@ import pytest
 import torch as th
 
 from sb3_metarl import MetaPolicyGradient
-from sb3_metarl.meta_pg.inner_lr import per_task_step_kl, reference_direction, signal_fraction
-from sb3_metarl.meta_pg.meta_pg import AUTO_INNER_KL, AUTO_SIGNAL_POWER
+from sb3_metarl.meta_pg.inner_lr import (
+    AUTO_INNER_KL,
+    AUTO_SIGNAL_POWER,
+    per_task_step_kl,
+    reference_direction,
+    signal_fraction,
+)
 from sb3_metarl.tasks import BUILTIN_TASK_ENVS, MUJOCO_TASK_ENVS
 
 SHAPE = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, inner_steps=2)

@@ -27,31 +27,15 @@ from sb3_metarl.meta_pg.arguments import (
     check_model_choices,
     policy_kwargs_for,
 )
-from sb3_metarl.meta_pg.evaluation import format_adaptation_table
-from sb3_metarl.meta_pg.inner_lr import AUTO_CALIBRATION_TASKS, AUTO_INNER_CLIP_FACTOR, AUTO_INNER_KL, AUTO_SIGNAL_POWER
 from sb3_metarl.meta_pg.meta_algorithm import MetaAlgorithm
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
-from sb3_metarl.meta_pg.reuse import REUSE_TASKS_PER_META_BATCH, REUSE_WARNING_ITERATIONS, InnerSampleReuse, task_key
+from sb3_metarl.meta_pg.reuse import REUSE_TASKS_PER_META_BATCH, InnerSampleReuse
 from sb3_metarl.mlp import make_adaptation
 from sb3_metarl.samplers import EpisodeSampler, StepCallback
-from sb3_metarl.samplers.factory import make_task_env
 from sb3_metarl.tasks import TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
 
-__all__ = [
-    "AUTO_CALIBRATION_TASKS",
-    "AUTO_INNER_CLIP_FACTOR",
-    "AUTO_INNER_KL",
-    "AUTO_SIGNAL_POWER",
-    "REUSE_TASKS_PER_META_BATCH",
-    "REUSE_WARNING_ITERATIONS",
-    "MetaPolicyGradient",
-    "MetaSample",
-    "format_adaptation_table",
-    "make_task_env",
-    "task_key",
-]
 
 
 class MetaPolicyGradient(MetaAlgorithm):
@@ -268,18 +252,9 @@ class MetaPolicyGradient(MetaAlgorithm):
         self.policy = self.policy.to(self.device)
         self.functional_policy = FunctionalPolicy(self.policy)
         self.baseline_model = make_baseline(self.baseline)
-        self._setup_inner_reuse()
+        bounds = self.inner_sample_reuse, self.reuse_importance_clip, REUSE_TASKS_PER_META_BATCH * self.meta_batch_size
+        self.inner_reuse = InnerSampleReuse.built_over(self.__dict__, *bounds)
         self._setup_sampling()
-
-    def _setup_inner_reuse(self) -> None:
-        # built from the settings (``load`` may have changed them), holding what a loaded model stored; zips saved
-        # before the reuse was one object hold its state as two attributes
-        loaded = self.__dict__.pop("inner_reuse", None)
-        batches = self.__dict__.pop("reusable_inner_batches", {} if loaded is None else loaded.batches)
-        without = self.__dict__.pop("iterations_without_reuse", 0 if loaded is None else loaded.iterations_without_reuse)
-        max_tasks = REUSE_TASKS_PER_META_BATCH * self.meta_batch_size
-        self.inner_reuse = InnerSampleReuse(self.inner_sample_reuse, self.reuse_importance_clip, max_tasks)
-        self.inner_reuse.carry_over(batches, without)
 
     @property
     def max_steps_per_iteration(self) -> int:

@@ -45,10 +45,21 @@ class InnerSampleReuse:
         #: meta-iterations in a row whose meta-batch could reuse nothing
         self.iterations_without_reuse = 0
 
-    def carry_over(self, batches: dict[str, deque], iterations_without_reuse: int) -> "InnerSampleReuse":
-        """:return: this reuse holding the given state (a loaded model's, under possibly changed settings)"""
-        self.batches, self.iterations_without_reuse = batches, iterations_without_reuse
-        return self
+    @classmethod
+    def built_over(
+        cls, attributes: dict[str, Any], max_batches: int, importance_clip: float, max_tasks: int
+    ) -> "InnerSampleReuse":
+        """
+        :param attributes: a model's attributes (its ``__dict__``): the reuse a loaded model holds is taken out of them
+            (or, from a zip saved before the reuse was one object, its two attributes)
+        :return: a reuse with these settings (``load`` may have changed them) holding what the model stored, if anything
+        """
+        loaded = attributes.pop("inner_reuse", None)
+        reuse = cls(max_batches, importance_clip, max_tasks)
+        reuse.batches = attributes.pop("reusable_inner_batches", {} if loaded is None else loaded.batches)
+        default = 0 if loaded is None else loaded.iterations_without_reuse
+        reuse.iterations_without_reuse = attributes.pop("iterations_without_reuse", default)
+        return reuse
 
     def extend(
         self, tasks: list[Any], params: Params, fresh: EpisodeBatch, policy: FunctionalPolicy, weighting: Weighting
