@@ -56,7 +56,7 @@ def _stepper(way: str, envs: list[gym.Env], actions: np.ndarray, threads: int) -
         return lambda t: [function(actions[t, index]) for index, function in enumerate(functions)] and None
     if way == "bare_mj_step":
         unwrapped = [env.unwrapped for env in envs]
-        low, high, scale = unwrapped[0]._control_low, unwrapped[0]._control_high, unwrapped[0].action_scale
+        low, high, scale = unwrapped[0].control_low, unwrapped[0].control_high, unwrapped[0].action_scale
         controls = low + (actions + scale) * (high - low) / (2 * scale)  # (mapped outside the timing)
 
         def bare(t: int) -> None:
