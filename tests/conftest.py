@@ -39,3 +39,16 @@ def make_model():
 @pytest.fixture
 def tiny_navigation_model(make_model):
     return make_model(inner_lr=0.01, seed=0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """
+    The fast lane (``-m "not slow"``) runs each parametrized test's first case only: the further cases are marked slow
+    (the full suite, CI's, runs them all), except for tests marked ``all_cases`` (cheap cases, each its own check).
+    """
+    first_cases = set()
+    for item in items:
+        function = item.nodeid.split("[")[0]
+        if "[" in item.nodeid and function in first_cases and item.get_closest_marker("all_cases") is None:
+            item.add_marker(pytest.mark.slow)
+        first_cases.add(function)

@@ -82,6 +82,7 @@ def test_help_has_no_raw_markup_and_train_and_evaluate_share_the_evaluation_seed
     assert after == means and EVAL_SEED == 0
 
 
+@pytest.mark.slow
 def test_train_on_worker_processes_from_the_command_line(capsys):
     from sb3_metarl.cli import main
 
@@ -142,6 +143,7 @@ def test_every_argument_error_is_error_colon_and_exit_status_2(capsys, arguments
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_module_colon_id_form_makes_an_env_without_importing_the_package_first():
     import subprocess
 

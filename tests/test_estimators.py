@@ -38,6 +38,7 @@ def test_compare_with_exact_reports_bounded_metrics():
     assert -1 <= result["cosine_mean"] <= 1 and -1 <= result["cosine_single"] <= 1 and result["relative_error"] >= 0
 
 
+@pytest.mark.slow
 def test_measure_estimators_on_the_bandit_reference():
     model = make_bandit_model("sf", inner_episodes=4, outer_episodes=16, meta_batch_size=200)
     rows = measure_estimators(model, ["sf", "maml"], sample_sizes=[4, 16], repeats=2)

@@ -100,6 +100,7 @@ def test_signal_fraction_measures_the_share_of_signal_in_a_noisy_gradient():
     assert signal_fraction({"w": th.zeros(2, 3)}, {"w": th.zeros(2, 3)}) == 1.0
 
 
+@pytest.mark.slow
 def test_auto_steps_shrink_with_the_inner_gradient_s_noise():
     """
     A newcomer's small run (Navigation2D, B = 4, the defaults): "auto" took 4.6e-3 at N = 4, about 5x the tuned

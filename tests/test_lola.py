@@ -126,6 +126,7 @@ def test_dice_estimates_the_exact_inner_gradient_and_lola_meta_gradient():
     assert ((meta.mean(0) - naive_meta).abs() / (meta.std(0) / len(meta) ** 0.5)).max() > 4
 
 
+@pytest.mark.slow
 def test_lola_exact_cooperates_where_naive_learners_defect():
     lola, naive = LOLADiCE(inner="exact", outer="exact"), LOLADiCE(inner="exact", outer="exact", opponent_shaping=False)
     for learner in (lola, naive):

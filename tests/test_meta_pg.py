@@ -244,6 +244,7 @@ BAD_ARGUMENTS = [
 ]
 
 
+@pytest.mark.all_cases
 @pytest.mark.parametrize("kwargs, match", BAD_ARGUMENTS)
 def test_bad_arguments_fail_early_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -266,6 +267,7 @@ def saved_bandit(tmp_path_factory):
         (dict(gamma=2), "gamma"),
     ],
 )
+@pytest.mark.all_cases
 def test_load_checks_its_arguments_as_the_constructor_does(saved_bandit, kwargs, match):
     # before: load set them unchecked (inner_lr=-1e-3 trained, gradient_mode="maml" stayed a string, meta_batch_size=0 was
     # a ZeroDivisionError at learn, gamma=2 a FloatingPointError blaming the inner lr)
@@ -568,6 +570,7 @@ def test_a_schedule_never_sees_a_negative_progress(make_model):
     assert model.policy.optimizer.param_groups[0]["lr"] == 0.0  # today's code: lr0 * (1 - 2P / (P + 1)) < 0
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_part_way_leaves_the_previous_zip_loadable(tmp_path):
     """A full disk (a file-size limit here) during save must not truncate the last good zip."""
     import subprocess

@@ -122,6 +122,7 @@ def test_buffer_success_is_any_step_success():
     assert buffer.to_batch().successes.tolist() == [[1.0, 1.0]]
 
 
+@pytest.mark.slow
 def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
     model = MetaPolicyGradient(
         "MlpPolicy",
@@ -253,6 +254,7 @@ def test_both_counting_rules_run_the_same_protocol():
         assert set(result["success_rate_per_task"]) == {"reach-v3"}
 
 
+@pytest.mark.slow
 def test_meta_training_never_sees_the_goals_the_evaluation_holds_out():
     """
     Metaworld PR #573: gym.make_vec("Meta-World/ML1-train") builds its sub-envs from the *test* goals in 3.1.1.

@@ -188,6 +188,7 @@ def test_bad_arguments(kwargs, match):
         MetaGradientA2C("MlpPolicy", "CartPole-v1", **kwargs)
 
 
+@pytest.mark.slow
 def test_defaults_train_on_atari_with_a_cnn():
     """Plain virtual gradient steps diverged on a CNN (NaN logits within one update); the optimizer's steps do not."""
     pytest.importorskip("cv2")

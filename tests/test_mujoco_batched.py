@@ -98,7 +98,12 @@ def test_only_what_the_twin_steps_exactly_is_batched():
     cheetah = gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped
     assert BatchedLocomotion.supports(cheetah)
     assert not BatchedLocomotion.supports(gym.make("sb3_metarl/HalfCheetahDir-v0", render_mode="rgb_array").unwrapped)
-    assert batched_stepper([gym.make("sb3_metarl/TabularMDP-v0").unwrapped]) is None  # a family with no twin
+    from sb3_metarl.tasks import TabularMDPEnv
+
+    class SubclassedMDP(TabularMDPEnv):  # a user's subclass may step otherwise: it keeps its own step
+        pass
+
+    assert batched_stepper([SubclassedMDP()]) is None and batched_stepper([TabularMDPEnv()]) is not None
     assert isinstance(batched_stepper([gym.make("sb3_metarl/AntGoal-v0").unwrapped]), BatchedAnt)
     assert batched_stepper([cheetah, gym.make("sb3_metarl/HalfCheetahVel-v0").unwrapped]) is None  # one class per batch
     # a wrapper between the runner and the env would be bypassed: the runner keeps the per-env step there

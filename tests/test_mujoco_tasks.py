@@ -138,6 +138,7 @@ def test_meta_training_smoke(env_id):
     assert np.all(np.isfinite(table["mean"]))
 
 
+@pytest.mark.slow
 def test_families_run_in_subprocesses():
     from stable_baselines3.common.vec_env import SubprocVecEnv
 

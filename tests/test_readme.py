@@ -93,6 +93,7 @@ def test_command_line_blocks_run_as_written(tmp_path, monkeypatch):
         assert cli.main(arguments) == 0
 
 
+@pytest.mark.all_cases
 @pytest.mark.parametrize("page", PAGES)
 def test_the_pages_link_only_files_of_the_repository_and_speak_of_the_library(page):
     with open(os.path.join(ROOT, page)) as handle:

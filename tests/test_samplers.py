@@ -452,6 +452,7 @@ def test_a_sampler_call_has_one_deadline_and_close_one_grace_period():
     assert not any(worker.process.is_alive() for worker in venv.workers)
 
 
+@pytest.mark.slow
 def test_a_closed_sampler_says_it_is_closed():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS,
                                inner_lr=1e-3, **SMALL)  # fmt: skip
@@ -522,6 +523,7 @@ def test_workers_die_with_a_killed_learner():
         process.kill()
 
 
+@pytest.mark.slow
 def test_workers_ignore_the_terminal_s_sigint():
     """Ctrl-C reaches the whole process group: a worker that died of it surfaced as WorkerDiedError in the learner."""
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", sampler="subproc", sampler_kwargs=TWO_WORKERS,

@@ -118,6 +118,7 @@ def test_env_task_sampler_requires_sample_tasks():
         EnvTaskSampler(venv)
 
 
+@pytest.mark.all_cases
 @pytest.mark.parametrize("env_id", [e for e in sorted(BUILTIN_TASK_ENVS) if "RandParams" not in e])
 def test_a_task_env_without_a_task_refuses_to_step_and_says_what_to_do(env_id):
     """Navigation2D's placeholder goal is the start point: evaluate_policy on a fresh env scored -0.002 for any policy."""

@@ -12,6 +12,7 @@ from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.samplers.processes import GuardedSubprocVecEnv, SamplerClosedError, WorkerDiedError, resolve_vec_env_cls
 
 
+@pytest.mark.slow
 def test_killed_worker_mid_learn_raises_naming_it_and_close_is_bounded():
     model = MetaPolicyGradient(
         "MlpPolicy",
@@ -53,6 +54,7 @@ def _probe_venv(n_envs=2, **kwargs):
     return GuardedSubprocVecEnv([functools.partial(probe_env)] * n_envs, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_late_answer_is_never_taken_for_the_next_call():
     venv = _probe_venv(timeout=0.5)
     try:
@@ -83,6 +85,7 @@ def test_a_call_to_all_workers_has_one_deadline_and_close_one_grace_period():
     assert not any(process.is_alive() for process in venv.processes)
 
 
+@pytest.mark.slow
 def test_an_env_error_in_a_worker_is_raised_with_the_env_s_traceback():
     import functools
 
@@ -101,6 +104,7 @@ def test_an_env_error_in_a_worker_is_raised_with_the_env_s_traceback():
         venv.close()
 
 
+@pytest.mark.slow
 def test_a_closed_vec_env_says_so():
     venv = _probe_venv()
     venv.close()
@@ -108,6 +112,7 @@ def test_a_closed_vec_env_says_so():
         venv.get_attr("marker")
 
 
+@pytest.mark.slow
 def test_sampler_kwargs_set_the_subproc_vec_env_s_waits():
     shape = dict(meta_batch_size=2, inner_episodes=1, outer_episodes=1, inner_lr=1e-3)
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", vec_env_cls=SubprocVecEnv,
