@@ -343,3 +343,17 @@ def test_a_published_run_ends_at_its_meta_iterations_where_episodes_end_early(tm
     from sb3_metarl import MetaPolicyGradient
 
     assert MetaPolicyGradient.load(f"{tmp_path}/runs/{run.name}/model.zip").n_updates == 3
+
+
+@pytest.mark.slow
+def test_metaworld_sampling_times_every_ml10_class_and_the_sampler_against_meta_world(tmp_path, restore_threads):
+    pytest.importorskip("metaworld")
+    module = _load(os.path.join(ROOT, "benchmarks", "metaworld_sampling.py"))
+    module["main"](["--steps", "20", "--tasks", "2", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "metaworld_sampling.jsonl").read_text().splitlines()[-1])
+    assert len(record["per_class"]) == 15  # ML10: 10 train and 5 test env classes
+    assert all(0 < row["physics_share"] < 1 and row["steps_per_second"] > 0 for row in record["per_class"])
+    sampler = record["sampler"]
+    assert sampler["env_steps"] == 2 * 500  # one whole episode per task
+    rates = sampler["sampler_steps_per_second"] / sampler["meta_world_steps_per_second"]
+    assert sampler["ratio"] == pytest.approx(rates, rel=0.01)

@@ -1,0 +1,147 @@
+"""
+Where Meta-World's sampling time goes, per env class of a benchmark (issue: Meta-World sampling speed).
+
+For each env class of ML10 (its 10 train and 5 test classes), one env of Meta-World's own class is stepped with
+random actions for ``--steps`` steps (resets at its 500-step episode end) and timed, with its physics
+(``do_simulation``: ``mj_step`` x frame_skip and the controls) timed apart: env steps/s and the share of a step that is
+the physics, the rest being the reward and observation code and Python. Then, in the same run, the library's sampler
+(``MetaPolicyGradient.sample_episodes``: the policy acting per task group, the per-env path) samples one episode of
+each of ``--tasks`` training tasks, against Meta-World's own stepping of the same number of env steps with random
+actions: the ratio is what a batched Sawyer twin would have to beat.
+
+    python benchmarks/metaworld_sampling.py --benchmark ML10 --steps 1000 --tasks 10 --out docs/results
+
+Torch runs on one thread (``torch.set_num_threads(1)``), as the published-budget runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_metarl import MetaPolicyGradient
+from sb3_metarl.tasks.meta_world import make_benchmark
+
+
+def _timed_physics(env: Any) -> list[float]:
+    """Wrap ``env.do_simulation`` so that its seconds add up in the returned one-element list."""
+    spent = [0.0]
+    simulate = env.do_simulation
+
+    def do_simulation(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return simulate(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    env.do_simulation = do_simulation
+    return spent
+
+
+def per_class_rows(benchmark_name: str, steps: int, seed: int) -> list[dict[str, Any]]:
+    """:return: one row per env class: env steps/s of Meta-World's own step and the physics' share of it"""
+    benchmark = make_benchmark(benchmark_name, None, seed)
+    rows = []
+    for split, classes, tasks in (("train", benchmark.train_classes, benchmark.train_tasks),
+                                  ("test", benchmark.test_classes, benchmark.test_tasks)):  # fmt: skip
+        for name, env_class in classes.items():
+            env = env_class()
+            env.set_task(next(task for task in tasks if task.env_name == name))
+            rng = np.random.default_rng(seed)
+            actions = rng.uniform(-1, 1, size=(steps, *env.action_space.shape)).astype(env.action_space.dtype)
+            env.reset(seed=seed)
+            physics = _timed_physics(env)
+            start = time.perf_counter()
+            for t in range(steps):
+                *_, truncated, _ = env.step(actions[t])
+                if truncated:
+                    env.reset()
+            seconds = time.perf_counter() - start
+            env.close()
+            rate, share = round(steps / seconds), round(physics[0] / seconds, 3)
+            rows.append({"split": split, "env": name, "steps_per_second": rate, "physics_share": share})
+    return rows
+
+
+def sampler_against_meta_world(benchmark_name: str, n_tasks: int, seed: int) -> dict[str, Any]:
+    """:return: the library's sampling of one episode per task against Meta-World's own stepping of as many steps"""
+    model = MetaPolicyGradient(
+        "MlpPolicy", f"sb3_metarl/MetaWorld{benchmark_name}-v0", meta_batch_size=n_tasks, inner_episodes=1,
+        outer_episodes=1, n_envs=n_tasks, inner_lr=1e-3, seed=seed,
+    )  # fmt: skip
+    tasks = model.sample_tasks(n_tasks, np.random.default_rng(seed))
+    model.sample_episodes(tasks, None, 1)  # (warm-up: the first reset of every sub-env)
+    start = time.perf_counter()
+    batch = model.sample_episodes(tasks, None, 1)
+    sampled_seconds = time.perf_counter() - start
+    env_steps = int(batch.masks.sum().item())
+    envs = [model.get_env().envs[index].unwrapped for index in range(n_tasks)]  # the same sub-envs, stepped bare
+    rng = np.random.default_rng(seed)
+    per_env = env_steps // n_tasks
+    start = time.perf_counter()
+    for env in envs:
+        env.reset(seed=seed)
+        actions = rng.uniform(-1, 1, size=(per_env, *env.action_space.shape)).astype(env.action_space.dtype)
+        for t in range(per_env):
+            env.step(actions[t])
+    bare_seconds = time.perf_counter() - start
+    model.get_env().close()
+    return {
+        "env_steps": env_steps,
+        "sampler_steps_per_second": round(env_steps / sampled_seconds),
+        "meta_world_steps_per_second": round(per_env * n_tasks / bare_seconds),
+        "ratio": round((env_steps / sampled_seconds) / (per_env * n_tasks / bare_seconds), 3),
+    }
+
+
+def write(rows: list[dict[str, Any]], sampler: dict[str, Any], arguments: argparse.Namespace) -> None:
+    os.makedirs(arguments.out, exist_ok=True)
+    record = {"benchmark": arguments.benchmark, "steps": arguments.steps, "per_class": rows, "sampler": sampler,
+              "load_average": os.getloadavg()[0], "cpu": platform.machine(), "torch_threads": 1}  # fmt: skip
+    with open(os.path.join(arguments.out, "metaworld_sampling.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    lines = [
+        "# Meta-World sampling: where the time goes",
+        "",
+        f"`python benchmarks/metaworld_sampling.py --benchmark {arguments.benchmark} --steps {arguments.steps} "
+        f"--tasks {arguments.tasks} --out {arguments.out}` (one torch thread; load average "
+        f"{record['load_average']:.1f} when it ran: absolute rates are this machine's at that load, the ratio is within "
+        "one run).",
+        "",
+        "| split | env | env steps/s (Meta-World's own step, one env) | physics share of a step |",
+        "|---|---|---:|---:|",
+        *(f"| {r['split']} | {r['env']} | {r['steps_per_second']} | {r['physics_share']:.2f} |" for r in rows),
+        "",
+        f"The library's sampler on {arguments.tasks} training tasks, one episode each ({sampler['env_steps']} env steps, "
+        f"the policy acting per task group): {sampler['sampler_steps_per_second']} env steps/s against "
+        f"{sampler['meta_world_steps_per_second']} for Meta-World's own stepping of the same sub-envs with random "
+        f"actions: **{sampler['ratio']:.2f}x**.",
+        "",
+    ]
+    with open(os.path.join(arguments.out, "metaworld_sampling.md"), "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", default="ML10", choices=["ML10", "ML45"])
+    parser.add_argument("--steps", type=int, default=1000, help="env steps per env class")
+    parser.add_argument("--tasks", type=int, default=10, help="training tasks the sampler samples one episode of")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="docs/results")
+    arguments = parser.parse_args(argv)
+    th.set_num_threads(1)
+    rows = per_class_rows(arguments.benchmark, arguments.steps, arguments.seed)
+    sampler = sampler_against_meta_world(arguments.benchmark, arguments.tasks, arguments.seed)
+    write(rows, sampler, arguments)
+    print(open(os.path.join(arguments.out, "metaworld_sampling.md")).read())
+
+
+if __name__ == "__main__":
+    main()
