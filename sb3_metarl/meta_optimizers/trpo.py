@@ -1,9 +1,9 @@
 """TRPO meta-updates (MAML, pytorch-maml-rl): a trust region on the KL of the adapted policies."""
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch as th
 
@@ -55,7 +55,7 @@ def conjugate_gradient(
     return x, x_product
 
 
-@dataclass
+@dataclasses.dataclass
 class NaturalStep:
     """TRPO's search direction at the sampling parameters."""
 
@@ -91,6 +91,13 @@ class TrustRegion(MetaOptimizer):
         speed-up is measured in docs/results/profile_update.md) and the line search's points
         (``sb3_metarl.mlp.LayeredAdaptation``); False: double backward
         through the adaptation's graph and autograd replays (as pytorch-maml-rl), for comparison
+    :param fisher_subsample: the fraction of each task's outer episodes whose states the KL's Hessian (the
+        conjugate gradient's products) is taken on, the first ``ceil(fraction * M)`` (episodes are independent: an
+        unbiased subset); the gradient, the line search and its KL bound use every episode. rllab, garage and ProMP
+        subsample the Fisher products so; each product costs the fraction of the outer part, and the direction
+        changes with the subsample's noise, much on a small batch (3 tasks x 8 episodes on Navigation2D: cosine with
+        the exact direction 0.82-0.97 at half the episodes, about 0 to 0.73 at a quarter). 1.0 (default): every
+        episode, the exact products
     """
 
     name = "trpo"
@@ -104,6 +111,7 @@ class TrustRegion(MetaOptimizer):
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 15,
         layered_hessian: bool = True,
+        fisher_subsample: float = 1.0,
     ):
         if not max_kl > 0:
             raise ValueError(f"max_kl: must be > 0, got {max_kl}.")
@@ -111,6 +119,9 @@ class TrustRegion(MetaOptimizer):
             raise ValueError(
                 f"cg_max_steps and line_search_max_iter: must be >= 1, got {cg_max_steps} and {line_search_max_iter}."
             )
+        fraction_given = isinstance(fisher_subsample, (int, float)) and not isinstance(fisher_subsample, bool)
+        if not fraction_given or not 0 < fisher_subsample <= 1:
+            raise ValueError(f"fisher_subsample: must be a fraction in (0, 1], got {fisher_subsample!r}.")
         if cg_damping < 0 or not 0 < line_search_shrinking_factor < 1:
             raise ValueError(
                 "cg_damping must be >= 0 and line_search_shrinking_factor in (0, 1), "
@@ -122,6 +133,7 @@ class TrustRegion(MetaOptimizer):
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         self.layered_hessian = layered_hessian
+        self.fisher_subsample = float(fisher_subsample)
 
     @staticmethod
     def surrogate(adaptation: Adaptation, replay: Replay, sample: MetaSample) -> th.Tensor:
@@ -148,7 +160,7 @@ class TrustRegion(MetaOptimizer):
         policy_gradient = th.cat([g.reshape(-1) for g in grads if g is not None])
         # the KL's gradient is 0 at the old parameters; its Hessian (through the inner steps) is the
         # Fisher information of the adapted policies pulled back to theta
-        kl_hessian_product = adaptation.kl_hessian_product(sample, names)
+        kl_hessian_product = adaptation.kl_hessian_product(self.curvature_sample(sample), names)
 
         def hessian_vector_product(vector: th.Tensor) -> th.Tensor:
             product = kl_hessian_product(_unflat(vector, names, params))
@@ -166,6 +178,15 @@ class TrustRegion(MetaOptimizer):
             )
         full_step = math.sqrt(2.0 * self.max_kl / curvature) * direction.detach()
         return NaturalStep(params, policy_gradient.detach(), full_step, objective.item(), hessian_vector_product)
+
+    def curvature_sample(self, sample: MetaSample) -> MetaSample:
+        """:return: ``sample`` with the outer episodes the KL's Hessian is taken on (``fisher_subsample``)"""
+        if self.fisher_subsample == 1.0:
+            return sample
+        outer = sample.outer_batch
+        n_episodes = outer.masks.shape[1]
+        kept = th.arange(n_episodes, device=outer.masks.device) < math.ceil(self.fisher_subsample * n_episodes)
+        return dataclasses.replace(sample, outer_batch=outer.select_episodes(kept))
 
     def step(self, adaptation: Adaptation, sample: MetaSample, optimizer: th.optim.Optimizer) -> dict[str, float]:
         # the layered twin (SB3's default MLP actor) or, for comparison, its autograd reference
