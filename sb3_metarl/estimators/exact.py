@@ -9,12 +9,15 @@ Exact references for the meta-gradient (no estimator involved):
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
 
 from sb3_metarl.common.functional import FunctionalPolicy, Params, grad_params
+
+if TYPE_CHECKING:  # (the model's type for the checker: the exact references only read it)
+    from sb3_metarl.meta_pg import MetaPolicyGradient
 
 # ---------------------------------------------------------------------------------------------- bandit
 
@@ -179,7 +182,7 @@ def tabular_maml_gradient(
     return meta_grad, adapted_values.detach()
 
 
-def _tabular_problem(model: Any) -> tuple[np.ndarray, np.ndarray]:
+def _tabular_problem(model: "MetaPolicyGradient") -> tuple[np.ndarray, np.ndarray]:
     """:return: the transition kernel and initial distribution of a model's TabularMDP env"""
     model.episode_sampler  # noqa: B018  (a clear error when the model has no env)
     venv = model.get_env()
@@ -191,7 +194,7 @@ def _tabular_problem(model: Any) -> tuple[np.ndarray, np.ndarray]:
     return venv.get_attr("transitions", indices=[0])[0], venv.get_attr("initial_distribution", indices=[0])[0]
 
 
-def tabular_value_function(model: Any, tasks: list[Any]) -> Callable[[Params], th.Tensor]:
+def tabular_value_function(model: "MetaPolicyGradient", tasks: list[Any]) -> Callable[[Params], th.Tensor]:
     """
     :param model: a MetaPolicyGradient on a TabularMDP env
     :param tasks: reward matrices
@@ -211,7 +214,7 @@ def tabular_value_function(model: Any, tasks: list[Any]) -> Callable[[Params], t
     return values
 
 
-def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
+def exact_value(model: "MetaPolicyGradient", tasks: list[Any]) -> th.Tensor:
     """
     The exact value ``V_g(theta) = E[sum_{t<H} gamma^t r_t]`` of a ``MetaPolicyGradient`` model's
     current policy on ``TabularMDP-v0`` tasks, by dynamic programming.
@@ -225,7 +228,7 @@ def exact_value(model: Any, tasks: list[Any]) -> th.Tensor:
         return values(FunctionalPolicy.expand(model.functional_policy.parameters(), len(tasks)))
 
 
-def exact_meta_gradient(model: Any, tasks: list[Any]) -> dict[str, th.Tensor]:
+def exact_meta_gradient(model: "MetaPolicyGradient", tasks: list[Any]) -> dict[str, th.Tensor]:
     """
     The exact MAML meta-gradient of a ``MetaPolicyGradient`` model on ``TabularMDP-v0`` tasks,
     using the model's ``inner_lr``, ``inner_steps``, ``gamma`` and its env's dynamics and horizon.

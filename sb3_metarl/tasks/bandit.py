@@ -64,13 +64,9 @@ class BatchedGaussianBandit(SteppedAtOnce):
     :param compiled: (the MuJoCo twins' argument; unused)
     """
 
-    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
-        self.envs = list(envs)
+    family = GaussianBanditEnv
 
-    @classmethod
-    def supports(cls, env: Any) -> bool:
-        """:return: whether ``env`` (unwrapped) is a Gaussian-bandit sub-env that this twin steps exactly"""
-        return type(env) is GaussianBanditEnv
+
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """

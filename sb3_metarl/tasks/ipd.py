@@ -165,13 +165,9 @@ class BatchedIPD(SteppedAtOnce):
     :param compiled: (the MuJoCo twins' argument; unused)
     """
 
-    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
-        self.envs = list(envs)
+    family = IteratedPrisonersDilemmaEnv
 
-    @classmethod
-    def supports(cls, env: Any) -> bool:
-        """:return: whether ``env`` (unwrapped) is an IPD sub-env that this twin steps exactly"""
-        return type(env) is IteratedPrisonersDilemmaEnv
+
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
         """

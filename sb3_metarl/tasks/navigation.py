@@ -113,8 +113,10 @@ class BatchedNavigation(SteppedAtOnce):
     :param compiled: (the MuJoCo twins' argument; unused)
     """
 
+    family = Navigation2DEnv
+
     def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
-        self.envs = list(envs)
+        super().__init__(envs)
         first = self.envs[0]
         #: per sub-env: action limit, action scale, position limit (inf: none), success radius
         self.settings = np.array(
@@ -130,10 +132,6 @@ class BatchedNavigation(SteppedAtOnce):
         for row, env in enumerate(self.envs):
             env._position, env._goal = self.positions[row], self.goals[row]
 
-    @classmethod
-    def supports(cls, env: Any) -> bool:
-        """:return: whether ``env`` (unwrapped) is a Navigation2D sub-env that this twin steps exactly"""
-        return type(env) is Navigation2DEnv
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """

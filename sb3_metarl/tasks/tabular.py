@@ -83,8 +83,10 @@ class BatchedTabularMDP(SteppedAtOnce):
     :param compiled: (the MuJoCo twins' argument; unused)
     """
 
+    family = TabularMDPEnv
+
     def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
-        self.envs = list(envs)
+        super().__init__(envs)
         first = self.envs[0]
         self.states = np.array([env._state[0] for env in self.envs], dtype=np.int64)
         self.rewards = np.array([env._rewards for env in self.envs], dtype=np.float64)
@@ -96,10 +98,6 @@ class BatchedTabularMDP(SteppedAtOnce):
         self.per_row_cumulative = None if shared else np.array([env.cumulative_transitions for env in self.envs])
         self.last_states = np.array([env.n_states - 1 for env in self.envs])
 
-    @classmethod
-    def supports(cls, env: Any) -> bool:
-        """:return: whether ``env`` (unwrapped) is a TabularMDP sub-env that this twin steps exactly"""
-        return type(env) is TabularMDPEnv
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """

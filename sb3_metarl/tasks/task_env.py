@@ -75,13 +75,27 @@ class SteppedAtOnce:
     """
     The start / finish interface of the batched twins (``sb3_metarl.tasks.twins``) for a twin whose step runs at once
     in the caller's thread (nothing beside it: the sampler's two lanes are for the MuJoCo twins' physics threads).
-    A subclass steps rows of its sub-envs in :meth:`step`.
+    A subclass names the env class it twins (``family``) and steps rows of its sub-envs in :meth:`step`.
+
+    :param envs: the unwrapped sub-envs (all of ``family``; each keeps its own arguments and task)
+    :param num_threads: (the MuJoCo twins' argument; unused)
+    :param compiled: (the MuJoCo twins' argument; unused)
     """
 
+    #: the env class this twin steps exactly (a subclass may step otherwise: it keeps its own step)
+    family: type
     #: no physics runs beside the caller
     overlaps = False
     #: no compiled loop
     kernel = None
+
+    def __init__(self, envs: list[Any], num_threads: int = 1, compiled: bool | None = None):
+        self.envs = list(envs)
+
+    @classmethod
+    def supports(cls, env: Any) -> bool:
+        """:return: whether ``env`` (unwrapped) is of the family this twin steps exactly"""
+        return type(env) is cls.family
 
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         """:return: the stepped rows' observations, rewards (float64), terminations and infos"""
