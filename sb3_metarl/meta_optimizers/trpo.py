@@ -102,6 +102,8 @@ class TrustRegion(MetaOptimizer):
 
     name = "trpo"
     uses_learning_rate = False
+    # zips saved before the option existed unpickle without the attribute: they take every episode, as they did
+    fisher_subsample: float = 1.0
 
     def __init__(
         self,
