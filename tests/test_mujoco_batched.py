@@ -59,6 +59,7 @@ def test_the_twin_steps_exactly_as_each_env_s_own_step(env_id, kwargs, num_threa
     twin = batched_stepper([env.unwrapped for env in batched], num_threads, compiled)
     assert isinstance(twin, BatchedAnt if "Ant" in env_id else BatchedLocomotion)
     assert (twin.kernel is not None) == compiled and twin.overlaps == started
+    assert (twin.gathers is not None) == compiled  # the compiled loop copies what every family reads of the state
     steps = [step_without_bookkeeping(env)[0] for env in per_env]
     high = per_env[0].action_space.high
     falls = 0

@@ -197,9 +197,9 @@ def test_ctrl_c_while_waiting_for_the_physics_waits_for_it_before_raising(monkey
     finished = []
     advance = twin._advance
 
-    def slow_advance(rows, controls):
+    def slow_advance(rows, controls, gathered=None):
         time.sleep(0.3)
-        advance(rows, controls)
+        advance(rows, controls, gathered)
         finished.append(rows)
 
     monkeypatch.setattr(twin, "_advance", slow_advance)

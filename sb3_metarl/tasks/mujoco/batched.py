@@ -15,7 +15,7 @@ falls). It skips the per-env Python work that makes Gymnasium's step slower than
 so that its physics runs on the threads while the caller does other work (the sampler's two lanes).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -44,7 +44,7 @@ from sb3_metarl.tasks.mujoco.envs import (
     Walker2dRandParamsEnv,
     Walker2dVelEnv,
 )
-from sb3_metarl.tasks.mujoco.kernel import addresses, nogil_kernel
+from sb3_metarl.tasks.mujoco.kernel import Gather, addresses, nogil_kernel
 
 
 @dataclass
@@ -57,10 +57,13 @@ class PendingStep:
     envs: list[Any]
     #: the actuators' controls, one row per stepped sub-env
     controls: np.ndarray
-    #: what the family reads before the physics (the positions its velocities are measured from)
-    before: np.ndarray
+    #: what the family reads before the physics (the positions its velocities are measured from); None where the
+    #: compiled loop copies it (``gathered``)
+    before: np.ndarray | None
     #: the physics still running on the pool's threads
     physics: list[Future] = field(default_factory=list)
+    #: where the compiled loop copies the rows' state before and after their physics (``_BatchedMujoco.gathers``)
+    gathered: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _BatchedMujoco:
@@ -97,6 +100,11 @@ class _BatchedMujoco:
         self.settings = [BaseEnvSettings.of(env) for env in self.envs]
         self.forward_weights = np.array([settings.forward_reward_weight for settings in self.settings])
         self.ctrl_weights = [settings.ctrl_cost_weight for settings in self.settings]
+        first_weight = self.ctrl_weights[0]
+        #: the control cost weight where every sub-env has the same, of the same type (then it multiplies all rows at once)
+        self.uniform_ctrl_weight = (
+            first_weight if all(type(w) is type(first_weight) and w == first_weight for w in self.ctrl_weights) else None
+        )
         self.excluded = [settings.exclude_current_positions for settings in self.settings]
         self.all_excluded = all(self.excluded)
         self.scales = [env.action_scale for env in self.envs]
@@ -131,14 +139,62 @@ class _BatchedMujoco:
         self.pool = DaemonThreads(pool_threads) if pool_threads > 0 else None
         #: the MuJoCo error that stopped this twin (its sub-envs are then in an undefined state), else None
         self.failure: mujoco.FatalError | None = None
+        #: per gather (before, after the physics): each sub-env's segment addresses, the segments' bytes and their
+        #: widths in float64; None: the family gathers the rows' state in Python (``set_up_gathers``)
+        self.gathers: list[tuple[np.ndarray, np.ndarray, list[int]]] | None = None
+
+    def set_up_gathers(self, before: Callable[[int], list[np.ndarray]], after: Callable[[int], list[np.ndarray]]) -> None:
+        """
+        Let the compiled loop copy each stepped row's state (a few float64 arrays of its ``MjData``) before and after
+        its physics into one array per step: it replaces a Python list of per-row views per step and array (a tenth of
+        the twin's time at HalfCheetah's 800 sub-envs). Kept off without the compiled loop, or where the sub-envs' arrays
+        differ in size (then the family gathers in Python, with the same values).
+
+        :param before: sub-env position -> the arrays read before the physics (views into its data, C-contiguous)
+        :param after: sub-env position -> the arrays read after it
+        """
+        if self.kernel is None:
+            return
+        gathers = []
+        for views_of in (before, after):
+            views = [views_of(index) for index in range(len(self.envs))]
+            sizes = [view.nbytes for view in views[0]]
+            if any([view.nbytes for view in row] != sizes for row in views) or not all(
+                view.flags.c_contiguous and view.dtype == np.float64 for row in views for view in row
+            ):
+                return
+            sources = np.array([[view.ctypes.data for view in row] for row in views], dtype=np.uint64)
+            gathers.append((sources, np.array(sizes, dtype=np.int64), [size // 8 for size in sizes]))
+        self.gathers = gathers
+
+    def gather_buffers(self, n_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """:return: the arrays a step of ``n_rows`` rows gathers into (before, after), or None (gathered in Python)"""
+        if self.gathers is None:
+            return None
+        before, after = (np.empty((n_rows, sum(widths))) for _sources, _sizes, widths in self.gathers)
+        return before, after
+
+    def gathered(self, pending: PendingStep) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """:return: the arrays gathered before and after the physics of ``pending``, each (rows, size) C-contiguous"""
+        assert pending.gathered is not None and self.gathers is not None
+        parts = []
+        for values, (_sources, _sizes, widths) in zip(pending.gathered, self.gathers):
+            bounds = np.cumsum([0, *widths])
+            # (contiguous copies: a row-wise reduction of a strided view may add in another order than the row alone)
+            parts.append([np.ascontiguousarray(values[:, start:stop]) for start, stop in pairwise(bounds)])
+        return parts[0], parts[1]
 
     @classmethod
     def supports(cls, env: Any) -> bool:
         """:return: whether ``env`` (unwrapped) is a family this twin steps exactly, with nothing that it would skip"""
         return type(env) in cls.families and env.render_mode is None
 
-    def _advance(self, rows: list[int], controls: np.ndarray) -> None:
+    def _advance(self, rows: list[int], controls: np.ndarray, gathered: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """:param gathered: where the compiled loop copies these rows' state (before, after), or None"""
         if self.kernel is not None:  # one call without the GIL (controls as the float64 that ctrl holds: an exact cast)
+            gathers = None
+            if gathered is not None and self.gathers is not None:
+                gathers = [Gather(sources[rows], sizes, out) for out, (sources, sizes, _) in zip(gathered, self.gathers)]
             self.kernel(
                 self.model_addresses[rows],
                 self.data_addresses[rows],
@@ -146,6 +202,7 @@ class _BatchedMujoco:
                 np.ascontiguousarray(controls, dtype=np.float64),
                 self.frame_skip_array[rows],
                 self.reads_contact_forces,
+                *(gathers or ()),
             )
             return
         # (bound once: this loop runs once per sub-env and control step, and its Python is what the physics threads
@@ -160,21 +217,27 @@ class _BatchedMujoco:
             if post_constraint is not None:
                 post_constraint(model, data)
 
-    def _chunks(self, rows: list[int], controls: np.ndarray, n_chunks: int) -> list[tuple[list[int], np.ndarray]]:
+    def _chunks(self, pending: PendingStep, n_chunks: int) -> list[tuple[list[int], np.ndarray, Any]]:
+        """:return: the arguments of ``_advance`` for ``n_chunks`` consecutive chunks of the step's rows"""
+        rows, controls, gathered = pending.rows, pending.controls, pending.gathered
         bounds = [len(rows) * chunk // n_chunks for chunk in range(n_chunks + 1)]
-        return [(rows[start:stop], controls[start:stop]) for start, stop in pairwise(bounds)]
+        return [
+            (rows[start:stop], controls[start:stop], None if gathered is None else tuple(out[start:stop] for out in gathered))
+            for start, stop in pairwise(bounds)
+        ]
 
-    def _advance_all(self, rows: list[int], controls: np.ndarray) -> None:
-        """:param rows: positions in ``envs``, as Python ints (a list indexed by numpy ints is slower)"""
+    def _advance_all(self, pending: PendingStep) -> None:
+        """Run the physics of ``pending`` (its rows: positions in ``envs`` as Python ints, faster to index a list by)."""
+        rows, controls = pending.rows, pending.controls
         if self.pool is None:
             self._advance(rows, controls)
         elif self.kernel is not None:
             n_chunks = max(1, min(self.num_threads, len(rows) // 2))
-            self._settle([self.pool.submit(self._advance, *chunk) for chunk in self._chunks(rows, controls, n_chunks)])
+            self._settle([self.pool.submit(self._advance, *chunk) for chunk in self._chunks(pending, n_chunks)])
         elif len(rows) < 2 * self.num_threads:
             self._advance(rows, controls)
         else:
-            chunks = self._chunks(rows, controls, self.num_threads)
+            chunks = self._chunks(pending, self.num_threads)
             futures = [self.pool.submit(self._advance, *chunk) for chunk in chunks[1:]]
             try:  # this thread advances the first chunk rather than waiting idle for the pool's
                 self._advance(*chunks[0])
@@ -220,10 +283,10 @@ class _BatchedMujoco:
         self._require_usable()
         pending = self._prepare(np.asarray(indices), actions)
         if not self.overlaps:
-            self._advance_all(pending.rows, pending.controls)
+            self._advance_all(pending)
         elif pending.rows:
             assert self.pool is not None
-            chunks = self._chunks(pending.rows, pending.controls, min(self.num_threads, len(pending.rows)))
+            chunks = self._chunks(pending, min(self.num_threads, len(pending.rows)))
             pending.physics = [self.pool.submit(self._advance, *chunk) for chunk in chunks]
         return pending
 
@@ -248,7 +311,7 @@ class _BatchedMujoco:
         """
         self._require_usable()
         pending = self._prepare(np.asarray(indices), actions)
-        self._advance_all(pending.rows, pending.controls)
+        self._advance_all(pending)
         return self._outcome(pending)
 
     def _prepare(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
@@ -287,8 +350,8 @@ class _BatchedMujoco:
     def _with_kept_terms(self, task_terms: np.ndarray, terms: dict[str, Any]) -> np.ndarray:
         """:return: the mixin's ``reward_task + sum(float(info[term]) for term in kept_terms)``, in its order"""
         kept = np.zeros(len(task_terms))
-        for term in self.kept_terms:
-            kept = kept + np.array([float(value) for value in terms[term]])
+        for term in self.kept_terms:  # (float(value) per value: a conversion to float64, exact, as asarray's)
+            kept = kept + np.asarray(terms[term], dtype=np.float64)
         return task_terms + kept
 
     def close(self) -> None:
@@ -341,6 +404,7 @@ class BatchedLocomotion(_BatchedMujoco):
             self.terminate_when_unhealthy = np.array([each.terminate_when_unhealthy for each in self.settings])
             if self.hopper:
                 self.healthy_state_ranges = np.array([each.healthy_state_range for each in self.settings])
+        self.set_up_gathers(lambda index: [self.qpos[index]], lambda index: [self.qpos[index], self.qvel[index]])
 
     def _healthy(self, indices: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """:return: Walker2d's / Hopper's ``is_healthy`` per row"""
@@ -359,24 +423,38 @@ class BatchedLocomotion(_BatchedMujoco):
         if self.task_term is not None:
             self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
+        gathered = self.gather_buffers(len(rows))
+        if gathered is not None:  # the compiled loop copies the positions before and the state after the physics
+            return PendingStep(indices, rows, envs, controls, None, gathered=gathered)
         qpos_views = self.qpos
         before = np.array([qpos_views[index] for index in rows])[:, self.coordinates]
         return PendingStep(indices, rows, envs, controls, before)
 
     def _outcome(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
-        indices, rows, envs, controls, before = pending.indices, pending.rows, pending.envs, pending.controls, pending.before
+        indices, rows, envs, controls = pending.indices, pending.rows, pending.envs, pending.controls
         coordinates = self.coordinates
-        qpos_views, qvel_views = self.qpos, self.qvel
-        qpos = np.array([qpos_views[index] for index in rows])
-        qvel = np.array([qvel_views[index] for index in rows])
+        if pending.gathered is not None:
+            (positions_before,), (qpos, qvel) = self.gathered(pending)
+            before = positions_before[:, coordinates]
+        else:
+            qpos_views, qvel_views = self.qpos, self.qvel
+            before = pending.before
+            qpos = np.array([qpos_views[index] for index in rows])
+            qvel = np.array([qvel_views[index] for index in rows])
         velocity = (qpos[:, coordinates] - before) / self.dts[indices][:, None]
         x_velocity = velocity[:, 0]
         forward_reward = self.forward_weights[indices] * x_velocity
         squares = np.sum(np.square(controls), axis=1)  # each row as the env's control_cost sums it
-        # per row, the env's own (weight * sum): the product's type follows NumPy's rules for a Python float and the sum
-        ctrl_cost = [self.ctrl_weights[index] * squares[k] for k, index in enumerate(rows)]
+        # per row, the env's own (weight * sum): the product's type follows NumPy's rules for the weight's type and the
+        # sum's, the same for a scalar and an array operand (NEP 50), so one weight of one type multiplies all rows
+        if self.uniform_ctrl_weight is not None:
+            ctrl_cost: Any = self.uniform_ctrl_weight * squares
+            reward_ctrl: Any = -ctrl_cost
+        else:
+            ctrl_cost = [self.ctrl_weights[index] * squares[k] for k, index in enumerate(rows)]
+            reward_ctrl = [-cost for cost in ctrl_cost]
         n = len(rows)
-        terms: dict[str, Any] = {"reward_ctrl": [-cost for cost in ctrl_cost]}
+        terms: dict[str, Any] = {"reward_ctrl": reward_ctrl}
         terminated = np.zeros(n, dtype=bool)
         if self.upright:
             healthy = self._healthy(indices, qpos, qvel)
@@ -423,6 +501,7 @@ class BatchedLocomotion(_BatchedMujoco):
             ]
         )
 
+
 class BatchedAnt(_BatchedMujoco):
     """
     Sub-envs of one Ant family stepped together: AntVel, AntDir, AntDir2D and AntGoal (Ant-v5 with a task term),
@@ -465,24 +544,41 @@ class BatchedAnt(_BatchedMujoco):
         #: whether every sub-env's observation has the same parts (then they are concatenated for all rows at once)
         self.uniform_observation = len({(flag, forces) for flag, forces in zip(self.excluded, self.with_contact_forces)}) == 1
 
+        def main_body(index: int) -> np.ndarray:
+            return self.xpos[index][self.main_bodies[index], :2]
+
+        self.set_up_gathers(
+            lambda index: [main_body(index)],
+            lambda index: [main_body(index), self.qpos[index], self.qvel[index], self.cfrc_ext[index]],
+        )
+
     def _prepare(self, indices: np.ndarray, actions: np.ndarray) -> PendingStep:
         rows = indices.tolist()
         envs = [self.envs[index] for index in rows]
         self._require_tasks(envs)
         controls = self._controls(envs, indices, actions)
+        gathered = self.gather_buffers(len(rows))
+        if gathered is not None:  # the compiled loop copies the main body's position before and the state after
+            return PendingStep(indices, rows, envs, controls, None, gathered=gathered)
         xpos, main_bodies = self.xpos, self.main_bodies
         before = np.array([xpos[index][main_bodies[index], :2] for index in rows])
         return PendingStep(indices, rows, envs, controls, before)
 
     def _outcome(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray, np.ndarray, RowInfos]:
-        indices, rows, envs, controls, before = pending.indices, pending.rows, pending.envs, pending.controls, pending.before
-        xpos, main_bodies = self.xpos, self.main_bodies
-        after = np.array([xpos[index][main_bodies[index], :2] for index in rows])
-        qpos = np.array([self.qpos[index] for index in rows])
-        qvel = np.array([self.qvel[index] for index in rows])
+        indices, rows, envs, controls = pending.indices, pending.rows, pending.envs, pending.controls
+        if pending.gathered is not None:
+            (before,), (after, qpos, qvel, forces) = self.gathered(pending)
+            forces = forces.reshape(len(rows), *self.cfrc_ext[0].shape)
+        else:
+            xpos, main_bodies = self.xpos, self.main_bodies
+            before = pending.before
+            after = np.array([xpos[index][main_bodies[index], :2] for index in rows])
+            qpos = np.array([self.qpos[index] for index in rows])
+            qvel = np.array([self.qvel[index] for index in rows])
+            forces = np.array([self.cfrc_ext[index] for index in rows])
         velocity = (after - before) / self.dts[indices][:, None]
         x_velocity, y_velocity = velocity[:, 0], velocity[:, 1]
-        contact_forces, contact_cost, ctrl_cost = self._costs(rows, controls)
+        contact_forces, contact_cost, ctrl_cost = self._costs(rows, controls, forces)
         state = np.concatenate((qpos, qvel), axis=1)
         ranges = self.healthy_ranges[indices]
         healthy = np.isfinite(state).all(axis=1) & (ranges[:, 0] <= state[:, 2]) & (state[:, 2] <= ranges[:, 1])
@@ -511,12 +607,12 @@ class BatchedAnt(_BatchedMujoco):
 
         return observations, rewards, terminated, RowInfos(len(rows), info)
 
-    def _costs(self, rows: list[int], controls: np.ndarray) -> tuple[np.ndarray, Any, Any]:
+    def _costs(self, rows: list[int], controls: np.ndarray, forces: np.ndarray) -> tuple[np.ndarray, Any, Any]:
         """
+        :param forces: the rows' ``cfrc_ext`` (n, bodies, 6)
         :return: the clipped contact forces (n, bodies, 6), the contact costs and the control costs, each row as Ant-v5
             computes it: the sum of the squares of its (bodies, 6) forces and of its action, times its weight
         """
-        forces = np.array([self.cfrc_ext[index] for index in rows])
         if self.uniform_costs is not None:
             # (a row-wise sum of a C-contiguous row adds its elements as the sum of that row alone does; the weights are
             # Python floats, so the products take the types that Ant-v5's scalar products take)

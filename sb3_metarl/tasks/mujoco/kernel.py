@@ -76,13 +76,37 @@ def mujoco_library_path() -> str | None:
     return None
 
 
+class Gather:
+    """
+    Byte segments of each row's state that the compiled loop copies into one float64 array (one row per sub-env, the
+    segments side by side): one C loop instead of a Python list of views per step.
+
+    :param sources: (rows, segments) uint64, each segment's address (a float64 array of the row's MjData, contiguous)
+    :param sizes: (segments,) int64, each segment's bytes (the same for every row)
+    :param out: (rows, sum(sizes) / 8) float64, C-contiguous: written by the loop
+    """
+
+    def __init__(self, sources: np.ndarray, sizes: np.ndarray, out: np.ndarray):
+        if not (out.flags.c_contiguous and out.dtype == np.float64 and out.ndim == 2):
+            raise ValueError("out: must be a C-contiguous float64 (rows, width) array.")
+        if sources.shape != (len(out), len(sizes)) or 8 * out.shape[1] != int(np.sum(sizes)):
+            raise ValueError(f"sources, sizes, out: shapes {sources.shape}, {sizes.shape}, {out.shape} do not agree.")
+        self.arguments = (np.ascontiguousarray(sources, dtype=np.uint64), np.ascontiguousarray(sizes, dtype=np.int64), out)
+
+    @classmethod
+    def nothing(cls, rows: int) -> "Gather":
+        """:return: a gather of no segment for ``rows`` rows"""
+        return cls(np.zeros((rows, 0), dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros((rows, 0)))
+
+
 class CompiledPhysics:
     """
     The compiled loop and the record of the MuJoCo errors it met.
 
-    Called as ``physics(models, datas, ctrl_addresses, controls, frame_skips, with_post_constraint)``: model, data and
-    control addresses (uint64, one per sub-env), controls (rows, nu) float64 C-contiguous, frame skips (int64), and
-    whether to run the post-step force pass; each row as Gymnasium's ``do_simulation``.
+    Called as ``physics(models, datas, ctrl_addresses, controls, frame_skips, with_post_constraint, before, after)``:
+    model, data and control addresses (uint64, one per sub-env), controls (rows, nu) float64 C-contiguous, frame skips
+    (int64), whether to run the post-step force pass, and two :class:`Gather` (or None) naming what to copy out of
+    each row's state before and after its physics; each row as Gymnasium's ``do_simulation``.
     """
 
     def __init__(self, advance: Any, error_threads: np.ndarray, error_messages: np.ndarray):
@@ -92,8 +116,20 @@ class CompiledPhysics:
         #: per slot, that error's message (NUL-terminated)
         self.error_messages = error_messages
 
-    def __call__(self, *arguments: Any) -> None:
-        self.advance(*arguments)
+    def __call__(
+        self,
+        models: np.ndarray,
+        datas: np.ndarray,
+        ctrl_addresses: np.ndarray,
+        controls: np.ndarray,
+        frame_skips: np.ndarray,
+        with_post_constraint: bool,
+        before: "Gather | None" = None,
+        after: "Gather | None" = None,
+    ) -> None:
+        before, after = before or Gather.nothing(len(models)), after or Gather.nothing(len(models))
+        self.advance(models, datas, ctrl_addresses, controls, frame_skips, with_post_constraint, *before.arguments,
+                     *after.arguments)  # fmt: skip
 
     def error_of(self, thread_ident: int | None) -> str | None:
         """:return: MuJoCo's message if the thread ``thread_ident`` was parked at a MuJoCo error, else None"""
@@ -178,19 +214,31 @@ def _compile(numba: Any, mujoco_symbols: Sequence[str]) -> CompiledPhysics:
     handler = on_error.address
 
     @numba.njit(nogil=True)
-    def advance(models, datas, ctrl_addresses, controls, frame_skips, with_post_constraint):  # pragma: no cover
+    def gather(sources, sizes, out, row):  # pragma: no cover (compiled)
+        # the row's byte segments, one after the other, into its row of out (float64, C-contiguous)
+        at = out.ctypes.data + row * out.shape[1] * 8
+        for segment in range(sizes.shape[0]):
+            copy(at, sources[row, segment], sizes[segment])
+            at += sizes[segment]
+
+    @numba.njit(nogil=True)
+    def advance(models, datas, ctrl_addresses, controls, frame_skips, with_post_constraint,
+                before_sources, before_sizes, before, after_sources, after_sizes, after):  # pragma: no cover  # fmt: skip
         # (compiled: coverage does not see it run) each row as Gymnasium's do_simulation: its controls, then
-        # frame_skip calls of mj_step, then (where the family reads the forces) mj_rnePostConstraint
+        # frame_skip calls of mj_step, then (where the family reads the forces) mj_rnePostConstraint; around it, the
+        # copies of what the family reads of the row's state before and after (no Python loop over the rows for them)
         previous = get_error_handler()
         set_error_handler(handler)
         row_bytes = controls.shape[1] * 8
         first = controls.ctypes.data
         for row in range(datas.shape[0]):
+            gather(before_sources, before_sizes, before, row)
             copy(ctrl_addresses[row], first + row * row_bytes, row_bytes)
             for _ in range(frame_skips[row]):
                 step(models[row], datas[row])
             if with_post_constraint:
                 post_constraint(models[row], datas[row])
+            gather(after_sources, after_sizes, after, row)
         set_error_handler(previous)
 
     return CompiledPhysics(advance, error_threads, error_messages)
@@ -202,15 +250,21 @@ def _check(physics: CompiledPhysics) -> None:
     compiled, reference = mujoco.MjData(model), mujoco.MjData(model)
     controls = np.array([[0.7]])
     frame_skips = np.array([3], dtype=np.int64)
+    segments = (compiled.qpos, compiled.qvel)
+    sources = np.array([[segment.ctypes.data for segment in segments]], dtype=np.uint64)
+    sizes = np.array([segment.nbytes for segment in segments], dtype=np.int64)
+    width = model.nq + model.nv
+    before, after = Gather(sources, sizes, np.zeros((1, width))), Gather(sources, sizes, np.zeros((1, width)))
     for _ in range(20):
+        state_before = np.concatenate((reference.qpos, reference.qvel))
         reference.ctrl[:] = controls[0]
         mujoco.mj_step(model, reference, nstep=3)
         mujoco.mj_rnePostConstraint(model, reference)
         physics(addresses([model]), addresses([compiled]), np.array([compiled.ctrl.ctypes.data], dtype=np.uint64),
-                controls, frame_skips, True)  # fmt: skip
-    same = all(
-        np.array_equal(getattr(compiled, name), getattr(reference, name)) for name in ("qpos", "qvel", "cacc", "ctrl")
-    )
+                controls, frame_skips, True, before, after)  # fmt: skip
+    same = all(np.array_equal(getattr(compiled, name), getattr(reference, name)) for name in ("qpos", "qvel", "cacc", "ctrl"))
+    same = same and np.array_equal(before.arguments[2][0], state_before)
+    same = same and np.array_equal(after.arguments[2][0], np.concatenate((reference.qpos, reference.qvel)))
     if compiled.time != reference.time or compiled.time == 0.0 or not same:
         raise KernelUnavailable(
             f"the compiled loop's check failed: after 20 steps its time is {compiled.time} (mj_step's {reference.time}) and "
