@@ -11,6 +11,8 @@ Suites (the papers' settings; what differs from them is listed in docs/results/r
   step weights (``discount_from_start=False``), Adam at 1e-3 on the meta-gradient, 400 meta-iterations
   (1.28e8 env steps), ProMP's normalized env (``action_scale=10``) and rllab's control cost 0.05.
 * ``sgmrl-vel``: the same on HalfCheetah random velocity, targets U[0, 3] (SG-MRL's range).
+* ``sgmrl-swimmer``: the same on Swimmer random velocity, at maml_zoo's ``SwimmerRandVelEnv`` (the file in SG-MRL's
+  repository): targets U[0.1, 0.2], control cost 1e-4, and its task term ``+|v_x - v*|`` (``deviation_sign=1``).
 * ``sgmrl-nav``: SG-MRL Table 1, 2-D navigation at its code's ``sgmrl_configs/sgmrl_full.json`` and
   ``maml_zoo/envs/point_envs/point_env_2d_v2.py``: 20 tasks x 20 episodes, horizon 100, 500 iterations (4e7 env
   steps), reward minus the distance to the goal, position clipped to [-0.5, 0.5]^2 (``position_limit=0.5``),
@@ -52,7 +54,12 @@ SGMRL_TABLE2 = {
     ("vel", 1): {"SG-MRL": (-91.73, 0.34), "MAML": (-92.92, 0.70)},
     ("vel", 2): {"SG-MRL": (-52.64, 6.86), "MAML": (-56.71, 6.73)},
     ("vel", 3): {"SG-MRL": (-33.39, 0.67), "MAML": (-32.48, 0.50)},
+    ("swimmer", 1): {"SG-MRL": (118.77, 9.99), "MAML": (104.53, 24.18)},
+    ("swimmer", 2): {"SG-MRL": (134.57, 1.67), "MAML": (108.47, 23.36)},
+    ("swimmer", 3): {"SG-MRL": (110.91, 12.56), "MAML": (90.60, 14.99)},
 }
+#: the key of each MuJoCo suite's rows in SGMRL_TABLE2
+TABLE2_ROWS = {"sgmrl-dir": "dir", "sgmrl-vel": "vel", "sgmrl-swimmer": "swimmer"}
 #: SG-MRL Table 1 (2-D navigation, one inner step): mean meta-test reward and its spread
 SGMRL_TABLE1 = {"SG-MRL": (-16.901, 0.699), "MAML": (-17.767, 0.106), "E-MAML": (-17.803, 0.115)}
 #: What SG-MRL's code ran for both columns of its tables: VPG-MAML, second order. Its SG-MRL
@@ -101,14 +108,14 @@ def paper_numbers(suite: str, mode: str, inner_steps: int) -> list[tuple[str, fl
         return None
     if suite == "sgmrl-nav":
         return [(label, *SGMRL_TABLE1[column]) for column, label in MAML_COLUMNS.items()] if inner_steps == 1 else None
-    columns = SGMRL_TABLE2.get(("dir" if suite == "sgmrl-dir" else "vel", inner_steps))
+    columns = SGMRL_TABLE2.get((TABLE2_ROWS.get(suite, ""), inner_steps))
     if columns is None:
         return None
     return [(label, *columns[column]) for column, label in MAML_COLUMNS.items()]
 
 
 #: the episode length of each suite (SG-MRL's max_path_length; pytorch-maml-rl's max_episode_steps: 100)
-SUITE_HORIZON = {"sgmrl-dir": 200, "sgmrl-vel": 200, "sgmrl-nav": 100}
+SUITE_HORIZON = {"sgmrl-dir": 200, "sgmrl-vel": 200, "sgmrl-swimmer": 200, "sgmrl-nav": 100}
 
 
 def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
@@ -170,6 +177,16 @@ SUITES: dict[str, tuple[str, str, int, dict[str, Any]]] = {
         "adam",
         400,
         dict(env_kwargs=dict(ctrl_cost_weight=0.05, velocity_range=(0.0, 3.0), action_scale=10.0), **SGMRL_POLICY),
+    ),
+    # maml_zoo's SwimmerRandVelEnv (ProMP's file, kept in SG-MRL's repository; its released vpg_run.py registers only
+    # the point env and cheetah_dir, so the Swimmer runs' script is not published): goals U[0.1, 0.2], frame skip 4,
+    # control cost 1e-4 |a|^2 on the mapped action, reset noise U[-0.1, 0.1] on qpos and qvel (Swimmer-v5's), and the
+    # task term +|v_x - v*| (swimmer_rand_vel.py:36: the deviation rewarded, whence Table 2's positive returns)
+    "sgmrl-swimmer": (
+        "sb3_metarl/SwimmerVel-v0",
+        "adam",
+        400,
+        dict(env_kwargs=dict(velocity_range=(0.1, 0.2), deviation_sign=1, action_scale=10.0), **SGMRL_POLICY),
     ),
     # SG-MRL's point env: 20 tasks (sgmrl_full.json's meta_batch_size), position clipped, ProMP's normalized actions
     "sgmrl-nav": (

@@ -5,6 +5,7 @@ import os
 import runpy
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -228,6 +229,20 @@ def test_the_sgmrl_nav_suite_is_sg_mrl_s_table_1_setting_and_maml_is_compared_wi
     # the existing suites' configurations are unchanged (their checkpoints continue)
     (vel,) = module["suite_runs"]("sgmrl-vel", ["maml"], [0])
     assert vel.kwargs["max_episode_steps"] == 200 and vel.kwargs["meta_batch_size"] == 40
+
+
+def test_the_sgmrl_swimmer_suite_is_maml_zoo_s_swimmer_rand_vel_beside_table_2():
+    module = _load("benchmarks/reproduce_published.py")
+    (run,) = module["suite_runs"]("sgmrl-swimmer", ["maml"], [0])
+    # swimmer_rand_vel.py: goals U[0.1, 0.2], reward |v - v*| - 1e-4 |a|^2 (the deviation rewarded), frame skip 4
+    assert run.env_id == "sb3_metarl/SwimmerVel-v0" and run.iterations == 400
+    assert run.kwargs["env_kwargs"] == dict(velocity_range=(0.1, 0.2), deviation_sign=1, action_scale=10.0)
+    assert (run.kwargs["meta_batch_size"], run.kwargs["inner_episodes"], run.kwargs["max_episode_steps"]) == (40, 20, 200)
+    both = "SG-MRL (its code: MAML)"
+    assert module["paper_numbers"]("sgmrl-swimmer", "maml", 1) == [("MAML", 104.53, 24.18), (both, 118.77, 9.99)]
+    assert module["paper_numbers"]("sgmrl-swimmer", "maml", 2) == [("MAML", 108.47, 23.36), (both, 134.57, 1.67)]
+    env = gym.make(run.env_id, **run.kwargs["env_kwargs"]).unwrapped
+    assert env.frame_skip == 4 and env.dt == pytest.approx(0.04) and env._ctrl_cost_weight == 1e-4
 
 
 def test_the_per_configuration_table_gives_mean_and_std_over_seeds_and_the_final_evaluation(tmp_path, restore_threads):

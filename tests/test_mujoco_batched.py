@@ -20,10 +20,12 @@ FAMILIES = [
     ("sb3_metarl/HalfCheetahVel-v0", dict(velocity_range=(0.0, 3.0), action_scale=10.0)),
     ("sb3_metarl/Walker2dVel-v0", {}),
     ("sb3_metarl/SwimmerVel-v0", dict(action_scale=10.0)),
+    ("sb3_metarl/SwimmerVel-v0", dict(velocity_range=(0.1, 0.2), deviation_sign=1, action_scale=10.0)),  # SG-MRL's
     ("sb3_metarl/HopperRandParams-v0", {}),
     ("sb3_metarl/Walker2dRandParams-v0", dict(action_scale=10.0)),
     ("sb3_metarl/AntDir-v0", {}),
     ("sb3_metarl/AntVel-v0", dict(action_scale=10.0)),
+    ("sb3_metarl/AntVel-v0", dict(deviation_sign=1)),
     ("sb3_metarl/AntDir2D-v0", dict(healthy_z_range=(0.3, 1.0))),
     ("sb3_metarl/AntGoal-v0", dict(contact_cost_weight=1e-3, include_cfrc_ext_in_observation=False)),
 ]

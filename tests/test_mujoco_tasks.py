@@ -237,6 +237,30 @@ def test_set_task_refuses_what_is_not_a_task_naming_the_env_and_what_a_task_is(e
     assert not env.task_is_set
 
 
+@pytest.mark.parametrize("bad", [0, 2, -1.5, True, "up"])
+def test_a_bad_deviation_sign_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"deviation_sign: must be -1 \(track the target velocity\) or \+1"):
+        gym.make("sb3_metarl/SwimmerVel-v0", deviation_sign=bad)
+
+
+@pytest.mark.parametrize("env_id", ["sb3_metarl/SwimmerVel-v0", "sb3_metarl/AntVel-v0"])
+def test_deviation_sign_plus_one_rewards_the_deviation_as_maml_zoo_s_swimmer(env_id):
+    # maml_zoo's SwimmerRandVelEnv (ProMP, SG-MRL): reward = |v_x - v*| - 1e-4 |a|^2; the default tracks: -|v_x - v*|
+    tracking, deviating = gym.make(env_id), gym.make(env_id, deviation_sign=1)
+    action = np.full(tracking.action_space.shape, 0.5, dtype=np.float32)
+    for env in (tracking, deviating):
+        env.unwrapped.set_task(0.15 if "Swimmer" in env_id else 1.0)
+        env.reset(seed=3)
+    for _ in range(5):
+        _, tracked, *_, tracked_info = tracking.step(action)
+        _, deviated, *_, deviated_info = deviating.step(action)
+        deviation = abs(tracked_info["x_velocity"] - tracking.unwrapped.get_task())
+        assert deviation > 0 and tracked_info["reward_task"] == -deviation and deviated_info["reward_task"] == deviation
+        assert deviated - tracked == pytest.approx(2 * deviation, rel=1e-12)
+    # the argument survives a copy through the env's constructor arguments (Gymnasium's EzPickle)
+    assert pickle.loads(pickle.dumps(deviating.unwrapped)).deviation_sign == 1
+
+
 @pytest.mark.parametrize("bad", [(0, 1, 2), (0,), "fast", (0, float("nan")), (2.0, 1.0)])
 def test_a_bad_velocity_range_is_refused_by_name(bad):
     # before: (0, 1, 2) was "too many values to unpack"

@@ -398,6 +398,8 @@ class BatchedLocomotion(_BatchedMujoco):
             self.task_term = "direction"
         elif issubclass(kind, TargetVelocity):
             self.task_term = "velocity"
+            #: each sub-env's sign of its deviation term (``TargetVelocity``'s ``deviation_sign``)
+            self.deviation_signs = np.array([env.deviation_sign for env in self.envs])
         if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
             self.healthy_ranges = np.array([(*each.healthy_z_range, *each.healthy_angle_range) for each in self.settings])
             self.healthy_rewards = np.array([each.healthy_reward for each in self.settings])
@@ -464,7 +466,8 @@ class BatchedLocomotion(_BatchedMujoco):
         if self.task_term == "direction":
             task_terms = np.array([env.get_task() for env in envs]) * x_velocity
         elif self.task_term == "velocity":
-            task_terms = -np.abs(x_velocity - np.array([env.get_task() for env in envs]))
+            deviations = np.abs(x_velocity - np.array([env.get_task() for env in envs]))
+            task_terms = np.where(self.deviation_signs[indices] < 0, -deviations, deviations)
         if task_terms is not None:
             rewards = self._with_kept_terms(task_terms, terms)
         else:  # the base env's reward: forward + alive - control cost
@@ -646,7 +649,8 @@ class BatchedAnt(_BatchedMujoco):
         if self.kind is AntDirEnv:
             return np.array([env.get_task() for env in envs]) * x_velocity
         if self.kind is AntVelEnv:
-            return -np.abs(x_velocity - np.array([env.get_task() for env in envs]))
+            deviations = np.abs(x_velocity - np.array([env.get_task() for env in envs]))
+            return np.where(np.array([env.deviation_sign for env in envs]) < 0, -deviations, deviations)
         # (the transcendental functions per row, as scalars: numpy's vectorised loops may round differently)
         tasks = [env.get_task() for env in envs]
         if self.kind is AntDir2DEnv:

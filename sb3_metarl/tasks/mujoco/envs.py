@@ -147,14 +147,25 @@ class TargetVelocity(TaskReward):
 
     :param velocity_range: (low, high) of the target velocity (default: the family's; e.g. SG-MRL's
         HalfCheetah Rand Vel draws from U[0, 3], MAML's from U[0, 2])
+    :param deviation_sign: -1 (default): the task term is ``-|v_x - v*|``, the target tracked; +1: ``+|v_x - v*|``,
+        the deviation rewarded, as maml_zoo's ``SwimmerRandVelEnv`` computes it (ProMP's and SG-MRL's code,
+        ``maml_zoo/envs/mujoco_envs/swimmer_rand_vel.py:36``), the env behind SG-MRL's positive Swimmer returns
     :param kwargs: passed to the Gymnasium env (e.g. ``ctrl_cost_weight=0.05``, rllab's control cost)
     """
 
     velocity_range: tuple[float, float] = (0.0, 2.0)
+    deviation_sign = -1
     _target = 1.0
 
-    def __init__(self, *args: Any, velocity_range: tuple[float, float] | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, velocity_range: tuple[float, float] | None = None, deviation_sign: int = -1, **kwargs: Any
+    ):
+        if isinstance(deviation_sign, bool) or deviation_sign not in (-1, 1):
+            raise ValueError(f"deviation_sign: must be -1 (track the target velocity) or +1, got {deviation_sign!r}.")
         super().__init__(*args, **kwargs)
+        if deviation_sign != -1:
+            self._ezpickle_kwargs = {**self._ezpickle_kwargs, "deviation_sign": deviation_sign}
+            self.deviation_sign = int(deviation_sign)
         if velocity_range is not None:
             # Gymnasium's EzPickle rebuilds the env from its constructor arguments (copies, pickles)
             self._ezpickle_kwargs = {**self._ezpickle_kwargs, "velocity_range": velocity_range}
@@ -183,7 +194,8 @@ class TargetVelocity(TaskReward):
         return self._target
 
     def _task_reward(self, info: dict[str, Any]) -> float:
-        return -abs(float(info["x_velocity"]) - self._target)
+        deviation = abs(float(info["x_velocity"]) - self._target)
+        return -deviation if self.deviation_sign < 0 else deviation
 
 
 class Direction(TaskReward):
