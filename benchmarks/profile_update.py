@@ -9,10 +9,17 @@ damping 1e-5.
 
     python benchmarks/profile_update.py                 # writes docs/results/profile_update.md
     python benchmarks/profile_update.py --threads 1
+    python benchmarks/profile_update.py --published --threads 1 --repeats 1 --out docs/results/profile_update_published.md
+
+``--published``: SG-MRL's Rand Dir setting instead (``reproduce_published.py --suite sgmrl-dir``: HalfCheetahDir, 40 tasks
+x (20 + 20) episodes x 200 steps, 100 x 100 tanh policy, one inner step), `maml` with pytorch-maml-rl's TrustRegion
+(max_kl 0.01, 10 CG steps, damping 1e-5), the batched twin with one physics thread.
 """
 
 import argparse
+import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -60,6 +67,17 @@ def make_model(seed: int) -> MetaPolicyGradient:
         policy_kwargs=dict(net_arch=[64, 64], log_std_init=-1.0),
         seed=seed,
     )
+
+
+def make_published_model(seed: int) -> MetaPolicyGradient:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from reproduce_published import TRPO_KWARGS, make_model, suite_runs
+
+    (run,) = suite_runs("sgmrl-dir", ["maml"], [seed])
+    run.meta_optimizer = "trpo"
+    run.kwargs.pop("learning_rate", None)
+    run.kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
+    return make_model(run, "vec_env", None, physics_threads=1)
 
 
 def timed_trpo_step(trpo: TrustRegion, adaptation: Adaptation, sample: MetaSample, timer: Timer) -> dict[str, float]:
@@ -155,11 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="meta-samples (and updates) per optimizer")
     parser.add_argument("--double-backward", action="store_true", help="the KL's Hessian by double backward (for comparison)")
+    parser.add_argument("--published", action="store_true", help="SG-MRL's Rand Dir setting (see above)")
     parser.add_argument("--out", default="docs/results/profile_update.md")
     args = parser.parse_args(argv)
     if args.threads:
         th.set_num_threads(args.threads)
-    model = make_model(seed=0)
+    model = make_published_model(seed=0) if args.published else make_model(seed=0)
     model.meta_optimizer.layered_hessian = not args.double_backward
     model.learn(1)  # warm-up
     trpo_timer, ppo_timer = Timer(), Timer()
@@ -173,14 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     # the ProMP epochs moved the parameters; the TrustRegion profile below starts from them, which is fine for timing
     sample = fresh_sample(model, Timer())
     operators = profile(lambda: timed_trpo_step(model.meta_optimizer, model.adaptation, sample, Timer()))
+    if args.published:
+        setting_title = "SG-MRL's Rand Dir setting"
+        setting = "HalfCheetahDir, 40 tasks x (20 + 20) episodes x 200 steps, one inner step, 100 x 100, maml"
+    else:
+        setting_title = "issue 11's setting"
+        setting = "Navigation2D, 20 tasks x 20 episodes x 100 steps, one inner step, [64, 64], lsf"
     lines = [
-        "# Profile of one meta-update (issue 11's setting)",
+        f"# Profile of one meta-update ({setting_title})",
         "",
-        f"`python benchmarks/profile_update.py{' --threads ' + str(args.threads) if args.threads else ''}"
-        f"{' --double-backward' if args.double_backward else ''}`",
+        f"`python benchmarks/profile_update.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"{platform.machine()}, torch {th.__version__}, {th.get_num_threads()} threads; Navigation2D, 20 tasks x 20 "
-        f"episodes x 100 steps, one inner step, [64, 64], lsf; {args.repeats} meta-samples per optimizer (sums).",
+        f"{platform.machine()}, torch {th.__version__}, {th.get_num_threads()} threads; {setting}; {args.repeats} "
+        "meta-samples per optimizer (sums).",
         "",
         *table("TrustRegion (max_kl 0.01, 10 CG steps, damping 1e-5)", trpo_timer),
         *table("ProMP (ProMP: 5 epochs, clip 0.3)", ppo_timer),
