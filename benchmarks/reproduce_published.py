@@ -136,7 +136,12 @@ def _paper_kwargs(horizon: int, inner_steps: int) -> dict[str, Any]:
 
 
 def suite_runs(
-    suite: str, modes: list[str], seeds: list[int], inner_steps: int = 1, iterations: int | None = None
+    suite: str,
+    modes: list[str],
+    seeds: list[int],
+    inner_steps: int = 1,
+    iterations: int | None = None,
+    meta_optimizer: str | None = None,
 ) -> list[PublishedRun]:
     """
     :param suite: one of ``SUITES``
@@ -144,16 +149,23 @@ def suite_runs(
     :param seeds: seeds to run
     :param inner_steps: inner steps during meta-training (SG-MRL's 1-, 2- and 3-step rows)
     :param iterations: meta-iterations (default: the suite's budget)
+    :param meta_optimizer: "adam" (Adam at 1e-3, SG-MRL's), "trpo" (pytorch-maml-rl's TrustRegion: ``TRPO_KWARGS``) or
+        "ppo" (ProMP at its paper's defaults, Adam at 1e-3); default: the suite's. Another optimizer on a suite is a
+        run of its own (its name says the optimizer), at the same env setting and budget: issue 30's item 5
     :return: the runs, in the order to run them (all modes of a seed before the next seed)
     """
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown suite {suite!r}; use one of {sorted(SUITES)}.")
     env_id, optimizer, default_iterations, extra = SUITES[suite]
+    if meta_optimizer is not None:
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(f"--meta-optimizer: unknown {meta_optimizer!r}; use one of {list(META_OPTIMIZERS)}.")
+        optimizer = meta_optimizer
     horizon = SUITE_HORIZON.get(suite, 100)
     kwargs = {**_paper_kwargs(horizon, inner_steps), **extra}
     if optimizer == "trpo":
         kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
-    else:
+    else:  # Adam's step size, also ProMP's (its configs: learning_rate 1e-3)
         kwargs["learning_rate"] = 1e-3
     return [
         PublishedRun(suite, env_id, mode, optimizer, seed, iterations or default_iterations, dict(kwargs))
@@ -162,6 +174,8 @@ def suite_runs(
     ]
 
 
+#: the meta-optimizers a suite can be run with (``--meta-optimizer``)
+META_OPTIMIZERS = ("adam", "trpo", "ppo")
 #: suite -> (env id, meta-optimizer, meta-iterations, extra MetaPolicyGradient arguments)
 #: SG-MRL's code (sgmrl_configs/sgmrl_mujoco.json): 100 x 100 tanh policy, GAE lambda 0.997
 SGMRL_POLICY = dict(policy_kwargs=dict(net_arch=dict(pi=[100, 100], vf=[100, 100])), gae_lambda=0.997)
@@ -634,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["sf", "maml", "lvc", "lsf"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--meta-optimizer", default=None, choices=META_OPTIMIZERS, help="default: the suite's")
     parser.add_argument("--iterations", type=int, default=None, help="meta-iterations (default: the suite's budget)")
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -656,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch as th
 
     th.set_num_threads(args.threads)
-    runs = suite_runs(args.suite, args.modes, args.seeds, args.inner_steps, args.iterations)
+    runs = suite_runs(args.suite, args.modes, args.seeds, args.inner_steps, args.iterations, args.meta_optimizer)
     finished_path = os.path.join(args.out, "reproduce_published_runs.jsonl")
     os.makedirs(args.out, exist_ok=True)
     if args.final_eval is not None:
@@ -677,8 +692,11 @@ def main(argv: list[str] | None = None) -> None:
     every = [
         run
         for suite in SUITES
+        for optimizer in META_OPTIMIZERS
         for steps in (1, 2, 3)
-        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf"], [0, 1, 2, 3], inner_steps=steps)
+        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf", "dice"], [0, 1, 2, 3], steps, meta_optimizer=optimizer)
+        # (another optimizer than the suite's: only the runs that exist, item 5's candidates)
+        if optimizer == SUITES[suite][1] or os.path.exists(os.path.join(args.out, "runs", run.name))
     ]
     table = summarize(args.out, every) + "\n\nPer configuration, over its finished seeds:\n\n" + aggregate(args.out, every)
     write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")

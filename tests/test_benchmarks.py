@@ -231,6 +231,20 @@ def test_the_sgmrl_nav_suite_is_sg_mrl_s_table_1_setting_and_maml_is_compared_wi
     assert vel.kwargs["max_episode_steps"] == 200 and vel.kwargs["meta_batch_size"] == 40
 
 
+def test_another_meta_optimizer_on_a_suite_is_a_run_of_its_own_at_the_same_setting():
+    module = _load("benchmarks/reproduce_published.py")
+    (adam,) = module["suite_runs"]("sgmrl-dir", ["lvc"], [0])
+    (promp,) = module["suite_runs"]("sgmrl-dir", ["lvc"], [0], meta_optimizer="ppo")
+    (trpo,) = module["suite_runs"]("sgmrl-dir", ["maml"], [1], meta_optimizer="trpo")
+    assert (adam.name, promp.name, trpo.name) == ("sgmrl-dir_lvc_adam_s0", "sgmrl-dir_lvc_ppo_s0", "sgmrl-dir_maml_trpo_s1")
+    # the env, batch and budget are the suite's; only the meta-optimizer and its arguments differ
+    assert promp.kwargs == adam.kwargs and promp.steps_per_iteration * promp.iterations == 1.28e8
+    assert trpo.kwargs["meta_optimizer_kwargs"]["max_kl"] == 0.01 and "learning_rate" not in trpo.kwargs
+    assert trpo.kwargs["env_kwargs"] == adam.kwargs["env_kwargs"]
+    with pytest.raises(ValueError, match="--meta-optimizer"):
+        module["suite_runs"]("sgmrl-dir", ["lvc"], [0], meta_optimizer="sgd2")
+
+
 def test_the_sgmrl_swimmer_suite_is_maml_zoo_s_swimmer_rand_vel_beside_table_2():
     module = _load("benchmarks/reproduce_published.py")
     (run,) = module["suite_runs"]("sgmrl-swimmer", ["maml"], [0])
