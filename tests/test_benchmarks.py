@@ -386,3 +386,31 @@ def test_metaworld_sampling_times_every_ml10_class_and_the_sampler_against_meta_
     assert sampler["env_steps"] == 2 * 500  # one whole episode per task
     rates = sampler["sampler_steps_per_second"] / sampler["meta_world_steps_per_second"]
     assert sampler["ratio"] == pytest.approx(rates, rel=0.01)
+
+
+def test_the_published_profile_attributes_each_function_s_cumulative_time_and_tabulates_medians():
+    import cProfile
+    import pstats
+    import time
+
+    module = _load("benchmarks/profile_published.py")
+
+    def inner_work():
+        time.sleep(0.05)
+
+    def outer_work():
+        inner_work()
+        time.sleep(0.02)
+
+    profiler = cProfile.Profile()
+    profiler.runcall(outer_work)
+    stats = pstats.Stats(profiler)
+    total, own = module["cumulative"](stats, "test_benchmarks.py", "outer_work")
+    inner_total, _ = module["cumulative"](stats, "test_benchmarks.py", "inner_work")
+    assert total >= inner_total + 0.015 and inner_total >= 0.045 and own < 0.01  # the sleeps are builtins' own time
+    assert module["cumulative"](stats, "other_file.py", "outer_work") == (0.0, 0.0)
+    phases = {phase: 1.0 for phase in [*module["PHASE_FUNCTIONS"], module["GRAPH"]]}
+    row = dict(mode="maml", meta_optimizer="adam", threads=1, wall_s=[9.0, 11.0, 30.0], sample_s=[8.0], train_s=[2.0],
+               profiled_s=4.0, phases_s=phases)  # fmt: skip
+    text = module["table"]([row])
+    assert "| **iteration, unprofiled (s, median)** | **11.00** |" in text and "1.00 (25 %)" in text

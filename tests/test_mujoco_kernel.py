@@ -16,7 +16,14 @@ from gymnasium.envs.mujoco import half_cheetah_v5
 import sb3_metarl.common.threads as threads_module
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.common.threads import DaemonThreads, settle
-from sb3_metarl.tasks.mujoco.kernel import MUJOCO_SYMBOLS, KernelUnavailable, load_compiled_physics, nogil_kernel
+from sb3_metarl.tasks.mujoco.kernel import (
+    MUJOCO_SYMBOLS,
+    Gather,
+    KernelUnavailable,
+    addresses,
+    load_compiled_physics,
+    nogil_kernel,
+)
 from sb3_metarl.tasks.twins import batched_stepper
 
 #: a child process: the twin of 4 HalfCheetahVel sub-envs against their own step (simulated time and observations),
@@ -256,3 +263,42 @@ def test_the_twin_trains_as_the_per_env_path_whatever_loop_this_process_has():
     for name, value in models[False].policy.state_dict().items():
         assert th.equal(value, models[True].policy.state_dict()[name]), name
     print(f"the twin's loop here: {'compiled' if twin.kernel is not None else 'Python'}")
+
+
+def test_a_gather_copies_each_row_s_segments_before_and_after_its_physics():
+    kernel = nogil_kernel()
+    if kernel is None:
+        pytest.skip("the compiled loop is not available in this process")
+    envs = [gym.make("sb3_metarl/HalfCheetahDir-v0").unwrapped for _ in range(3)]
+    for index, env in enumerate(envs):
+        env.set_task(1.0)
+        env.reset(seed=index)
+    datas = [env.data for env in envs]
+    # a segment in the middle of an array too: the main body's x, y and z of xpos (body 1), then all of qvel
+    segments = [[data.xpos[1], data.qvel] for data in datas]
+    sources = np.array([[segment.ctypes.data for segment in row] for row in segments], dtype=np.uint64)
+    sizes = np.array([segment.nbytes for segment in segments[0]], dtype=np.int64)
+    width = 3 + envs[0].model.nv
+    before, after = Gather(sources, sizes, np.full((3, width), np.nan)), Gather(sources, sizes, np.full((3, width), np.nan))
+    expected_before = np.stack([np.concatenate([data.xpos[1], data.qvel]) for data in datas])
+    controls = np.full((3, 6), 0.3)
+    kernel(addresses([env.model for env in envs]), addresses(datas), np.array([d.ctrl.ctypes.data for d in datas], np.uint64),
+           controls, np.array([env.frame_skip for env in envs], dtype=np.int64), False, before, after)  # fmt: skip
+    assert np.array_equal(before.arguments[2], expected_before)
+    assert np.array_equal(after.arguments[2], np.stack([np.concatenate([data.xpos[1], data.qvel]) for data in datas]))
+    assert not np.array_equal(after.arguments[2], expected_before)  # the physics ran between the two copies
+
+
+@pytest.mark.parametrize(
+    "sources, sizes, out, message",
+    [
+        (np.zeros((2, 1)), np.array([16]), np.zeros((2, 2), order="F"), "C-contiguous float64"),
+        (np.zeros((2, 1)), np.array([16]), np.zeros((2, 2), dtype=np.float32), "C-contiguous float64"),
+        (np.zeros((2, 1)), np.array([24]), np.zeros((2, 2)), "do not agree"),
+        (np.zeros((3, 1)), np.array([16]), np.zeros((2, 2)), "do not agree"),
+    ],
+)
+def test_a_gather_whose_shapes_disagree_is_refused_before_any_copy(sources, sizes, out, message):
+    # the compiled loop copies sizes' bytes into out's rows: a mismatch would write past the array
+    with pytest.raises(ValueError, match=message):
+        Gather(sources, sizes, out)
