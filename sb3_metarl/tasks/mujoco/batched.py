@@ -146,9 +146,10 @@ class _BatchedMujoco:
     def set_up_gathers(self, before: Callable[[int], list[np.ndarray]], after: Callable[[int], list[np.ndarray]]) -> None:
         """
         Let the compiled loop copy each stepped row's state (a few float64 arrays of its ``MjData``) before and after
-        its physics into one array per step: it replaces a Python list of per-row views per step and array (a tenth of
-        the twin's time at HalfCheetah's 800 sub-envs). Kept off without the compiled loop, or where the sub-envs' arrays
-        differ in size (then the family gathers in Python, with the same values).
+        its physics into one array per step, in place of a Python list of per-row views per step and array (the twin's
+        Python per Rand Dir iteration, profiled: 1.8 s before, 0.6 s after; ``docs/results/scaling_engine.md``). Kept off
+        without the compiled loop, or where the sub-envs' arrays differ in size (then the family gathers in Python, with
+        the same values).
 
         :param before: sub-env position -> the arrays read before the physics (views into its data, C-contiguous)
         :param after: sub-env position -> the arrays read after it
@@ -230,7 +231,7 @@ class _BatchedMujoco:
         """Run the physics of ``pending`` (its rows: positions in ``envs`` as Python ints, faster to index a list by)."""
         rows, controls = pending.rows, pending.controls
         if self.pool is None:
-            self._advance(rows, controls)
+            self._advance(rows, controls, pending.gathered)
         elif self.kernel is not None:
             n_chunks = max(1, min(self.num_threads, len(rows) // 2))
             self._settle([self.pool.submit(self._advance, *chunk) for chunk in self._chunks(pending, n_chunks)])
