@@ -132,7 +132,6 @@ class BatchedNavigation(SteppedAtOnce):
         for row, env in enumerate(self.envs):
             env._position, env._goal = self.positions[row], self.goals[row]
 
-
     def step(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """
         Step the sub-envs ``indices`` with ``actions``, as ``env.step`` would one by one.

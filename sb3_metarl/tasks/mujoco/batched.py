@@ -105,6 +105,10 @@ class _BatchedMujoco:
         self.uniform_ctrl_weight = (
             first_weight if all(type(w) is type(first_weight) and w == first_weight for w in self.ctrl_weights) else None
         )
+        #: each sub-env's sign of its target-velocity term (``TargetVelocity``'s ``deviation_sign``), for the families
+        #: that have one
+        if isinstance(self.envs[0], TargetVelocity):
+            self.deviation_signs = np.array([env.deviation_sign for env in self.envs])
         self.excluded = [settings.exclude_current_positions for settings in self.settings]
         self.all_excluded = all(self.excluded)
         self.scales = [env.action_scale for env in self.envs]
@@ -139,9 +143,9 @@ class _BatchedMujoco:
         self.pool = DaemonThreads(pool_threads) if pool_threads > 0 else None
         #: the MuJoCo error that stopped this twin (its sub-envs are then in an undefined state), else None
         self.failure: mujoco.FatalError | None = None
-        #: per gather (before, after the physics): each sub-env's segment addresses, the segments' bytes and their
-        #: widths in float64; None: the family gathers the rows' state in Python (``set_up_gathers``)
-        self.gathers: list[tuple[np.ndarray, np.ndarray, list[int]]] | None = None
+        #: per gather (before, after the physics): each sub-env's segment addresses, the segments' bytes, the row's width
+        #: in float64 and each segment's columns; None: the family gathers the rows' state in Python (``set_up_gathers``)
+        self.gathers: list[tuple[np.ndarray, np.ndarray, int, list[slice]]] | None = None
 
     def set_up_gathers(self, before: Callable[[int], list[np.ndarray]], after: Callable[[int], list[np.ndarray]]) -> None:
         """
@@ -165,25 +169,27 @@ class _BatchedMujoco:
             ):
                 return
             sources = np.array([[view.ctypes.data for view in row] for row in views], dtype=np.uint64)
-            gathers.append((sources, np.array(sizes, dtype=np.int64), [size // 8 for size in sizes]))
+            bounds = np.cumsum([0, *(size // 8 for size in sizes)]).tolist()
+            columns = [slice(start, stop) for start, stop in pairwise(bounds)]
+            gathers.append((sources, np.array(sizes, dtype=np.int64), bounds[-1], columns))
         self.gathers = gathers
 
     def gather_buffers(self, n_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
         """:return: the arrays a step of ``n_rows`` rows gathers into (before, after), or None (gathered in Python)"""
         if self.gathers is None:
             return None
-        before, after = (np.empty((n_rows, sum(widths))) for _sources, _sizes, widths in self.gathers)
+        before, after = (np.empty((n_rows, width)) for _sources, _sizes, width, _columns in self.gathers)
         return before, after
 
     def gathered(self, pending: PendingStep) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """:return: the arrays gathered before and after the physics of ``pending``, each (rows, size) C-contiguous"""
         assert pending.gathered is not None and self.gathers is not None
-        parts = []
-        for values, (_sources, _sizes, widths) in zip(pending.gathered, self.gathers):
-            bounds = np.cumsum([0, *widths])
-            # (contiguous copies: a row-wise reduction of a strided view may add in another order than the row alone)
-            parts.append([np.ascontiguousarray(values[:, start:stop]) for start, stop in pairwise(bounds)])
-        return parts[0], parts[1]
+        # (contiguous copies: a row-wise reduction of a strided view may add in another order than the row alone)
+        before, after = (
+            [np.ascontiguousarray(values[:, columns]) for columns in gather[3]]
+            for values, gather in zip(pending.gathered, self.gathers)
+        )
+        return before, after
 
     @classmethod
     def supports(cls, env: Any) -> bool:
@@ -195,7 +201,7 @@ class _BatchedMujoco:
         if self.kernel is not None:  # one call without the GIL (controls as the float64 that ctrl holds: an exact cast)
             gathers = None
             if gathered is not None and self.gathers is not None:
-                gathers = [Gather(sources[rows], sizes, out) for out, (sources, sizes, _) in zip(gathered, self.gathers)]
+                gathers = [Gather(sources[rows], sizes, out) for out, (sources, sizes, *_) in zip(gathered, self.gathers)]
             self.kernel(
                 self.model_addresses[rows],
                 self.data_addresses[rows],
@@ -348,6 +354,11 @@ class _BatchedMujoco:
                 controls[k] = np.clip(low + (np.asarray(actions[k]) + scale) * (high - low) / (2 * scale), low, high)
         return controls
 
+    def _velocity_terms(self, envs: list[Any], indices: np.ndarray, x_velocity: np.ndarray) -> np.ndarray:
+        """:return: ``TargetVelocity``'s task term per row, ``±|v_x - v*|`` by the sub-env's ``deviation_sign``"""
+        deviations = np.abs(x_velocity - np.array([env.get_task() for env in envs]))
+        return np.where(self.deviation_signs[indices] < 0, -deviations, deviations)
+
     def _with_kept_terms(self, task_terms: np.ndarray, terms: dict[str, Any]) -> np.ndarray:
         """:return: the mixin's ``reward_task + sum(float(info[term]) for term in kept_terms)``, in its order"""
         kept = np.zeros(len(task_terms))
@@ -399,8 +410,6 @@ class BatchedLocomotion(_BatchedMujoco):
             self.task_term = "direction"
         elif issubclass(kind, TargetVelocity):
             self.task_term = "velocity"
-            #: each sub-env's sign of its deviation term (``TargetVelocity``'s ``deviation_sign``)
-            self.deviation_signs = np.array([env.deviation_sign for env in self.envs])
         if self.upright:  # the healthy ranges, alive bonus and termination switch: constants of each sub-env
             self.healthy_ranges = np.array([(*each.healthy_z_range, *each.healthy_angle_range) for each in self.settings])
             self.healthy_rewards = np.array([each.healthy_reward for each in self.settings])
@@ -467,8 +476,7 @@ class BatchedLocomotion(_BatchedMujoco):
         if self.task_term == "direction":
             task_terms = np.array([env.get_task() for env in envs]) * x_velocity
         elif self.task_term == "velocity":
-            deviations = np.abs(x_velocity - np.array([env.get_task() for env in envs]))
-            task_terms = np.where(self.deviation_signs[indices] < 0, -deviations, deviations)
+            task_terms = self._velocity_terms(envs, indices, x_velocity)
         if task_terms is not None:
             rewards = self._with_kept_terms(task_terms, terms)
         else:  # the base env's reward: forward + alive - control cost
@@ -594,7 +602,7 @@ class BatchedAnt(_BatchedMujoco):
             "reward_survive": healthy * self.healthy_rewards[indices],
         }
         terminated = ~healthy & self.terminate_when_unhealthy[indices]
-        task_terms = self._task_terms(envs, qpos, x_velocity, y_velocity)
+        task_terms = self._task_terms(envs, indices, qpos, x_velocity, y_velocity)
         rewards = self._with_kept_terms(task_terms, terms)
         observations = self._observations(rows, qpos, qvel, contact_forces)
 
@@ -645,13 +653,14 @@ class BatchedAnt(_BatchedMujoco):
             observations.append(np.concatenate(parts))
         return np.stack(observations)
 
-    def _task_terms(self, envs: list[Any], qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray) -> np.ndarray:
+    def _task_terms(
+        self, envs: list[Any], indices: np.ndarray, qpos: np.ndarray, x_velocity: np.ndarray, y_velocity: np.ndarray
+    ) -> np.ndarray:
         """:return: each family's ``_task_reward``, in its float64 arithmetic"""
         if self.kind is AntDirEnv:
             return np.array([env.get_task() for env in envs]) * x_velocity
         if self.kind is AntVelEnv:
-            deviations = np.abs(x_velocity - np.array([env.get_task() for env in envs]))
-            return np.where(np.array([env.deviation_sign for env in envs]) < 0, -deviations, deviations)
+            return self._velocity_terms(envs, indices, x_velocity)
         # (the transcendental functions per row, as scalars: numpy's vectorised loops may round differently)
         tasks = [env.get_task() for env in envs]
         if self.kind is AntDir2DEnv:
