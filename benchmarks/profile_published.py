@@ -59,14 +59,7 @@ def cumulative(stats: pstats.Stats, suffix: str, function: str) -> tuple[float, 
 
 
 def make_setting(mode: str, optimizer: str, seed: int, threads: int):
-    run = suite_runs("sgmrl-dir", [mode], [seed])[0]
-    if optimizer != run.meta_optimizer:
-        run.meta_optimizer = optimizer
-        run.kwargs.pop("learning_rate", None)
-        if optimizer == "trpo":
-            from reproduce_published import TRPO_KWARGS
-
-            run.kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
+    (run,) = suite_runs("sgmrl-dir", [mode], [seed], meta_optimizer=optimizer)
     return run, make_model(run, "vec_env", None, physics_threads=threads)
 
 

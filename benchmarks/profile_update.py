@@ -71,12 +71,9 @@ def make_model(seed: int) -> MetaPolicyGradient:
 
 def make_published_model(seed: int) -> MetaPolicyGradient:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from reproduce_published import TRPO_KWARGS, make_model, suite_runs
+    from reproduce_published import make_model, suite_runs
 
-    (run,) = suite_runs("sgmrl-dir", ["maml"], [seed])
-    run.meta_optimizer = "trpo"
-    run.kwargs.pop("learning_rate", None)
-    run.kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
+    (run,) = suite_runs("sgmrl-dir", ["maml"], [seed], meta_optimizer="trpo")
     return make_model(run, "vec_env", None, physics_threads=1)
 
 
