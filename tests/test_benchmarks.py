@@ -414,3 +414,20 @@ def test_the_published_profile_attributes_each_function_s_cumulative_time_and_ta
                profiled_s=4.0, phases_s=phases)  # fmt: skip
     text = module["table"]([row])
     assert "| **iteration, unprofiled (s, median)** | **11.00** |" in text and "1.00 (25 %)" in text
+
+
+def test_overlap_evaluation_times_the_three_variants_and_writes_its_table(tmp_path):
+    hyperparams = json.dumps({"meta_batch_size": 2, "inner_episodes": 2, "outer_episodes": 2})
+    argv = ["--iterations", "2", "--rounds", "1", "--hyperparams", hyperparams, "--out", str(tmp_path)]
+    threads = th.get_num_threads()
+    try:
+        row = _load("benchmarks/overlap_evaluation.py")["main"](argv)
+    finally:
+        th.set_num_threads(threads)  # (the benchmark sets torch's threads for the process)
+    for variant in ["none", "foreground", "background"]:
+        (between_starts,) = row["seconds_per_iteration"][variant]
+        assert row["median"][variant] == between_starts > 0.0
+    assert row["foreground_overhead"] == pytest.approx(row["median"]["foreground"] / row["median"]["none"] - 1.0)
+    table = (tmp_path / "overlap_evaluation.md").read_text().splitlines()
+    assert table[-1].startswith("| sb3_metarl/Navigation2D-v0 | 2 x 1 | 1 |")
+    assert json.loads((tmp_path / "overlap_evaluation.jsonl").read_text())["rounds"] == 1

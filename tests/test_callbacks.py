@@ -45,6 +45,71 @@ def test_meta_eval_callback_on_a_separate_eval_env_uses_its_tasks():
     assert callback.evaluations_results[0][0] < -1.0
 
 
+def _train_with_evaluation(tmp_path, name, env, in_background, **shape):
+    """Four meta-iterations with an evaluation every two (or none): the callback, the parameters, the logged rows."""
+    model = MetaPolicyGradient("MlpPolicy", env, seed=0, **{**SHAPE, **shape})
+    model.set_logger(configure(str(tmp_path / name), ["csv"]))
+    callback = None
+    if in_background is not None:
+        callback = MetaEvalCallback(
+            eval_env=env, n_tasks=3, inner_steps=1, eval_freq=2, seed=4, best_model_save_path=str(tmp_path / name),
+            in_background=in_background,
+        )  # fmt: skip
+    model.learn(4 * model.max_steps_per_iteration, callback=callback)
+    with open(tmp_path / name / "progress.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("eval/mean_reward")]
+    return callback, model.policy.state_dict(), logged
+
+
+@pytest.mark.parametrize(
+    "env, shape",
+    [("sb3_metarl/Navigation2D-v0", {}), ("sb3_metarl/HalfCheetahVel-v0", dict(max_episode_steps=20))],
+    ids=["navigation", "halfcheetah_twin"],
+)
+def test_an_evaluation_in_the_background_gives_the_foreground_s_numbers_and_leaves_training_as_it_was(tmp_path, env, shape):
+    foreground, foreground_params, foreground_rows = _train_with_evaluation(tmp_path, "fg", env, False, **shape)
+    background, background_params, background_rows = _train_with_evaluation(tmp_path, "bg", env, True, **shape)
+    _, unevaluated_params, _ = _train_with_evaluation(tmp_path, "none", env, None, **shape)
+    # training is the same bits with either evaluation or none
+    for name, value in unevaluated_params.items():
+        assert th.equal(foreground_params[name], value) and th.equal(background_params[name], value), name
+    # the same meta-updates measured, to the same bits, and the same rows logged (the background's later or at the end)
+    assert background.evaluations_updates == foreground.evaluations_updates == [2, 4]
+    for ours, theirs in zip(background.evaluations_results, foreground.evaluations_results):
+        np.testing.assert_array_equal(ours, theirs)
+    assert len(background_rows) == len(foreground_rows) == 2
+    for ours, theirs in zip(background_rows, foreground_rows):
+        for key in ["eval/n_updates", "eval/return_after_0_steps", "eval/return_after_1_steps", "eval/mean_reward"]:
+            assert ours[key] == theirs[key], key
+    # best_model.zip is the model that was measured, not the one training had when the result came in
+    best = {}
+    for name in ["fg", "bg"]:
+        best[name] = MetaPolicyGradient.load(tmp_path / name / "best_model.zip", env=env, **shape)
+    assert best["bg"].n_updates == best["fg"].n_updates in foreground.evaluations_updates
+    for name, value in best["fg"].policy.state_dict().items():
+        assert th.equal(best["bg"].policy.state_dict()[name], value), name
+
+
+def test_an_error_of_a_background_evaluation_is_raised_by_learn(tmp_path):
+    class BrokenAtReset(gym.Wrapper):
+        def reset(self, **kwargs):
+            raise RuntimeError("the evaluation env is broken")
+
+    model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
+    callback = MetaEvalCallback(
+        eval_env=lambda: BrokenAtReset(gym.make("sb3_metarl/Navigation2D-v0")), n_tasks=2, in_background=True
+    )
+    with pytest.raises(RuntimeError, match="the evaluation env is broken"):
+        model.learn(2 * model.max_steps_per_iteration, callback=callback)
+    assert model.n_updates >= 1  # training went on while the evaluation ran; the model is usable after the error
+    model.save(tmp_path / "after_error")
+
+
+def test_an_evaluation_in_the_background_needs_an_env_of_its_own():
+    with pytest.raises(ValueError, match="eval_env: in_background=True"):
+        MetaEvalCallback(in_background=True)
+
+
 def test_plain_eval_callback_is_rejected_with_a_pointer():
     model = MetaPolicyGradient("MlpPolicy", "sb3_metarl/Navigation2D-v0", seed=0, **SHAPE)
     with pytest.raises(ValueError, match="MetaEvalCallback"):

@@ -4,7 +4,9 @@ counts real transitions. SB3's own callbacks work too: their ``on_step`` is call
 step's and the outer one's: ``inner_steps + 1`` per meta-iteration), on every sampler backend.
 """
 
+import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -18,7 +20,10 @@ from stable_baselines3.common.callbacks import (
     ProgressBarCallback,
 )
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
+from stable_baselines3.common.vec_env import VecEnv
 from tqdm.rich import tqdm
+
+from sb3_metarl.common.files import replaced_atomically
 
 
 class MetaProgressBarCallback(ProgressBarCallback):
@@ -113,8 +118,9 @@ class MetaEvalCallback(BetweenIterations):
     after 1..``inner_steps`` inner steps (``MetaPolicyGradient.evaluate_adaptation``, which leaves
     training's random streams untouched). Every ``eval_freq`` meta-updates it logs
     ``eval/return_after_{k}_steps`` for k = 0..K (and ``eval/success_rate_after_{k}_steps`` when the env
-    reports success), ``eval/mean_reward`` (the return after K steps, SB3's key), and saves
-    ``best_model.zip`` whenever that post-adaptation return is the best so far.
+    reports success), ``eval/mean_reward`` (the return after K steps, SB3's key) and ``eval/n_updates`` (the
+    meta-updates of the model measured), and saves ``best_model.zip`` whenever that post-adaptation return is the
+    best so far.
 
     :param eval_env: the env to evaluate on (an id, an instance, a factory or a VecEnv of task-aware envs);
         None: the model's own env and task sampler
@@ -124,6 +130,13 @@ class MetaEvalCallback(BetweenIterations):
     :param best_model_save_path: folder for ``best_model.zip`` (None: not saved)
     :param seed: seed of the held-out tasks, the evaluation envs and the action noise
     :param verbose: 1 prints each evaluation
+    :param in_background: evaluate in a worker process while training goes on, so that the evaluation's episodes do
+        not hold the sampler (``model.evaluation_worker``): a copy of the model as it was when the evaluation was due
+        (``save``'s bytes) on sub-envs of ``eval_env`` of the worker's own (``eval_env`` is required: the model's
+        sub-envs are training's; not a VecEnv). The numbers are the foreground's (tested); they are logged at the
+        first iteration boundary after the evaluation ends and at the end of ``learn``, which waits for it;
+        ``best_model.zip`` is that copy. One evaluation at a time: a due one first waits for the last. The worker
+        starts in a few seconds (a process importing torch) and lives until ``learn`` returns.
     """
 
     def __init__(
@@ -135,15 +148,22 @@ class MetaEvalCallback(BetweenIterations):
         best_model_save_path: str | None = None,
         seed: int = 0,
         verbose: int = 0,
+        in_background: bool = False,
     ):
         super().__init__(verbose)
         for name, value, low in [("n_tasks", n_tasks, 1), ("inner_steps", inner_steps, 0), ("eval_freq", eval_freq, 1)]:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}.")
+        if in_background and (eval_env is None or isinstance(eval_env, VecEnv)):
+            raise ValueError(
+                "eval_env: in_background=True evaluates in a worker process on sub-envs of its own, made from eval_env "
+                f"(an id, a factory or an env instance), got {type(eval_env).__name__}; e.g. the id you train on."
+            )
         self.eval_env = eval_env
         self.n_tasks, self.inner_steps, self.eval_freq = int(n_tasks), int(inner_steps), int(eval_freq)
         self.best_model_save_path = best_model_save_path
         self.seed = seed
+        self.in_background = bool(in_background)
         self.best_mean_reward = -np.inf
         self.last_mean_reward = -np.inf
         #: the model's number of meta-updates at each evaluation
@@ -152,23 +172,66 @@ class MetaEvalCallback(BetweenIterations):
         self.evaluations_results: list[np.ndarray] = []
         self.last_table: dict[str, Any] | None = None
         self.every = self.eval_freq
+        # in the background: the worker (one per learn) and the evaluation in flight (the meta-updates of the model it
+        # measures, that model's saved bytes)
+        self._worker: Any = None
+        self._in_flight: tuple[int, bytes] | None = None
+
+    def _on_rollout_start(self) -> None:
+        self._collect(wait=False)
+        super()._on_rollout_start()
 
     def _on_training_end(self) -> None:
-        if self._act_if_due():
+        acted = self._act_if_due()
+        collected = self._collect(wait=True)
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if acted or collected:
             self.logger.dump(self.num_timesteps)
 
     def _act(self) -> None:
-        self.evaluate()
+        if not self.in_background:
+            self.evaluate()
+            return
+        if self._collect(wait=True):
+            self.logger.dump(self.num_timesteps)  # its row, before the next evaluation's values replace it
+        buffer = io.BytesIO()
+        self.model.save(buffer)
+        if self._worker is None:
+            self._worker = self.model.evaluation_worker(self.eval_env)
+        self._worker.submit(buffer.getvalue(), n_tasks=self.n_tasks, inner_steps=self.inner_steps, seed=self.seed)
+        self._in_flight = (self.model.n_updates, buffer.getvalue())
+
+    def _collect(self, wait: bool) -> bool:
+        """Record the background evaluation's table if it is there (``wait``: wait for it); :return: whether it was."""
+        if self._in_flight is None or not (wait or self._worker.done()):
+            return False
+        updates, snapshot = self._in_flight
+        self._in_flight = None
+        table = self._worker.result()  # (an error of the evaluation is raised here, with the worker's traceback)
+
+        def save_snapshot(path: str) -> None:
+            with replaced_atomically(path) as temporary:
+                temporary.write_bytes(snapshot)
+
+        self._record(table, updates, save_snapshot)
+        return True
 
     def evaluate(self) -> dict[str, Any]:
         """
-        Evaluate now, log, and save the best model.
+        Evaluate now, in the foreground whatever ``in_background``, log, and save the best model.
 
         :return: ``evaluate_adaptation``'s table
         """
         table = self.model.evaluate_adaptation(
             n_tasks=self.n_tasks, inner_steps=self.inner_steps, seed=self.seed, env=self.eval_env
         )
+        self._record(table, self.model.n_updates, self.model.save)
+        return table
+
+    def _record(self, table: dict[str, Any], updates: int, save: Callable[[str], None]) -> None:
+        """Log ``table``, the evaluation after ``updates`` meta-updates, and ``save(path)`` the model measured if best."""
         self.last_table = table
         for steps, mean in zip(table["inner_steps"], table["mean"]):
             self.logger.record(f"eval/return_after_{steps}_steps", float(mean))
@@ -177,19 +240,19 @@ class MetaEvalCallback(BetweenIterations):
                 self.logger.record(f"eval/success_rate_after_{steps}_steps", float(rate))
         self.last_mean_reward = float(table["mean"][-1])
         self.logger.record("eval/mean_reward", self.last_mean_reward)
-        self.evaluations_updates.append(self.model.n_updates)
+        self.logger.record("eval/n_updates", updates)
+        self.evaluations_updates.append(updates)
         self.evaluations_results.append(np.asarray(table["mean"]))
         if self.verbose >= 1:
             steps = ", ".join(f"{k}: {m:.2f}" for k, m in zip(table["inner_steps"], table["mean"]))
-            print(f"Eval after {self.model.n_updates} meta-updates, return after k inner steps: {steps}")
+            print(f"Eval after {updates} meta-updates, return after k inner steps: {steps}")
         if self.last_mean_reward > self.best_mean_reward:
             self.best_mean_reward = self.last_mean_reward
             if self.best_model_save_path is not None:
                 os.makedirs(self.best_model_save_path, exist_ok=True)
-                self.model.save(os.path.join(self.best_model_save_path, "best_model"))
+                save(os.path.join(self.best_model_save_path, "best_model.zip"))
             if self.verbose >= 1:
                 print("New best post-adaptation return")
-        return table
 
 
 def reject_unadapted_evaluation(callback: MaybeCallback) -> None:
@@ -210,5 +273,3 @@ def reject_unadapted_evaluation(callback: MaybeCallback) -> None:
         )
     elif isinstance(callback, EventCallback) and callback.callback is not None:
         reject_unadapted_evaluation(callback.callback)
-
-

@@ -95,7 +95,8 @@ def evaluation_env(
     """:return: the episode sampler and task distribution to evaluate ``model`` on: its own, or ``env``'s"""
     if env is None:
         return model.episode_sampler, model.task_sampler
-    venv = model.make_sub_envs(env, model.meta_batch_size, sampler="vec_env")
+    # as many sub-envs as training steps (each task's episodes in one wave, acted on in one policy call per step)
+    venv = model.make_sub_envs(env, model.n_envs, sampler="vec_env")
     # one task per group of sub-envs: as many groups as the meta-batch, or fewer if the sub-envs do not divide
     groups = math.gcd(venv.num_envs, model.meta_batch_size)
     sampler = VecEnvSampler(venv, groups, model.max_episode_steps)

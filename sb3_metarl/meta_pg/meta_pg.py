@@ -27,6 +27,7 @@ from sb3_metarl.meta_pg.arguments import (
     check_model_choices,
     policy_kwargs_for,
 )
+from sb3_metarl.meta_pg.evaluation_worker import EvaluationWorker
 from sb3_metarl.meta_pg.meta_algorithm import MetaAlgorithm
 from sb3_metarl.meta_pg.policies import CnnPolicy, MlpPolicy
 from sb3_metarl.meta_pg.reuse import REUSE_TASKS_PER_META_BATCH, InnerSampleReuse
@@ -35,7 +36,6 @@ from sb3_metarl.samplers import EpisodeSampler, StepCallback
 from sb3_metarl.tasks import TaskSampler
 
 SelfMetaPolicyGradient = TypeVar("SelfMetaPolicyGradient", bound="MetaPolicyGradient")
-
 
 
 class MetaPolicyGradient(MetaAlgorithm):
@@ -438,3 +438,13 @@ class MetaPolicyGradient(MetaAlgorithm):
             (n_tasks, K + 1), and ``success_rate`` (K + 1) when the env reports ``info["success"]``
         """
         return evaluation.evaluate_adaptation(self, n_tasks, inner_steps, seed, tasks, env)
+
+    def evaluation_worker(self, env: GymEnv | str | Callable[[], gym.Env], timeout: float | None = None) -> EvaluationWorker:
+        """
+        A worker process that evaluates copies of this model (``save``'s bytes) on sub-envs of ``env`` of its own while
+        training goes on, with ``evaluate_adaptation``'s numbers (``MetaEvalCallback(in_background=True)`` uses it).
+
+        :param env: the env to evaluate on (an id, a factory or an instance)
+        :param timeout: seconds an evaluation may take before the worker is taken for frozen (None: no limit)
+        """
+        return EvaluationWorker(type(self), env, self.device, timeout)
