@@ -5,11 +5,12 @@ For each env class of ML10 (its 10 train and 5 test classes), one env of Meta-Wo
 random actions for ``--steps`` steps (resets at its 500-step episode end) and timed, with its physics
 (``do_simulation``: ``mj_step`` x frame_skip and the controls) timed apart: env steps/s and the share of a step that is
 the physics, the rest being the reward and observation code and Python. Then, in the same run, the library's sampler
-(``MetaPolicyGradient.sample_episodes``: the policy acting per task group, the per-env path) samples one episode of
-each of ``--tasks`` training tasks, against Meta-World's own stepping of the same number of env steps with random
-actions: the ratio is what a batched Sawyer twin would have to beat.
+(``MetaPolicyGradient.sample_episodes``: the policy acting per task group, the per-env path) samples ``--episodes``
+episodes of each of ``--tasks`` training tasks, in this process and (``--samplers ... subproc``) in 2 worker processes,
+against Meta-World's own stepping of the same number of env steps in one process with random actions: the ratio is
+what a batched Sawyer twin would have to beat.
 
-    python benchmarks/metaworld_sampling.py --benchmark ML10 --steps 1000 --tasks 10 --out docs/results
+    python benchmarks/metaworld_sampling.py --benchmark ML10 --steps 1000 --tasks 10 --episodes 2 --samplers vec_env subproc
 
 Torch runs on one thread (``torch.set_num_threads(1)``), as the published-budget runs.
 """
@@ -69,34 +70,60 @@ def per_class_rows(benchmark_name: str, steps: int, seed: int) -> list[dict[str,
     return rows
 
 
-def sampler_against_meta_world(benchmark_name: str, n_tasks: int, seed: int) -> dict[str, Any]:
-    """:return: the library's sampling of one episode per task against Meta-World's own stepping of as many steps"""
-    model = MetaPolicyGradient(
-        "MlpPolicy", f"sb3_metarl/MetaWorld{benchmark_name}-v0", meta_batch_size=n_tasks, inner_episodes=1,
-        outer_episodes=1, n_envs=n_tasks, inner_lr=1e-3, seed=seed,
-    )  # fmt: skip
+def sampler_against_meta_world(
+    benchmark_name: str, n_tasks: int, seed: int, episodes: int = 1, samplers: tuple[str, ...] = ("vec_env",)
+) -> dict[str, Any]:
+    """
+    :return: the library's sampling of ``episodes`` episodes per task (one sub-env each) with each of ``samplers``
+        (``"subproc"`` on 2 workers) against Meta-World's own stepping of as many steps in one process (the in-process
+        model's sub-envs, stepped bare one after another)
+    """
+
+    def make(sampler: str) -> MetaPolicyGradient:
+        workers = {} if sampler == "vec_env" else dict(sampler_kwargs=dict(num_workers=2))
+        return MetaPolicyGradient(
+            "MlpPolicy", f"sb3_metarl/MetaWorld{benchmark_name}-v0", meta_batch_size=n_tasks, inner_episodes=episodes,
+            outer_episodes=episodes, n_envs=n_tasks * episodes, inner_lr=1e-3, seed=seed, sampler=sampler, **workers,
+        )  # fmt: skip
+
+    model = make("vec_env")
     tasks = model.sample_tasks(n_tasks, np.random.default_rng(seed))
-    model.sample_episodes(tasks, None, 1)  # (warm-up: the first reset of every sub-env)
-    start = time.perf_counter()
-    batch = model.sample_episodes(tasks, None, 1)
-    sampled_seconds = time.perf_counter() - start
-    env_steps = int(batch.masks.sum().item())
-    envs = [model.get_env().envs[index].unwrapped for index in range(n_tasks)]  # the same sub-envs, stepped bare
+    rates: dict[str, float] = {}
+    env_steps = 0
+    for sampler in samplers:
+        sampling = model if sampler == "vec_env" else make(sampler)
+        sampling.sample_episodes(tasks, None, episodes)  # (warm-up: the first reset of every sub-env)
+        start = time.perf_counter()
+        batch = sampling.sample_episodes(tasks, None, episodes)
+        seconds = time.perf_counter() - start
+        env_steps = int(batch.masks.sum().item())
+        rates[sampler] = env_steps / seconds
+        if sampling is not model:
+            sampling.episode_sampler.close()
+            sampling.get_env().close()
+    n_envs = n_tasks * episodes
+    envs = [model.get_env().envs[index].unwrapped for index in range(n_envs)]  # the same sub-envs, stepped bare
     rng = np.random.default_rng(seed)
-    per_env = env_steps // n_tasks
+    per_env = env_steps // n_envs
     start = time.perf_counter()
     for env in envs:
         env.reset(seed=seed)
         actions = rng.uniform(-1, 1, size=(per_env, *env.action_space.shape)).astype(env.action_space.dtype)
         for t in range(per_env):
             env.step(actions[t])
-    bare_seconds = time.perf_counter() - start
+    bare_rate = per_env * n_envs / (time.perf_counter() - start)
     model.get_env().close()
+    first = samplers[0]
     return {
         "env_steps": env_steps,
-        "sampler_steps_per_second": round(env_steps / sampled_seconds),
-        "meta_world_steps_per_second": round(per_env * n_tasks / bare_seconds),
-        "ratio": round((env_steps / sampled_seconds) / (per_env * n_tasks / bare_seconds), 3),
+        "episodes_per_task": episodes,
+        "sampler": first,
+        "sampler_steps_per_second": round(rates[first]),
+        "meta_world_steps_per_second": round(bare_rate),
+        "ratio": round(rates[first] / bare_rate, 3),
+        "samplers": {
+            name: {"steps_per_second": round(rate), "ratio": round(rate / bare_rate, 3)} for name, rate in rates.items()
+        },
     }
 
 
@@ -110,7 +137,8 @@ def write(rows: list[dict[str, Any]], sampler: dict[str, Any], arguments: argpar
         "# Meta-World sampling: where the time goes",
         "",
         f"`python benchmarks/metaworld_sampling.py --benchmark {arguments.benchmark} --steps {arguments.steps} "
-        f"--tasks {arguments.tasks} --out {arguments.out}` (one torch thread; load average "
+        f"--tasks {arguments.tasks} --episodes {arguments.episodes} --samplers {' '.join(arguments.samplers)} "
+        f"--out {arguments.out}` (one torch thread; load average "
         f"{record['load_average']:.1f} when it ran: absolute rates are this machine's at that load, the ratio is within "
         "one run).",
         "",
@@ -118,10 +146,17 @@ def write(rows: list[dict[str, Any]], sampler: dict[str, Any], arguments: argpar
         "|---|---|---:|---:|",
         *(f"| {r['split']} | {r['env']} | {r['steps_per_second']} | {r['physics_share']:.2f} |" for r in rows),
         "",
-        f"The library's sampler on {arguments.tasks} training tasks, one episode each ({sampler['env_steps']} env steps, "
-        f"the policy acting per task group): {sampler['sampler_steps_per_second']} env steps/s against "
-        f"{sampler['meta_world_steps_per_second']} for Meta-World's own stepping of the same sub-envs with random "
-        f"actions: **{sampler['ratio']:.2f}x**.",
+        f"The library's sampler on {arguments.tasks} training tasks, {arguments.episodes} episode(s) each (one sub-env "
+        f"per episode, {sampler['env_steps']} env steps, the policy acting per task group) against "
+        f"{sampler['meta_world_steps_per_second']} env steps/s for Meta-World's own stepping of the same sub-envs in one "
+        "process with random actions:",
+        "",
+        "| sampler | env steps/s | against Meta-World's own stepping |",
+        "|---|---:|---:|",
+        *(
+            f"| {name}{' (2 workers)' if name != 'vec_env' else ''} | {rate['steps_per_second']} | **{rate['ratio']:.2f}x** |"
+            for name, rate in sampler["samplers"].items()
+        ),
         "",
     ]
     with open(os.path.join(arguments.out, "metaworld_sampling.md"), "w") as handle:
@@ -132,13 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", default="ML10", choices=["ML10", "ML45"])
     parser.add_argument("--steps", type=int, default=1000, help="env steps per env class")
-    parser.add_argument("--tasks", type=int, default=10, help="training tasks the sampler samples one episode of")
+    parser.add_argument("--tasks", type=int, default=10, help="training tasks the sampler samples episodes of")
+    parser.add_argument("--episodes", type=int, default=1, help="episodes per task (one sub-env each)")
+    parser.add_argument("--samplers", nargs="+", default=["vec_env"], choices=["vec_env", "subproc"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/results")
     arguments = parser.parse_args(argv)
     th.set_num_threads(1)
     rows = per_class_rows(arguments.benchmark, arguments.steps, arguments.seed)
-    sampler = sampler_against_meta_world(arguments.benchmark, arguments.tasks, arguments.seed)
+    sampler = sampler_against_meta_world(
+        arguments.benchmark, arguments.tasks, arguments.seed, arguments.episodes, tuple(arguments.samplers)
+    )
     write(rows, sampler, arguments)
     print(open(os.path.join(arguments.out, "metaworld_sampling.md")).read())
 

@@ -378,7 +378,7 @@ def test_a_published_run_ends_at_its_meta_iterations_where_episodes_end_early(tm
 def test_metaworld_sampling_times_every_ml10_class_and_the_sampler_against_meta_world(tmp_path, restore_threads):
     pytest.importorskip("metaworld")
     module = _load(os.path.join(ROOT, "benchmarks", "metaworld_sampling.py"))
-    module["main"](["--steps", "20", "--tasks", "2", "--out", str(tmp_path)])
+    module["main"](["--steps", "20", "--tasks", "2", "--samplers", "vec_env", "subproc", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "metaworld_sampling.jsonl").read_text().splitlines()[-1])
     assert len(record["per_class"]) == 15  # ML10: 10 train and 5 test env classes
     assert all(0 < row["physics_share"] < 1 and row["steps_per_second"] > 0 for row in record["per_class"])
@@ -386,6 +386,8 @@ def test_metaworld_sampling_times_every_ml10_class_and_the_sampler_against_meta_
     assert sampler["env_steps"] == 2 * 500  # one whole episode per task
     rates = sampler["sampler_steps_per_second"] / sampler["meta_world_steps_per_second"]
     assert sampler["ratio"] == pytest.approx(rates, rel=0.01)
+    assert set(sampler["samplers"]) == {"vec_env", "subproc"} and sampler["samplers"]["vec_env"]["ratio"] == sampler["ratio"]
+    assert "| subproc (2 workers) |" in (tmp_path / "metaworld_sampling.md").read_text()
 
 
 def test_the_published_profile_attributes_each_function_s_cumulative_time_and_tabulates_medians():
@@ -416,14 +418,10 @@ def test_the_published_profile_attributes_each_function_s_cumulative_time_and_ta
     assert "| **iteration, unprofiled (s, median)** | **11.00** |" in text and "1.00 (25 %)" in text
 
 
-def test_overlap_evaluation_times_the_three_variants_and_writes_its_table(tmp_path):
+def test_overlap_evaluation_times_the_three_variants_and_writes_its_table(tmp_path, restore_threads):
     hyperparams = json.dumps({"meta_batch_size": 2, "inner_episodes": 2, "outer_episodes": 2})
     argv = ["--iterations", "2", "--rounds", "1", "--hyperparams", hyperparams, "--out", str(tmp_path)]
-    threads = th.get_num_threads()
-    try:
-        row = _load("benchmarks/overlap_evaluation.py")["main"](argv)
-    finally:
-        th.set_num_threads(threads)  # (the benchmark sets torch's threads for the process)
+    row = _load("benchmarks/overlap_evaluation.py")["main"](argv)
     for variant in ["none", "foreground", "background"]:
         (between_starts,) = row["seconds_per_iteration"][variant]
         assert row["median"][variant] == between_starts > 0.0
