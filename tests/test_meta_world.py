@@ -161,14 +161,20 @@ def test_agent_adapts_like_the_model_and_metaworld_evaluation_runs():
 
 
 @pytest.mark.slow
-def test_metaworld_example_runs(capsys):
+def test_metaworld_example_runs_and_appends_its_record(capsys, tmp_path):
+    import json
     import runpy
 
     main = runpy.run_path("examples/metaworld_ml1.py", run_name="example")["main"]
     args = "--iterations 1 --meta-batch-size 2 --episodes 2 --num-evals 1 --adaptation-episodes 1 --max-episode-steps 20"
-    main(args.split())
+    main([*args.split(), "--out", str(tmp_path / "runs.jsonl")])
     out = capsys.readouterr().out
     assert "| after meta-training |" in out and "| 1 |" in out
+    assert "Meta-World's protocol evaluated 2 of the test split's 50 goals." in out  # one round of 2 sub-envs
+    (record,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert record["env_steps"] == 2 * (2 + 2) * 20 and record["test_pairs_evaluated"] == 2
+    assert (record["benchmark"], record["mode"], record["meta_optimizer"], record["seed"]) == ("ML1", "lvc", "ppo", 0)
+    assert 0.0 <= record["test_success"] <= 1.0 and record["fixes"]["count_per_sub_env"] is True
 
 
 @pytest.mark.parametrize("env_id", ["sb3_metarl/MetaWorldML10-v0", "sb3_metarl/MetaWorldML45-v0"])
