@@ -182,11 +182,13 @@ class MetaEvalCallback(BetweenIterations):
         super()._on_rollout_start()
 
     def _on_training_end(self) -> None:
-        acted = self._act_if_due()
-        collected = self._collect(wait=True)
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        try:
+            acted = self._act_if_due()
+            collected = self._collect(wait=True)
+        finally:  # (also when the evaluation failed: its error is raised after the worker is stopped)
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
         if acted or collected:
             self.logger.dump(self.num_timesteps)
 
@@ -198,10 +200,11 @@ class MetaEvalCallback(BetweenIterations):
             self.logger.dump(self.num_timesteps)  # its row, before the next evaluation's values replace it
         buffer = io.BytesIO()
         self.model.save(buffer)
+        snapshot = buffer.getvalue()
         if self._worker is None:
             self._worker = self.model.evaluation_worker(self.eval_env)
-        self._worker.submit(buffer.getvalue(), n_tasks=self.n_tasks, inner_steps=self.inner_steps, seed=self.seed)
-        self._in_flight = (self.model.n_updates, buffer.getvalue())
+        self._worker.submit(snapshot, n_tasks=self.n_tasks, inner_steps=self.inner_steps, seed=self.seed)
+        self._in_flight = (self.model.n_updates, snapshot)
 
     def _collect(self, wait: bool) -> bool:
         """Record the background evaluation's table if it is there (``wait``: wait for it); :return: whether it was."""
