@@ -41,6 +41,7 @@ import platform
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -351,6 +352,7 @@ def run_sitting(
     num_workers: int | None = None,
     stop_after: int | None = None,
     physics_threads: int = 1,
+    evaluation: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """
     Continue ``run`` from its last checkpoint (or start it) until its budget or ``stop_after`` iterations.
@@ -360,6 +362,8 @@ def run_sitting(
     :param sampler: "vec_env", "subproc" or "ray" (the samples are the same on every backend)
     :param stop_after: stop once this many iterations are done in total (a sitting's end; None: the budget)
     :param physics_threads: threads of the batched physics per sampling process (the samples do not depend on it)
+    :param evaluation: the held-out evaluation, ``evaluation(model)`` -> the fields of its line in ``evals.jsonl``, with
+        ``returns`` after 0..K inner steps among them (default: ``{"returns": evaluate(model)}``)
     :return: the finished run's record, or None if it stopped before its budget
     """
     from stable_baselines3.common.callbacks import BaseCallback
@@ -375,8 +379,8 @@ def run_sitting(
 
     def checkpoint(iteration: int) -> None:
         if iteration % eval_every == 0 or iteration == run.iterations:
-            returns = evaluate(model)
-            evals.append({"iteration": iteration, "env_steps": model.num_timesteps, "returns": returns})
+            fields = evaluation(model) if evaluation is not None else {"returns": evaluate(model)}
+            evals.append({"iteration": iteration, "env_steps": model.num_timesteps, **fields})
             append_jsonl(paths["evals.jsonl"], evals[-1])
         model.save(paths["model.zip"])  # atomic (a temporary file renamed)
         state.update(iterations_done=iteration, wall_seconds=round(wall_at_start + time.time() - sitting_start, 1))

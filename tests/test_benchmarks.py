@@ -429,3 +429,49 @@ def test_overlap_evaluation_times_the_three_variants_and_writes_its_table(tmp_pa
     table = (tmp_path / "overlap_evaluation.md").read_text().splitlines()
     assert table[-1].startswith("| sb3_metarl/Navigation2D-v0 | 2 x 1 | 1 |")
     assert json.loads((tmp_path / "overlap_evaluation.jsonl").read_text())["rounds"] == 1
+
+
+def test_metaworld_suites_hold_metaworld_algorithms_maml_trpo_setting():
+    module = _load("benchmarks/reproduce_metaworld.py")
+    (ml10,) = module["suite_runs"]("ml10", ["maml"], [0])
+    kwargs = ml10.kwargs
+    assert (ml10.env_id, ml10.meta_optimizer, ml10.iterations) == ("sb3_metarl/MetaWorldML10-v0", "trpo", 100)
+    assert ml10.iterations * ml10.steps_per_iteration == 20_000_000  # maml_trpo_ml10.py: 2M x 10 tasks
+    assert (kwargs["meta_batch_size"], kwargs["inner_episodes"], kwargs["outer_episodes"]) == (20, 10, 10)
+    assert (kwargs["gamma"], kwargs["gae_lambda"], kwargs["inner_lr"] * 500) == (0.99, 1.0, pytest.approx(0.1))
+    assert kwargs["policy_kwargs"] == dict(net_arch=[512, 512]) and kwargs["meta_optimizer_kwargs"]["max_kl"] == 0.01
+    (ml45,) = module["suite_runs"]("ml45", ["maml"], [0])
+    assert ml45.iterations * ml45.steps_per_iteration == 90_000_000
+    (promp,) = module["suite_runs"]("ml1-push", ["lvc"], [1], meta_optimizer="ppo")
+    assert promp.name == "ml1-push_lvc_ppo_s1" and promp.kwargs["env_kwargs"]["env_name"] == "push-v3"
+    assert "meta_optimizer_kwargs" not in promp.kwargs and promp.kwargs["learning_rate"] == 1e-3
+
+
+@pytest.mark.slow
+def test_a_metaworld_run_evaluates_success_on_test_and_training_tasks_resumes_and_records(tmp_path, restore_threads):
+    pytest.importorskip("metaworld")
+    module = _load("benchmarks/reproduce_metaworld.py")
+    module["success_evaluation"].__globals__["EVAL_TASKS"] = 2
+    (run,) = module["suite_runs"]("ml1-reach", ["maml"], [0])
+    small = dict(meta_batch_size=2, inner_episodes=2, outer_episodes=2, n_envs=4, max_episode_steps=20,
+                 policy_kwargs=dict(net_arch=[8]))  # fmt: skip
+    run = module["PublishedRun"](run.suite, run.env_id, "maml", "trpo", 0, 3, {**run.kwargs, **small})
+    run_sitting, evaluation = module["run_sitting"], module["success_evaluation"](run)
+    assert run_sitting(run, str(tmp_path), 1, 1, stop_after=2, evaluation=evaluation) is None  # a sitting ends at 2
+    finished = run_sitting(run, str(tmp_path), 1, 1, evaluation=evaluation)
+    straight = run_sitting(run, str(tmp_path / "straight"), 1, 1, evaluation=evaluation)
+    evals = module["read_jsonl"](f"{tmp_path}/runs/{run.name}/evals.jsonl")
+    assert [row["iteration"] for row in evals] == [1, 2, 3]
+    assert evals == module["read_jsonl"](f"{tmp_path}/straight/runs/{run.name}/evals.jsonl")  # resumed: the same
+    assert finished["returns"] == straight["returns"] and len(evals[-1]["success_rates"]) == 2  # 0 and 1 inner step
+    record = module["metaworld_record"](run, finished, evals, None)
+    assert (record["benchmark"], record["env_name"], record["env_steps"]) == ("ML1", "reach-v3", 3 * 2 * 4 * 20)
+    assert record["test_success"] == evals[-1]["success_rates"][1] and not record["test_success_protocol"]
+    assert record["best_test_success"] == max(row["success_rates"][1] for row in evals)
+    assert record["train_success"] == evals[-1]["train_success_rates"][1]
+    final = module["final_evaluation"](run, str(tmp_path))  # Meta-World's protocol: every test goal once
+    assert final["pairs_evaluated"] == final["pairs_total"] == 50
+    with_protocol = module["metaworld_record"](run, finished, evals, final)
+    assert with_protocol["test_success"] == final["success_rate"] and with_protocol["test_success_protocol"]
+    table = module["summarize"](str(tmp_path), [run])
+    assert f"| {run.name} | 3 of 3 | 480 |" in table and table.endswith(f"| {final['success_rate']:.3f} |")
