@@ -35,6 +35,7 @@ from reproduce_published import (
     PublishedRun,
     append_jsonl,
     read_jsonl,
+    read_run,
     run_sitting,
     sampler_kwargs_for,
     write_atomically,
@@ -166,13 +167,11 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
-        folder = os.path.join(out, "runs", run.name)
-        if not os.path.exists(os.path.join(folder, "run.json")):
+        files = read_run(out, run)
+        if files is None:
             continue
-        state = json.load(open(os.path.join(folder, "run.json")))
-        curve, evals = read_jsonl(os.path.join(folder, "curve.jsonl")), read_jsonl(os.path.join(folder, "evals.jsonl"))
-        final_path = os.path.join(folder, "final_eval.json")
-        protocol = f"{json.load(open(final_path))['success_rate']:.3f}" if os.path.exists(final_path) else "—"
+        state, curve, evals, final = files
+        protocol = f"{final['success_rate']:.3f}" if final else "—"
         last = evals[-1] if evals else None
         test = (
             f"{last['success_rates'][EVAL_STEPS]:.3f} / {max(e['success_rates'][EVAL_STEPS] for e in evals):.3f}"

@@ -488,14 +488,11 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for run in runs:
-        folder = os.path.join(out, "runs", run.name)
-        if not os.path.exists(os.path.join(folder, "run.json")):
+        files = read_run(out, run)
+        if files is None:
             continue
-        state = json.load(open(os.path.join(folder, "run.json")))
-        done = state["iterations_done"]
-        curve = [row for row in read_jsonl(os.path.join(folder, "curve.jsonl")) if row["iteration"] <= done]
-        evals = [row for row in read_jsonl(os.path.join(folder, "evals.jsonl")) if row["iteration"] <= done]
-        row = record(run, state, curve, evals, read_final_evaluation(folder))
+        state = files[0]
+        row = record(run, *files)
         last = " / ".join(f"{x:.1f}" for x in row["returns"]) if row["returns"] else "—"
         best = f"{row['best_returns'][row['inner_steps']]:.1f} ({row['best_iteration']})" if row["best_returns"] else "—"
         paper = format_paper(row["paper"], run.gradient_mode)
@@ -524,6 +521,21 @@ def read_final_evaluation(folder: str) -> dict[str, Any] | None:
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def read_run(out: str, run: PublishedRun) -> tuple[dict[str, Any], list[dict], list[dict], dict[str, Any] | None] | None:
+    """
+    :return: a run's ``run.json``, its curve and evaluations up to its last checkpoint (what a stop cut after it is not
+        the run's) and its final evaluation (or None); None if the run has no checkpoint in ``out``
+    """
+    folder = os.path.join(out, "runs", run.name)
+    if not os.path.exists(os.path.join(folder, "run.json")):
+        return None
+    state = json.load(open(os.path.join(folder, "run.json")))
+    done = state["iterations_done"]
+    curve = [row for row in read_jsonl(os.path.join(folder, "curve.jsonl")) if row["iteration"] <= done]
+    evals = [row for row in read_jsonl(os.path.join(folder, "evals.jsonl")) if row["iteration"] <= done]
+    return state, curve, evals, read_final_evaluation(folder)
+
+
 def aggregate(out: str, runs: list[PublishedRun]) -> str:
     """
     :return: the Markdown table per configuration (suite, mode, optimizer, inner steps) over its finished seeds: the
@@ -533,16 +545,11 @@ def aggregate(out: str, runs: list[PublishedRun]) -> str:
     """
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        folder = os.path.join(out, "runs", run.name)
-        if not os.path.exists(os.path.join(folder, "run.json")):
+        files = read_run(out, run)
+        if files is None or files[0]["iterations_done"] < run.iterations:
             continue
-        state = json.load(open(os.path.join(folder, "run.json")))
-        if state["iterations_done"] < run.iterations:
-            continue
-        evals = read_jsonl(os.path.join(folder, "evals.jsonl"))
-        curve = read_jsonl(os.path.join(folder, "curve.jsonl"))
         key = (run.suite, run.gradient_mode, run.meta_optimizer, run.kwargs["inner_steps"])
-        groups.setdefault(key, []).append(record(run, state, curve, evals, read_final_evaluation(folder)))
+        groups.setdefault(key, []).append(record(run, *files))
     lines = [
         "| suite | mode | optimizer | inner steps | seeds | last: mean ± std | best evaluation: mean ± std "
         "| final evaluation (± standard error) | paper |",
