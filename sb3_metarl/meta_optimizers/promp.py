@@ -24,7 +24,8 @@ class ProMP(MetaOptimizer):
     log-likelihoods (so later epochs are importance-weighted correctly), and the inner-KL term (on
     each inner batch's observations) keeps the pre-update policies close to those that sampled.
     With ``adaptive_inner_kl`` each coef_k is halved when its KL falls below ``target_inner_kl / 1.5``
-    and doubled above ``target_inner_kl * 1.5``, as in ProMP.
+    and doubled above ``target_inner_kl * 1.5``, as ProMP's class does by default (its MuJoCo run script keeps the
+    weight fixed at 5e-4: ``adaptive_inner_kl=False``).
 
     :param n_epochs: optimizer steps per meta-iteration
     :param clip_range: the ratio clipping epsilon
