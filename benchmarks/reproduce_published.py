@@ -536,6 +536,21 @@ def read_run(out: str, run: PublishedRun) -> tuple[dict[str, Any], list[dict], l
     return state, curve, evals, read_final_evaluation(folder)
 
 
+def refresh_records(path: str, out: str, runs: list[PublishedRun]) -> None:
+    """
+    Rewrite each line of the finished runs' file ``path`` from its run's files in ``out`` (a record is written when its
+    run finishes; a final evaluation run later adds its fields), keeping a line whose run is not in ``runs`` as it is.
+    """
+    by_name = {run.name: run for run in runs}
+    rows = read_jsonl(path)
+    refreshed = []
+    for row in rows:
+        files = read_run(out, by_name[row["name"]]) if row["name"] in by_name else None
+        refreshed.append(record(by_name[row["name"]], *files) if files is not None else row)
+    if refreshed != rows:
+        write_jsonl(path, refreshed)
+
+
 def aggregate(out: str, runs: list[PublishedRun]) -> str:
     """
     :return: the Markdown table per configuration (suite, mode, optimizer, inner steps) over its finished seeds: the
@@ -709,6 +724,7 @@ def main(argv: list[str] | None = None) -> None:
         # (another optimizer than the suite's: only the runs that exist, item 5's candidates)
         if optimizer == SUITES[suite][1] or os.path.exists(os.path.join(args.out, "runs", run.name))
     ]
+    refresh_records(finished_path, args.out, every)
     table = summarize(args.out, every) + "\n\nPer configuration, over its finished seeds:\n\n" + aggregate(args.out, every)
     write_atomically(os.path.join(args.out, "reproduce_published_table.md"), table + "\n")
     update_page(os.path.join(args.out, "reproduce_published.md"), table)

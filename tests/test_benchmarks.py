@@ -277,6 +277,16 @@ def test_the_per_configuration_table_gives_mean_and_std_over_seeds_and_the_final
     assert cells[6] == f"{best.mean():.1f} ± {best.std(ddof=1):.1f}"
     assert cells[7] == f"{evaluation['returns'][1]:.1f} ± {evaluation['standard_errors'][1]:.1f}"
     assert cells[8].startswith("MAML 465.6 ± 54.1; SG-MRL (its code: MAML) 580.1 ± 38.2")
+    # the records written when the runs finished gain the final evaluation's fields; the others stay as they were
+    path = f"{out}/reproduce_published_runs.jsonl"
+    module["write_jsonl"](path, [*records, {"name": "another_run", "seed": 7}])
+    module["refresh_records"](path, out, runs)
+    refreshed = module["read_jsonl"](path)
+    assert refreshed[0]["final_eval_episodes"] == 6 and refreshed[0]["final_returns"] == evaluation["returns"]
+    assert refreshed[1] == json.loads(json.dumps(records[1])) and refreshed[2] == {"name": "another_run", "seed": 7}
+    assert {k: v for k, v in refreshed[0].items() if not k.startswith("final_")} == json.loads(
+        json.dumps({k: v for k, v in records[0].items() if not k.startswith("final_")})
+    )
 
 
 @pytest.mark.slow
