@@ -141,11 +141,10 @@ def final_evaluation(run: PublishedRun, out: str, physics_threads: int = 1) -> d
     from sb3_metarl import MetaPolicyGradient
     from sb3_metarl.meta_pg.metaworld import metaworld_evaluation
 
+    files = read_run(out, run)
+    if files is None or files[0]["iterations_done"] < run.iterations:
+        return None
     folder = os.path.join(out, "runs", run.name)
-    if not os.path.exists(os.path.join(folder, "run.json")):
-        return None
-    if json.load(open(os.path.join(folder, "run.json")))["iterations_done"] < run.iterations:
-        return None
     benchmark, env_name = benchmark_of(run)
     model = MetaPolicyGradient.load(os.path.join(folder, "model.zip"), env=run.env_id,
                                     sampler_kwargs=sampler_kwargs_for("vec_env", None, physics_threads))  # fmt: skip
@@ -212,7 +211,6 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         if args.summarize_only:
             break
-        folder = os.path.join(args.out, "runs", run.name)
         if args.final_eval:
             final = final_evaluation(run, args.out)
             if final is not None:
@@ -224,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                                args.stop_after, evaluation=success_evaluation(run))  # fmt: skip
         if finished is None:
             break
-        evals = read_jsonl(os.path.join(folder, "evals.jsonl"))
-        append_jsonl(records_path, metaworld_record(run, finished, evals, None))
+        _, _, evals, final = read_run(args.out, run)
+        append_jsonl(records_path, metaworld_record(run, finished, evals, final))
         print(json.dumps(read_jsonl(records_path)[-1]), flush=True)
     table = summarize(args.out, runs)
     print(table)
