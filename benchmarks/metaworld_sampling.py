@@ -4,11 +4,12 @@ Where Meta-World's sampling time goes, per env class of a benchmark (issue: Meta
 For each env class of ML10 (its 10 train and 5 test classes), one env of Meta-World's own class is stepped with
 random actions for ``--steps`` steps (resets at its 500-step episode end) and timed, with its physics
 (``do_simulation``: ``mj_step`` x frame_skip and the controls) timed apart: env steps/s and the share of a step that is
-the physics, the rest being the reward and observation code and Python. Then, in the same run, the library's sampler
-(``MetaPolicyGradient.sample_episodes``: the policy acting per task group, the per-env path) samples ``--episodes``
-episodes of each of ``--tasks`` training tasks, in this process and (``--samplers ... subproc``) in 2 worker processes,
-against Meta-World's own stepping of the same number of env steps in one process with random actions: the ratio is
-what a batched Sawyer twin would have to beat.
+the physics, the rest being the reward and observation code and Python; and the same class with the library's
+bit-identical helpers bound (``sb3_metarl.tasks.meta_world_fast``, the default of ``MetaWorldTaskEnv``). Then, in the
+same run, the library's sampler (``MetaPolicyGradient.sample_episodes``: the policy acting per task group, the per-env
+path) samples ``--episodes`` episodes of each of ``--tasks`` training tasks, in this process with Meta-World's own
+helpers (``accelerate=False``), with the accelerated ones, and (``--samplers ... subproc``) in 2 worker processes,
+against Meta-World's own classes stepping as many env steps of the same tasks in one process with random actions.
 
     python benchmarks/metaworld_sampling.py --benchmark ML10 --steps 1000 --tasks 10 --episodes 2 --samplers vec_env subproc
 
@@ -27,6 +28,7 @@ import torch as th
 
 from sb3_metarl import MetaPolicyGradient
 from sb3_metarl.tasks.meta_world import make_benchmark
+from sb3_metarl.tasks.meta_world_fast import accelerate
 
 
 def _timed_physics(env: Any) -> list[float]:
@@ -45,28 +47,40 @@ def _timed_physics(env: Any) -> list[float]:
     return spent
 
 
+def _steps_per_second(env: Any, actions: np.ndarray, seed: int) -> tuple[float, float]:
+    """:return: env steps/s of ``env`` stepped with ``actions`` (resets at its episode end) and its physics' share"""
+    env.reset(seed=seed)
+    physics = _timed_physics(env)
+    start = time.perf_counter()
+    for action in actions:
+        *_, truncated, _ = env.step(action)
+        if truncated:
+            env.reset()
+    seconds = time.perf_counter() - start
+    env.close()
+    return len(actions) / seconds, physics[0] / seconds
+
+
 def per_class_rows(benchmark_name: str, steps: int, seed: int) -> list[dict[str, Any]]:
-    """:return: one row per env class: env steps/s of Meta-World's own step and the physics' share of it"""
+    """
+    :return: one row per env class: env steps/s of Meta-World's own step and the physics' share of it, and env steps/s
+        of the same class with the library's bit-identical helpers bound (``sb3_metarl.tasks.meta_world_fast``)
+    """
     benchmark = make_benchmark(benchmark_name, None, seed)
     rows = []
     for split, classes, tasks in (("train", benchmark.train_classes, benchmark.train_tasks),
                                   ("test", benchmark.test_classes, benchmark.test_tasks)):  # fmt: skip
         for name, env_class in classes.items():
-            env = env_class()
-            env.set_task(next(task for task in tasks if task.env_name == name))
+            task = next(task for task in tasks if task.env_name == name)
+            own, fast = env_class(), accelerate(env_class())
+            for env in (own, fast):
+                env.set_task(task)
             rng = np.random.default_rng(seed)
-            actions = rng.uniform(-1, 1, size=(steps, *env.action_space.shape)).astype(env.action_space.dtype)
-            env.reset(seed=seed)
-            physics = _timed_physics(env)
-            start = time.perf_counter()
-            for t in range(steps):
-                *_, truncated, _ = env.step(actions[t])
-                if truncated:
-                    env.reset()
-            seconds = time.perf_counter() - start
-            env.close()
-            rate, share = round(steps / seconds), round(physics[0] / seconds, 3)
-            rows.append({"split": split, "env": name, "steps_per_second": rate, "physics_share": share})
+            actions = rng.uniform(-1, 1, size=(steps, *own.action_space.shape)).astype(own.action_space.dtype)
+            rate, share = _steps_per_second(own, actions, seed)
+            fast_rate, _ = _steps_per_second(fast, actions, seed)
+            rows.append({"split": split, "env": name, "steps_per_second": round(rate), "physics_share": round(share, 3),
+                         "accelerated_steps_per_second": round(fast_rate)})  # fmt: skip
     return rows
 
 
@@ -79,40 +93,52 @@ def sampler_against_meta_world(
         model's sub-envs, stepped bare one after another)
     """
 
-    def make(sampler: str) -> MetaPolicyGradient:
+    def make(sampler: str, accelerated: bool = True) -> MetaPolicyGradient:
         workers = {} if sampler == "vec_env" else dict(sampler_kwargs=dict(num_workers=2))
         return MetaPolicyGradient(
             "MlpPolicy", f"sb3_metarl/MetaWorld{benchmark_name}-v0", meta_batch_size=n_tasks, inner_episodes=episodes,
-            outer_episodes=episodes, n_envs=n_tasks * episodes, inner_lr=1e-3, seed=seed, sampler=sampler, **workers,
+            outer_episodes=episodes, n_envs=n_tasks * episodes, inner_lr=1e-3, seed=seed, sampler=sampler,
+            env_kwargs=dict(accelerate=accelerated), **workers,
         )  # fmt: skip
 
     model = make("vec_env")
     tasks = model.sample_tasks(n_tasks, np.random.default_rng(seed))
     rates: dict[str, float] = {}
     env_steps = 0
-    for sampler in samplers:
-        sampling = model if sampler == "vec_env" else make(sampler)
+    # the in-process sampler on Meta-World's own helpers first: what the acceleration gains, in the same run
+    for label, sampler, accelerated in [("vec_env, Meta-World's own helpers", "vec_env", False)] + [
+        (sampler, sampler, True) for sampler in samplers
+    ]:
+        sampling = model if (sampler, accelerated) == ("vec_env", True) else make(sampler, accelerated)
         sampling.sample_episodes(tasks, None, episodes)  # (warm-up: the first reset of every sub-env)
         start = time.perf_counter()
         batch = sampling.sample_episodes(tasks, None, episodes)
         seconds = time.perf_counter() - start
         env_steps = int(batch.masks.sum().item())
-        rates[sampler] = env_steps / seconds
+        rates[label] = env_steps / seconds
         if sampling is not model:
             sampling.episode_sampler.close()
             sampling.get_env().close()
-    n_envs = n_tasks * episodes
-    envs = [model.get_env().envs[index].unwrapped for index in range(n_envs)]  # the same sub-envs, stepped bare
-    rng = np.random.default_rng(seed)
-    per_env = env_steps // n_envs
-    start = time.perf_counter()
-    for env in envs:
-        env.reset(seed=seed)
-        actions = rng.uniform(-1, 1, size=(per_env, *env.action_space.shape)).astype(env.action_space.dtype)
-        for t in range(per_env):
-            env.step(actions[t])
-    bare_rate = per_env * n_envs / (time.perf_counter() - start)
     model.get_env().close()
+    # Meta-World's own classes on the same tasks, one env per episode, stepped bare one after another
+    benchmark = make_benchmark(benchmark_name, None, seed)
+    classes = {**benchmark.train_classes, **benchmark.test_classes}
+    n_envs = n_tasks * episodes
+    per_env = env_steps // n_envs
+    rng = np.random.default_rng(seed)
+    seconds = 0.0
+    for task in tasks:
+        for _ in range(episodes):
+            env = classes[task.env_name]()
+            env.set_task(task)
+            env.reset(seed=seed)
+            actions = rng.uniform(-1, 1, size=(per_env, *env.action_space.shape)).astype(env.action_space.dtype)
+            start = time.perf_counter()
+            for t in range(per_env):
+                env.step(actions[t])
+            seconds += time.perf_counter() - start
+            env.close()
+    bare_rate = per_env * n_envs / seconds
     first = samplers[0]
     return {
         "env_steps": env_steps,
@@ -142,9 +168,14 @@ def write(rows: list[dict[str, Any]], sampler: dict[str, Any], arguments: argpar
         f"{record['load_average']:.1f} when it ran: absolute rates are this machine's at that load, the ratio is within "
         "one run).",
         "",
-        "| split | env | env steps/s (Meta-World's own step, one env) | physics share of a step |",
-        "|---|---|---:|---:|",
-        *(f"| {r['split']} | {r['env']} | {r['steps_per_second']} | {r['physics_share']:.2f} |" for r in rows),
+        "| split | env | env steps/s (Meta-World's own step, one env) | physics share of a step | env steps/s, "
+        "accelerated (bit-identical) | speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+        *(
+            f"| {r['split']} | {r['env']} | {r['steps_per_second']} | {r['physics_share']:.2f} | "
+            f"{r['accelerated_steps_per_second']} | {r['accelerated_steps_per_second'] / r['steps_per_second']:.2f}x |"
+            for r in rows
+        ),
         "",
         f"The library's sampler on {arguments.tasks} training tasks, {arguments.episodes} episode(s) each (one sub-env "
         f"per episode, {sampler['env_steps']} env steps, the policy acting per task group) against "
@@ -154,7 +185,7 @@ def write(rows: list[dict[str, Any]], sampler: dict[str, Any], arguments: argpar
         "| sampler | env steps/s | against Meta-World's own stepping |",
         "|---|---:|---:|",
         *(
-            f"| {name}{' (2 workers)' if name != 'vec_env' else ''} | {rate['steps_per_second']} | **{rate['ratio']:.2f}x** |"
+            f"| {name}{' (2 workers)' if name == 'subproc' else ''} | {rate['steps_per_second']} | **{rate['ratio']:.2f}x** |"
             for name, rate in sampler["samplers"].items()
         ),
         "",

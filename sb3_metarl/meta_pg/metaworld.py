@@ -11,6 +11,7 @@ import torch as th
 
 from sb3_metarl.common.buffers import EpisodeBatch, TaskRolloutBuffer
 from sb3_metarl.common.functional import FunctionalPolicy, Params
+from sb3_metarl.tasks import meta_world_fast
 from sb3_metarl.tasks.meta_world import import_metaworld, make_benchmark, resolve_env_name
 
 if TYPE_CHECKING:  # (the model's type for the checker only)
@@ -251,6 +252,7 @@ def metaworld_evaluation(
     max_episode_steps: int | None = None,
     deterministic: bool = True,
     count_per_sub_env: bool = True,
+    accelerate: bool = True,
 ) -> dict[str, Any]:
     """
     Meta-World's meta-learning evaluation protocol on the benchmark's test split, with ``MetaWorldAgent``
@@ -273,6 +275,8 @@ def metaworld_evaluation(
     :param deterministic: evaluate the adapted policies' mean actions
     :param count_per_sub_env: count each sub-env's first ``evaluation_episodes`` (False: Meta-World 3.1.1's
         counting per task name, for comparison)
+    :param accelerate: bind the faster, bit-identical helpers of ``sb3_metarl.tasks.meta_world_fast`` to the
+        evaluation's sub-envs (False: Meta-World's own code throughout; the numbers are the same)
     :return: ``success_rate``, ``mean_return``, ``success_rate_per_task``, ``pairs_evaluated`` (task-goal pairs
         the rounds evaluated, each once, or cycled through again when ``num_evals`` asks for more) and ``pairs_total``
     """
@@ -292,6 +296,9 @@ def metaworld_evaluation(
         name, seed=seed, meta_batch_size=layout.sub_envs, total_tasks_per_cls=layout.tasks_per_class, **extra
     )
     try:
+        if accelerate:
+            for sub_env in envs.envs:  # make_ml_envs_test's default vector env is synchronous: its envs are here
+                meta_world_fast.accelerate(sub_env.unwrapped)
         agent = MetaWorldAgent(model, envs.num_envs, adaptation_episodes, deterministic)
         with th.random.fork_rng():
             th.manual_seed(seed)

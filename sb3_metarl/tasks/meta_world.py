@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from sb3_metarl.tasks import meta_world_fast
 from sb3_metarl.tasks.distributions import TaskSampler
 
 BENCHMARKS = ("ML1", "ML10", "ML45")
@@ -90,14 +91,22 @@ class MetaWorldTaskEnv(gym.Env):
     :param max_cached_envs: env instances kept per sub-env, least recently used dropped first: one
         costs about 18 MB and 0.15 s to build, so for ML10 / ML45 keep this small and meta-train
         with few sub-envs (``n_envs=meta_batch_size``: the episodes of a task then run in waves)
+    :param accelerate: bind faster replacements of three helpers of Meta-World's step (contacts, the objects'
+        quaternions, the observation's assembly) to each env instance; steps stay Meta-World's bit for bit
+        (``sb3_metarl.tasks.meta_world_fast``). False runs Meta-World's own code throughout.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
-    def __init__(self, benchmark: str = "ML1", env_name: str | None = "reach-v3", seed: int = 0, max_cached_envs: int = 2):
+    def __init__(
+        self, benchmark: str = "ML1", env_name: str | None = "reach-v3", seed: int = 0, max_cached_envs: int = 2,
+        accelerate: bool = True,
+    ):
         if max_cached_envs < 1:
             raise ValueError(f"max_cached_envs: must be >= 1, got {max_cached_envs}.")
-        self.max_cached_envs = max_cached_envs
+        if not isinstance(accelerate, bool):
+            raise ValueError(f"accelerate: must be True or False, got {accelerate!r}.")
+        self.max_cached_envs, self.accelerate = max_cached_envs, accelerate
         env_name = resolve_env_name(benchmark, env_name)
         self.benchmark_name, self.env_name, self.seed = benchmark, env_name, seed
         self.benchmark = make_benchmark(benchmark, env_name, seed)
@@ -115,6 +124,8 @@ class MetaWorldTaskEnv(gym.Env):
         while len(self._envs) >= self.max_cached_envs:
             self._envs.popitem(last=False)[1].close()
         env = self.classes[env_name]()
+        if self.accelerate:
+            meta_world_fast.accelerate(env)
         env.seed(self.seed)
         self._envs[env_name] = env
         return env
