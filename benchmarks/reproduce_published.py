@@ -24,7 +24,9 @@ Suites (the papers' settings; what differs from them is listed in docs/results/r
 A run lives in ``<out>/runs/<name>/``: ``model.zip`` (the last checkpoint, a small SB3 zip with every
 random stream), ``curve.jsonl`` (one line per meta-iteration: env steps, pre- and post-adaptation return
 on the training tasks, wall seconds), ``evals.jsonl`` (held-out evaluations: 40 fixed tasks, mean return
-after 0..3 inner steps, every ``--eval-every`` iterations and at the end) and ``run.json`` (configuration,
+after 0..3 inner steps, every ``--eval-every`` iterations and at the end), ``train.jsonl`` (every meta-update's
+``train/`` logger keys: the meta-optimizer's KL, clip fraction and inner-KL weights, the inner gradient's norm; the
+diagnostics of a run that goes wrong) and ``run.json`` (configuration,
 iterations done, accumulated wall time, machines). A finished run is appended to
 ``<out>/reproduce_published_runs.jsonl``; the table ``reproduce_published_table.md`` and the curves
 ``reproduce_published.png`` are rewritten from the finished and partial runs at every invocation.
@@ -326,7 +328,7 @@ def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None,
 
     folder = os.path.join(out, "runs", run.name)
     os.makedirs(folder, exist_ok=True)
-    paths = {name: os.path.join(folder, name) for name in ("model.zip", "curve.jsonl", "evals.jsonl", "run.json")}
+    paths = {name: os.path.join(folder, name) for name in ("model.zip", "curve.jsonl", "evals.jsonl", "train.jsonl", "run.json")}
     state = json.load(open(paths["run.json"])) if os.path.exists(paths["run.json"]) else None
     if state is None or not os.path.exists(paths["model.zip"]):
         state = {"config": asdict(run), "iterations_done": 0, "wall_seconds": 0.0, "machines": []}
@@ -340,7 +342,29 @@ def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None,
     evals = [row for row in read_jsonl(paths["evals.jsonl"]) if row["iteration"] <= state["iterations_done"]]
     write_jsonl(paths["curve.jsonl"], curve)
     write_jsonl(paths["evals.jsonl"], evals)
+    if os.path.exists(paths["train.jsonl"]):  # (runs started before it was written have none)
+        diagnostics = read_jsonl(paths["train.jsonl"])
+        write_jsonl(paths["train.jsonl"], [row for row in diagnostics if row["iteration"] <= state["iterations_done"]])
     return paths, model, state, curve, evals
+
+
+def train_lines(path: str, iteration: Callable[[], int]) -> Any:
+    """
+    :return: an SB3 logger whose every dump appends the meta-update's ``train/`` keys (the meta-optimizer's own: KL,
+        clip fraction, inner-KL weights, gradient norms) to ``path`` as one line with the meta-iteration
+    """
+    from stable_baselines3.common.logger import KVWriter, Logger
+
+    class TrainLines(KVWriter):
+        def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+            numbers = {key: float(value) for key, value in key_values.items()
+                       if key.startswith("train/") and isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}  # fmt: skip
+            append_jsonl(path, {"iteration": iteration(), "env_steps": int(step), **numbers})
+
+        def close(self) -> None:
+            pass
+
+    return Logger(folder=None, output_formats=[TrainLines()])
 
 
 def run_sitting(
@@ -420,11 +444,13 @@ def run_sitting(
         def _on_step(self) -> bool:
             return True
 
+    sitting = Sitting()
+    model.set_logger(train_lines(paths["train.jsonl"], lambda: sitting.iteration))
     try:
         # the budget is the paper's meta-iterations; env steps bound learn only from above (an iteration whose episodes
         # end early, Navigation2D's at the goal, takes fewer than the horizon's)
         if state["iterations_done"] < run.iterations and model.num_timesteps < budget:
-            model.learn(budget - model.num_timesteps, callback=Sitting(), reset_num_timesteps=state["iterations_done"] == 0)
+            model.learn(budget - model.num_timesteps, callback=sitting, reset_num_timesteps=state["iterations_done"] == 0)
         if state["iterations_done"] < run.iterations:
             checkpoint(len(curve))
     except _RunFinished:

@@ -181,9 +181,13 @@ def test_published_run_stopped_anywhere_continues_bit_for_bit(tmp_path, monkeypa
     def untimed(out, name):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in files(out, name)]
 
-    for name in ("curve.jsonl", "evals.jsonl"):
+    for name in ("curve.jsonl", "evals.jsonl", "train.jsonl"):
         assert untimed(stopped, name) == untimed(straight_out, name)
     assert [row["iteration"] for row in files(stopped, "evals.jsonl")] == [2, 4, 5]
+    # each meta-update's diagnostics, once per iteration (the killed sitting's iteration 5 dropped and run again)
+    diagnostics = files(stopped, "train.jsonl")
+    assert [row["iteration"] for row in diagnostics] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(row["train/inner_grad_norm"]) and row["train/n_updates"] == row["iteration"] for row in diagnostics)
     assert resumed["returns"] == straight["returns"] and resumed["best_returns"] == straight["best_returns"]
     import torch as th
 
