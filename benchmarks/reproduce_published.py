@@ -328,7 +328,8 @@ def open_run(run: PublishedRun, out: str, sampler: str, num_workers: int | None,
 
     folder = os.path.join(out, "runs", run.name)
     os.makedirs(folder, exist_ok=True)
-    paths = {name: os.path.join(folder, name) for name in ("model.zip", "curve.jsonl", "evals.jsonl", "train.jsonl", "run.json")}
+    names = ("model.zip", "curve.jsonl", "evals.jsonl", "train.jsonl", "run.json")
+    paths = {name: os.path.join(folder, name) for name in names}
     state = json.load(open(paths["run.json"])) if os.path.exists(paths["run.json"]) else None
     if state is None or not os.path.exists(paths["model.zip"]):
         state = {"config": asdict(run), "iterations_done": 0, "wall_seconds": 0.0, "machines": []}
@@ -357,8 +358,11 @@ def train_lines(path: str, iteration: Callable[[], int]) -> Any:
 
     class TrainLines(KVWriter):
         def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
-            numbers = {key: float(value) for key, value in key_values.items()
-                       if key.startswith("train/") and isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}  # fmt: skip
+            numbers = {
+                key: float(value)
+                for key, value in key_values.items()
+                if key.startswith("train/") and isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            }
             append_jsonl(path, {"iteration": iteration(), "env_steps": int(step), **numbers})
 
         def close(self) -> None:
