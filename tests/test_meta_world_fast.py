@@ -1,5 +1,7 @@
 """The accelerated Meta-World helpers: scipy's quaternions and Meta-World's steps, bit for bit."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -95,20 +97,28 @@ def test_an_accelerated_env_steps_as_meta_world_s_own(env_name):
         assert touching > 50  # the contact test ran both ways
 
 
-def test_the_task_env_samples_the_same_with_and_without_acceleration():
+def _episodes(env, tasks) -> list:
+    """:return: 150 steps of random actions after a seeded reset on each of ``tasks``"""
+    steps = []
+    for task in tasks:
+        env.set_task(task)
+        steps.append(env.reset(seed=0)[0])
+        steps += [env.step(action) for action in np.random.default_rng(2).uniform(-1, 1, size=(150, 4))]
+    return steps
+
+
+def _same_steps(these: list, those: list) -> bool:
+    return all(np.array_equal(a, b) if isinstance(a, np.ndarray) else (np.array_equal(a[0], b[0]) and a[1:] == b[1:])
+               for a, b in zip(these, those, strict=True))  # fmt: skip
+
+
+def test_the_task_env_samples_the_same_with_and_without_acceleration_and_pickles():
     envs = [MetaWorldTaskEnv("ML1", "push-v3", seed=0, accelerate=flag) for flag in (True, False)]
-    for task in envs[0].sample_tasks(3, rng=np.random.default_rng(1)):
-        results = []
-        for env in envs:
-            env.set_task(task)
-            observation, _ = env.reset(seed=0)
-            steps = [observation]
-            for action in np.random.default_rng(2).uniform(-1, 1, size=(150, 4)):
-                steps.append(env.step(action))
-            results.append(steps)
-        assert np.array_equal(results[0][0], results[1][0])
-        for fast, own in zip(results[0][1:], results[1][1:]):
-            assert np.array_equal(fast[0], own[0]) and fast[1:] == own[1:]
+    tasks = envs[0].sample_tasks(3, rng=np.random.default_rng(1))
+    assert _same_steps(*(_episodes(env, tasks) for env in envs))
+    # an accelerated env pickles with its helpers (subprocess and Ray workers receive envs so) and steps as before
+    copies = [pickle.loads(pickle.dumps(env)) for env in envs]
+    assert _same_steps(*(_episodes(env, tasks) for env in copies))
     with pytest.raises(ValueError, match="accelerate"):
         MetaWorldTaskEnv("ML1", "reach-v3", accelerate="yes")
 

@@ -18,6 +18,7 @@ not the physics but Python around it, and two helpers are most of that:
 rewards, infos, over 500 steps with resets, scripted and random actions).
 """
 
+import functools
 import math
 import types
 from typing import Any
@@ -92,46 +93,54 @@ class ExactRotation:
         return _Quaternion([quat[0] / norm, quat[1] / norm, quat[2] / norm, quat[3] / norm])
 
 
-def _touching_object(env: Any) -> Any:
-    """:return: ``env``'s ``touching_object`` computed on MuJoCo's contact arrays (the same forces, added in order)"""
-    left_pad = env.model.geom("leftpad_geom").id
-    right_pad = env.model.geom("rightpad_geom").id
+class _TouchingObject:
+    """``env``'s ``touching_object`` computed on MuJoCo's contact arrays (the same forces, added in the same order)."""
 
-    def touching_object(object_geom_id: int) -> Any:
-        data = env.data
+    def __init__(self, env: Any):
+        # a helper holds its env and reads its data at each call: it pickles with the env (Meta-World's envs pickle
+        # their __dict__ and rebuild model and data)
+        self.env = env
+        self.left_pad = env.model.geom("leftpad_geom").id
+        self.right_pad = env.model.geom("rightpad_geom").id
+
+    def __call__(self, object_geom_id: int) -> Any:
+        data = self.env.data
         contacts = data.contact
         geom1, geom2 = contacts.geom1, contacts.geom2
         with_object = (geom1 == object_geom_id) | (geom2 == object_geom_id)
         efc_address, efc_force = contacts.efc_address, data.efc_force
         left_force = 0
-        for index in np.flatnonzero(with_object & ((geom1 == left_pad) | (geom2 == left_pad))):
+        for index in np.flatnonzero(with_object & ((geom1 == self.left_pad) | (geom2 == self.left_pad))):
             left_force = left_force + efc_force[efc_address[index]]
         right_force = 0
-        for index in np.flatnonzero(with_object & ((geom1 == right_pad) | (geom2 == right_pad))):
+        for index in np.flatnonzero(with_object & ((geom1 == self.right_pad) | (geom2 == self.right_pad))):
             right_force = right_force + efc_force[efc_address[index]]
         return 0 < left_force and 0 < right_force
 
-    return touching_object
 
-
-def _observation_without_goal(env: Any, meta_world_own: Any) -> Any:
+class _ObservationWithoutGoal:
     """
-    :return: ``env``'s ``_get_curr_obs_combined_no_goal`` writing the same numbers into one array (Meta-World's splits
-        and stacks them through numpy calls that cost more than the copy); ``meta_world_own`` where objects and
-        quaternions do not pair up
+    ``env``'s ``_get_curr_obs_combined_no_goal`` writing the same numbers into one array (Meta-World splits and stacks
+    them through numpy calls that cost more than the copy); Meta-World's own where objects and quaternions do not pair up.
     """
-    padded_length = 4 + env._obs_obj_max_len
 
-    def observation_without_goal() -> np.ndarray:
+    def __init__(self, env: Any):
+        self.env = env
+        self.padded_length = 4 + env._obs_obj_max_len
+
+    def __call__(self) -> np.ndarray:
+        from metaworld.sawyer_xyz_env import SawyerXYZEnv
+
+        env = self.env
         data = env.data
         pos_hand = env.get_endeff_pos()
         gripper_distance_apart = np.linalg.norm(data.body("rightclaw").xpos - data.body("leftclaw").xpos)
         gripper_distance_apart = np.clip(gripper_distance_apart / 0.1, 0.0, 1.0)
         obj_pos, obj_quat = env._get_pos_objects(), env._get_quat_objects()
         n_objects = len(obj_pos) // 3
-        if len(obj_pos) % 3 or len(obj_quat) != 4 * n_objects or 4 + 7 * n_objects > padded_length:
-            return meta_world_own()
-        observation = np.zeros(padded_length)
+        if len(obj_pos) % 3 or len(obj_quat) != 4 * n_objects or 4 + 7 * n_objects > self.padded_length:
+            return SawyerXYZEnv._get_curr_obs_combined_no_goal(env)
+        observation = np.zeros(self.padded_length)
         observation[:3] = pos_hand
         observation[3] = gripper_distance_apart
         for index in range(n_objects):
@@ -140,9 +149,8 @@ def _observation_without_goal(env: Any, meta_world_own: Any) -> Any:
             observation[start + 3 : start + 7] = obj_quat[4 * index : 4 * index + 4]
         return observation
 
-    return observation_without_goal
 
-
+@functools.cache
 def _with_exact_rotation(function: Any) -> Any:
     """:return: ``function`` reading ``Rotation`` as :class:`ExactRotation` (its module's other names unchanged)"""
     if "Rotation" not in function.__code__.co_names:
@@ -151,10 +159,20 @@ def _with_exact_rotation(function: Any) -> Any:
     return types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__)
 
 
+class _QuatObjects:
+    """``env``'s ``_get_quat_objects`` with scipy's ``Rotation`` read as :class:`ExactRotation`."""
+
+    def __init__(self, env: Any):
+        self.env = env
+
+    def __call__(self) -> Any:
+        return _with_exact_rotation(type(self.env)._get_quat_objects)(self.env)
+
+
 def accelerate(env: Any) -> Any:
     """
     Bind the faster helpers to one Meta-World v3 env instance: its steps, resets and observations stay Meta-World's,
-    bit for bit.
+    bit for bit, and it still pickles (the helpers go with it).
 
     :param env: an instance of a Meta-World v3 env class (``SawyerXYZEnv``)
     :return: ``env``
@@ -163,9 +181,8 @@ def accelerate(env: Any) -> Any:
 
     env_class = type(env)
     if env_class.touching_object is SawyerXYZEnv.touching_object:
-        env.touching_object = _touching_object(env)
+        env.touching_object = _TouchingObject(env)
     if env_class._get_curr_obs_combined_no_goal is SawyerXYZEnv._get_curr_obs_combined_no_goal:
-        env._get_curr_obs_combined_no_goal = _observation_without_goal(env, env._get_curr_obs_combined_no_goal)
-    quat_objects = type(env)._get_quat_objects
-    env._get_quat_objects = types.MethodType(_with_exact_rotation(quat_objects), env)
+        env._get_curr_obs_combined_no_goal = _ObservationWithoutGoal(env)
+    env._get_quat_objects = _QuatObjects(env)
     return env
