@@ -49,6 +49,19 @@ def test_exact_rotation_leaves_every_other_matrix_to_scipy():
         ExactRotation.from_matrix(-rotation)
 
 
+def test_a_scipy_that_computes_otherwise_gets_every_conversion(monkeypatch):
+    from sb3_metarl.tasks import meta_world_fast
+
+    assert meta_world_fast.scipy_agrees()  # the installed scipy: the fast path is on
+    exact = ExactRotation.quaternion
+    one_ulp_off = staticmethod(lambda matrix: [np.nextafter(x, 2.0) for x in exact(matrix)])
+    monkeypatch.setattr(ExactRotation, "quaternion", one_ulp_off)
+    assert not meta_world_fast.scipy_agrees.__wrapped__()  # one ulp off in the check's matrices: detected
+    monkeypatch.setattr(meta_world_fast, "scipy_agrees", lambda: False)
+    matrix = Rotation.random(random_state=3).as_matrix()
+    assert isinstance(ExactRotation.from_matrix(matrix), Rotation)
+
+
 def _compare_steps(env_name: str, env_class: type, task: object, steps: int = 500) -> int:
     """Step Meta-World's own env and an accelerated one with the same actions: :return: steps touching the object"""
     own, fast = env_class(), accelerate(env_class())

@@ -12,7 +12,9 @@ not the physics but Python around it, and two helpers are most of that:
   per-call checks (a determinant and a Gram matrix in numpy) cost more than the conversion. Here the checks run on
   nine Python floats with a margin, and a matrix that passes them is converted with scipy's own arithmetic (Markley's
   method as in scipy's Cython ``_from_matrix_orthogonal``: the same operations in the same order, in doubles); any
-  other matrix goes to scipy itself, so the quaternion is scipy's bit for bit either way.
+  other matrix goes to scipy itself, so the quaternion is scipy's bit for bit either way. Once per process the
+  conversion is checked against the installed scipy (``scipy_agrees``); if another scipy version computes otherwise,
+  every conversion goes to scipy.
 
 ``tests/test_meta_world.py`` checks every ML10 and ML45 env class against Meta-World's own step (observations,
 rewards, infos, over 500 steps with resets, scripted and random actions).
@@ -43,6 +45,22 @@ class _Quaternion:
         return np.array(self.xyzw, dtype=np.float64)
 
 
+@functools.cache
+def scipy_agrees() -> bool:
+    """
+    :return: whether the installed scipy converts a set of rotation matrices (every branch of Markley's method) to the
+        same quaternions as :class:`ExactRotation`'s own arithmetic; checked once per process, and where it does not
+        (another scipy's algorithm) every conversion goes to scipy
+    """
+    from scipy.spatial.transform import Rotation
+
+    matrices = [*Rotation.random(64, random_state=0).as_matrix(), np.eye(3)]
+    matrices += [Rotation.from_rotvec(np.pi * axis).as_matrix() for axis in np.eye(3)]
+    return all(
+        np.array_equal(ExactRotation.quaternion(matrix), Rotation.from_matrix(matrix).as_quat()) for matrix in matrices
+    )
+
+
 class ExactRotation:
     """``Rotation`` for Meta-World's env modules: ``from_matrix(m).as_quat()`` equal to scipy's, bit for bit."""
 
@@ -54,9 +72,19 @@ class ExactRotation:
         """
         from scipy.spatial.transform import Rotation
 
+        xyzw = ExactRotation.quaternion(matrix) if scipy_agrees() else None
+        return Rotation.from_matrix(matrix) if xyzw is None else _Quaternion(xyzw)
+
+    @staticmethod
+    def quaternion(matrix: Any) -> list[float] | None:
+        """
+        :param matrix: a 3 x 3 matrix
+        :return: its quaternion (x, y, z, w) by scipy's arithmetic for an orthogonal matrix, or None where scipy would
+            take another path (not float64 3 x 3, not orthogonal within the bounds, not right-handed)
+        """
         array = np.asarray(matrix)
         if array.shape != (3, 3) or array.dtype != np.float64:
-            return Rotation.from_matrix(matrix)
+            return None
         (m00, m01, m02), (m10, m11, m12), (m20, m21, m22) = array.tolist()
         rows = ((m00, m01, m02), (m10, m11, m12), (m20, m21, m22))
         gram = [[a0 * b0 + a1 * b1 + a2 * b2 for (b0, b1, b2) in rows] for (a0, a1, a2) in rows]
@@ -68,7 +96,7 @@ class ExactRotation:
             or not all(abs(value) <= _OFF_DIAGONAL_BOUND for value in off_diagonal)
             or not all(abs(value - 1.0) <= _DIAGONAL_BOUND for value in diagonal)
         ):
-            return Rotation.from_matrix(matrix)
+            return None
         trace = m00 + m11 + m22
         decision = (m00, m11, m22, trace)
         choice = 0  # the first largest, as scipy's _argmax4
@@ -90,7 +118,7 @@ class ExactRotation:
             quat[2] = m10 - m01
             quat[3] = 1 + trace
         norm = math.sqrt(quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3])
-        return _Quaternion([quat[0] / norm, quat[1] / norm, quat[2] / norm, quat[3] / norm])
+        return [quat[0] / norm, quat[1] / norm, quat[2] / norm, quat[3] / norm]
 
 
 class _TouchingObject:
