@@ -90,9 +90,20 @@ class PublishedRun:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def fixed_inner_kl(self) -> bool:
+        """:return: whether this is ProMP with its inner-KL weight fixed (ProMP's MuJoCo run script), not adapted"""
+        return self.kwargs.get("meta_optimizer_kwargs", {}).get("adaptive_inner_kl") is False
+
+    @property
+    def optimizer_label(self) -> str:
+        """:return: the meta-optimizer as the tables name it (ProMP at a fixed inner-KL weight is a row of its own)"""
+        return f"{self.meta_optimizer}, fixed inner KL" if self.fixed_inner_kl else self.meta_optimizer
+
+    @property
     def name(self) -> str:
         steps = self.kwargs.get("inner_steps", 1)
         suffix = "" if steps == 1 else f"_k{steps}"  # SG-MRL's 2- and 3-step rows are runs of their own
+        suffix += "_fixedkl" if self.fixed_inner_kl else ""
         return f"{self.suite}_{self.gradient_mode}_{self.meta_optimizer}_s{self.seed}{suffix}"
 
     @property
@@ -145,6 +156,7 @@ def suite_runs(
     inner_steps: int = 1,
     iterations: int | None = None,
     meta_optimizer: str | None = None,
+    fixed_inner_kl: bool = False,
 ) -> list[PublishedRun]:
     """
     :param suite: one of ``SUITES``
@@ -155,6 +167,8 @@ def suite_runs(
     :param meta_optimizer: "adam" (Adam at 1e-3, SG-MRL's), "trpo" (pytorch-maml-rl's TrustRegion: ``TRPO_KWARGS``) or
         "ppo" (ProMP at its paper's defaults, Adam at 1e-3); default: the suite's. Another optimizer on a suite is a
         run of its own (its name says the optimizer), at the same env setting and budget: issue 30's item 5
+    :param fixed_inner_kl: ProMP ("ppo") with its inner-KL weight fixed at its initial 5e-4, as ProMP's MuJoCo run
+        script (jonasrothfuss/ProMP ``run_scripts/pro-mp_run_mujoco.py:118-123``), instead of adapted
     :return: the runs, in the order to run them (all modes of a seed before the next seed)
     """
     if suite not in SUITES:
@@ -170,6 +184,10 @@ def suite_runs(
         kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
     else:  # Adam's step size, also ProMP's (its configs: learning_rate 1e-3)
         kwargs["learning_rate"] = 1e-3
+    if fixed_inner_kl:
+        if optimizer != "ppo":
+            raise ValueError(f"--fixed-inner-kl: ProMP's option (--meta-optimizer ppo); the optimizer here is {optimizer!r}.")
+        kwargs["meta_optimizer_kwargs"] = {"adaptive_inner_kl": False}
     return [
         PublishedRun(suite, env_id, mode, optimizer, seed, iterations or default_iterations, dict(kwargs))
         for seed in seeds
@@ -491,6 +509,7 @@ def record(
         "env_kwargs": run.kwargs.get("env_kwargs", {}),
         "mode": run.gradient_mode,
         "meta_optimizer": run.meta_optimizer,
+        "meta_optimizer_kwargs": run.kwargs.get("meta_optimizer_kwargs", {}),
         "seed": run.seed,
         "env_steps": curve[-1]["env_steps"] if curve else 0,
         "iterations": len(curve),
@@ -529,7 +548,7 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
         setting = ", ".join(f"{k}={v}" for k, v in row["env_kwargs"].items()) or "Gymnasium v5 defaults"
         status = "" if state["iterations_done"] >= run.iterations else f" of {run.iterations}"
         lines.append(
-            f"| {run.env_id.split('/')[-1]} | {setting} | {run.gradient_mode} | {run.meta_optimizer} | {run.seed} "
+            f"| {run.env_id.split('/')[-1]} | {setting} | {run.gradient_mode} | {run.optimizer_label} | {run.seed} "
             f"| {state['iterations_done']}{status} | {row['env_steps'] / 1e6:.1f}M | {state['wall_seconds'] / 3600:.2f} "
             f"| {last} | {best} | {paper} |"
         )
@@ -593,7 +612,7 @@ def aggregate(out: str, runs: list[PublishedRun]) -> str:
         files = read_run(out, run)
         if files is None or files[0]["iterations_done"] < run.iterations:
             continue
-        key = (run.suite, run.gradient_mode, run.meta_optimizer, run.kwargs["inner_steps"])
+        key = (run.suite, run.gradient_mode, run.optimizer_label, run.kwargs["inner_steps"])
         groups.setdefault(key, []).append(record(run, *files))
     lines = [
         "| suite | mode | optimizer | inner steps | seeds | last: mean ± std | best evaluation: mean ± std "
@@ -705,6 +724,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--meta-optimizer", default=None, choices=META_OPTIMIZERS, help="default: the suite's")
+    parser.add_argument("--fixed-inner-kl", action="store_true", help="ProMP (ppo): its inner-KL weight fixed, not adapted")
     parser.add_argument("--iterations", type=int, default=None, help="meta-iterations (default: the suite's budget)")
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -727,7 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch as th
 
     th.set_num_threads(args.threads)
-    runs = suite_runs(args.suite, args.modes, args.seeds, args.inner_steps, args.iterations, args.meta_optimizer)
+    runs = suite_runs(
+        args.suite, args.modes, args.seeds, args.inner_steps, args.iterations, args.meta_optimizer, args.fixed_inner_kl
+    )
     finished_path = os.path.join(args.out, "reproduce_published_runs.jsonl")
     os.makedirs(args.out, exist_ok=True)
     if args.final_eval is not None:
@@ -750,7 +772,8 @@ def main(argv: list[str] | None = None) -> None:
         for suite in SUITES
         for optimizer in META_OPTIMIZERS
         for steps in (1, 2, 3)
-        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf", "dice"], [0, 1, 2, 3], steps, meta_optimizer=optimizer)
+        for fixed in ((False, True) if optimizer == "ppo" else (False,))
+        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf", "dice"], [0, 1, 2, 3], steps, None, optimizer, fixed)
         # (another optimizer than the suite's: only the runs that exist, item 5's candidates)
         if optimizer == SUITES[suite][1] or os.path.exists(os.path.join(args.out, "runs", run.name))
     ]

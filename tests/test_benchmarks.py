@@ -196,6 +196,19 @@ def test_published_run_stopped_anywhere_continues_bit_for_bit(tmp_path, monkeypa
     assert all(th.equal(final[0][key], final[1][key]) for key in final[0])
 
 
+def test_promp_at_a_fixed_inner_kl_weight_is_a_run_of_its_own():
+    module = _load("benchmarks/reproduce_published.py")
+    (adapted,) = module["suite_runs"]("sgmrl-dir", ["lvc"], [2], meta_optimizer="ppo")
+    (fixed,) = module["suite_runs"]("sgmrl-dir", ["lvc"], [2], meta_optimizer="ppo", fixed_inner_kl=True)
+    assert (adapted.name, fixed.name) == ("sgmrl-dir_lvc_ppo_s2", "sgmrl-dir_lvc_ppo_s2_fixedkl")
+    assert (adapted.optimizer_label, fixed.optimizer_label) == ("ppo", "ppo, fixed inner KL")
+    assert {k: v for k, v in fixed.kwargs.items() if k != "meta_optimizer_kwargs"} == adapted.kwargs  # nothing else
+    promp = module["make_model"](fixed, "vec_env", None).meta_optimizer
+    assert promp.adaptive_inner_kl is False and promp.inner_kl_coef == 5e-4  # ProMP's MuJoCo run script
+    with pytest.raises(ValueError, match="fixed-inner-kl"):
+        module["suite_runs"]("sgmrl-dir", ["maml"], [0], fixed_inner_kl=True)
+
+
 def test_published_suites_hold_the_papers_settings():
     module = _load("benchmarks/reproduce_published.py")
     (run,) = module["suite_runs"]("sgmrl-vel", ["sf"], [3])
