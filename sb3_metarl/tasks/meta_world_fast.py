@@ -1,9 +1,9 @@
 """
-Faster, bit-identical replacements for two helpers that every Meta-World v3 step runs, bound to one env instance
+Faster, bit-identical replacements for three helpers that every Meta-World v3 step runs, bound to one env instance
 (Meta-World's classes and modules are left as they are).
 
-Profiled on Metaworld 3.1.1 (``benchmarks/metaworld_sampling.py``): in the envs that hold an object most of a step is
-not the physics but Python around it, and two helpers are most of that:
+Profiled on Metaworld 3.1.1 (cProfile of ``push-v3``; ``benchmarks/metaworld_sampling.py`` for the rates): in the envs
+that hold an object most of a step is not the physics but Python around it, and two helpers are most of that:
 
 - ``touching_object`` walks ``data.contact`` twice in Python, building a contact object per element (a quarter of
   ``push-v3``'s step). Here the contacts are filtered on MuJoCo's contact arrays and the forces of the matching ones
@@ -16,7 +16,10 @@ not the physics but Python around it, and two helpers are most of that:
   conversion is checked against the installed scipy (``scipy_agrees``); if another scipy version computes otherwise,
   every conversion goes to scipy.
 
-``tests/test_meta_world.py`` checks every ML10 and ML45 env class against Meta-World's own step (observations,
+The third is the observation's assembly (``_get_curr_obs_combined_no_goal``: ``np.split`` and ``np.hstack`` of 18
+numbers), written into one array instead.
+
+``tests/test_meta_world_fast.py`` checks every ML10 and ML45 env class against Meta-World's own step (observations,
 rewards, infos, over 500 steps with resets, scripted and random actions).
 """
 
