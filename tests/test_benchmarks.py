@@ -502,5 +502,10 @@ def test_a_metaworld_run_evaluates_success_on_test_and_training_tasks_resumes_an
     assert final["pairs_evaluated"] == final["pairs_total"] == 50
     with_protocol = module["metaworld_record"](run, finished, evals, final)
     assert with_protocol["test_success"] == final["success_rate"] and with_protocol["test_success_protocol"]
+    records = str(tmp_path / "metaworld_runs.jsonl")  # the line written when the run finished, before its final evaluation
+    module["append_jsonl"](records, {"name": "another"})
+    module["append_jsonl"](records, record)
+    module["refresh_record"](records, str(tmp_path), run)
+    assert module["read_jsonl"](records) == [{"name": "another"}, with_protocol]
     table = module["summarize"](str(tmp_path), [run])
     assert f"| {run.name} | 3 of 3 | 480 |" in table and table.endswith(f"| {final['success_rate']:.3f} |")
