@@ -100,6 +100,35 @@ def test_callback_can_stop_training_without_an_update(make_model):
     assert th.equal(before, _parameters(model)) and model.n_updates == 0
 
 
+@pytest.mark.parametrize("meta_optimizer", ["trpo", "adam", "ppo"])
+def test_a_meta_sample_and_its_graph_are_freed_before_the_next_iteration_samples(meta_optimizer, make_model):
+    """An ML10 run was killed for memory at its first evaluation: the last meta-sample's graph was alive through it."""
+    import weakref
+
+    class Watch(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.last_sample, self.alive_at_next_start = None, []
+
+        def _on_rollout_end(self) -> None:
+            sample = self.locals["sample"]
+            self.last_sample = weakref.ref(sample), weakref.ref(sample.adapted[next(iter(sample.adapted))])
+
+        def _on_rollout_start(self) -> None:  # where a checkpoint or an evaluation runs between iterations
+            if self.last_sample is not None:
+                self.alive_at_next_start.append([reference() is not None for reference in self.last_sample])
+
+        def _on_step(self) -> bool:
+            return True
+
+    model = make_model(inner_lr=0.01, meta_optimizer=meta_optimizer, seed=0)
+    watch = Watch()
+    model.learn(3 * 800, callback=watch)  # 3 meta-iterations of 2 tasks x (2 + 2) episodes x 100 steps
+    assert model.n_updates == 3
+    # freed by reference counting alone: no collector pass needed for the sample and its adapted parameters
+    assert watch.alive_at_next_start == [[False, False], [False, False]]
+
+
 @pytest.mark.parametrize("meta_optimizer", ["adam", "trpo", "ppo"])
 def test_same_seed_same_parameters(meta_optimizer, make_model):
     runs = []

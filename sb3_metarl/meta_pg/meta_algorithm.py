@@ -506,6 +506,11 @@ class MetaAlgorithm(BaseAlgorithm):
             self.train(sample)
             self.logger.record("time/train_seconds", time.perf_counter() - update_start)
             self._after_meta_update(tasks, sample)
+            # the meta-sample holds the inner steps' graph, most of a large run's memory (an ML10 update's: gigabytes):
+            # callbacks see it from on_rollout_end until its update is done, not while the next iteration samples,
+            # checkpoints or evaluates
+            callback.update_locals({"sample": None})
+            del sample
             self.streams.end_iteration()
             if log_interval is not None and iteration % log_interval == 0:
                 self.dump_logs(iteration)
