@@ -136,6 +136,24 @@ def test_the_task_env_samples_the_same_with_and_without_acceleration_and_pickles
         MetaWorldTaskEnv("ML1", "reach-v3", accelerate="yes")
 
 
+def test_an_evicted_accelerated_env_is_freed_by_reference_counting():
+    """The helpers hold their env (a cycle): an evicted env was kept until the cyclic collector ran, 18 MB each."""
+    import gc
+    import weakref
+
+    env = MetaWorldTaskEnv("ML10", None, seed=0, max_cached_envs=1)
+    first_class = env.get_task().env_name
+    first = weakref.ref(env._active)
+    other = next(task for task in env.train_tasks if task.env_name != first_class)
+    gc.disable()
+    try:
+        env.set_task(other)  # evicts the first class's env
+        assert first() is None
+    finally:
+        gc.enable()
+    assert _same_steps(_episodes(env, [other]), _episodes(MetaWorldTaskEnv("ML10", None, seed=0, accelerate=False), [other]))
+
+
 @pytest.mark.slow
 def test_the_protocol_gives_the_same_numbers_with_and_without_acceleration():
     from sb3_metarl import MetaPolicyGradient

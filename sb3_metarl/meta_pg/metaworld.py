@@ -307,6 +307,8 @@ def metaworld_evaluation(
                 agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes
             )
     finally:
+        for sub_env in envs.envs:
+            meta_world_fast.release(sub_env.unwrapped)
         envs.close()
     return {
         "success_rate": float(success_rate),

@@ -122,7 +122,7 @@ class MetaWorldTaskEnv(gym.Env):
             self._envs.move_to_end(env_name)
             return self._envs[env_name]
         while len(self._envs) >= self.max_cached_envs:
-            self._envs.popitem(last=False)[1].close()
+            self._drop(self._envs.popitem(last=False)[1])
         env = self.classes[env_name]()
         if self.accelerate:
             meta_world_fast.accelerate(env)
@@ -163,9 +163,14 @@ class MetaWorldTaskEnv(gym.Env):
         obs, reward, terminated, truncated, info = self._active.step(action)
         return obs, float(reward), terminated, truncated, info
 
+    @staticmethod
+    def _drop(env: gym.Env) -> None:
+        env.close()
+        meta_world_fast.release(env)  # (its helpers' reference cycle would keep it, and its MuJoCo data, alive)
+
     def close(self) -> None:
         for env in self._envs.values():
-            env.close()
+            self._drop(env)
 
 
 class MetaWorldTaskSampler(TaskSampler):

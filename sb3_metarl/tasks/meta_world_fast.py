@@ -217,3 +217,19 @@ def accelerate(env: Any) -> Any:
         env._get_curr_obs_combined_no_goal = _ObservationWithoutGoal(env)
     env._get_quat_objects = _QuatObjects(env)
     return env
+
+
+#: the instance attributes ``accelerate`` binds (each helper holds its env: a reference cycle, see ``release``)
+_HELPERS = ("touching_object", "_get_curr_obs_combined_no_goal", "_get_quat_objects")
+
+
+def release(env: Any) -> None:
+    """
+    Unbind the helpers from ``env`` (it steps with Meta-World's own code again). Each helper holds its env, a reference
+    cycle that only the cyclic collector frees, rarely and without seeing MuJoCo's memory: an owner that drops an
+    accelerated env (an evicted class's env, a closed evaluation) releases it first, so reference counting frees it.
+
+    :param env: an env ``accelerate`` was applied to (anything else is left as it is)
+    """
+    for name in _HELPERS:
+        env.__dict__.pop(name, None)
