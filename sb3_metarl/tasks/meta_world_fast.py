@@ -73,10 +73,12 @@ class ExactRotation:
         :param matrix: a 3 x 3 rotation matrix
         :return: an object whose ``as_quat()`` is scipy's ``Rotation.from_matrix(matrix).as_quat()``
         """
-        from scipy.spatial.transform import Rotation
-
         xyzw = ExactRotation.quaternion(matrix) if scipy_agrees() else None
-        return Rotation.from_matrix(matrix) if xyzw is None else _Quaternion(xyzw)
+        if xyzw is not None:
+            return _Quaternion(xyzw)
+        from scipy.spatial.transform import Rotation  # (only here: the import statement costs on every step)
+
+        return Rotation.from_matrix(matrix)
 
     @staticmethod
     def quaternion(matrix: Any) -> list[float] | None:
@@ -160,8 +162,6 @@ class _ObservationWithoutGoal:
         self.padded_length = 4 + env._obs_obj_max_len
 
     def __call__(self) -> np.ndarray:
-        from metaworld.sawyer_xyz_env import SawyerXYZEnv
-
         env = self.env
         data = env.data
         pos_hand = env.get_endeff_pos()
@@ -170,6 +170,8 @@ class _ObservationWithoutGoal:
         obj_pos, obj_quat = env._get_pos_objects(), env._get_quat_objects()
         n_objects = len(obj_pos) // 3
         if len(obj_pos) % 3 or len(obj_quat) != 4 * n_objects or 4 + 7 * n_objects > self.padded_length:
+            from metaworld.sawyer_xyz_env import SawyerXYZEnv  # (only here: the import statement costs on every step)
+
             return SawyerXYZEnv._get_curr_obs_combined_no_goal(env)
         observation = np.zeros(self.padded_length)
         observation[:3] = pos_hand
