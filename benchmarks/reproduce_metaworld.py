@@ -38,6 +38,7 @@ from reproduce_published import (
     read_run,
     run_sitting,
     sampler_kwargs_for,
+    update_page,
     write_atomically,
     write_jsonl,
 )
@@ -84,6 +85,21 @@ def suite_runs(suite: str, modes: list[str], seeds: list[int], meta_optimizer: s
     env_id = f"sb3_metarl/MetaWorld{benchmark}-v0"
     return [
         PublishedRun(suite, env_id, mode, meta_optimizer, seed, iterations, dict(kwargs)) for seed in seeds for mode in modes
+    ]
+
+
+ALL_MODES = ["maml", "lvc", "dice", "loaded_dice", "lsf", "sf", "fomaml"]
+
+
+def existing_runs(out: str) -> list[PublishedRun]:
+    """:return: every run of every suite (the modes and meta-optimizers this runner takes, seeds 0-3) with a checkpoint in
+    ``out``"""
+    return [
+        run
+        for suite in SUITES
+        for meta_optimizer in ("trpo", "ppo", "adam")
+        for run in suite_runs(suite, ALL_MODES, [0, 1, 2, 3], meta_optimizer)
+        if os.path.exists(os.path.join(out, "runs", run.name, "run.json"))
     ]
 
 
@@ -198,6 +214,92 @@ def summarize(out: str, runs: list[PublishedRun]) -> str:
     return "\n".join(lines)
 
 
+#: the page's block of every evaluation (rewritten by every invocation of this script, ``--summarize-only`` included)
+EVALS_START = "<!-- evaluations: written by benchmarks/reproduce_metaworld.py -->"
+EVALS_END = "<!-- end of evaluations -->"
+
+
+def _success(before: float, after: float) -> str:
+    return f"{before:.3f} → {after:.3f}"
+
+
+def evaluations_table(out: str, runs: list[PublishedRun]) -> str:
+    """
+    :return: Markdown, one table per suite: at each evaluation (rows) of each run (columns), the success rate before and
+        after one inner step on the fixed test tasks and on as many training tasks (up to each run's last checkpoint)
+    """
+    sections = []
+    for suite in dict.fromkeys(run.suite for run in runs):
+        evals = {}
+        for run in runs:
+            files = read_run(out, run) if run.suite == suite else None
+            if files is not None and files[2]:
+                evals[run.name] = {row["iteration"]: row for row in files[2]}
+        if not evals:
+            continue
+        iterations = sorted({iteration for rows in evals.values() for iteration in rows})
+        lines = [
+            f"**{suite}**: success rate before → after {EVAL_STEPS} inner step, test tasks / training tasks "
+            f"({EVAL_TASKS} each, fixed)",
+            "",
+            "| iteration | env steps | " + " | ".join(f"`{name}`" for name in evals) + " |",
+            "|---:|---:|" + "---|" * len(evals),
+        ]
+        for iteration in iterations:
+            cells, steps = [], None
+            for rows in evals.values():
+                row = rows.get(iteration)
+                if row is None:
+                    cells.append("")
+                    continue
+                steps = row["env_steps"]
+                test, train = row["success_rates"], row["train_success_rates"]
+                cells.append(f"{_success(test[0], test[EVAL_STEPS])} / {_success(train[0], train[EVAL_STEPS])}")
+            lines.append(f"| {iteration} | {steps:.3g} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) if sections else "(no evaluation yet)"
+
+
+def plot_success(out: str, runs: list[PublishedRun], path: str) -> None:
+    """Success rate against env steps, one panel per suite: the test tasks after one inner step (solid) and before it
+    (dotted), the training tasks after it (dashed), a colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = list(dict.fromkeys(run.suite for run in runs))
+    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4), squeeze=False)
+    for ax, suite in zip(axes[0], suites):
+        for run in runs:
+            files = read_run(out, run) if run.suite == suite else None
+            if files is None or not files[2]:
+                continue
+            evals = files[2]
+            steps = [row["env_steps"] for row in evals]
+            line = ax.plot(steps, [row["success_rates"][EVAL_STEPS] for row in evals], "o-", ms=3, label=run.name)[0]
+            ax.plot(steps, [row["success_rates"][0] for row in evals], ":", color=line.get_color())
+            ax.plot(steps, [row["train_success_rates"][EVAL_STEPS] for row in evals], "--", color=line.get_color())
+        ax.set(title=f"{suite}: test after 1 step (solid), before (dotted); training after (dashed)", xlabel="env steps",
+               ylabel="success rate", ylim=(-0.02, 1.02))  # fmt: skip
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_summaries(out: str) -> str:
+    """Rewrite the evaluations' block of ``<out>/metaworld.md`` and ``<out>/metaworld_success.png`` from every run in
+    ``out``; :return: the block"""
+    every = existing_runs(out)
+    table = evaluations_table(out, every)
+    update_page(os.path.join(out, "metaworld.md"), table, EVALS_START, EVALS_END)
+    if every:
+        plot_success(out, every, os.path.join(out, "metaworld_success.png"))
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, choices=sorted(SUITES))
@@ -239,8 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         _, _, evals, final = read_run(args.out, run)
         append_jsonl(records_path, metaworld_record(run, finished, evals, final))
         print(json.dumps(read_jsonl(records_path)[-1]), flush=True)
-    table = summarize(args.out, runs)
-    print(table)
+    print(summarize(args.out, runs))
+    print(write_summaries(args.out))
 
 
 if __name__ == "__main__":

@@ -677,16 +677,16 @@ def final_evaluation(run: PublishedRun, out: str, n_tasks: int, physics_threads:
 TABLE_START, TABLE_END = "<!-- table: written by benchmarks/reproduce_published.py -->", "<!-- end of table -->"
 
 
-def update_page(path: str, table: str) -> None:
-    """Put ``table`` between the page's table markers (a page without them is left alone)."""
+def update_page(path: str, table: str, start: str = TABLE_START, end: str = TABLE_END) -> None:
+    """Put ``table`` between the page's markers ``start`` and ``end`` (a page without them is left alone)."""
     if not os.path.exists(path):
         return
     text = open(path).read()
-    if TABLE_START not in text or TABLE_END not in text:
+    if start not in text or end not in text:
         return
-    before, rest = text.split(TABLE_START, 1)
-    after = rest.split(TABLE_END, 1)[1]
-    write_atomically(path, f"{before}{TABLE_START}\n{table}\n{TABLE_END}{after}")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    write_atomically(path, f"{before}{start}\n{table}\n{end}{after}")
 
 
 def plot(out: str, runs: list[PublishedRun], path: str) -> None:

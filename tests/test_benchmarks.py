@@ -477,6 +477,41 @@ def test_metaworld_suites_hold_metaworld_algorithms_maml_trpo_setting():
 
 
 @pytest.mark.slow
+def test_the_metaworld_page_s_evaluations_are_every_run_s_checkpointed_evaluations(tmp_path):
+    module = _load("benchmarks/reproduce_metaworld.py")
+    (maml,) = module["suite_runs"]("ml10", ["maml"], [0])
+    (promp,) = module["suite_runs"]("ml10", ["lvc"], [1], "ppo")
+    (reach,) = module["suite_runs"]("ml1-reach", ["maml"], [0])
+
+    def write(run, iterations_done, evals):
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"iterations_done": iterations_done}))
+        (folder / "curve.jsonl").write_text("")
+        (folder / "evals.jsonl").write_text("".join(json.dumps(row) + "\n" for row in evals))
+
+    def row(iteration, test, train):
+        return {"iteration": iteration, "env_steps": iteration * 200_000, "returns": [0.0, 0.0], "success_rates": test,
+                "train_success_rates": train}  # fmt: skip
+
+    # iteration 15 was evaluated after the last checkpoint (a stop cut the sitting): not the run's
+    write(maml, 10, [row(5, [0.215, 0.29], [0.065, 0.115]), row(10, [0.15, 0.235], [0.11, 0.11]), row(15, [1, 1], [1, 1])])
+    write(promp, 5, [row(5, [0.1, 0.2], [0.3, 0.4])])
+    write(reach, 20, [row(20, [0.64, 1.0], [0.52, 1.0])])
+    assert [run.name for run in module["existing_runs"](str(tmp_path))] == [maml.name, promp.name, reach.name]
+    page = tmp_path / "metaworld.md"
+    page.write_text(f"intro\n{module['EVALS_START']}\nstale\n{module['EVALS_END']}\nrest\n")
+    block = module["write_summaries"](str(tmp_path))
+    text = page.read_text()
+    assert "stale" not in text and block in text and text.startswith("intro\n") and text.endswith("rest\n")
+    ml10, ml1 = block.split("**ml1-reach**")
+    assert f"| iteration | env steps | `{maml.name}` | `{promp.name}` |" in ml10
+    assert "| 5 | 1e+06 | 0.215 → 0.290 / 0.065 → 0.115 | 0.100 → 0.200 / 0.300 → 0.400 |" in ml10
+    assert "| 10 | 2e+06 | 0.150 → 0.235 / 0.110 → 0.110 |  |" in ml10 and "| 15 |" not in block
+    assert f"`{reach.name}`" in ml1 and "| 20 | 4e+06 | 0.640 → 1.000 / 0.520 → 1.000 |" in ml1 and maml.name not in ml1
+    assert (tmp_path / "metaworld_success.png").stat().st_size > 10_000
+
+
 def test_a_metaworld_run_evaluates_success_on_test_and_training_tasks_resumes_and_records(tmp_path, restore_threads):
     pytest.importorskip("metaworld")
     module = _load("benchmarks/reproduce_metaworld.py")
