@@ -18,7 +18,10 @@ evaluation episodes counted per sub-env: ``metaworld_evaluation``) and writes ``
 appended to ``<out>/metaworld_runs.jsonl`` (``benchmark``, ``mode``, ``meta_optimizer``, ``seed``, ``env_steps``,
 ``train_success``, ``test_success``, ``best_test_success``, ``fixes``, ``paper``).
 
-    python benchmarks/reproduce_metaworld.py --suite ml10 --modes maml --seeds 0 --out docs/results
+``--actor-init xavier_uniform`` initializes the policy as the configuration does (Xavier-uniform layers, zero biases:
+``maml_trpo_ml10.py:55-63``), a run of its own (``_xavier``); without it, SB3's initialization (the first runs').
+
+    python benchmarks/reproduce_metaworld.py --suite ml10 --modes maml --seeds 0 --actor-init xavier_uniform --out docs/results
 """
 
 import argparse
@@ -31,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reproduce_published import (
+    ACTOR_INITS,
     TRPO_KWARGS,
     PublishedRun,
     append_jsonl,
@@ -71,8 +75,15 @@ SUITES: dict[str, tuple[str, str | None, int, int, int]] = {
 FIXES = {"count_per_sub_env": True, "PR_573_test_goals_apart": True, "PR_575_checked_inert": True, "mujoco": "3.3.x"}
 
 
-def suite_runs(suite: str, modes: list[str], seeds: list[int], meta_optimizer: str = "trpo") -> list[PublishedRun]:
-    """:return: the runs of ``suite`` (all modes of a seed before the next seed)"""
+def suite_runs(
+    suite: str, modes: list[str], seeds: list[int], meta_optimizer: str = "trpo", actor_init: str | None = None
+) -> list[PublishedRun]:
+    """
+    :param actor_init: ``MlpPolicy``'s ``actor_init``: None (SB3's initialization) or ``"xavier_uniform"``, the
+        configuration's (``maml_trpo_ml10.py:55-63``: Xavier-uniform kernels, zero biases, head included); a run of its
+        own (``_xavier``)
+    :return: the runs of ``suite`` (all modes of a seed before the next seed)
+    """
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown suite {suite!r}; use one of {sorted(SUITES)}.")
     benchmark, env_name, tasks, iterations, sub_envs_per_task = SUITES[suite]
@@ -82,6 +93,8 @@ def suite_runs(suite: str, modes: list[str], seeds: list[int], meta_optimizer: s
         kwargs["meta_optimizer_kwargs"] = TRPO_KWARGS
     else:
         kwargs["learning_rate"] = 1e-3  # ProMP's and Adam's step size
+    if actor_init is not None:
+        kwargs["policy_kwargs"] = {**kwargs["policy_kwargs"], "actor_init": actor_init}
     env_id = f"sb3_metarl/MetaWorld{benchmark}-v0"
     return [
         PublishedRun(suite, env_id, mode, meta_optimizer, seed, iterations, dict(kwargs)) for seed in seeds for mode in modes
@@ -98,7 +111,8 @@ def existing_runs(out: str) -> list[PublishedRun]:
         run
         for suite in SUITES
         for meta_optimizer in ("trpo", "ppo", "adam")
-        for run in suite_runs(suite, ALL_MODES, [0, 1, 2, 3], meta_optimizer)
+        for actor_init in ACTOR_INITS
+        for run in suite_runs(suite, ALL_MODES, [0, 1, 2, 3], meta_optimizer, actor_init)
         if os.path.exists(os.path.join(out, "runs", run.name, "run.json"))
     ]
 
@@ -306,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["maml"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--meta-optimizer", default="trpo", choices=["trpo", "ppo", "adam"])
+    parser.add_argument("--actor-init", default=None, choices=ACTOR_INITS[1:],
+                        help="the actor's initialization (default: SB3's); xavier_uniform: the configuration's")  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=5, help="meta-iterations between evaluations (1M env steps on ML10)")
     parser.add_argument("--sampler", default="vec_env", choices=["vec_env", "subproc", "ray"])
@@ -320,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch as th
 
     th.set_num_threads(args.threads)
-    runs = suite_runs(args.suite, args.modes, args.seeds, args.meta_optimizer)
+    runs = suite_runs(args.suite, args.modes, args.seeds, args.meta_optimizer, args.actor_init)
     records_path = os.path.join(args.out, "metaworld_runs.jsonl")
     os.makedirs(args.out, exist_ok=True)
     for run in runs:

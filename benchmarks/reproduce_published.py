@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from sb3_metarl.meta_pg.policies import ACTOR_INITS
+
 #: SG-MRL Table 2 (mean meta-test reward over 4 seeds): (env, inner steps) -> {algorithm: (mean, std)}
 SGMRL_TABLE2 = {
     ("dir", 1): {"SG-MRL": (580.143, 38.22), "MAML": (465.624, 54.07)},
@@ -95,15 +97,25 @@ class PublishedRun:
         return self.kwargs.get("meta_optimizer_kwargs", {}).get("adaptive_inner_kl") is False
 
     @property
+    def actor_init(self) -> str | None:
+        """:return: the policy's actor initialization (``MlpPolicy``'s ``actor_init``; None: SB3's)"""
+        return self.kwargs.get("policy_kwargs", {}).get("actor_init")
+
+    @property
     def optimizer_label(self) -> str:
-        """:return: the meta-optimizer as the tables name it (ProMP at a fixed inner-KL weight is a row of its own)"""
-        return f"{self.meta_optimizer}, fixed inner KL" if self.fixed_inner_kl else self.meta_optimizer
+        """
+        :return: the meta-optimizer as the tables name it, with what makes a configuration a row of its own: ProMP at a
+            fixed inner-KL weight, the reference codes' Xavier initialization of the actor
+        """
+        label = f"{self.meta_optimizer}, fixed inner KL" if self.fixed_inner_kl else self.meta_optimizer
+        return f"{label}, Xavier init" if self.actor_init == "xavier_uniform" else label
 
     @property
     def name(self) -> str:
         steps = self.kwargs.get("inner_steps", 1)
         suffix = "" if steps == 1 else f"_k{steps}"  # SG-MRL's 2- and 3-step rows are runs of their own
         suffix += "_fixedkl" if self.fixed_inner_kl else ""
+        suffix += "_xavier" if self.actor_init == "xavier_uniform" else ""
         return f"{self.suite}_{self.gradient_mode}_{self.meta_optimizer}_s{self.seed}{suffix}"
 
     @property
@@ -157,6 +169,7 @@ def suite_runs(
     iterations: int | None = None,
     meta_optimizer: str | None = None,
     fixed_inner_kl: bool = False,
+    actor_init: str | None = None,
 ) -> list[PublishedRun]:
     """
     :param suite: one of ``SUITES``
@@ -169,6 +182,9 @@ def suite_runs(
         run of its own (its name says the optimizer), at the same env setting and budget: issue 30's item 5
     :param fixed_inner_kl: ProMP ("ppo") with its inner-KL weight fixed at its initial 5e-4, as ProMP's MuJoCo run
         script (jonasrothfuss/ProMP ``run_scripts/pro-mp_run_mujoco.py:118-123``), instead of adapted
+    :param actor_init: ``MlpPolicy``'s ``actor_init``: None (SB3's initialization, the suites' runs so far) or
+        ``"xavier_uniform"``, the papers' codes' (Glorot-uniform weights, zero biases: maml_zoo
+        ``maml_zoo/policies/networks/mlp.py:12-13`` in SG-MRL's repository); a run of its own (``_xavier``)
     :return: the runs, in the order to run them (all modes of a seed before the next seed)
     """
     if suite not in SUITES:
@@ -188,6 +204,8 @@ def suite_runs(
         if optimizer != "ppo":
             raise ValueError(f"--fixed-inner-kl: ProMP's option (--meta-optimizer ppo); the optimizer here is {optimizer!r}.")
         kwargs["meta_optimizer_kwargs"] = {"adaptive_inner_kl": False}
+    if actor_init is not None:
+        kwargs["policy_kwargs"] = {**kwargs.get("policy_kwargs", {}), "actor_init": actor_init}
     return [
         PublishedRun(suite, env_id, mode, optimizer, seed, iterations or default_iterations, dict(kwargs))
         for seed in seeds
@@ -725,6 +743,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--meta-optimizer", default=None, choices=META_OPTIMIZERS, help="default: the suite's")
     parser.add_argument("--fixed-inner-kl", action="store_true", help="ProMP (ppo): its inner-KL weight fixed, not adapted")
+    parser.add_argument("--actor-init", default=None, choices=ACTOR_INITS[1:],
+                        help="the actor's initialization (default: SB3's); xavier_uniform: the papers' codes'")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=None, help="meta-iterations (default: the suite's budget)")
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -747,9 +767,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch as th
 
     th.set_num_threads(args.threads)
-    runs = suite_runs(
-        args.suite, args.modes, args.seeds, args.inner_steps, args.iterations, args.meta_optimizer, args.fixed_inner_kl
-    )
+    configuration = (args.inner_steps, args.iterations, args.meta_optimizer, args.fixed_inner_kl, args.actor_init)
+    runs = suite_runs(args.suite, args.modes, args.seeds, *configuration)
     finished_path = os.path.join(args.out, "reproduce_published_runs.jsonl")
     os.makedirs(args.out, exist_ok=True)
     if args.final_eval is not None:
@@ -773,9 +792,10 @@ def main(argv: list[str] | None = None) -> None:
         for optimizer in META_OPTIMIZERS
         for steps in (1, 2, 3)
         for fixed in ((False, True) if optimizer == "ppo" else (False,))
-        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf", "dice"], [0, 1, 2, 3], steps, None, optimizer, fixed)
-        # (another optimizer than the suite's: only the runs that exist, item 5's candidates)
-        if optimizer == SUITES[suite][1] or os.path.exists(os.path.join(args.out, "runs", run.name))
+        for init in ACTOR_INITS
+        for run in suite_runs(suite, ["sf", "maml", "lvc", "lsf", "dice"], [0, 1, 2, 3], steps, None, optimizer, fixed, init)
+        # (another optimizer than the suite's or another initialization: only the runs that exist)
+        if (optimizer == SUITES[suite][1] and init is None) or os.path.exists(os.path.join(args.out, "runs", run.name))
     ]
     refresh_records(finished_path, args.out, every)
     table = summarize(args.out, every) + "\n\nPer configuration, over its finished seeds:\n\n" + aggregate(args.out, every)

@@ -209,6 +209,36 @@ def test_promp_at_a_fixed_inner_kl_weight_is_a_run_of_its_own():
         module["suite_runs"]("sgmrl-dir", ["maml"], [0], fixed_inner_kl=True)
 
 
+def test_the_papers_actor_init_is_a_run_of_its_own_in_both_runners():
+    published, metaworld = _load("benchmarks/reproduce_published.py"), _load("benchmarks/reproduce_metaworld.py")
+    (sb3,) = published["suite_runs"]("sgmrl-swimmer", ["maml"], [1])
+    (xavier,) = published["suite_runs"]("sgmrl-swimmer", ["maml"], [1], actor_init="xavier_uniform")
+    assert (sb3.name, xavier.name) == ("sgmrl-swimmer_maml_adam_s1", "sgmrl-swimmer_maml_adam_s1_xavier")
+    assert (sb3.optimizer_label, xavier.optimizer_label) == ("adam", "adam, Xavier init")
+    assert xavier.kwargs["policy_kwargs"] == {**sb3.kwargs["policy_kwargs"], "actor_init": "xavier_uniform"}
+    assert {**xavier.kwargs, "policy_kwargs": sb3.kwargs["policy_kwargs"]} == sb3.kwargs  # nothing else
+    # the suites' shared policy settings are not changed for the next run
+    assert "actor_init" not in published["suite_runs"]("sgmrl-dir", ["maml"], [0])[0].kwargs["policy_kwargs"]
+    (ml10,) = metaworld["suite_runs"]("ml10", ["maml"], [0], "trpo", "xavier_uniform")
+    assert ml10.name == "ml10_maml_trpo_s0_xavier"
+    assert ml10.kwargs["policy_kwargs"] == dict(net_arch=[512, 512], actor_init="xavier_uniform")
+    assert "actor_init" not in metaworld["suite_runs"]("ml10", ["maml"], [0])[0].kwargs["policy_kwargs"]
+    assert published["make_model"](xavier, "vec_env", None).policy.actor_init == "xavier_uniform"
+
+
+def test_the_actor_init_pilot_runs_the_suite_s_configuration_with_each_initialization(tmp_path, restore_threads):
+    module = _load("benchmarks/actor_init.py")
+    module["main"](["--suite", "sgmrl-nav", "--iterations", "2", "--meta-batch-size", "2", "--out", str(tmp_path)])
+    results = json.load(open(tmp_path / "actor_init_sgmrl-nav.json"))
+    assert list(results) == ["SB3 (orthogonal)", "Xavier uniform (papers' codes)"]
+    sb3, xavier = (results[label]["0"] for label in results)
+    assert [row["iteration"] for row in sb3] == [row["iteration"] for row in xavier] == [1, 2]
+    # a seed's run is the same run again (the comparison is between initializations, not draws)
+    assert module["returns_along"]("sgmrl-nav", "xavier_uniform", 0, 2, 2) == xavier and sb3 != xavier
+    text = open(tmp_path / "actor_init_sgmrl-nav.md").read()
+    assert f"| SB3 (orthogonal) | 0 | {(sb3[0]['after'] + sb3[1]['after']) / 2:.1f} |" in text
+
+
 def test_published_suites_hold_the_papers_settings():
     module = _load("benchmarks/reproduce_published.py")
     (run,) = module["suite_runs"]("sgmrl-vel", ["sf"], [3])
