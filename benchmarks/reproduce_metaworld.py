@@ -154,6 +154,7 @@ def metaworld_record(run: PublishedRun, finished: dict[str, Any], evals: list[di
         "env_name": env_name,
         "mode": run.gradient_mode,
         "meta_optimizer": run.meta_optimizer,
+        "actor_init": run.actor_init,  # None: SB3's initialization; "xavier_uniform": the configuration's
         "seed": run.seed,
         "env_steps": finished["env_steps"],
         "train_success": last["train_success_rates"][EVAL_STEPS] if last else None,

@@ -528,6 +528,7 @@ def record(
         "mode": run.gradient_mode,
         "meta_optimizer": run.meta_optimizer,
         "meta_optimizer_kwargs": run.kwargs.get("meta_optimizer_kwargs", {}),
+        "actor_init": run.actor_init,  # None: SB3's initialization
         "seed": run.seed,
         "env_steps": curve[-1]["env_steps"] if curve else 0,
         "iterations": len(curve),

@@ -223,7 +223,12 @@ def test_the_papers_actor_init_is_a_run_of_its_own_in_both_runners():
     assert ml10.name == "ml10_maml_trpo_s0_xavier"
     assert ml10.kwargs["policy_kwargs"] == dict(net_arch=[512, 512], actor_init="xavier_uniform")
     assert "actor_init" not in metaworld["suite_runs"]("ml10", ["maml"], [0])[0].kwargs["policy_kwargs"]
+    finished = {"env_steps": 0, "wall_seconds": 0.0}
+    assert metaworld["metaworld_record"](ml10, finished, [], None)["actor_init"] == "xavier_uniform"
     assert published["make_model"](xavier, "vec_env", None).policy.actor_init == "xavier_uniform"
+    state, curve = {"iterations_done": 0, "wall_seconds": 0.0, "machines": []}, []
+    assert published["record"](xavier, state, curve, [], None)["actor_init"] == "xavier_uniform"
+    assert published["record"](sb3, state, curve, [], None)["actor_init"] is None
 
 
 def test_the_actor_init_pilot_runs_the_suite_s_configuration_with_each_initialization(tmp_path, restore_threads):
