@@ -238,20 +238,25 @@ def _success(before: float, after: float) -> str:
     return f"{before:.3f} → {after:.3f}"
 
 
-def evaluations_table(out: str, runs: list[PublishedRun]) -> str:
+def evaluations_by_suite(out: str, runs: list[PublishedRun]) -> dict[str, dict[str, list[dict]]]:
+    """:return: suite -> run name -> the run's evaluations up to its last checkpoint (runs without any left out)"""
+    by_suite: dict[str, dict[str, list[dict]]] = {}
+    for run in runs:
+        files = read_run(out, run)
+        if files is not None and files[2]:
+            by_suite.setdefault(run.suite, {})[run.name] = files[2]
+    return by_suite
+
+
+def evaluations_table(by_suite: dict[str, dict[str, list[dict]]]) -> str:
     """
+    :param by_suite: ``evaluations_by_suite``'s
     :return: Markdown, one table per suite: at each evaluation (rows) of each run (columns), the success rate before and
-        after one inner step on the fixed test tasks and on as many training tasks (up to each run's last checkpoint)
+        after one inner step on the fixed test tasks and on as many training tasks
     """
     sections = []
-    for suite in dict.fromkeys(run.suite for run in runs):
-        evals = {}
-        for run in runs:
-            files = read_run(out, run) if run.suite == suite else None
-            if files is not None and files[2]:
-                evals[run.name] = {row["iteration"]: row for row in files[2]}
-        if not evals:
-            continue
+    for suite, by_run in by_suite.items():
+        evals = {name: {row["iteration"]: row for row in rows} for name, rows in by_run.items()}
         iterations = sorted({iteration for rows in evals.values() for iteration in rows})
         lines = [
             f"**{suite}**: success rate before → after {EVAL_STEPS} inner step, test tasks / training tasks "
@@ -275,24 +280,19 @@ def evaluations_table(out: str, runs: list[PublishedRun]) -> str:
     return "\n\n".join(sections) if sections else "(no evaluation yet)"
 
 
-def plot_success(out: str, runs: list[PublishedRun], path: str) -> None:
-    """Success rate against env steps, one panel per suite: the test tasks after one inner step (solid) and before it
-    (dotted), the training tasks after it (dashed), a colour per run."""
+def plot_success(by_suite: dict[str, dict[str, list[dict]]], path: str) -> None:
+    """Success rate against env steps, one panel per suite (``evaluations_by_suite``'s): the test tasks after one inner
+    step (solid) and before it (dotted), the training tasks after it (dashed), a colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = list(dict.fromkeys(run.suite for run in runs))
-    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4), squeeze=False)
-    for ax, suite in zip(axes[0], suites):
-        for run in runs:
-            files = read_run(out, run) if run.suite == suite else None
-            if files is None or not files[2]:
-                continue
-            evals = files[2]
+    fig, axes = plt.subplots(1, len(by_suite), figsize=(6 * len(by_suite), 4), squeeze=False)
+    for ax, (suite, by_run) in zip(axes[0], by_suite.items()):
+        for name, evals in by_run.items():
             steps = [row["env_steps"] for row in evals]
-            line = ax.plot(steps, [row["success_rates"][EVAL_STEPS] for row in evals], "o-", ms=3, label=run.name)[0]
+            line = ax.plot(steps, [row["success_rates"][EVAL_STEPS] for row in evals], "o-", ms=3, label=name)[0]
             ax.plot(steps, [row["success_rates"][0] for row in evals], ":", color=line.get_color())
             ax.plot(steps, [row["train_success_rates"][EVAL_STEPS] for row in evals], "--", color=line.get_color())
         ax.set(title=f"{suite}: test after 1 step (solid), before (dotted); training after (dashed)", xlabel="env steps",
@@ -307,11 +307,11 @@ def plot_success(out: str, runs: list[PublishedRun], path: str) -> None:
 def write_summaries(out: str) -> str:
     """Rewrite the evaluations' block of ``<out>/metaworld.md`` and ``<out>/metaworld_success.png`` from every run in
     ``out``; :return: the block"""
-    every = existing_runs(out)
-    table = evaluations_table(out, every)
+    by_suite = evaluations_by_suite(out, existing_runs(out))  # each run's files read once, for the table and the figure
+    table = evaluations_table(by_suite)
     update_page(os.path.join(out, "metaworld.md"), table, EVALS_START, EVALS_END)
-    if every:
-        plot_success(out, every, os.path.join(out, "metaworld_success.png"))
+    if by_suite:
+        plot_success(by_suite, os.path.join(out, "metaworld_success.png"))
     return table
 
 
