@@ -244,6 +244,52 @@ def test_the_actor_init_pilot_runs_the_suite_s_configuration_with_each_initializ
     assert f"| SB3 (orthogonal) | 0 | {(sb3[0]['after'] + sb3[1]['after']) / 2:.1f} |" in text
 
 
+def test_swimmer_gait_gives_capsules_mujoco_s_old_cylinder_inertias_and_measures_the_episodes(tmp_path, restore_threads):
+    module = _load("benchmarks/swimmer_gait.py")
+    env = gym.make("sb3_metarl/SwimmerVel-v0")
+    model = env.unwrapped.model
+    exact_mass, exact_inertia, frames = model.body_mass.copy(), model.body_inertia.copy(), model.body_iquat.copy()
+    # MuJoCo 3: a capsule of radius 0.1 and length 1 at density 1000, exactly (cylinder and two half-spheres)
+    np.testing.assert_allclose(exact_mass[1:], 1000 * (np.pi * 0.01 * 1 + 4 / 3 * np.pi * 0.001))
+    geom_size = model.geom_size.copy()
+    assert module["use_cylinder_capsules"](model) == [1, 2, 3]
+    # before 2.1.2: a cylinder of length 1 + r; the capsule's axis (least inertia) keeps its slot in body_iquat's frame
+    mass = 1000 * np.pi * 0.01 * 1.1
+    np.testing.assert_allclose(model.body_mass[1:], mass)
+    for body in (1, 2, 3):
+        axis = int(np.argmin(exact_inertia[body]))
+        expected = np.full(3, mass * (3 * 0.01 + 1.1**2) / 12)
+        expected[axis] = mass * 0.01 / 2
+        np.testing.assert_allclose(model.body_inertia[body], expected)
+    np.testing.assert_array_equal(model.body_iquat, frames)
+    np.testing.assert_array_equal(model.geom_size, geom_size)
+    assert model.body_mass[0] == exact_mass[0]
+    env.close()
+
+    (run,) = _load("benchmarks/reproduce_published.py")["suite_runs"]("sgmrl-swimmer", ["maml"], [0])
+    from sb3_metarl import MetaPolicyGradient
+
+    path = str(tmp_path / "untrained" / "model.zip")
+    MetaPolicyGradient("MlpPolicy", run.env_id, meta_batch_size=2, inner_episodes=1, outer_episodes=1, seed=0,
+                       env_kwargs=run.kwargs["env_kwargs"], policy_kwargs=dict(net_arch=[8])).save(path)  # fmt: skip
+    module["main"](["--models", path, "--episodes", "2", "--out", str(tmp_path)])
+    results = json.load(open(tmp_path / "swimmer_gait.json"))["untrained"]
+    exact, cylinders = (results[physics] for physics in module["PHYSICS"])
+    # the same tasks under both physics; different bodies, different episodes
+    assert [row["task"] for row in exact] == [row["task"] for row in cylinders]
+    assert all(0.1 <= row["task"] <= 0.2 and row["steps"] == 200 and row["seconds"] == 8.0 for row in exact)
+    assert [row["return"] for row in exact] != [row["return"] for row in cylinders]
+    for row in exact + cylinders:
+        # displacement = mean velocity x time (v_x is the head's displacement per step / dt)
+        assert row["displacement"] == pytest.approx(row["mean_velocity"] * row["seconds"], rel=1e-9, abs=1e-12)
+        assert row["mean_abs_velocity"] >= abs(row["mean_velocity"])
+        # the reward pays |v_x - v*| less a control cost: per step at most |v_x| + v*
+        assert row["return"] <= row["steps"] * (row["mean_abs_velocity"] + row["task"])
+    text = open(tmp_path / "swimmer_gait.md").read()
+    difference = np.mean([b["return"] - a["return"] for a, b in zip(exact, cylinders)])
+    assert f"| untrained | paired difference (cylinders - exact) | {difference:.2f} ± " in text
+
+
 def test_published_suites_hold_the_papers_settings():
     module = _load("benchmarks/reproduce_published.py")
     (run,) = module["suite_runs"]("sgmrl-vel", ["sf"], [3])
