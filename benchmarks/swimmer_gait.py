@@ -61,16 +61,16 @@ def use_cylinder_capsules(model: Any) -> list[int]:
     return changed
 
 
-def gait(model_path: str, cylinders: bool, episodes: int, seed: int) -> list[dict[str, float]]:
-    """:return: per episode, its task, return, mean |v_x|, mean v_x, net displacement and sign changes of v_x"""
+def gait(meta_model: Any, cylinders: bool, episodes: int, seed: int) -> list[dict[str, float]]:
+    """
+    :param meta_model: a loaded ``sgmrl-swimmer`` model, whose pre-update policy acts
+    :return: per episode, its task, return, mean |v_x|, mean v_x, net displacement and sign changes of v_x
+    """
     import gymnasium as gym
     import mujoco
     import torch as th
 
-    from sb3_metarl import MetaPolicyGradient
-
     (run,) = suite_runs("sgmrl-swimmer", ["maml"], [0])
-    meta_model = MetaPolicyGradient.load(model_path, device="cpu")
     env = gym.make(run.env_id, max_episode_steps=run.kwargs["max_episode_steps"], **run.kwargs["env_kwargs"])
     simulation = env.unwrapped
     if cylinders:
@@ -121,8 +121,8 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     ]
     for label, by_physics in results.items():
         for physics, rows in by_physics.items():
-            cells = [mean_and_error([row[key] for row in rows]) for key in ("return", "mean_abs_velocity", "mean_velocity")]
-            cells += [mean_and_error([row[key] for row in rows]) for key in ("displacement", "sign_changes")]
+            keys = ("return", "mean_abs_velocity", "mean_velocity", "displacement", "sign_changes")
+            cells = [mean_and_error([row[key] for row in rows]) for key in keys]
             lines.append(f"| {label} | {physics} | " + " | ".join(cells) + " |")
         exact, cylinder = (by_physics[physics] for physics in PHYSICS)
         difference = [b["return"] - a["return"] for a, b in zip(exact, cylinder)]
@@ -141,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch as th
 
+    from sb3_metarl import MetaPolicyGradient
+
     th.set_num_threads(args.threads)
-    results = {
-        os.path.basename(os.path.dirname(os.path.abspath(path))): {
-            physics: gait(path, physics == PHYSICS[1], args.episodes, args.seed) for physics in PHYSICS
+    results = {}
+    for path in args.models:
+        meta_model = MetaPolicyGradient.load(path, device="cpu")  # once per model, for both physics
+        results[os.path.basename(os.path.dirname(os.path.abspath(path)))] = {
+            physics: gait(meta_model, physics == PHYSICS[1], args.episodes, args.seed) for physics in PHYSICS
         }
-        for path in args.models
-    }
     first = next(iter(next(iter(results.values())).values()))[0]
     text = (
         "# What the Swimmer Rand Vel policies learned\n\n"
